@@ -1,0 +1,116 @@
+// TurboQuant-prod: a (b-1)-bit MSE stage plus a 1-bit QJL sketch of the
+// residual r and its norm. <y, x_hat> = <y, x_mse> + c |r| <S y, sign(S r)>
+// is unbiased when c matches the law of S's rows:
+//   i.i.d. N(0,1) rows:        c = sqrt(pi/2) / m
+//   unit rows uniform on S^{d-1} (orthonormal blocks of a Haar matrix):
+//                              c = 1 / (m E|s_1|),  E|s_1| = G(d/2) / (sqrt(pi) G((d+1)/2))
+// (~ sqrt(pi d / 2) / m). Everything happens in the rotated domain: S R has
+// the same law as S, so the query side only needs R y once.
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+#include "quant/quantizers.hpp"
+#include "quant/scratch.hpp"
+#include "turboquant/error.hpp"
+#include "turboquant/rng.hpp"
+
+namespace tq::quant {
+
+ProdQuantizer::ProdQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd)
+    : Quantizer(spec, dim, seed, simd),
+      k_(kernels::kernels_for(simd)),
+      rot_(spec.rotation, dim, derive_seed(seed, "rotation"), simd),
+      bits_(static_cast<int>(spec.bits)),
+      m_(spec.sketch_rows ? spec.sketch_rows : dim) {
+  if (bits_ > 1) stage_ = std::make_unique<MseStage>(spec, dim, bits_ - 1, k_);
+  codes_bytes_ = bits_ > 1 ? packed_bytes(dim, bits_ - 1) : 0;
+  sketch_bytes_ = packed_bytes(m_, 1);
+
+  // S: [m, dim], row-major while we build it.
+  std::vector<double> s(size_t(m_) * dim);
+  const uint64_t sketch_seed = derive_seed(seed, "qjl");
+  if (spec.sketch == SketchKind::gauss) {
+    Rng rng(sketch_seed);
+    for (auto& v : s) v = rng.gaussian();
+    c_ = std::sqrt(std::numbers::pi / 2) / m_;
+  } else {
+    for (int row0 = 0, block = 0; row0 < m_; row0 += dim, ++block) {
+      const std::vector<double> q = haar_orthogonal(dim, derive_seed(sketch_seed, block));
+      const int rows = std::min(dim, m_ - row0);
+      std::memcpy(&s[size_t(row0) * dim], q.data(), sizeof(double) * size_t(rows) * dim);
+    }
+    const double e_abs = std::exp(std::lgamma(dim / 2.0) - std::lgamma((dim + 1) / 2.0)) /
+                         std::sqrt(std::numbers::pi);
+    c_ = 1.0 / (m_ * e_abs);
+  }
+  s_cols_.resize(s.size());
+  st_cols_.resize(s.size());
+  for (int i = 0; i < m_; ++i)
+    for (int j = 0; j < dim; ++j) {
+      s_cols_[size_t(j) * m_ + i] = static_cast<float>(s[size_t(i) * dim + j]);
+      st_cols_[size_t(i) * dim + j] = static_cast<float>(s[size_t(i) * dim + j]);
+    }
+}
+
+void ProdQuantizer::encode_one(const float* x, uint8_t* rec) const {
+  const int d = dim();
+  const ScaleType st = spec().scale_type;
+  const size_t sb = scale_bytes(st);
+  Scratch s(std::max(d, m_));
+  const float norm = checked_norm(k_, x, d);
+  rot_.forward(x, s.y);
+  // r = y - scale * c  (the residual in the rotated domain)
+  float scale = 0.0f;
+  if (stage_) {
+    scale = stage_->code(s.y, norm, s.codes, s.c);
+    // Round the scale to what is stored so the residual is the true one.
+    uint8_t tmp[4];
+    store_scale(tmp, scale, st);
+    scale = load_scale(tmp, st);
+    for (int i = 0; i < d; ++i) s.r[i] = s.y[i] - scale * s.c[i];
+  } else {
+    std::memcpy(s.r, s.y, sizeof(float) * d);
+  }
+  const float rnorm = std::sqrt(k_.sum_squares(s.r, d));
+  k_.matvec(s_cols_.data(), s.r, s.z, m_, d);
+  Scratch sig(m_);  // sign bits: 1 for S r >= 0
+  for (int i = 0; i < m_; ++i) sig.codes[i] = s.z[i] >= 0.0f ? 1 : 0;
+  uint8_t* p = rec;
+  if (stage_) {
+    store_scale(rec + codes_bytes_ + sketch_bytes_, scale, st);
+    k_.pack(s.codes, d, bits_ - 1, p);
+  }
+  p += codes_bytes_;
+  k_.pack(sig.codes, m_, 1, p);
+  p += sketch_bytes_;
+  if (stage_) p += sb;
+  store_scale(p, rnorm, st);
+}
+
+void ProdQuantizer::decode_one(const uint8_t* rec, float* x) const {
+  const int d = dim();
+  const ScaleType st = spec().scale_type;
+  const size_t sb = scale_bytes(st);
+  Scratch s(std::max(d, m_));
+  const uint8_t* p = rec;
+  if (stage_) {
+    k_.unpack(p, d, bits_ - 1, s.codes);
+    k_.dequantize(s.codes, d, stage_->cb->centroids.data(), bits_ - 1, x);
+    k_.scale(x, d, load_scale(rec + codes_bytes_ + sketch_bytes_, st));
+  } else {
+    std::memset(x, 0, sizeof(float) * d);
+  }
+  p += codes_bytes_;
+  k_.unpack(p, m_, 1, s.codes);
+  for (int i = 0; i < m_; ++i) s.z[i] = s.codes[i] ? 1.0f : -1.0f;
+  p += sketch_bytes_;
+  if (stage_) p += sb;
+  const float rnorm = load_scale(p, st);
+  k_.matvec(st_cols_.data(), s.z, s.r, d, m_);
+  const float f = static_cast<float>(c_) * rnorm;
+  for (int i = 0; i < d; ++i) x[i] += f * s.r[i];
+  rot_.inverse(x, x);
+}
+
+}  // namespace tq::quant

@@ -1,0 +1,93 @@
+// Internal: the concrete quantizers behind make_quantizer().
+#pragma once
+
+#include <vector>
+
+#include "kernels/kernels.hpp"
+#include "turboquant/codebook.hpp"
+#include "turboquant/quantizer.hpp"
+#include "turboquant/rotation.hpp"
+
+namespace tq::quant {
+
+// Reads/writes a scale stored as fp16 or f32 (little-endian, unaligned).
+float load_scale(const uint8_t* p, ScaleType t);
+// Throws tq::Error if s does not fit the storage type (fp16 max 65504).
+void store_scale(uint8_t* p, float s, ScaleType t);
+// sqrt of the canonical sum of squares; throws tq::Error naming the first
+// NaN/Inf component, or an overflow of the squared norm.
+float checked_norm(const kernels::Kernels& k, const float* x, int dim);
+
+// Rotated-domain b-bit coder: the building block of tq-mse, the MSE stage of
+// tq-prod and each half of a channel split. Works on y = R x.
+struct MseStage {
+  MseStage(const FormatSpec& spec, int dim, int bits, const kernels::Kernels& k);
+  // y: [dim] rotated input with norm `norm`; codes: [dim]; c: [dim] scratch
+  // that receives the unscaled centroids. Returns the scale to store.
+  float code(const float* y, float norm, uint8_t* codes, float* c) const;
+  int dim, bits;
+  ScaleMode scale_mode;
+  const Codebook* cb;
+  const kernels::Kernels* k;
+};
+
+class MseQuantizer final : public Quantizer {
+ public:
+  MseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+
+ private:
+  const kernels::Kernels& k_;
+  Rotation rot_;
+  MseStage stage_;
+  size_t codes_bytes_;
+};
+
+class SplitQuantizer final : public Quantizer {
+ public:
+  SplitQuantizer(const FormatSpec& spec, int dim, const QuantizerOptions& opt, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+  const std::vector<int>& hi_channels() const { return hi_; }
+
+ private:
+  std::vector<int> hi_, lo_;
+  std::unique_ptr<MseQuantizer> qhi_, qlo_;
+};
+
+class ProdQuantizer final : public Quantizer {
+ public:
+  ProdQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+  double qjl_constant() const { return c_; }
+
+ private:
+  const kernels::Kernels& k_;
+  Rotation rot_;
+  int bits_, m_;
+  std::unique_ptr<MseStage> stage_;  // null when bits == 1 (pure QJL)
+  std::vector<float> s_cols_;        // S column by column: [dim, m]
+  std::vector<float> st_cols_;       // S^T column by column: [m, dim]
+  double c_;                         // estimator constant matched to S
+  size_t codes_bytes_, sketch_bytes_;
+};
+
+class PolarQuantizer final : public Quantizer {
+ public:
+  PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+
+ private:
+  const kernels::Kernels& k_;
+  Rotation rot_;
+  int levels_;
+  std::vector<const Codebook*> cb_;       // per level
+  std::vector<std::vector<float>> cos_, sin_;  // per level, per centroid
+  std::vector<size_t> level_offset_;      // byte offset of each level's codes
+  size_t radii_offset_;
+};
+
+}  // namespace tq::quant

@@ -1,0 +1,45 @@
+// Shared test policy (see docs/testing.md):
+//  - integer codes and packed bytes: exact;
+//  - floats: |a - b| <= atol + rtol * |ref| (expect_close);
+//  - quantizers: by their distortion budget per bit width;
+//  - awkward shapes from kAwkwardLengths; random data from a printed seed.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "turboquant/rng.hpp"
+
+namespace tq::test {
+
+inline const std::vector<int> kAwkwardLengths = {1, 2, 31, 33, 54, 97, 129, 257};
+
+inline std::vector<float> random_gaussian(size_t n, uint64_t seed) {
+  Rng rng(seed);
+  std::vector<float> v(n);
+  for (auto& x : v) x = static_cast<float>(rng.gaussian());
+  return v;
+}
+
+// n unit vectors of dimension dim, row-major [n, dim].
+inline std::vector<float> random_unit_vectors(size_t n, int dim, uint64_t seed) {
+  std::vector<float> v = random_gaussian(n * dim, seed);
+  for (size_t r = 0; r < n; ++r) {
+    double s = 0;
+    for (int i = 0; i < dim; ++i) s += double(v[r * dim + i]) * v[r * dim + i];
+    const double inv = 1.0 / std::sqrt(s);
+    for (int i = 0; i < dim; ++i) v[r * dim + i] = static_cast<float>(v[r * dim + i] * inv);
+  }
+  return v;
+}
+
+inline ::testing::AssertionResult close(double a, double ref, double atol, double rtol) {
+  if (std::fabs(a - ref) <= atol + rtol * std::fabs(ref)) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << a << " vs ref " << ref << " (atol " << atol << ", rtol "
+                                       << rtol << ")";
+}
+
+}  // namespace tq::test

@@ -1,0 +1,15 @@
+// Subcommands of the tq tool. Each registers itself on the CLI11 app and
+// returns the callback that runs it (exit code).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace tq::cli {
+
+using Runner = std::function<int()>;
+
+Runner add_distortion(CLI::App& app);
+Runner add_formats(CLI::App& app);
+
+}  // namespace tq::cli
