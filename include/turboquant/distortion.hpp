@@ -17,6 +17,7 @@ namespace tq {
 struct DistortionResult {
   double bits_per_coord = 0;  // real storage, scales included
   double mse = 0;             // mean |x - x_hat|^2
+  double mse_stderr = 0;      // its standard error
   double ip_bias = 0;         // dim * mean(e)
   double ip_var = 0;          // dim * var(e)   (compare with dim * D_prod)
   double ip_bias_stderr = 0;  // dim * stddev(e) / sqrt(n): the noise on ip_bias

@@ -1,5 +1,6 @@
 #include "turboquant/distortion.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <numbers>
@@ -61,7 +62,7 @@ DistortionResult measure_distortion(const FormatSpec& spec, int dim, size_t samp
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   // Statistics in double, Welford for the inner-product error.
-  double mse = 0, mean = 0, m2 = 0;
+  double mse = 0, mse_sq = 0, mean = 0, m2 = 0;
   for (size_t r = 0; r < samples; ++r) {
     const float* xr = &x[r * dim];
     const float* hr = &xhat[r * dim];
@@ -74,6 +75,7 @@ DistortionResult measure_distortion(const FormatSpec& spec, int dim, size_t samp
       iphat += double(yr[i]) * hr[i];
     }
     mse += err;
+    mse_sq += err * err;
     const double e = iphat - ip;
     const double delta = e - mean;
     mean += delta / double(r + 1);
@@ -82,6 +84,8 @@ DistortionResult measure_distortion(const FormatSpec& spec, int dim, size_t samp
   DistortionResult res;
   res.bits_per_coord = q->bits_per_coord();
   res.mse = mse / double(samples);
+  res.mse_stderr =
+      std::sqrt(std::max(0.0, mse_sq / double(samples) - res.mse * res.mse) / double(samples - 1));
   const double var = m2 / double(samples - 1);
   res.ip_bias = dim * mean;
   res.ip_var = dim * var;
