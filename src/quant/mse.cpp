@@ -15,13 +15,15 @@ MseStage::MseStage(const FormatSpec& spec, int dim_, int bits_, const kernels::K
     : dim(dim_), bits(bits_), scale_mode(spec.scale), cb(&sphere_codebook(spec.law, dim_, bits_)),
       k(&k_) {}
 
-float MseStage::code(const float* y, float norm, uint8_t* codes, float* c) const {
+float MseStage::code(const float* y, float norm, uint8_t* codes, float* c,
+                     bool want_centroids) const {
   if (norm == 0.0f) {  // zero vector: any codes, scale 0 decodes to exactly zero
     std::memset(codes, 0, dim);
-    k->dequantize(codes, dim, cb->centroids.data(), bits, c);
+    if (want_centroids) k->dequantize(codes, dim, cb->centroids.data(), bits, c);
     return 0.0f;
   }
   k->quantize(y, dim, 1.0f / norm, cb->boundaries.data(), bits, codes);
+  if (!want_centroids && scale_mode == ScaleMode::norm) return norm;
   k->dequantize(codes, dim, cb->centroids.data(), bits, c);
   switch (scale_mode) {
     case ScaleMode::norm: return norm;
@@ -43,7 +45,7 @@ void MseQuantizer::encode_one(const float* x, uint8_t* rec) const {
   Scratch s(d);
   const float norm = checked_norm(k_, x, d);
   rot_.forward(x, s.y);
-  const float scale = stage_.code(s.y, norm, s.codes, s.c);
+  const float scale = stage_.code(s.y, norm, s.codes, s.c, false);
   store_scale(rec + codes_bytes_, scale, spec().scale_type);  // throws before writing codes
   k_.pack(s.codes, d, stage_.bits, rec);
 }

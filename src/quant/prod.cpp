@@ -63,7 +63,7 @@ void ProdQuantizer::encode_one(const float* x, uint8_t* rec) const {
   // r = y - scale * c  (the residual in the rotated domain)
   float scale = 0.0f;
   if (stage_) {
-    scale = stage_->code(s.y, norm, s.codes, s.c);
+    scale = stage_->code(s.y, norm, s.codes, s.c, true);
     // Round the scale to what is stored so the residual is the true one.
     uint8_t tmp[4];
     store_scale(tmp, scale, st);

@@ -23,8 +23,9 @@ float checked_norm(const kernels::Kernels& k, const float* x, int dim);
 struct MseStage {
   MseStage(const FormatSpec& spec, int dim, int bits, const kernels::Kernels& k);
   // y: [dim] rotated input with norm `norm`; codes: [dim]; c: [dim] scratch
-  // that receives the unscaled centroids. Returns the scale to store.
-  float code(const float* y, float norm, uint8_t* codes, float* c) const;
+  // that receives the unscaled centroids when `want_centroids` (or when the
+  // scale mode needs them). Returns the scale to store.
+  float code(const float* y, float norm, uint8_t* codes, float* c, bool want_centroids) const;
   int dim, bits;
   ScaleMode scale_mode;
   const Codebook* cb;
