@@ -39,11 +39,12 @@ struct Codebook {
   std::vector<float> centroids;       // the same, rounded to float (kernels use these)
   std::vector<float> boundaries;      // 2^bits - 1 ascending midpoints between centroids
   double mse_per_coord = 0;  // E[(t - q(t))^2] under the law (per coordinate)
-  int iterations = 0;        // Lloyd iterations used to converge
+  int iterations = 0;        // Newton/Lloyd updates used to converge (0: closed form)
 };
 
-// Cached; throws tq::Error for dim < 8 (exact/gauss), level < 1 (polar_angle),
-// or bits outside 1..8.
+// Cached; throws tq::Error for dim < 8 (exact/gauss), a level outside 1..16
+// (polar_angle), or bits outside 1..8. sphere_codebook(polar_angle, level, b)
+// is the same cached object as polar_angle_codebook(level, b).
 const Codebook& sphere_codebook(CodebookLaw law, int dim, int bits);
 const Codebook& polar_angle_codebook(int level, int bits);
 
