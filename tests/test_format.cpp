@@ -23,7 +23,8 @@ TEST(Format, CanonicalStringsRoundTrip) {
         "tq-mse:b=2.5,hi=32", "tq-mse:b=3,scale=ls", "tq-mse:b=3,scale=matched,sf=f32",
         "tq-mse:b=4,rot=haar,cb=gauss", "tq-prod:b=3", "tq-prod:b=3,m=128", "tq-prod:b=2,m=256,s=gauss",
         "tq-prod:b=4,scale=ls,rot=haar", "polar", "polar:levels=3", "polar:levels=5,b1=3,b=3",
-        "polar:rot=haar"}) {
+        "polar:rot=haar", "q8_0", "q4_0", "q8_0:rot=hadamard", "q4_0:rot=haar", "f32", "f16",
+        "bf16"}) {
     SCOPED_TRACE(s);
     EXPECT_EQ(to_string(parse_format(s)), s);
   }
@@ -61,6 +62,19 @@ TEST(Format, ErrorsNameTheBadTokenAndListWhatIsValid) {
   EXPECT_NE(error_of("polar:m=3").find("unknown key 'm' for polar"), std::string::npos);
   EXPECT_NE(error_of("").find("unknown method"), std::string::npos);
   EXPECT_NE(error_of("tq-mse:b=3,").find("malformed token ''"), std::string::npos);
+}
+
+TEST(Format, BlockAndDenseFormats) {
+  EXPECT_EQ(bytes_per_vector(parse_format("q8_0"), 128), 4u * 34);
+  EXPECT_EQ(bytes_per_vector(parse_format("q4_0"), 128), 4u * 18);
+  EXPECT_EQ(bytes_per_vector(parse_format("f16"), 128), 256u);
+  EXPECT_EQ(bytes_per_vector(parse_format("bf16"), 128), 256u);
+  EXPECT_EQ(bytes_per_vector(parse_format("f32"), 128), 512u);
+  EXPECT_EQ(parse_format("q4_0").rotation, RotationKind::none);
+  EXPECT_EQ(parse_format("tq-mse:b=3").rotation, RotationKind::hadamard);
+  EXPECT_THROW(validate_format(parse_format("q8_0"), 48), Error);  // not a multiple of 32
+  EXPECT_NE(error_of("f16:b=3").find("unknown key 'b' for f16"), std::string::npos);
+  EXPECT_NE(error_of("tq-mse:b=3,rot=none").find("needs a random rotation"), std::string::npos);
 }
 
 TEST(Format, ValidationAgainstDim) {

@@ -20,7 +20,7 @@ const std::vector<std::string> kSpecs = {
     "tq-mse:b=3,rot=haar", "tq-mse:b=2,cb=gauss", "tq-mse:b=4,sf=f32", "tq-mse:b=2.5",
     "tq-mse:b=3.5", "tq-prod:b=1",     "tq-prod:b=2",         "tq-prod:b=3",
     "tq-prod:b=4,s=gauss", "tq-prod:b=3,m=200", "tq-prod:b=3,scale=ls,rot=haar", "polar",
-    "polar:levels=2,b1=5,b=3"};
+    "polar:levels=2,b1=5,b=3", "q8_0", "q4_0", "q4_0:rot=hadamard", "f32", "f16", "bf16"};
 
 bool supports(const FormatSpec& f, int dim) {
   try {
@@ -71,6 +71,31 @@ TEST(Quantizer, RoundTripErrorIsWithinTheFormatsBudget) {
       q->decode(rec, y);
       EXPECT_LT(rel_err(x, y), w.max_rel);
     }
+}
+
+TEST(Quantizer, BlockFormatsFollowTheLlamaCppLayout) {
+  // One 32-element block: element i = i - 12 (max magnitude 19 at i = 31).
+  std::vector<float> x(32);
+  for (int i = 0; i < 32; ++i) x[i] = float(i - 12);
+  std::vector<uint8_t> r4(18), r8(34);
+  std::vector<float> y(32);
+  make_quantizer("q4_0", 32)->encode(x, r4);
+  // d = 19 / -8 -> element 31 codes to 0, element 0 (-12) to round(-12 / d) + 8 = 13.
+  EXPECT_EQ(r4[2 + 15] >> 4, 0);     // element 31: high nibble of byte 15
+  EXPECT_EQ(r4[2 + 0] & 0x0f, 13);   // element 0: low nibble of byte 0
+  make_quantizer("q4_0", 32)->decode(r4, y);
+  for (int i = 0; i < 32; ++i) EXPECT_NEAR(y[i], x[i], 19.0 / 8 / 2 + 1e-3) << i;
+  make_quantizer("q8_0", 32)->encode(x, r8);
+  EXPECT_EQ(static_cast<int8_t>(r8[2 + 31]), 127);
+  make_quantizer("q8_0", 32)->decode(r8, y);
+  for (int i = 0; i < 32; ++i) EXPECT_NEAR(y[i], x[i], 19.0 / 127 / 2 + 1e-3) << i;
+  // Dense formats round-trip exactly representable values exactly.
+  for (const char* s : {"f32", "f16", "bf16"}) {
+    std::vector<uint8_t> r(make_quantizer(s, 32)->bytes_per_vector());
+    make_quantizer(s, 32)->encode(x, r);
+    make_quantizer(s, 32)->decode(r, y);
+    EXPECT_EQ(x, y) << s;
+  }
 }
 
 TEST(Quantizer, ZeroVectorRoundTripsToZero) {

@@ -6,6 +6,8 @@
 //   tq-mse:b=B[,scale=norm|ls|matched][,sf=f16|f32][,rot=hadamard|haar][,cb=exact|gauss][,hi=N]
 //   tq-prod:b=B[,m=M][,s=orth|gauss][,scale=..][,sf=..][,rot=..][,cb=..]
 //   polar[:levels=L][,b1=B1][,b=B][,rot=..]
+//   q8_0[:rot=none|hadamard|haar]   q4_0[:rot=..]   (llama.cpp-style 32-element blocks)
+//   f32 | f16 | bf16                                 (dense)
 //
 // Each encoded vector is one record of bytes_per_vector(spec, dim) bytes:
 //   tq-mse (integer b):  [codes: packed b-bit x dim][scale]
@@ -15,6 +17,10 @@
 //   tq-prod (b == 1):    [QJL signs: 1-bit x m][residual norm]
 //   polar:               [level-1 angles: b1-bit x dim/2][level-2 angles: b-bit x dim/4]...
 //                        [radii: fp16 x dim/2^L]
+//   q8_0:                dim/32 blocks of [fp16 scale d][32 x int8 q]           x = q d
+//   q4_0:                dim/32 blocks of [fp16 scale d][16 bytes: element i in the
+//                        low nibble of byte i, element i+16 in the high nibble] x = (q - 8) d
+//   f32, f16, bf16:      the dim values, little-endian
 // Codes are tight little-endian bitstreams (bitpack.hpp); scale and norms are
 // fp16 (sf=f16, default) or f32, little-endian, unaligned.
 //
@@ -33,7 +39,7 @@
 
 namespace tq {
 
-enum class Method : uint8_t { mse, prod, polar };
+enum class Method : uint8_t { mse, prod, polar, q8_0, q4_0, f32, f16, bf16 };
 enum class ScaleMode : uint8_t {
   norm,     // s = |x|
   ls,       // s = <R x, c> / |c|^2, the least-squares scale: same bytes, lower MSE
@@ -50,7 +56,7 @@ struct FormatSpec {
   double bits = 4;  // mse: 1..8, fractional -> channel split; prod: total bits 1..8
   ScaleMode scale = ScaleMode::norm;
   ScaleType scale_type = ScaleType::f16;
-  RotationKind rotation = RotationKind::hadamard;
+  RotationKind rotation = RotationKind::hadamard;  // parse_format sets the method's default
   CodebookLaw law = CodebookLaw::exact;
   int sketch_rows = 0;  // prod: m, 0 means m = dim
   SketchKind sketch = SketchKind::orth;
@@ -67,6 +73,10 @@ std::string to_string(const FormatSpec& spec);
 std::string to_string(Method m);
 std::string to_string(ScaleMode m);
 std::string to_string(CodebookLaw law);
+
+// The rotation a method uses unless its spec says otherwise.
+RotationKind default_rotation(Method m);
+bool is_dense(Method m);  // f32, f16, bf16
 
 // Throws tq::Error if the spec cannot encode vectors of this dimension.
 void validate_format(const FormatSpec& spec, int dim);
@@ -112,5 +122,18 @@ static_assert(mse_record_bytes(128, 3) == 50);
 static_assert(mse_record_bytes(64, 3) + mse_record_bytes(64, 2) == 44);  // 2.5 bits
 static_assert(prod_record_bytes(128, 3, 128) == 52);  // 2-bit codes + 128 signs + 2 fp16
 static_assert(polar_record_bytes(128, 4, 4, 2) == 62);  // 3.875 bits per coordinate
+
+// llama.cpp-compatible 32-element blocks.
+constexpr int kBlockElems = 32;
+struct BlockQ8_0 {
+  uint16_t d;       // fp16 scale
+  int8_t q[32];
+};
+struct BlockQ4_0 {
+  uint16_t d;       // fp16 scale
+  uint8_t qs[16];   // element i: low nibble of qs[i]; element i + 16: high nibble
+};
+static_assert(sizeof(BlockQ8_0) == 34);
+static_assert(sizeof(BlockQ4_0) == 18);
 
 }  // namespace tq

@@ -8,6 +8,7 @@
 //    energy also mixes across blocks: R = B D2 P B D1. Still O(d log d).
 //  - haar, any dim: Q from the QR of a seeded Gaussian matrix, with the
 //    signs of R's diagonal folded in, so Q is exactly Haar distributed.
+//  - none: the identity (for the dense and llama.cpp-style block formats).
 // The same object rotates on every SIMD level with bit-identical results.
 //
 //   tq::Rotation rot(tq::RotationKind::hadamard, 128, /*seed=*/7);
@@ -22,7 +23,7 @@
 
 namespace tq {
 
-enum class RotationKind { hadamard, haar };
+enum class RotationKind { hadamard, haar, none };  // none: identity (block/dense formats)
 std::string to_string(RotationKind kind);
 
 // One step of a rotation; a rotation is a short list of these.

@@ -50,7 +50,14 @@ float* scratch(int dim) {
 
 }  // namespace
 
-std::string to_string(RotationKind kind) { return kind == RotationKind::haar ? "haar" : "hadamard"; }
+std::string to_string(RotationKind kind) {
+  switch (kind) {
+    case RotationKind::hadamard: return "hadamard";
+    case RotationKind::haar: return "haar";
+    case RotationKind::none: return "none";
+  }
+  return "?";
+}
 
 std::vector<int> hadamard_blocks(int dim) {
   std::vector<int> blocks;
@@ -110,7 +117,9 @@ Rotation::Rotation(RotationKind kind, int dim, uint64_t seed)
 Rotation::Rotation(RotationKind kind, int dim, uint64_t seed, SimdLevel level)
     : kind_(kind), dim_(dim), seed_(seed), kernels_(&kernels::kernels_for(level)) {
   TQ_REQUIRE(dim >= 1 && dim <= 16384, "rotation dim must be 1..16384, got ", dim);
-  if (kind == RotationKind::haar) {
+  if (kind == RotationKind::none) {
+    // identity: no stages
+  } else if (kind == RotationKind::haar) {
     const std::vector<double> m = haar_orthogonal(dim, derive_seed(seed, "haar"));
     RotationStage s{RotationStage::Op::dense, {}, {}, {}, {}, {}};
     s.cols.resize(size_t(dim) * dim);

@@ -12,13 +12,18 @@
 namespace tq {
 namespace {
 
-constexpr const char* kMethods = "tq-mse, tq-prod, polar";
+constexpr const char* kMethods = "tq-mse, tq-prod, polar, q8_0, q4_0, f32, f16, bf16";
 
 std::string valid_keys(Method m) {
   switch (m) {
     case Method::mse: return "b, scale, sf, rot, cb, hi";
     case Method::prod: return "b, m, s, scale, sf, rot, cb";
     case Method::polar: return "levels, b1, b, rot";
+    case Method::q8_0:
+    case Method::q4_0: return "rot";
+    case Method::f32:
+    case Method::f16:
+    case Method::bf16: return "(none)";
   }
   return "";
 }
@@ -64,9 +69,21 @@ std::string to_string(Method m) {
     case Method::mse: return "tq-mse";
     case Method::prod: return "tq-prod";
     case Method::polar: return "polar";
+    case Method::q8_0: return "q8_0";
+    case Method::q4_0: return "q4_0";
+    case Method::f32: return "f32";
+    case Method::f16: return "f16";
+    case Method::bf16: return "bf16";
   }
   return "?";
 }
+
+RotationKind default_rotation(Method m) {
+  return m == Method::mse || m == Method::prod || m == Method::polar ? RotationKind::hadamard
+                                                                       : RotationKind::none;
+}
+
+bool is_dense(Method m) { return m == Method::f32 || m == Method::f16 || m == Method::bf16; }
 
 std::string to_string(ScaleMode m) {
   switch (m) {
@@ -93,8 +110,14 @@ FormatSpec parse_format(std::string_view spec) {
   if (method == "tq-mse") f.method = Method::mse;
   else if (method == "tq-prod") f.method = Method::prod;
   else if (method == "polar") f.method = Method::polar;
+  else if (method == "q8_0") f.method = Method::q8_0;
+  else if (method == "q4_0") f.method = Method::q4_0;
+  else if (method == "f32") f.method = Method::f32;
+  else if (method == "f16") f.method = Method::f16;
+  else if (method == "bf16") f.method = Method::bf16;
   else TQ_THROW("format '", spec, "': unknown method '", method, "' (valid: ", kMethods, ")");
 
+  f.rotation = default_rotation(f.method);
   bool have_bits = false;
   std::set<std::string, std::less<>> seen;
   if (colon != std::string_view::npos) {
@@ -135,8 +158,10 @@ FormatSpec parse_format(std::string_view spec) {
         f.scale_type = parse_enum<ScaleType>(key, val, spec,
                                              {{"f16", ScaleType::f16}, {"f32", ScaleType::f32}});
       } else if (key == "rot") {
-        f.rotation = parse_enum<RotationKind>(
-            key, val, spec, {{"hadamard", RotationKind::hadamard}, {"haar", RotationKind::haar}});
+        f.rotation = parse_enum<RotationKind>(key, val, spec,
+                                              {{"hadamard", RotationKind::hadamard},
+                                               {"haar", RotationKind::haar},
+                                               {"none", RotationKind::none}});
       } else if (key == "cb") {
         f.law = parse_enum<CodebookLaw>(key, val, spec,
                                         {{"exact", CodebookLaw::exact}, {"gauss", CodebookLaw::gauss}});
@@ -159,7 +184,12 @@ FormatSpec parse_format(std::string_view spec) {
     }
   }
 
-  if (f.method != Method::polar && !have_bits)
+  const bool coded = f.method == Method::mse || f.method == Method::prod;
+  if (coded && f.rotation == RotationKind::none)
+    TQ_THROW("format '", spec, "': ", method, " needs a random rotation (rot=hadamard or haar)");
+  if (f.method == Method::polar && f.rotation == RotationKind::none)
+    TQ_THROW("format '", spec, "': polar needs a random rotation (rot=hadamard or haar)");
+  if (coded && !have_bits)
     TQ_THROW("format '", spec, "': ", method, " needs a bit width, e.g. ", method, ":b=3");
   if (f.method == Method::mse) {
     if (!(f.bits >= 1 && f.bits <= 8))
@@ -170,7 +200,7 @@ FormatSpec parse_format(std::string_view spec) {
     if (!(f.bits >= 1 && f.bits <= 8) || f.bits != std::floor(f.bits))
       TQ_THROW("format '", spec, "': tq-prod b (total bits) must be an integer 1..8, got ",
                fmt_bits(f.bits));
-  } else {
+  } else if (f.method == Method::polar) {
     if (f.polar_levels < 1 || f.polar_levels > 12)
       TQ_THROW("format '", spec, "': levels must be 1..12, got ", f.polar_levels);
     if (f.polar_bits1 < 1 || f.polar_bits1 > 8)
@@ -184,11 +214,16 @@ FormatSpec parse_format(std::string_view spec) {
 std::string to_string(const FormatSpec& f) {
   const FormatSpec d;
   std::vector<std::string> kv;
-  if (f.method == Method::polar) {
+  const RotationKind drot = default_rotation(f.method);
+  if (f.method == Method::q8_0 || f.method == Method::q4_0) {
+    if (f.rotation != drot) kv.push_back("rot=" + to_string(f.rotation));
+  } else if (is_dense(f.method)) {
+    // no parameters
+  } else if (f.method == Method::polar) {
     if (f.polar_levels != d.polar_levels) kv.push_back("levels=" + std::to_string(f.polar_levels));
     if (f.polar_bits1 != d.polar_bits1) kv.push_back("b1=" + std::to_string(f.polar_bits1));
     if (f.polar_bits != d.polar_bits) kv.push_back("b=" + std::to_string(f.polar_bits));
-    if (f.rotation != d.rotation) kv.push_back("rot=" + to_string(f.rotation));
+    if (f.rotation != drot) kv.push_back("rot=" + to_string(f.rotation));
   } else {
     kv.push_back("b=" + fmt_bits(f.bits));
     if (f.method == Method::prod) {
@@ -199,7 +234,7 @@ std::string to_string(const FormatSpec& f) {
       kv.push_back("hi=" + std::to_string(f.hi_channels));
     if (f.scale != d.scale) kv.push_back("scale=" + to_string(f.scale));
     if (f.scale_type != d.scale_type) kv.push_back("sf=f32");
-    if (f.rotation != d.rotation) kv.push_back("rot=" + to_string(f.rotation));
+    if (f.rotation != drot) kv.push_back("rot=" + to_string(f.rotation));
     if (f.law != d.law) kv.push_back("cb=" + to_string(f.law));
   }
   std::string s = to_string(f.method);
@@ -246,6 +281,14 @@ void validate_format(const FormatSpec& f, int dim) {
       TQ_REQUIRE(dim % (1 << f.polar_levels) == 0, "format ", to_string(f), ": dim ", dim,
                  " must be divisible by 2^levels = ", 1 << f.polar_levels);
       break;
+    case Method::q8_0:
+    case Method::q4_0:
+      TQ_REQUIRE(dim % kBlockElems == 0, "format ", to_string(f), ": dim ", dim,
+                 " must be a multiple of the block size ", kBlockElems);
+      break;
+    case Method::f32:
+    case Method::f16:
+    case Method::bf16: break;
   }
 }
 
@@ -277,6 +320,17 @@ RecordBytes record_bytes(const FormatSpec& f, int dim) {
                 2 * size_t(dim >> f.polar_levels);
       r.scales = 2 * size_t(dim >> f.polar_levels);
       break;
+    case Method::q8_0:
+      r.codes = size_t(dim);
+      r.scales = 2 * size_t(dim / kBlockElems);
+      break;
+    case Method::q4_0:
+      r.codes = size_t(dim / 2);
+      r.scales = 2 * size_t(dim / kBlockElems);
+      break;
+    case Method::f32: r.codes = 4 * size_t(dim); break;
+    case Method::f16:
+    case Method::bf16: r.codes = 2 * size_t(dim); break;
   }
   return r;
 }

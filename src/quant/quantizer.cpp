@@ -51,6 +51,11 @@ std::unique_ptr<Quantizer> make_quantizer(const FormatSpec& spec, int dim,
       return std::make_unique<quant::MseQuantizer>(spec, dim, opt.seed, simd);
     case Method::prod: return std::make_unique<quant::ProdQuantizer>(spec, dim, opt.seed, simd);
     case Method::polar: return std::make_unique<quant::PolarQuantizer>(spec, dim, opt.seed, simd);
+    case Method::q8_0:
+    case Method::q4_0: return std::make_unique<quant::BlockQuantizer>(spec, dim, opt.seed, simd);
+    case Method::f32:
+    case Method::f16:
+    case Method::bf16: return std::make_unique<quant::DenseQuantizer>(spec, dim, opt.seed, simd);
   }
   TQ_ASSERT(false);
 }

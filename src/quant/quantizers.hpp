@@ -91,4 +91,23 @@ class PolarQuantizer final : public Quantizer {
   size_t radii_offset_;
 };
 
+// q8_0 / q4_0: optional rotation, then llama.cpp-style 32-element blocks.
+class BlockQuantizer final : public Quantizer {
+ public:
+  BlockQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+
+ private:
+  Rotation rot_;
+};
+
+// f32 / f16 / bf16: the values themselves.
+class DenseQuantizer final : public Quantizer {
+ public:
+  DenseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  void encode_one(const float* x, uint8_t* rec) const override;
+  void decode_one(const uint8_t* rec, float* x) const override;
+};
+
 }  // namespace tq::quant
