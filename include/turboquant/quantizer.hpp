@@ -57,8 +57,32 @@ class Quantizer {
   virtual void encode_one(const float* x, uint8_t* rec) const = 0;
   virtual void decode_one(const uint8_t* rec, float* x) const = 0;
 
+  // ---- Attention directly on records (no dense keys or values) ----------
+  // Queries are prepared once (e.g. rotated: <Rq, Rk> = <q, k>), keys scored
+  // from their codes, and values accumulated in the quantizer's own domain
+  // (e.g. rotated) and mapped back once per output by finish(). g query heads
+  // (a GQA group) share every record read.
+  //
+  // q: [g, dim] -> qp: [g, query_floats()]
+  virtual size_t query_floats() const { return static_cast<size_t>(dim_); }
+  virtual void prepare_queries(const float* q, int g, float* qp) const;
+  // scores[h * n + j] = <q_h, decode(rec_j)>, rec_j = recs + j * stride.
+  // qp: [g, query_floats()], scores: [g, n]
+  virtual void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                     float* scores) const;
+  // acc_h += sum_j w[h * n + j] * decode(rec_j), in the accumulation domain.
+  // w: [g, n], acc: [g, acc_floats()]
+  virtual size_t acc_floats() const { return static_cast<size_t>(dim_); }
+  virtual void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                          float* acc) const;
+  // out_h = the accumulated vector in the original domain. acc: [g, acc_floats()], out: [g, dim]
+  virtual void finish(const float* acc, int g, float* out) const;
+
  protected:
   Quantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  // Decode into the accumulation domain (the default score/accumulate use it;
+  // the default is decode_one, i.e. the original domain).
+  virtual void decode_domain(const uint8_t* rec, float* out) const { decode_one(rec, out); }
 
  private:
   FormatSpec spec_;

@@ -85,6 +85,11 @@ void BlockQuantizer::encode_one(const float* x, uint8_t* rec) const {
 }
 
 void BlockQuantizer::decode_one(const uint8_t* rec, float* x) const {
+  decode_domain(rec, x);
+  rot_.inverse(x, x);
+}
+
+void BlockQuantizer::decode_domain(const uint8_t* rec, float* x) const {
   const int d = dim();
   const bool q8 = spec().method == Method::q8_0;
   const size_t blk = q8 ? sizeof(BlockQ8_0) : sizeof(BlockQ4_0);
@@ -92,7 +97,6 @@ void BlockQuantizer::decode_one(const uint8_t* rec, float* x) const {
     if (q8) decode_q8_0(rec + b * blk, x + b * kBlockElems);
     else decode_q4_0(rec + b * blk, x + b * kBlockElems);
   }
-  rot_.inverse(x, x);
 }
 
 DenseQuantizer::DenseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd)

@@ -59,6 +59,47 @@ void MseQuantizer::decode_one(const uint8_t* rec, float* x) const {
   k_.scale(x, d, load_scale(rec + codes_bytes_, spec().scale_type));
 }
 
+void MseQuantizer::decode_rotated(const uint8_t* rec, float* out) const {
+  const int d = dim();
+  Scratch s(d);
+  k_.unpack(rec, d, stage_.bits, s.codes);
+  k_.dequantize(s.codes, d, stage_.cb->centroids.data(), stage_.bits, out);
+  k_.scale(out, d, load_scale(rec + codes_bytes_, spec().scale_type));
+}
+
+// Scores and values straight from the codes: the centroids of one record are
+// looked up once and shared by the g query heads; the scale multiplies the
+// dot product (score) or the weight (values), never the vector.
+void MseQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                         float* scores) const {
+  const int d = dim();
+  Scratch s(d);
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    k_.unpack(rec, d, stage_.bits, s.codes);
+    k_.dequantize(s.codes, d, stage_.cb->centroids.data(), stage_.bits, s.c);
+    const float sc = load_scale(rec + codes_bytes_, spec().scale_type);
+    for (int h = 0; h < g; ++h) scores[h * n + j] = sc * k_.dot(qp + size_t(h) * d, s.c, d);
+  }
+}
+
+void MseQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                              float* acc) const {
+  const int d = dim();
+  Scratch s(d);
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    k_.unpack(rec, d, stage_.bits, s.codes);
+    k_.dequantize(s.codes, d, stage_.cb->centroids.data(), stage_.bits, s.c);
+    const float sc = load_scale(rec + codes_bytes_, spec().scale_type);
+    for (int h = 0; h < g; ++h) {
+      const float wj = w[h * n + j] * sc;
+      float* a = acc + size_t(h) * d;
+      for (int i = 0; i < d; ++i) a[i] += wj * s.c[i];
+    }
+  }
+}
+
 SplitQuantizer::SplitQuantizer(const FormatSpec& spec, int dim, const QuantizerOptions& opt,
                                SimdLevel simd)
     : Quantizer(spec, dim, opt.seed, simd) {
@@ -106,6 +147,35 @@ void SplitQuantizer::decode_one(const uint8_t* rec, float* x) const {
   qlo_->decode_one(rec + qhi_->bytes_per_vector(), xl);
   for (size_t i = 0; i < hi_.size(); ++i) x[hi_[i]] = xh[i];
   for (size_t i = 0; i < lo_.size(); ++i) x[lo_[i]] = xl[i];
+}
+
+void SplitQuantizer::prepare_queries(const float* q, int g, float* qp) const {
+  const size_t nh = hi_.size(), nl = lo_.size();
+  for (int h = 0; h < g; ++h) {
+    const float* qh = q + size_t(h) * dim();
+    float* out = qp + size_t(h) * dim();
+    for (size_t i = 0; i < nh; ++i) out[i] = qh[hi_[i]];
+    for (size_t i = 0; i < nl; ++i) out[nh + i] = qh[lo_[i]];
+    qhi_->rotation().forward(out, out);
+    qlo_->rotation().forward(out + nh, out + nh);
+  }
+}
+
+void SplitQuantizer::decode_domain(const uint8_t* rec, float* out) const {
+  qhi_->decode_rotated(rec, out);
+  qlo_->decode_rotated(rec + qhi_->bytes_per_vector(), out + hi_.size());
+}
+
+void SplitQuantizer::finish(const float* acc, int g, float* out) const {
+  const size_t nh = hi_.size(), nl = lo_.size();
+  Scratch s(dim());
+  for (int h = 0; h < g; ++h) {
+    qhi_->rotation().inverse(acc + size_t(h) * dim(), s.y);
+    qlo_->rotation().inverse(acc + size_t(h) * dim() + nh, s.y + nh);
+    float* o = out + size_t(h) * dim();
+    for (size_t i = 0; i < nh; ++i) o[hi_[i]] = s.y[i];
+    for (size_t i = 0; i < nl; ++i) o[lo_[i]] = s.y[nh + i];
+  }
 }
 
 }  // namespace tq::quant

@@ -70,6 +70,11 @@ void PolarQuantizer::encode_one(const float* x, uint8_t* rec) const {
 }
 
 void PolarQuantizer::decode_one(const uint8_t* rec, float* x) const {
+  decode_domain(rec, x);
+  rot_.inverse(x, x);
+}
+
+void PolarQuantizer::decode_domain(const uint8_t* rec, float* x) const {
   const int d = dim();
   Scratch s(d);
   float* cur = s.y;
@@ -92,7 +97,6 @@ void PolarQuantizer::decode_one(const uint8_t* rec, float* x) const {
     }
     std::swap(cur, nxt);
   }
-  rot_.inverse(x, x);
 }
 
 }  // namespace tq::quant

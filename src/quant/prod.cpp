@@ -114,3 +114,88 @@ void ProdQuantizer::decode_one(const uint8_t* rec, float* x) const {
 }
 
 }  // namespace tq::quant
+
+namespace tq::quant {
+
+// Attention on prod records. Score: s <Rq, c> + c_qjl |r| <S R q, sign>.
+// Values: the MSE part accumulates in the rotated domain, the sketch part in
+// the m-dimensional sketch domain; finish() applies S^T once per output.
+void ProdQuantizer::prepare_queries(const float* q, int g, float* qp) const {
+  const int d = dim();
+  const size_t qf = query_floats();
+  for (int h = 0; h < g; ++h) {
+    float* out = qp + h * qf;
+    rot_.forward(q + size_t(h) * d, out);
+    k_.matvec(s_cols_.data(), out, out + d, m_, d);
+  }
+}
+
+void ProdQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                          float* scores) const {
+  const int d = dim();
+  const ScaleType st = spec().scale_type;
+  const size_t sb = scale_bytes(st);
+  const size_t qf = query_floats();
+  Scratch s(std::max(d, m_));
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    if (stage_) {
+      k_.unpack(rec, d, bits_ - 1, s.codes);
+      k_.dequantize(s.codes, d, stage_->cb->centroids.data(), bits_ - 1, s.c);
+    }
+    const float sc = stage_ ? load_scale(rec + codes_bytes_ + sketch_bytes_, st) : 0.0f;
+    const float rn = load_scale(rec + codes_bytes_ + sketch_bytes_ + (stage_ ? sb : 0), st);
+    k_.unpack(rec + codes_bytes_, m_, 1, s.codes);
+    for (int i = 0; i < m_; ++i) s.z[i] = s.codes[i] ? 1.0f : -1.0f;
+    const float f = static_cast<float>(c_) * rn;
+    for (int h = 0; h < g; ++h) {
+      const float* q = qp + h * qf;
+      const float mse = stage_ ? sc * k_.dot(q, s.c, d) : 0.0f;
+      scores[h * n + j] = mse + f * k_.dot(q + d, s.z, m_);
+    }
+  }
+}
+
+void ProdQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
+                               size_t n, float* acc) const {
+  const int d = dim();
+  const ScaleType st = spec().scale_type;
+  const size_t sb = scale_bytes(st);
+  const size_t af = acc_floats();
+  Scratch s(std::max(d, m_));
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    if (stage_) {
+      k_.unpack(rec, d, bits_ - 1, s.codes);
+      k_.dequantize(s.codes, d, stage_->cb->centroids.data(), bits_ - 1, s.c);
+    }
+    const float sc = stage_ ? load_scale(rec + codes_bytes_ + sketch_bytes_, st) : 0.0f;
+    const float rn = load_scale(rec + codes_bytes_ + sketch_bytes_ + (stage_ ? sb : 0), st);
+    k_.unpack(rec + codes_bytes_, m_, 1, s.codes);  // MSE codes are already dequantized
+    const float f = static_cast<float>(c_) * rn;
+    for (int h = 0; h < g; ++h) {
+      const float wj = w[h * n + j];
+      if (wj == 0.0f) continue;
+      float* a = acc + h * af;
+      if (stage_)
+        for (int i = 0; i < d; ++i) a[i] += (wj * sc) * s.c[i];
+      const float fw = wj * f;
+      for (int i = 0; i < m_; ++i) a[d + i] += s.codes[i] ? fw : -fw;
+    }
+  }
+}
+
+void ProdQuantizer::finish(const float* acc, int g, float* out) const {
+  const int d = dim();
+  const size_t af = acc_floats();
+  Scratch s(std::max(d, m_));
+  for (int h = 0; h < g; ++h) {
+    const float* a = acc + h * af;
+    k_.matvec(st_cols_.data(), a + d, s.r, d, m_);
+    float* o = out + size_t(h) * d;
+    for (int i = 0; i < d; ++i) o[i] = a[i] + s.r[i];
+    rot_.inverse(o, o);
+  }
+}
+
+}  // namespace tq::quant

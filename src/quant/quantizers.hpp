@@ -32,11 +32,32 @@ struct MseStage {
   const kernels::Kernels* k;
 };
 
+// Formats whose accumulation domain is "rotated": queries are rotated once,
+// records decode without the inverse rotation, finish() un-rotates.
+#define TQ_ROTATED_DOMAIN_OVERRIDES                                                   \
+  void prepare_queries(const float* q, int g, float* qp) const override {            \
+    for (int h = 0; h < g; ++h) rot_.forward(q + size_t(h) * dim(), qp + size_t(h) * dim()); \
+  }                                                                                   \
+  void finish(const float* acc, int g, float* out) const override {                  \
+    for (int h = 0; h < g; ++h) rot_.inverse(acc + size_t(h) * dim(), out + size_t(h) * dim()); \
+  }
+
 class MseQuantizer final : public Quantizer {
  public:
   MseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
+  TQ_ROTATED_DOMAIN_OVERRIDES
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
+  // Rotated-domain reconstruction (scale applied): out: [dim]
+  void decode_rotated(const uint8_t* rec, float* out) const;
+  const Rotation& rotation() const { return rot_; }
+
+ protected:
+  void decode_domain(const uint8_t* rec, float* out) const override { decode_rotated(rec, out); }
 
  private:
   const kernels::Kernels& k_;
@@ -51,6 +72,12 @@ class SplitQuantizer final : public Quantizer {
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   const std::vector<int>& hi_channels() const { return hi_; }
+  // Domain: [hi channels rotated | lo channels rotated].
+  void prepare_queries(const float* q, int g, float* qp) const override;
+  void finish(const float* acc, int g, float* out) const override;
+
+ protected:
+  void decode_domain(const uint8_t* rec, float* out) const override;
 
  private:
   std::vector<int> hi_, lo_;
@@ -63,6 +90,15 @@ class ProdQuantizer final : public Quantizer {
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   double qjl_constant() const { return c_; }
+  // Query: [R q | S R q]; accumulator: [rotated part | sketch-domain part].
+  size_t query_floats() const override { return size_t(dim()) + m_; }
+  size_t acc_floats() const override { return size_t(dim()) + m_; }
+  void prepare_queries(const float* q, int g, float* qp) const override;
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
+  void finish(const float* acc, int g, float* out) const override;
 
  private:
   const kernels::Kernels& k_;
@@ -80,6 +116,10 @@ class PolarQuantizer final : public Quantizer {
   PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
+  TQ_ROTATED_DOMAIN_OVERRIDES
+
+ protected:
+  void decode_domain(const uint8_t* rec, float* out) const override;
 
  private:
   const kernels::Kernels& k_;
@@ -97,6 +137,10 @@ class BlockQuantizer final : public Quantizer {
   BlockQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
+  TQ_ROTATED_DOMAIN_OVERRIDES
+
+ protected:
+  void decode_domain(const uint8_t* rec, float* out) const override;
 
  private:
   Rotation rot_;

@@ -1,0 +1,74 @@
+#include "turboquant/record_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+namespace tq {
+
+OnlineSoftmax::OnlineSoftmax(int g, size_t acc_floats) : g_(g), af_(acc_floats) { reset(); }
+
+void OnlineSoftmax::reset() {
+  m.assign(g_, kEmptyLse);
+  l.assign(g_, 0.0f);
+  acc.assign(size_t(g_) * af_, 0.0f);
+}
+
+void OnlineSoftmax::finish(const Quantizer& vq, float* out, float* lse) {
+  const int d = vq.dim();
+  std::vector<float> norm(acc.size());
+  for (int h = 0; h < g_; ++h) {
+    const float inv = l[h] > 0 ? 1.0f / l[h] : 0.0f;
+    for (size_t i = 0; i < af_; ++i) norm[h * af_ + i] = acc[h * af_ + i] * inv;
+    lse[h] = l[h] > 0 ? m[h] + std::log(l[h]) : kEmptyLse;
+  }
+  vq.finish(norm.data(), g_, out);
+  for (int h = 0; h < g_; ++h)
+    if (!(l[h] > 0))
+      for (int i = 0; i < d; ++i) out[size_t(h) * d + i] = 0.0f;
+}
+
+void attend_records(const Quantizer& kq, const Quantizer& vq, const float* qp, int g,
+                    const uint8_t* krecs, size_t kstride, const uint8_t* vrecs, size_t vstride,
+                    size_t n, int pos0, int q_pos, const AttentionParams& p, OnlineSoftmax& st) {
+  if (n == 0) return;
+  const float scale = p.scale > 0 ? p.scale : 1.0f / std::sqrt(static_cast<float>(kq.dim()));
+  st.scores.resize(size_t(g) * n);
+  st.weights.resize(size_t(g) * n);
+  kq.score(qp, g, krecs, kstride, n, st.scores.data());
+  const size_t af = vq.acc_floats();
+  bool any = false;
+  for (int h = 0; h < g; ++h) {
+    float* s = &st.scores[h * n];
+    float mx = kEmptyLse;
+    for (size_t j = 0; j < n; ++j) {
+      if (!key_visible(q_pos, pos0 + static_cast<int>(j), p)) {
+        s[j] = kEmptyLse;
+        continue;
+      }
+      s[j] = apply_softcap(s[j] * scale, p.softcap);
+      mx = std::max(mx, s[j]);
+    }
+    float* w = &st.weights[h * n];
+    if (mx == kEmptyLse) {
+      std::fill(w, w + n, 0.0f);
+      continue;
+    }
+    any = true;
+    const float m_new = std::max(st.m[h], mx);
+    const float corr = std::exp(st.m[h] - m_new);  // 0 when m was -inf
+    if (corr != 1.0f) {
+      st.l[h] *= corr;
+      for (size_t i = 0; i < af; ++i) st.acc[h * af + i] *= corr;
+    }
+    float sum = 0.0f;
+    for (size_t j = 0; j < n; ++j) {
+      w[j] = s[j] == kEmptyLse ? 0.0f : std::exp(s[j] - m_new);
+      sum += w[j];
+    }
+    st.l[h] += sum;
+    st.m[h] = m_new;
+  }
+  if (any) vq.accumulate(st.weights.data(), g, vrecs, vstride, n, st.acc.data());
+}
+
+}  // namespace tq
