@@ -1,0 +1,132 @@
+// The compressed KV cache: keys and values of every layer and KV head stored
+// as TurboQuant (or baseline) records in fixed-size token pages, with decode
+// attention run directly on the records.
+//
+//   auto cfg = tq::KvCacheConfig::from_preset("paper_mse", n_layers, n_heads_kv, head_dim);
+//   tq::KvCache cache(cfg);
+//   int seq = cache.add_sequence();
+//   cache.append(seq, layer, k, v, n_tokens);   // k, v: [n_tokens, n_heads_kv, head_dim]
+//   cache.attend(seq, layer, q, n_heads_q, params, out);  // q, out: [n_heads_q, head_dim]
+//
+// Storage of one (sequence, layer):
+//   [main pages: tokens 0 .. n_main-1][dense window: the newest <= W tokens]
+// Main pages hold the layer's compressed format, or the dense format while the
+// layer is dense (a layer kept dense by policy, or before its upgrade when
+// k_start > 0). The window holds the newest tokens in the dense format; a token
+// that ages out of it is encoded into the pages. Pages never move once
+// written; trim() and clear() release them.
+//
+// Thread safety: different sequences may be appended to, trimmed and attended
+// from different threads at once; one sequence is used by one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "turboquant/attention.hpp"
+#include "turboquant/format.hpp"
+#include "turboquant/quantizer.hpp"
+
+namespace tq {
+
+struct KvPreset {
+  std::string name;
+  std::string k_spec, v_spec;
+  std::string description;
+};
+// The named presets (paper_mse, paper_prod, polarquant, turbo4, ..., q4_0).
+const std::vector<KvPreset>& kv_presets();
+// A preset by name or alias, or "k=SPEC/v=SPEC" for any pair of formats.
+// Throws tq::Error listing the valid names.
+KvPreset find_kv_preset(std::string_view name);
+
+struct KvCacheConfig {
+  int n_layers = 1;
+  int n_heads_kv = 1;
+  int head_dim = 128;
+  std::string preset = "custom";
+  FormatSpec k_format = parse_format("tq-mse:b=4");
+  FormatSpec v_format = parse_format("tq-mse:b=4");
+  FormatSpec dense_format = parse_format("f16");  // dense layers, window, before upgrade
+  int page_tokens = 256;
+  int dense_window = 0;            // newest W tokens stay dense
+  std::vector<int> dense_layers;   // layer policy: these layers are never compressed
+  int k_start = 0;                 // > 0: layers stay dense until they hold k_start tokens
+  uint64_t seed = 0;
+
+  static KvCacheConfig from_preset(std::string_view preset, int n_layers, int n_heads_kv,
+                                   int head_dim);
+  void validate() const;  // throws tq::Error naming the bad field
+};
+
+// Bytes by component. `allocated` is what the cache holds in memory now
+// (whole pages and window buffers); `used` counts only the stored tokens.
+struct KvMemory {
+  size_t codes = 0, scales = 0, sketch = 0;  // compressed pages
+  size_t dense = 0;                          // dense pages and dense windows
+  size_t total() const { return codes + scales + sketch + dense; }
+};
+struct KvMemoryReport {
+  KvMemory allocated, used;
+  size_t tokens = 0;              // summed over sequences and layers
+  size_t dense_equivalent = 0;    // bytes the same tokens take as bf16 K+V
+};
+
+class KvCache {
+ public:
+  explicit KvCache(KvCacheConfig config);
+  ~KvCache();
+  KvCache(const KvCache&) = delete;
+  KvCache& operator=(const KvCache&) = delete;
+
+  const KvCacheConfig& config() const { return cfg_; }
+  const Quantizer& k_quantizer(int layer) const;
+  const Quantizer& v_quantizer(int layer) const;
+
+  int add_sequence();
+  void remove_sequence(int seq);
+  std::vector<int> sequences() const;
+  int n_tokens(int seq, int layer) const;
+  bool is_compressed(int seq, int layer) const;  // main pages hold the compressed format
+
+  // k, v: [n_tokens, n_heads_kv, head_dim]. NaN/Inf is refused (tq::Error,
+  // the cache unchanged).
+  void append(int seq, int layer, const float* k, const float* v, int n_tokens);
+  // Keeps the first n_tokens of every layer of the sequence. Tokens that were
+  // already compressed stay compressed (the window only holds what remained in it).
+  void trim(int seq, int n_tokens);
+  void clear();  // every sequence to zero tokens, pages released
+
+  // Converts every dense layer (not kept dense by policy) holding >= k_start
+  // tokens to the compressed format; idempotent. Returns the layers converted.
+  int upgrade(int k_start);
+
+  // Decode attention for one query token at position q_pos (default: the
+  // last token). q, out: [n_heads_q, head_dim]; n_heads_q a multiple of
+  // n_heads_kv (GQA). lse (optional): [n_heads_q]. threads <= 0: all cores.
+  void attend(int seq, int layer, const float* q, int n_heads_q, const AttentionParams& params,
+              float* out, float* lse = nullptr, int q_pos = -1, int threads = 1) const;
+  // Several query tokens (chunked prefill) at positions pos0 .. pos0+n_q-1,
+  // causal. q, out: [n_q, n_heads_q, head_dim].
+  void attend_prefill(int seq, int layer, const float* q, int n_q, int n_heads_q, int pos0,
+                      const AttentionParams& params, float* out, int threads = 1) const;
+
+  // The decoded (dequantized) keys and values of a sequence's layer, e.g. for
+  // checks against dense attention. k, v: [n_tokens, n_heads_kv, head_dim]
+  void dequantize(int seq, int layer, float* k, float* v) const;
+
+  KvMemoryReport memory() const;
+  size_t bytes_allocated() const;  // what the page and window allocators really hold
+
+  struct Impl;
+
+ private:
+  KvCacheConfig cfg_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace tq

@@ -1,0 +1,489 @@
+// KvCache: pages of records per (sequence, layer), a dense recent window,
+// upgrade after prefill, and decode attention over it all.
+#include "turboquant/kv_cache.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <shared_mutex>
+
+#include "turboquant/error.hpp"
+#include "turboquant/parallel.hpp"
+#include "turboquant/record_attention.hpp"
+#include "turboquant/rng.hpp"
+
+namespace tq {
+
+namespace {
+
+// Owns a byte buffer and keeps the cache-wide allocation counter honest.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(size_t n, std::atomic<size_t>* counter)
+      : data_(new uint8_t[n]), size_(n), counter_(counter) {
+    counter_->fetch_add(n);
+  }
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    release();
+    data_ = std::move(o.data_);
+    size_ = o.size_;
+    counter_ = o.counter_;
+    o.size_ = 0;
+    o.counter_ = nullptr;
+    return *this;
+  }
+  ~Buffer() { release(); }
+  uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  void release() {
+    if (counter_) counter_->fetch_sub(size_);
+    data_.reset();
+    size_ = 0;
+    counter_ = nullptr;
+  }
+  std::unique_ptr<uint8_t[]> data_;
+  size_t size_ = 0;
+  std::atomic<size_t>* counter_ = nullptr;
+};
+
+}  // namespace
+
+struct SeqLayer {
+  // Main region: pages of [K: head, slot, kb][V: head, slot, vb].
+  std::vector<Buffer> pages;
+  int n_main = 0;
+  bool compressed = false;
+  // Dense window, a ring of W slots per head: [head][slot][db] for K and V.
+  Buffer win_k, win_v;
+  int win_start = 0, win_count = 0;
+};
+
+struct Sequence {
+  std::vector<SeqLayer> layers;
+};
+
+struct KvCache::Impl {
+  struct LayerFormats {
+    std::unique_ptr<Quantizer> kq, vq;  // compressed formats
+    std::unique_ptr<Quantizer> kd, vd;  // dense format
+    bool dense_policy = false;
+  };
+  const KvCacheConfig& cfg;
+  std::vector<LayerFormats> layers;
+  mutable std::shared_mutex seq_mutex;
+  std::vector<std::unique_ptr<Sequence>> seqs;  // null = removed
+  std::atomic<size_t> allocated{0};
+
+  explicit Impl(const KvCacheConfig& c) : cfg(c) {}
+
+  Sequence& seq(int id) const {
+    std::shared_lock lk(seq_mutex);
+    TQ_REQUIRE(id >= 0 && id < static_cast<int>(seqs.size()) && seqs[id], "KV cache: sequence ", id,
+               " does not exist");
+    return *seqs[id];
+  }
+  SeqLayer& sl(int seq_id, int layer) const {
+    TQ_REQUIRE(layer >= 0 && layer < cfg.n_layers, "KV cache: layer ", layer, " is outside 0..",
+               cfg.n_layers - 1);
+    return seq(seq_id).layers[layer];
+  }
+
+  // Formats of the main region of a layer in its current mode.
+  const Quantizer& main_k(int layer, bool compressed) const {
+    return compressed ? *layers[layer].kq : *layers[layer].kd;
+  }
+  const Quantizer& main_v(int layer, bool compressed) const {
+    return compressed ? *layers[layer].vq : *layers[layer].vd;
+  }
+  size_t page_bytes(size_t kb, size_t vb) const {
+    return size_t(cfg.page_tokens) * cfg.n_heads_kv * (kb + vb);
+  }
+  // K record of (head, token) in the main region.
+  uint8_t* k_rec(const SeqLayer& s, size_t kb, int head, int token) const {
+    const int P = cfg.page_tokens;
+    return s.pages[token / P].data() + (size_t(head) * P + token % P) * kb;
+  }
+  uint8_t* v_rec(const SeqLayer& s, size_t kb, size_t vb, int head, int token) const {
+    const int P = cfg.page_tokens;
+    return s.pages[token / P].data() + size_t(P) * cfg.n_heads_kv * kb +
+           (size_t(head) * P + token % P) * vb;
+  }
+  size_t db() const { return layers[0].kd->bytes_per_vector(); }
+  uint8_t* win_rec(const Buffer& b, int head, int idx) const {
+    const int W = cfg.dense_window;
+    return b.data() + (size_t(head) * W + idx % W) * db();
+  }
+
+  // Writes already-encoded records of tokens [n_main, n_main + n) into pages.
+  // krec/vrec: [n, heads, kb/vb]
+  void commit_main(SeqLayer& s, int layer, const uint8_t* krec, const uint8_t* vrec, int n) {
+    const Quantizer& kq = main_k(layer, s.compressed);
+    const Quantizer& vq = main_v(layer, s.compressed);
+    const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+    const int H = cfg.n_heads_kv, P = cfg.page_tokens;
+    const int need_pages = (s.n_main + n + P - 1) / P;
+    while (static_cast<int>(s.pages.size()) < need_pages)
+      s.pages.emplace_back(page_bytes(kb, vb), &allocated);
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        std::memcpy(k_rec(s, kb, h, s.n_main + t), krec + (size_t(t) * H + h) * kb, kb);
+        std::memcpy(v_rec(s, kb, vb, h, s.n_main + t), vrec + (size_t(t) * H + h) * vb, vb);
+      }
+    s.n_main += n;
+  }
+
+  // Converts the main region of one layer to the compressed format.
+  void upgrade_layer(SeqLayer& s, int layer) {
+    if (s.compressed || layers[layer].dense_policy) return;
+    const Quantizer& kd = *layers[layer].kd;
+    const Quantizer& vd = *layers[layer].vd;
+    const Quantizer& kq = *layers[layer].kq;
+    const Quantizer& vq = *layers[layer].vq;
+    const int H = cfg.n_heads_kv, d = cfg.head_dim, n = s.n_main;
+    const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+    std::vector<uint8_t> krec(size_t(n) * H * kb), vrec(size_t(n) * H * vb);
+    std::vector<float> x(d);
+    const size_t dkb = kd.bytes_per_vector();
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        kd.decode_one(k_rec(s, dkb, h, t), x.data());
+        kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
+        vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), x.data());
+        vq.encode_one(x.data(), &vrec[(size_t(t) * H + h) * vb]);
+      }
+    // Nothing has changed so far; now swap in the compressed pages.
+    s.pages.clear();
+    s.n_main = 0;
+    s.compressed = true;
+    commit_main(s, layer, krec.data(), vrec.data(), n);
+  }
+};
+
+KvCache::KvCache(KvCacheConfig config) : cfg_(std::move(config)), impl_(new Impl(cfg_)) {
+  cfg_.validate();
+  impl_->layers.resize(cfg_.n_layers);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    auto& L = impl_->layers[l];
+    QuantizerOptions ko, vo;
+    ko.seed = derive_seed(cfg_.seed, uint64_t(2 * l));
+    vo.seed = derive_seed(cfg_.seed, uint64_t(2 * l + 1));
+    L.kq = make_quantizer(cfg_.k_format, cfg_.head_dim, ko);
+    L.vq = make_quantizer(cfg_.v_format, cfg_.head_dim, vo);
+    L.kd = make_quantizer(cfg_.dense_format, cfg_.head_dim, ko);
+    L.vd = make_quantizer(cfg_.dense_format, cfg_.head_dim, vo);
+    L.dense_policy = std::find(cfg_.dense_layers.begin(), cfg_.dense_layers.end(), l) !=
+                     cfg_.dense_layers.end();
+  }
+}
+
+KvCache::~KvCache() = default;
+
+const Quantizer& KvCache::k_quantizer(int layer) const {
+  TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
+  return *impl_->layers[layer].kq;
+}
+const Quantizer& KvCache::v_quantizer(int layer) const {
+  TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
+  return *impl_->layers[layer].vq;
+}
+
+int KvCache::add_sequence() {
+  auto s = std::make_unique<Sequence>();
+  s->layers.resize(cfg_.n_layers);
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    s->layers[l].compressed = !impl_->layers[l].dense_policy && cfg_.k_start == 0;
+  std::unique_lock lk(impl_->seq_mutex);
+  impl_->seqs.push_back(std::move(s));
+  return static_cast<int>(impl_->seqs.size()) - 1;
+}
+
+void KvCache::remove_sequence(int seq) {
+  impl_->seq(seq);  // validates
+  std::unique_lock lk(impl_->seq_mutex);
+  impl_->seqs[seq].reset();
+}
+
+std::vector<int> KvCache::sequences() const {
+  std::shared_lock lk(impl_->seq_mutex);
+  std::vector<int> out;
+  for (size_t i = 0; i < impl_->seqs.size(); ++i)
+    if (impl_->seqs[i]) out.push_back(static_cast<int>(i));
+  return out;
+}
+
+int KvCache::n_tokens(int seq, int layer) const {
+  const SeqLayer& s = impl_->sl(seq, layer);
+  return s.n_main + s.win_count;
+}
+
+bool KvCache::is_compressed(int seq, int layer) const { return impl_->sl(seq, layer).compressed; }
+
+void KvCache::append(int seq, int layer, const float* k, const float* v, int n) {
+  TQ_REQUIRE(n >= 0, "append: n_tokens must be >= 0, got ", n);
+  if (n == 0) return;
+  SeqLayer& s = impl_->sl(seq, layer);
+  const int H = cfg_.n_heads_kv, d = cfg_.head_dim, W = cfg_.dense_window;
+  const size_t row = size_t(H) * d;
+  for (size_t i = 0; i < size_t(n) * row; ++i)
+    if (!std::isfinite(k[i]) || !std::isfinite(v[i]))
+      TQ_THROW("append: layer ", layer, " token ", i / row, " head ", (i % row) / d, " component ",
+               i % d, ": ", std::isfinite(k[i]) ? "value" : "key", " is ",
+               std::isfinite(k[i]) ? v[i] : k[i], " (NaN/Inf is refused; the cache is unchanged)");
+  const Quantizer& kq = impl_->main_k(layer, s.compressed);
+  const Quantizer& vq = impl_->main_v(layer, s.compressed);
+  const Quantizer& kd = *impl_->layers[layer].kd;
+  const Quantizer& vd = *impl_->layers[layer].vd;
+  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector(), db = kd.bytes_per_vector();
+
+  // Tokens in arrival order: the old window, then the new ones. The oldest
+  // (total - W) of them go to the main pages. Everything is encoded into
+  // scratch first, so a failure leaves the cache unchanged.
+  const int total = s.win_count + n;
+  const int to_main = std::max(0, total - W);
+  const int old_to_main = std::min(to_main, s.win_count);
+  std::vector<uint8_t> krec(size_t(to_main) * H * kb), vrec(size_t(to_main) * H * vb);
+  std::vector<float> x(d);
+  std::vector<uint8_t> dense_tmp(db);
+  for (int t = 0; t < to_main; ++t)
+    for (int h = 0; h < H; ++h) {
+      const float *kx, *vx;
+      if (t < old_to_main) {  // ages out of the window: decode the dense record
+        kd.decode_one(impl_->win_rec(s.win_k, h, s.win_start + t), x.data());
+        kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
+        vd.decode_one(impl_->win_rec(s.win_v, h, s.win_start + t), x.data());
+        vq.encode_one(x.data(), &vrec[(size_t(t) * H + h) * vb]);
+        continue;
+      }
+      kx = k + size_t(t - old_to_main) * row + size_t(h) * d;
+      vx = v + size_t(t - old_to_main) * row + size_t(h) * d;
+      // Compressed records are always encoded from the token's dense-format
+      // value, whether it arrives directly, ages out of the window or is
+      // upgraded later: the bytes do not depend on the path (trim + append
+      // equals a fresh build).
+      kd.encode_one(kx, dense_tmp.data());
+      kd.decode_one(dense_tmp.data(), x.data());
+      kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
+      vd.encode_one(vx, dense_tmp.data());
+      vd.decode_one(dense_tmp.data(), x.data());
+      vq.encode_one(x.data(), &vrec[(size_t(t) * H + h) * vb]);
+    }
+  // New tokens that stay in the window, encoded densely.
+  const int new_to_win = n - (to_main - old_to_main);
+  std::vector<uint8_t> kwin(size_t(new_to_win) * H * db), vwin(size_t(new_to_win) * H * db);
+  for (int t = 0; t < new_to_win; ++t)
+    for (int h = 0; h < H; ++h) {
+      const size_t src = size_t(n - new_to_win + t) * row + size_t(h) * d;
+      kd.encode_one(k + src, &kwin[(size_t(t) * H + h) * db]);
+      vd.encode_one(v + src, &vwin[(size_t(t) * H + h) * db]);
+    }
+
+  // Commit.
+  impl_->commit_main(s, layer, krec.data(), vrec.data(), to_main);
+  s.win_start += old_to_main;
+  s.win_count -= old_to_main;
+  if (new_to_win > 0 && !s.win_k.data()) {
+    s.win_k = Buffer(size_t(W) * H * db, &impl_->allocated);
+    s.win_v = Buffer(size_t(W) * H * db, &impl_->allocated);
+  }
+  for (int t = 0; t < new_to_win; ++t) {
+    for (int h = 0; h < H; ++h) {
+      std::memcpy(impl_->win_rec(s.win_k, h, s.win_start + s.win_count), &kwin[(size_t(t) * H + h) * db], db);
+      std::memcpy(impl_->win_rec(s.win_v, h, s.win_start + s.win_count), &vwin[(size_t(t) * H + h) * db], db);
+    }
+    ++s.win_count;
+  }
+  if (W > 0) s.win_start %= W;
+  if (cfg_.k_start > 0 && !s.compressed && s.n_main + s.win_count >= cfg_.k_start)
+    impl_->upgrade_layer(s, layer);
+}
+
+void KvCache::trim(int seq, int n_tokens) {
+  TQ_REQUIRE(n_tokens >= 0, "trim: n_tokens must be >= 0, got ", n_tokens);
+  Sequence& sq = impl_->seq(seq);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    SeqLayer& s = sq.layers[l];
+    if (n_tokens >= s.n_main + s.win_count) continue;
+    if (n_tokens >= s.n_main) {
+      s.win_count = n_tokens - s.n_main;
+    } else {
+      s.n_main = n_tokens;
+      s.win_count = 0;
+      s.pages.resize((n_tokens + cfg_.page_tokens - 1) / cfg_.page_tokens);
+    }
+    if (s.n_main + s.win_count == 0) {
+      s.pages.clear();
+      s.win_k = Buffer();
+      s.win_v = Buffer();
+      s.win_start = 0;
+    }
+  }
+}
+
+void KvCache::clear() {
+  for (int id : sequences()) trim(id, 0);
+}
+
+int KvCache::upgrade(int k_start) {
+  TQ_REQUIRE(k_start >= 0, "upgrade: k_start must be >= 0, got ", k_start);
+  int converted = 0;
+  for (int id : sequences()) {
+    Sequence& sq = impl_->seq(id);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      SeqLayer& s = sq.layers[l];
+      if (s.compressed || impl_->layers[l].dense_policy) continue;
+      if (s.n_main + s.win_count < k_start) continue;
+      impl_->upgrade_layer(s, l);
+      ++converted;
+    }
+  }
+  return converted;
+}
+
+void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
+                     const AttentionParams& params, float* out, float* lse_out, int q_pos,
+                     int threads) const {
+  const SeqLayer& s = impl_->sl(seq, layer);
+  const int H = cfg_.n_heads_kv, d = cfg_.head_dim, P = cfg_.page_tokens;
+  TQ_REQUIRE(n_heads_q >= H && n_heads_q % H == 0, "attend: n_heads_q ", n_heads_q,
+             " must be a multiple of n_heads_kv ", H);
+  const int g = n_heads_q / H;
+  const int total = s.n_main + s.win_count;
+  if (q_pos < 0) q_pos = total - 1;
+  const Quantizer& kq = impl_->main_k(layer, s.compressed);
+  const Quantizer& vq = impl_->main_v(layer, s.compressed);
+  const Quantizer& kd = *impl_->layers[layer].kd;
+  const Quantizer& vd = *impl_->layers[layer].vd;
+  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector(), db = kd.bytes_per_vector();
+
+  // Split-KV: each task is (kv head, range of pages); the window is one more
+  // part per head. Parts are merged with merge_states.
+  const int n_pages = (s.n_main + P - 1) / P;
+  const int want_tasks = std::max(1, threads <= 0 ? hardware_threads() : threads) * 2;
+  const int splits = std::max(1, std::min(n_pages, (want_tasks + H - 1) / H));
+  const int parts = splits + 1;  // + window
+  std::vector<float> part_out(size_t(H) * parts * g * d);
+  std::vector<float> part_lse(size_t(H) * parts * g, kEmptyLse);
+
+  parallel_for(size_t(H) * parts, threads, [&](size_t task) {
+    const int h = static_cast<int>(task / parts), part = static_cast<int>(task % parts);
+    float* po = &part_out[(size_t(h) * parts + part) * g * d];
+    float* pl = &part_lse[(size_t(h) * parts + part) * g];
+    const float* qh = q + size_t(h) * g * d;  // query heads h*g .. h*g+g-1 share KV head h
+    if (part < splits) {
+      const int p0 = int(int64_t(n_pages) * part / splits), p1 = int(int64_t(n_pages) * (part + 1) / splits);
+      if (p0 == p1) {
+        std::fill(po, po + size_t(g) * d, 0.0f);
+        return;
+      }
+      std::vector<float> qp(size_t(g) * kq.query_floats());
+      kq.prepare_queries(qh, g, qp.data());
+      OnlineSoftmax st(g, vq.acc_floats());
+      for (int pg = p0; pg < p1; ++pg) {
+        const int t0 = pg * P, n = std::min(P, s.n_main - t0);
+        attend_records(kq, vq, qp.data(), g, impl_->k_rec(s, kb, h, t0), kb,
+                       impl_->v_rec(s, kb, vb, h, t0), vb, n, t0, q_pos, params, st);
+      }
+      st.finish(vq, po, pl);
+    } else {
+      std::vector<float> qp(size_t(g) * kd.query_floats());
+      kd.prepare_queries(qh, g, qp.data());
+      OnlineSoftmax st(g, vd.acc_floats());
+      // The ring holds tokens n_main .. total-1 in at most two contiguous runs.
+      const int W = cfg_.dense_window;
+      int done = 0;
+      while (done < s.win_count) {
+        const int idx = (s.win_start + done) % W;
+        const int run = std::min(s.win_count - done, W - idx);
+        attend_records(kd, vd, qp.data(), g, impl_->win_rec(s.win_k, h, idx), db,
+                       impl_->win_rec(s.win_v, h, idx), db, run, s.n_main + done, q_pos, params, st);
+        done += run;
+      }
+      st.finish(vd, po, pl);
+    }
+  });
+
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < g; ++j) {
+      float* o = out + (size_t(h) * g + j) * d;
+      float lse = kEmptyLse;
+      std::fill(o, o + d, 0.0f);
+      for (int part = 0; part < parts; ++part) {
+        const size_t idx = (size_t(h) * parts + part) * g + j;
+        merge_states(o, lse, &part_out[idx * d], part_lse[idx], o, &lse, d);
+      }
+      if (lse_out) lse_out[h * g + j] = lse;
+    }
+}
+
+void KvCache::attend_prefill(int seq, int layer, const float* q, int n_q, int n_heads_q, int pos0,
+                             const AttentionParams& params, float* out, int threads) const {
+  const size_t row = size_t(n_heads_q) * cfg_.head_dim;
+  for (int t = 0; t < n_q; ++t)
+    attend(seq, layer, q + t * row, n_heads_q, params, out + t * row, nullptr, pos0 + t, threads);
+}
+
+void KvCache::dequantize(int seq, int layer, float* k, float* v) const {
+  const SeqLayer& s = impl_->sl(seq, layer);
+  const int H = cfg_.n_heads_kv, d = cfg_.head_dim;
+  const Quantizer& kq = impl_->main_k(layer, s.compressed);
+  const Quantizer& vq = impl_->main_v(layer, s.compressed);
+  const Quantizer& kd = *impl_->layers[layer].kd;
+  const Quantizer& vd = *impl_->layers[layer].vd;
+  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+  for (int t = 0; t < s.n_main + s.win_count; ++t)
+    for (int h = 0; h < H; ++h) {
+      float* ko = k + (size_t(t) * H + h) * d;
+      float* vo = v + (size_t(t) * H + h) * d;
+      if (t < s.n_main) {
+        kq.decode_one(impl_->k_rec(s, kb, h, t), ko);
+        vq.decode_one(impl_->v_rec(s, kb, vb, h, t), vo);
+      } else {
+        const int idx = s.win_start + (t - s.n_main);
+        kd.decode_one(impl_->win_rec(s.win_k, h, idx), ko);
+        vd.decode_one(impl_->win_rec(s.win_v, h, idx), vo);
+      }
+    }
+}
+
+KvMemoryReport KvCache::memory() const {
+  KvMemoryReport r;
+  const int H = cfg_.n_heads_kv, P = cfg_.page_tokens, d = cfg_.head_dim;
+  std::shared_lock lk(impl_->seq_mutex);
+  for (const auto& sq : impl_->seqs) {
+    if (!sq) continue;
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      const SeqLayer& s = sq->layers[l];
+      const size_t tokens = size_t(s.n_main) + s.win_count;
+      r.tokens += tokens;
+      r.dense_equivalent += tokens * H * d * 2 * 2;  // bf16 K + V
+      auto add = [&](KvMemory& m, size_t slots) {
+        if (s.compressed) {
+          for (const FormatSpec* f : {&cfg_.k_format, &cfg_.v_format}) {
+            const RecordBytes rb = record_bytes(*f, d);
+            m.codes += slots * H * rb.codes;
+            m.scales += slots * H * rb.scales;
+            m.sketch += slots * H * rb.sketch;
+          }
+        } else {
+          m.dense += slots * H * 2 * bytes_per_vector(cfg_.dense_format, d);
+        }
+      };
+      add(r.allocated, s.pages.size() * size_t(P));
+      add(r.used, size_t(s.n_main));
+      const size_t db = bytes_per_vector(cfg_.dense_format, d);
+      if (s.win_k.data()) r.allocated.dense += size_t(cfg_.dense_window) * H * db * 2;
+      r.used.dense += size_t(s.win_count) * H * db * 2;
+    }
+  }
+  return r;
+}
+
+size_t KvCache::bytes_allocated() const { return impl_->allocated.load(); }
+
+}  // namespace tq

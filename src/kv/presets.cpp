@@ -1,0 +1,84 @@
+// The named KV presets and the cache configuration checks.
+#include <algorithm>
+#include <cmath>
+
+#include "turboquant/error.hpp"
+#include "turboquant/kv_cache.hpp"
+
+namespace tq {
+
+const std::vector<KvPreset>& kv_presets() {
+  static const std::vector<KvPreset> presets = {
+      {"paper_mse", "tq-mse:b=3", "tq-mse:b=4", "TurboQuant paper: K MSE 3 bits, V MSE 4 bits"},
+      {"paper_prod", "tq-prod:b=3", "tq-mse:b=4",
+       "TurboQuant paper: K prod 3 bits in total (2-bit MSE + 1-bit QJL), V MSE 4 bits"},
+      {"polarquant", "polar", "tq-mse:b=4", "K PolarQuant (4 levels, 4/2-bit angles), V MSE 4 bits"},
+      {"turbo4", "tq-mse:b=4", "tq-mse:b=4", "K and V MSE 4 bits"},
+      {"turbo3.5", "tq-mse:b=3.5", "tq-mse:b=3.5", "K and V MSE 3.5 bits (channel split)"},
+      {"turbo3", "tq-mse:b=3", "tq-mse:b=3", "K and V MSE 3 bits"},
+      {"turbo2.5", "tq-mse:b=2.5", "tq-mse:b=2.5", "K and V MSE 2.5 bits (channel split)"},
+      {"dense-f16", "f16", "f16", "dense fp16"},
+      {"dense-bf16", "bf16", "bf16", "dense bf16"},
+      {"dense-f32", "f32", "f32", "dense fp32"},
+      {"q8_0", "q8_0", "q8_0", "llama.cpp q8_0 blocks (32 x int8 + fp16 scale)"},
+      {"q4_0", "q4_0", "q4_0", "llama.cpp q4_0 blocks (32 x 4 bits + fp16 scale)"},
+      {"q8_0-had", "q8_0:rot=hadamard", "q8_0:rot=hadamard", "q8_0 after a randomized Hadamard rotation"},
+      {"q4_0-had", "q4_0:rot=hadamard", "q4_0:rot=hadamard", "q4_0 after a randomized Hadamard rotation"},
+  };
+  return presets;
+}
+
+KvPreset find_kv_preset(std::string_view name) {
+  std::string n(name);
+  if (n == "paper_prod_qjl") n = "paper_prod";
+  for (const auto& p : kv_presets())
+    if (p.name == n) return p;
+  // "k=SPEC/v=SPEC"
+  if (n.rfind("k=", 0) == 0) {
+    const size_t slash = n.find("/v=");
+    TQ_REQUIRE(slash != std::string::npos, "KV preset '", n, "': expected k=SPEC/v=SPEC");
+    KvPreset p{n, n.substr(2, slash - 2), n.substr(slash + 3), "custom"};
+    parse_format(p.k_spec);
+    parse_format(p.v_spec);
+    return p;
+  }
+  std::string valid;
+  for (const auto& p : kv_presets()) valid += (valid.empty() ? "" : ", ") + p.name;
+  TQ_THROW("unknown KV preset '", name, "' (valid: ", valid,
+           ", paper_prod_qjl, or k=SPEC/v=SPEC with format specs)");
+}
+
+KvCacheConfig KvCacheConfig::from_preset(std::string_view preset, int n_layers, int n_heads_kv,
+                                         int head_dim) {
+  const KvPreset p = find_kv_preset(preset);
+  KvCacheConfig c;
+  c.n_layers = n_layers;
+  c.n_heads_kv = n_heads_kv;
+  c.head_dim = head_dim;
+  c.preset = p.name;
+  c.k_format = parse_format(p.k_spec);
+  c.v_format = parse_format(p.v_spec);
+  // A dense preset keeps its own precision everywhere (window, dense layers).
+  if (is_dense(c.k_format.method)) c.dense_format = c.k_format;
+  c.validate();
+  return c;
+}
+
+void KvCacheConfig::validate() const {
+  TQ_REQUIRE(n_layers >= 1 && n_layers <= 4096, "KV cache: n_layers must be 1..4096, got ", n_layers);
+  TQ_REQUIRE(n_heads_kv >= 1 && n_heads_kv <= 1024, "KV cache: n_heads_kv must be 1..1024, got ",
+             n_heads_kv);
+  TQ_REQUIRE(page_tokens >= 1 && page_tokens <= 65536, "KV cache: page_tokens must be 1..65536, got ",
+             page_tokens);
+  TQ_REQUIRE(dense_window >= 0, "KV cache: dense_window must be >= 0, got ", dense_window);
+  TQ_REQUIRE(k_start >= 0, "KV cache: k_start must be >= 0, got ", k_start);
+  TQ_REQUIRE(is_dense(dense_format.method), "KV cache: dense_format must be f32, f16 or bf16, got ",
+             to_string(dense_format));
+  for (int l : dense_layers)
+    TQ_REQUIRE(l >= 0 && l < n_layers, "KV cache: dense layer ", l, " is outside 0..", n_layers - 1);
+  validate_format(k_format, head_dim);
+  validate_format(v_format, head_dim);
+  validate_format(dense_format, head_dim);
+}
+
+}  // namespace tq
