@@ -77,6 +77,7 @@ FormatSpec spec_for(const Args& a, double b) {
 
 int run(const Args& a) {
   const std::vector<double> bits = parse_bits_list(a.bits);
+  for (double b : bits) validate_format(spec_for(a, b), a.dim);  // all flags checked before any output
   nlohmann::json out = nlohmann::json::array();
   if (!a.json) {
     std::printf("tq distortion: %s, dim %d, %zu random unit vectors and queries, rotation %s, seed %llu\n",

@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 
 #include "commands.hpp"
+#include "turboquant/error.hpp"
 #include "turboquant/format.hpp"
 
 namespace tq::cli {
@@ -52,6 +53,60 @@ Runner add_formats(CLI::App& app) {
   sub->add_option("--dim", a->dims, "Dimensions (repeatable)")->check(CLI::Range(8, 16384));
   sub->add_flag("--json", a->json, "Print one JSON array of objects");
   return [a] { return run(*a); };
+}
+
+}  // namespace tq::cli
+
+#include "turboquant/kv_cache.hpp"
+
+namespace tq::cli {
+namespace {
+
+struct PresetArgs {
+  std::vector<int> dims{64, 128, 256};
+  bool json = false;
+};
+
+int run_presets(const PresetArgs& a) {
+  nlohmann::json out = nlohmann::json::array();
+  if (!a.json)
+    std::printf("%-12s %-22s %-22s %5s %8s %8s %9s  %s\n", "preset", "K", "V", "dim", "K+V B",
+                "b/coord", "vs bf16", "description");
+  for (const auto& p : kv_presets())
+    for (int d : a.dims) {
+      const FormatSpec k = parse_format(p.k_spec), v = parse_format(p.v_spec);
+      bool ok = true;
+      try {
+        validate_format(k, d);
+        validate_format(v, d);
+      } catch (const Error&) {
+        ok = false;
+      }
+      if (!ok) continue;
+      const size_t bytes = bytes_per_vector(k, d) + bytes_per_vector(v, d);
+      const double ratio = 4.0 * d / double(bytes);
+      if (a.json) {
+        out.push_back({{"preset", p.name}, {"k", p.k_spec}, {"v", p.v_spec}, {"dim", d},
+                       {"bytes_per_token_per_head", bytes}, {"bits_per_coord", 4.0 * bytes / d},
+                       {"ratio_vs_bf16", ratio}, {"description", p.description}});
+      } else {
+        std::printf("%-12s %-22s %-22s %5d %8zu %8.3f %8.2fx  %s\n", p.name.c_str(), p.k_spec.c_str(),
+                    p.v_spec.c_str(), d, bytes, 4.0 * bytes / d, ratio, p.description.c_str());
+      }
+    }
+  if (a.json) std::printf("%s\n", out.dump(2).c_str());
+  return 0;
+}
+
+}  // namespace
+
+Runner add_kv_presets(CLI::App& app) {
+  auto a = std::make_shared<PresetArgs>();
+  CLI::App* sub = app.add_subcommand(
+      "kv-presets", "List the KV-cache presets with exact bytes per token per KV head (K+V, scales included)");
+  sub->add_option("--dim", a->dims, "Head dimensions (repeatable)")->check(CLI::Range(8, 16384));
+  sub->add_flag("--json", a->json, "Print one JSON array of objects");
+  return [a] { return run_presets(*a); };
 }
 
 }  // namespace tq::cli

@@ -11,5 +11,7 @@ using Runner = std::function<int()>;
 
 Runner add_distortion(CLI::App& app);
 Runner add_formats(CLI::App& app);
+Runner add_kv_bench(CLI::App& app);
+Runner add_kv_presets(CLI::App& app);
 
 }  // namespace tq::cli

@@ -23,6 +23,8 @@ int main(int argc, char** argv) {
   };
   reg(tq::cli::add_distortion);
   reg(tq::cli::add_formats);
+  reg(tq::cli::add_kv_bench);
+  reg(tq::cli::add_kv_presets);
 
   try {
     app.parse(argc, argv);
