@@ -13,14 +13,7 @@
 namespace tq {
 namespace {
 
-double norm_err(const float* a, const float* ref, size_t n) {
-  double e = 0, r = 0;
-  for (size_t i = 0; i < n; ++i) {
-    e += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]);
-    r += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(e / std::max(r, 1e-30));
-}
+using test::norm_err;
 
 // K/V with realistic structure: a few large channels and non-zero means.
 std::vector<float> kv_data(size_t n_tokens, int heads, int dim, uint64_t seed) {

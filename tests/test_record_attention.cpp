@@ -11,14 +11,7 @@
 namespace tq {
 namespace {
 
-double norm_err(const float* a, const float* ref, int n) {
-  double e = 0, r = 0;
-  for (int i = 0; i < n; ++i) {
-    e += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]);
-    r += double(ref[i]) * ref[i];
-  }
-  return std::sqrt(e / std::max(r, 1e-30));
-}
+using test::norm_err;
 
 struct AttnRun {
   std::vector<float> out, lse;

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -34,6 +35,16 @@ inline std::vector<float> random_unit_vectors(size_t n, int dim, uint64_t seed) 
     for (int i = 0; i < dim; ++i) v[r * dim + i] = static_cast<float>(v[r * dim + i] * inv);
   }
   return v;
+}
+
+// ||a - ref|| / ||ref|| over n floats (attention outputs are judged by this).
+inline double norm_err(const float* a, const float* ref, size_t n) {
+  double e = 0, r = 0;
+  for (size_t i = 0; i < n; ++i) {
+    e += (double(a[i]) - ref[i]) * (double(a[i]) - ref[i]);
+    r += double(ref[i]) * ref[i];
+  }
+  return std::sqrt(e / std::max(r, 1e-30));
 }
 
 inline ::testing::AssertionResult close(double a, double ref, double atol, double rtol) {

@@ -130,24 +130,32 @@ void ProdQuantizer::prepare_queries(const float* q, int g, float* qp) const {
   }
 }
 
+// One record's fields: the MSE centroids (unscaled) into c, the sign bits
+// (0/1) into signs, and the two scalars.
+ProdQuantizer::Fields ProdQuantizer::read_record(const uint8_t* rec, uint8_t* signs,
+                                                 float* c) const {
+  const ScaleType st = spec().scale_type;
+  Fields f;
+  if (stage_) {
+    k_.unpack(rec, dim(), bits_ - 1, signs);
+    k_.dequantize(signs, dim(), stage_->cb->centroids.data(), bits_ - 1, c);
+    f.scale = load_scale(rec + codes_bytes_ + sketch_bytes_, st);
+  }
+  const float rnorm = load_scale(rec + codes_bytes_ + sketch_bytes_ + (stage_ ? scale_bytes(st) : 0), st);
+  f.qjl_factor = static_cast<float>(c_) * rnorm;
+  k_.unpack(rec + codes_bytes_, m_, 1, signs);  // after the MSE codes were consumed
+  return f;
+}
+
 void ProdQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
                           float* scores) const {
   const int d = dim();
-  const ScaleType st = spec().scale_type;
-  const size_t sb = scale_bytes(st);
   const size_t qf = query_floats();
   Scratch s(std::max(d, m_));
   for (size_t j = 0; j < n; ++j) {
-    const uint8_t* rec = recs + j * stride;
-    if (stage_) {
-      k_.unpack(rec, d, bits_ - 1, s.codes);
-      k_.dequantize(s.codes, d, stage_->cb->centroids.data(), bits_ - 1, s.c);
-    }
-    const float sc = stage_ ? load_scale(rec + codes_bytes_ + sketch_bytes_, st) : 0.0f;
-    const float rn = load_scale(rec + codes_bytes_ + sketch_bytes_ + (stage_ ? sb : 0), st);
-    k_.unpack(rec + codes_bytes_, m_, 1, s.codes);
+    const Fields r = read_record(recs + j * stride, s.codes, s.c);
     for (int i = 0; i < m_; ++i) s.z[i] = s.codes[i] ? 1.0f : -1.0f;
-    const float f = static_cast<float>(c_) * rn;
+    const float sc = r.scale, f = r.qjl_factor;
     for (int h = 0; h < g; ++h) {
       const float* q = qp + h * qf;
       const float mse = stage_ ? sc * k_.dot(q, s.c, d) : 0.0f;
@@ -159,20 +167,11 @@ void ProdQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t st
 void ProdQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
                                size_t n, float* acc) const {
   const int d = dim();
-  const ScaleType st = spec().scale_type;
-  const size_t sb = scale_bytes(st);
   const size_t af = acc_floats();
   Scratch s(std::max(d, m_));
   for (size_t j = 0; j < n; ++j) {
-    const uint8_t* rec = recs + j * stride;
-    if (stage_) {
-      k_.unpack(rec, d, bits_ - 1, s.codes);
-      k_.dequantize(s.codes, d, stage_->cb->centroids.data(), bits_ - 1, s.c);
-    }
-    const float sc = stage_ ? load_scale(rec + codes_bytes_ + sketch_bytes_, st) : 0.0f;
-    const float rn = load_scale(rec + codes_bytes_ + sketch_bytes_ + (stage_ ? sb : 0), st);
-    k_.unpack(rec + codes_bytes_, m_, 1, s.codes);  // MSE codes are already dequantized
-    const float f = static_cast<float>(c_) * rn;
+    const Fields r = read_record(recs + j * stride, s.codes, s.c);
+    const float sc = r.scale, f = r.qjl_factor;
     for (int h = 0; h < g; ++h) {
       const float wj = w[h * n + j];
       if (wj == 0.0f) continue;

@@ -101,6 +101,12 @@ class ProdQuantizer final : public Quantizer {
   void finish(const float* acc, int g, float* out) const override;
 
  private:
+  struct Fields {
+    float scale = 0.0f;       // MSE-stage scale (0 without a stage)
+    float qjl_factor = 0.0f;  // c * |r|
+  };
+  Fields read_record(const uint8_t* rec, uint8_t* signs, float* c) const;
+
   const kernels::Kernels& k_;
   Rotation rot_;
   int bits_, m_;
