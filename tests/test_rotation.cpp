@@ -42,10 +42,11 @@ TEST_P(RotationTest, PreservesNormsAndInverts) {
 
 TEST_P(RotationTest, MatrixIsOrthogonal) {
   const auto [kind, dim] = GetParam();
-  if (dim > 256) GTEST_SKIP() << "matrix check limited to dim <= 256";
   const std::vector<double> m = Rotation(kind, dim, 3).matrix();
   double worst = 0;
-  for (int i = 0; i < dim; ++i)
+  // All row pairs up to dim 256; above that every 7th row against all rows.
+  const int step = dim > 256 ? 7 : 1;
+  for (int i = 0; i < dim; i += step)
     for (int j = 0; j < dim; ++j) {
       double d = 0;
       for (int k = 0; k < dim; ++k) d += m[size_t(i) * dim + k] * m[size_t(j) * dim + k];
