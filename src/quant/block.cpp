@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/attn_kernels.hpp"
 #include "quant/quantizers.hpp"
 #include "quant/scratch.hpp"
 #include "turboquant/error.hpp"
@@ -134,6 +135,32 @@ void DenseQuantizer::decode_one(const uint8_t* rec, float* x) const {
       break;
     default: TQ_ASSERT(false);
   }
+}
+
+namespace {
+int dense_kind(Method m) {
+  switch (m) {
+    case Method::f32: return 0;
+    case Method::f16: return 1;
+    case Method::bf16: return 2;
+    default: TQ_ASSERT(false);
+  }
+  return 0;
+}
+}  // namespace
+
+// Attention straight from the stored values (f16 via F16C, bf16 by a shift),
+// each record read once for the g query heads.
+void DenseQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                           float* scores) const {
+  kernels::attn_kernels_for(simd()).score_dense(dense_kind(spec().method), qp, g, dim(), recs,
+                                                stride, n, scores);
+}
+
+void DenseQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
+                                size_t n, float* acc) const {
+  kernels::attn_kernels_for(simd()).accumulate_dense(dense_kind(spec().method), w, g, dim(), recs,
+                                                     stride, n, acc);
 }
 
 }  // namespace tq::quant

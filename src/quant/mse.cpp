@@ -4,6 +4,7 @@
 #include <cstring>
 #include <numeric>
 
+#include "kernels/attn_kernels.hpp"
 #include "quant/quantizers.hpp"
 #include "quant/scratch.hpp"
 #include "turboquant/error.hpp"
@@ -67,37 +68,22 @@ void MseQuantizer::decode_rotated(const uint8_t* rec, float* out) const {
   k_.scale(out, d, load_scale(rec + codes_bytes_, spec().scale_type));
 }
 
-// Scores and values straight from the codes: the centroids of one record are
-// looked up once and shared by the g query heads; the scale multiplies the
-// dot product (score) or the weight (values), never the vector.
+// Scores and values straight from the codes (attn_kernels.hpp): each record's
+// codes are decoded to centroids once, in registers, and shared by the g query
+// heads; the scale multiplies the dot product (score) or the weight (values),
+// never the vector.
 void MseQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
                          float* scores) const {
-  const int d = dim();
-  Scratch s(d);
-  for (size_t j = 0; j < n; ++j) {
-    const uint8_t* rec = recs + j * stride;
-    k_.unpack(rec, d, stage_.bits, s.codes);
-    k_.dequantize(s.codes, d, stage_.cb->centroids.data(), stage_.bits, s.c);
-    const float sc = load_scale(rec + codes_bytes_, spec().scale_type);
-    for (int h = 0; h < g; ++h) scores[h * n + j] = sc * k_.dot(qp + size_t(h) * d, s.c, d);
-  }
+  kernels::attn_kernels_for(simd()).score_codes(
+      qp, g, dim(), recs, stride, n, stage_.bits, stage_.cb->centroids.data(), codes_bytes_,
+      spec().scale_type == ScaleType::f32, scores);
 }
 
 void MseQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
                               float* acc) const {
-  const int d = dim();
-  Scratch s(d);
-  for (size_t j = 0; j < n; ++j) {
-    const uint8_t* rec = recs + j * stride;
-    k_.unpack(rec, d, stage_.bits, s.codes);
-    k_.dequantize(s.codes, d, stage_.cb->centroids.data(), stage_.bits, s.c);
-    const float sc = load_scale(rec + codes_bytes_, spec().scale_type);
-    for (int h = 0; h < g; ++h) {
-      const float wj = w[h * n + j] * sc;
-      float* a = acc + size_t(h) * d;
-      for (int i = 0; i < d; ++i) a[i] += wj * s.c[i];
-    }
-  }
+  kernels::attn_kernels_for(simd()).accumulate_codes(
+      w, g, dim(), recs, stride, n, stage_.bits, stage_.cb->centroids.data(), codes_bytes_,
+      spec().scale_type == ScaleType::f32, acc);
 }
 
 SplitQuantizer::SplitQuantizer(const FormatSpec& spec, int dim, const QuantizerOptions& opt,

@@ -158,6 +158,10 @@ class DenseQuantizer final : public Quantizer {
   DenseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
 };
 
 }  // namespace tq::quant

@@ -1,0 +1,387 @@
+// AVX-512 (F/BW/VL/DQ + BMI2, F16C) attention-on-records kernels; agree with
+// attn_kernels_ref.cpp within floating-point tolerance (sums reordered, FMA).
+//
+// What is vectorised (d a multiple of 16; other d fall back to the reference):
+//  - tq-mse codes, any bits 1..8, 16 codes of a record at a time, no unpack
+//    buffer, no dequantised vector. bits <= 4: broadcast load, vpshufb,
+//    vpsrlvd, vpermps on a one-zmm table (4 ops per 16 codes); bits 5..8:
+//    pdep to bytes, widen to dwords, vpermt2ps (5) or a gather (6..8).
+//  - dense f32 / f16 (vcvtph2ps) / bf16 (zero-extend and shift left 16).
+//  - score: R records x G heads = 8 zmm accumulators per batch (G = 8, 4, 2, 1
+//    pieces of the GQA group, R = 8 / G records), q chunks loaded once per
+//    chunk and shared by the R records; one transposing hadd tree reduces the
+//    8 accumulators at the end; the record's scale multiplies the dot.
+//  - accumulate: blocks of 32 records; per block the weights w * scale are
+//    precomputed, and G heads x C chunks (= 8 zmm) of the output stay in
+//    registers while the block's records stream through.
+//
+// Like kernels-avx512.cpp: nothing here may run before attn_kernels_avx512()
+// has checked the CPU, and no inline library code (std::min, containers) is
+// instantiated, so the linker can never pick an AVX-512 copy for other code.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <cpuid.h>
+#include <immintrin.h>
+
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/attn_kernels.hpp"
+
+namespace tq::kernels {
+namespace {
+
+constexpr uint64_t kPdepMask[9] = {0,
+                                   0x0101010101010101ull,
+                                   0x0303030303030303ull,
+                                   0x0707070707070707ull,
+                                   0x0f0f0f0f0f0f0f0full,
+                                   0x1f1f1f1f1f1f1f1full,
+                                   0x3f3f3f3f3f3f3f3full,
+                                   0x7f7f7f7f7f7f7f7full,
+                                   0xffffffffffffffffull};
+
+template <int N>
+inline uint64_t load_le(const uint8_t* p) {
+  if constexpr (N == 1) {
+    return p[0];
+  } else {
+    using U = std::conditional_t<N == 2, uint16_t, std::conditional_t<N == 4, uint32_t, uint64_t>>;
+    U v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+  }
+}
+
+// N (1..8) little-endian bytes as one integer, from power-of-two loads only
+// (a memcpy of 3/5/6/7 bytes goes through the stack and stalls store forwarding).
+template <int N>
+inline uint64_t load_bytes(const uint8_t* p) {
+  if constexpr (N == 1 || N == 2 || N == 4 || N == 8) return load_le<N>(p);
+  else if constexpr (N == 3) return load_le<2>(p) | load_le<1>(p + 2) << 16;
+  else if constexpr (N == 5) return load_le<4>(p) | load_le<1>(p + 4) << 32;
+  else if constexpr (N == 6) return load_le<4>(p) | load_le<2>(p + 4) << 32;
+  else return load_le<4>(p) | load_le<4>(p + 3) << 24;  // N == 7: byte 3 read twice
+}
+
+inline float load_scale(const uint8_t* p, bool f32) {
+  if (f32) {
+    float s;
+    std::memcpy(&s, p, sizeof s);
+    return s;
+  }
+  uint16_t h;
+  std::memcpy(&h, p, sizeof h);
+  return _cvtsh_ss(h);
+}
+
+// Codes 16c .. 16c+15 of a record as 16 dwords: bytes [2Bc, 2Bc + 2B).
+template <int B>
+inline __m512i codes16(const uint8_t* rec, int c) {
+  const uint8_t* p = rec + size_t(2 * B) * c;
+  uint64_t lo, hi;
+  if constexpr (B <= 4) {
+    const uint64_t x = load_bytes<2 * B>(p);
+    lo = _pdep_u64(x, kPdepMask[B]);
+    hi = _pdep_u64(x >> (8 * B), kPdepMask[B]);
+  } else if constexpr (B < 8) {
+    lo = _pdep_u64(load_bytes<B>(p), kPdepMask[B]);
+    hi = _pdep_u64(load_bytes<B>(p + B), kPdepMask[B]);
+  } else {
+    lo = load_bytes<8>(p);
+    hi = load_bytes<8>(p + 8);
+  }
+  return _mm512_cvtepu8_epi32(_mm_set_epi64x(static_cast<long long>(hi), static_cast<long long>(lo)));
+}
+
+// bits <= 4: the chunk's 2B bytes broadcast to every 128-bit lane; vpshufb
+// puts bytes (Bk/8, Bk/8 + 1) into dword k, vpsrlvd shifts by Bk % 8, and
+// vpermps looks the low 4 bits up in a table replicated so that the bits
+// above B (left-overs of the next code) do not matter: T[i] = c[i & (2^B - 1)].
+template <int B>
+inline __m512i broadcast_chunk(const uint8_t* rec, int c) {
+  const uint8_t* p = rec + size_t(2 * B) * c;
+  if constexpr (B == 1) return _mm512_set1_epi16(static_cast<short>(load_le<2>(p)));
+  else if constexpr (B == 2) return _mm512_set1_epi32(static_cast<int>(load_le<4>(p)));
+  else return _mm512_set1_epi64(static_cast<long long>(load_bytes<2 * B>(p)));
+}
+
+template <int B>
+struct CodeDec {
+  static constexpr bool kScaled = true;
+  __m512 t0, t1;
+  __m512i shuf, shift;
+  const float* cent;
+  size_t scale_off;
+  bool scale_f32;
+  CodeDec(const float* c, size_t so, bool sf) : cent(c), scale_off(so), scale_f32(sf) {
+    alignas(64) int8_t sb[64];
+    alignas(64) int32_t sh[16];
+    for (int k = 0; k < 16; ++k) {
+      const int b0 = (B * k) / 8;
+      sb[4 * k] = static_cast<int8_t>(b0);
+      sb[4 * k + 1] = static_cast<int8_t>(b0 + 1 < 16 ? b0 + 1 : -128);
+      sb[4 * k + 2] = sb[4 * k + 3] = -128;
+      sh[k] = (B * k) % 8;
+    }
+    shuf = _mm512_load_si512(sb);
+    shift = _mm512_load_si512(sh);
+    if constexpr (B <= 4) {
+      alignas(64) float t[16];
+      for (int i = 0; i < 16; ++i) t[i] = c[i & ((1 << B) - 1)];
+      t0 = t1 = _mm512_load_ps(t);
+    } else if constexpr (B == 5) {
+      t0 = _mm512_loadu_ps(c);
+      t1 = _mm512_loadu_ps(c + 16);
+    } else {
+      t0 = t1 = _mm512_setzero_ps();
+    }
+  }
+  __m512 load(const uint8_t* rec, int c) const {
+    if constexpr (B <= 4) {
+      const __m512i idx =
+          _mm512_srlv_epi32(_mm512_shuffle_epi8(broadcast_chunk<B>(rec, c), shuf), shift);
+      return _mm512_permutexvar_ps(idx, t0);
+    } else {
+      const __m512i idx = codes16<B>(rec, c);
+      if constexpr (B == 5) return _mm512_permutex2var_ps(t0, idx, t1);
+      else return _mm512_i32gather_ps(idx, cent, 4);
+    }
+  }
+  float scale(const uint8_t* rec) const { return load_scale(rec + scale_off, scale_f32); }
+};
+
+template <int K>
+struct DenseDec {
+  static constexpr bool kScaled = false;
+  __m512 load(const uint8_t* rec, int c) const {
+    if constexpr (K == 0) {
+      return _mm512_loadu_ps(reinterpret_cast<const float*>(rec + 64 * size_t(c)));
+    } else {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rec + 32 * size_t(c)));
+      if constexpr (K == 1) return _mm512_cvtph_ps(h);
+      else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+  }
+  float scale(const uint8_t*) const { return 1.0f; }
+};
+
+// The 8 horizontal sums of a[0..7], in order.
+inline __m256 reduce8(const __m512* a) {
+  __m256 y[8];
+  for (int k = 0; k < 8; ++k)
+    y[k] = _mm256_add_ps(_mm512_castps512_ps256(a[k]), _mm512_extractf32x8_ps(a[k], 1));
+  const __m256 h01 = _mm256_hadd_ps(y[0], y[1]), h23 = _mm256_hadd_ps(y[2], y[3]);
+  const __m256 h45 = _mm256_hadd_ps(y[4], y[5]), h67 = _mm256_hadd_ps(y[6], y[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+// G heads x R records (G * R == 8) per batch.
+template <class Dec, int G, int R>
+void score_impl(const Dec& dec, const float* q, int d, const uint8_t* recs, size_t stride, size_t n,
+                float* scores) {
+  static_assert(G * R == 8);
+  const int nc = d / 16;
+  for (size_t j0 = 0; j0 < n; j0 += R) {
+    const uint8_t* rp[R];
+    for (int r = 0; r < R; ++r) rp[r] = recs + (j0 + r < n ? j0 + r : n - 1) * stride;
+    __m512 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
+    for (int c = 0; c < nc; ++c) {
+      __m512 qv[G];
+      for (int h = 0; h < G; ++h) qv[h] = _mm512_loadu_ps(q + size_t(h) * d + 16 * c);
+      for (int r = 0; r < R; ++r) {
+        const __m512 x = dec.load(rp[r], c);
+        for (int h = 0; h < G; ++h) acc[h * R + r] = _mm512_fmadd_ps(qv[h], x, acc[h * R + r]);
+      }
+    }
+    alignas(32) float s[8];
+    _mm256_store_ps(s, reduce8(acc));
+    for (int r = 0; r < R; ++r) {
+      if (j0 + r >= n) break;
+      const float sc = Dec::kScaled ? dec.scale(rp[r]) : 1.0f;
+      for (int h = 0; h < G; ++h) scores[h * n + j0 + r] = s[h * R + r] * sc;
+    }
+  }
+}
+
+template <class Dec>
+void score_any(const Dec& dec, const float* q, int g, int d, const uint8_t* recs, size_t stride,
+               size_t n, float* scores) {
+  for (int h = 0; h < g;) {
+    const int left = g - h;
+    const float* qh = q + size_t(h) * d;
+    float* sh = scores + size_t(h) * n;
+    if (left >= 8) {
+      score_impl<Dec, 8, 1>(dec, qh, d, recs, stride, n, sh);
+      h += 8;
+    } else if (left >= 4) {
+      score_impl<Dec, 4, 2>(dec, qh, d, recs, stride, n, sh);
+      h += 4;
+    } else if (left >= 2) {
+      score_impl<Dec, 2, 4>(dec, qh, d, recs, stride, n, sh);
+      h += 2;
+    } else {
+      score_impl<Dec, 1, 8>(dec, qh, d, recs, stride, n, sh);
+      h += 1;
+    }
+  }
+}
+
+constexpr int kBlock = 32;
+
+// Output chunks c0 .. c0+C-1 of G heads over one block of records.
+template <class Dec, int G, int C>
+inline void acc_block(const Dec& dec, const float* ws, int bl, const uint8_t* rec0, size_t stride,
+                      int d, int c0, float* acc) {
+  __m512 a[G * C];
+  for (int h = 0; h < G; ++h)
+    for (int cc = 0; cc < C; ++cc)
+      a[h * C + cc] = _mm512_loadu_ps(acc + size_t(h) * d + 16 * (c0 + cc));
+  const uint8_t* rec = rec0;
+  for (int jj = 0; jj < bl; ++jj, rec += stride) {
+    __m512 x[C];
+    for (int cc = 0; cc < C; ++cc) x[cc] = dec.load(rec, c0 + cc);
+    for (int h = 0; h < G; ++h) {
+      const __m512 wv = _mm512_set1_ps(ws[jj * G + h]);
+      for (int cc = 0; cc < C; ++cc) a[h * C + cc] = _mm512_fmadd_ps(wv, x[cc], a[h * C + cc]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int cc = 0; cc < C; ++cc)
+      _mm512_storeu_ps(acc + size_t(h) * d + 16 * (c0 + cc), a[h * C + cc]);
+}
+
+template <class Dec, int G>
+void accumulate_impl(const Dec& dec, const float* w, size_t wstride, int d, const uint8_t* recs,
+                     size_t stride, size_t n, float* acc) {
+  constexpr int C = 8 / G;
+  const int nc = d / 16;
+  float ws[kBlock * G];
+  for (size_t j0 = 0; j0 < n; j0 += kBlock) {
+    const int bl = n - j0 < size_t(kBlock) ? static_cast<int>(n - j0) : kBlock;
+    const uint8_t* rec0 = recs + j0 * stride;
+    for (int jj = 0; jj < bl; ++jj) {
+      const float sc = Dec::kScaled ? dec.scale(rec0 + jj * stride) : 1.0f;
+      for (int h = 0; h < G; ++h) ws[jj * G + h] = w[h * wstride + j0 + jj] * sc;
+    }
+    int c0 = 0;
+    for (; c0 + C <= nc; c0 += C) acc_block<Dec, G, C>(dec, ws, bl, rec0, stride, d, c0, acc);
+    for (; c0 < nc; ++c0) acc_block<Dec, G, 1>(dec, ws, bl, rec0, stride, d, c0, acc);
+  }
+}
+
+template <class Dec>
+void accumulate_any(const Dec& dec, const float* w, int g, int d, const uint8_t* recs,
+                    size_t stride, size_t n, float* acc) {
+  for (int h = 0; h < g;) {
+    const int left = g - h;
+    const float* wh = w + size_t(h) * n;
+    float* ah = acc + size_t(h) * d;
+    if (left >= 8) {
+      accumulate_impl<Dec, 8>(dec, wh, n, d, recs, stride, n, ah);
+      h += 8;
+    } else if (left >= 4) {
+      accumulate_impl<Dec, 4>(dec, wh, n, d, recs, stride, n, ah);
+      h += 4;
+    } else if (left >= 2) {
+      accumulate_impl<Dec, 2>(dec, wh, n, d, recs, stride, n, ah);
+      h += 2;
+    } else {
+      accumulate_impl<Dec, 1>(dec, wh, n, d, recs, stride, n, ah);
+      h += 1;
+    }
+  }
+}
+
+void score_codes_avx512(const float* q, int g, int d, const uint8_t* recs, size_t stride, size_t n,
+                        int bits, const float* centroids, size_t scale_off, bool scale_f32,
+                        float* scores) {
+  if (d % 16 != 0 || n == 0 || bits < 1 || bits > 8) {
+    attn_kernels_ref().score_codes(q, g, d, recs, stride, n, bits, centroids, scale_off, scale_f32,
+                                   scores);
+    return;
+  }
+  switch (bits) {
+#define TQ_CASE(B)                                                                        \
+  case B:                                                                                 \
+    score_any(CodeDec<B>(centroids, scale_off, scale_f32), q, g, d, recs, stride, n, scores); \
+    return;
+    TQ_CASE(1) TQ_CASE(2) TQ_CASE(3) TQ_CASE(4) TQ_CASE(5) TQ_CASE(6) TQ_CASE(7) TQ_CASE(8)
+#undef TQ_CASE
+  }
+}
+
+void accumulate_codes_avx512(const float* w, int g, int d, const uint8_t* recs, size_t stride,
+                             size_t n, int bits, const float* centroids, size_t scale_off,
+                             bool scale_f32, float* acc) {
+  if (d % 16 != 0 || n == 0 || bits < 1 || bits > 8) {
+    attn_kernels_ref().accumulate_codes(w, g, d, recs, stride, n, bits, centroids, scale_off,
+                                        scale_f32, acc);
+    return;
+  }
+  switch (bits) {
+#define TQ_CASE(B)                                                                              \
+  case B:                                                                                       \
+    accumulate_any(CodeDec<B>(centroids, scale_off, scale_f32), w, g, d, recs, stride, n, acc); \
+    return;
+    TQ_CASE(1) TQ_CASE(2) TQ_CASE(3) TQ_CASE(4) TQ_CASE(5) TQ_CASE(6) TQ_CASE(7) TQ_CASE(8)
+#undef TQ_CASE
+  }
+}
+
+void score_dense_avx512(int kind, const float* q, int g, int d, const uint8_t* recs, size_t stride,
+                        size_t n, float* scores) {
+  if (d % 16 != 0 || n == 0 || kind < 0 || kind > 2) {
+    attn_kernels_ref().score_dense(kind, q, g, d, recs, stride, n, scores);
+    return;
+  }
+  switch (kind) {
+    case 0: score_any(DenseDec<0>{}, q, g, d, recs, stride, n, scores); return;
+    case 1: score_any(DenseDec<1>{}, q, g, d, recs, stride, n, scores); return;
+    default: score_any(DenseDec<2>{}, q, g, d, recs, stride, n, scores); return;
+  }
+}
+
+void accumulate_dense_avx512(int kind, const float* w, int g, int d, const uint8_t* recs,
+                             size_t stride, size_t n, float* acc) {
+  if (d % 16 != 0 || n == 0 || kind < 0 || kind > 2) {
+    attn_kernels_ref().accumulate_dense(kind, w, g, d, recs, stride, n, acc);
+    return;
+  }
+  switch (kind) {
+    case 0: accumulate_any(DenseDec<0>{}, w, g, d, recs, stride, n, acc); return;
+    case 1: accumulate_any(DenseDec<1>{}, w, g, d, recs, stride, n, acc); return;
+    default: accumulate_any(DenseDec<2>{}, w, g, d, recs, stride, n, acc); return;
+  }
+}
+
+// Constant-initialised: no code from this file runs before the CPU check.
+constexpr AttnKernels kAttnAvx512{SimdLevel::avx512, score_codes_avx512, accumulate_codes_avx512,
+                                  score_dense_avx512, accumulate_dense_avx512};
+
+__attribute__((target("arch=x86-64"))) bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
+__attribute__((target("arch=x86-64"))) bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         cpu_has_f16c() && __builtin_cpu_supports("bmi2") &&
+         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+}  // namespace
+
+__attribute__((target("arch=x86-64"))) const AttnKernels* attn_kernels_avx512() {
+  static const bool ok = cpu_has_avx512();
+  return ok ? &kAttnAvx512 : nullptr;
+}
+
+}  // namespace tq::kernels

@@ -1,0 +1,120 @@
+// Scalar reference for the attention-on-records kernels (attn_kernels.hpp),
+// plus the run-time table choice.
+#include <cstring>
+
+#include "kernels/attn_kernels.hpp"
+#include "turboquant/error.hpp"
+#include "turboquant/half.hpp"
+
+namespace tq::kernels {
+namespace {
+
+inline unsigned code_at(const uint8_t* in, int i, int bits) {
+  const size_t bit = size_t(i) * bits;
+  unsigned v = in[bit / 8];
+  if ((bit % 8) + bits > 8) v |= static_cast<unsigned>(in[bit / 8 + 1]) << 8;
+  return (v >> (bit % 8)) & ((1u << bits) - 1);
+}
+
+inline float scale_at(const uint8_t* p, bool f32) {
+  if (f32) {
+    float s;
+    std::memcpy(&s, p, sizeof s);
+    return s;
+  }
+  return half_to_float(static_cast<uint16_t>(p[0] | p[1] << 8));
+}
+
+inline float dense_at(int kind, const uint8_t* rec, int i) {
+  switch (kind) {
+    case 0: {
+      float v;
+      std::memcpy(&v, rec + 4 * size_t(i), sizeof v);
+      return v;
+    }
+    case 1: return half_to_float(static_cast<uint16_t>(rec[2 * i] | rec[2 * i + 1] << 8));
+    default: return bf16_to_float(static_cast<uint16_t>(rec[2 * i] | rec[2 * i + 1] << 8));
+  }
+}
+
+void score_codes_ref(const float* q, int g, int d, const uint8_t* recs, size_t stride, size_t n,
+                     int bits, const float* centroids, size_t scale_off, bool scale_f32,
+                     float* scores) {
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    const float sc = scale_at(rec + scale_off, scale_f32);
+    for (int h = 0; h < g; ++h) {
+      const float* qh = q + size_t(h) * d;
+      float s = 0.0f;
+      for (int i = 0; i < d; ++i) s += qh[i] * centroids[code_at(rec, i, bits)];
+      scores[h * n + j] = sc * s;
+    }
+  }
+}
+
+void accumulate_codes_ref(const float* w, int g, int d, const uint8_t* recs, size_t stride,
+                          size_t n, int bits, const float* centroids, size_t scale_off,
+                          bool scale_f32, float* acc) {
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    const float sc = scale_at(rec + scale_off, scale_f32);
+    for (int h = 0; h < g; ++h) {
+      const float wj = w[h * n + j] * sc;
+      float* a = acc + size_t(h) * d;
+      for (int i = 0; i < d; ++i) a[i] += wj * centroids[code_at(rec, i, bits)];
+    }
+  }
+}
+
+void score_dense_ref(int kind, const float* q, int g, int d, const uint8_t* recs, size_t stride,
+                     size_t n, float* scores) {
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    for (int h = 0; h < g; ++h) {
+      const float* qh = q + size_t(h) * d;
+      float s = 0.0f;
+      for (int i = 0; i < d; ++i) s += qh[i] * dense_at(kind, rec, i);
+      scores[h * n + j] = s;
+    }
+  }
+}
+
+void accumulate_dense_ref(int kind, const float* w, int g, int d, const uint8_t* recs,
+                          size_t stride, size_t n, float* acc) {
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    for (int h = 0; h < g; ++h) {
+      const float wj = w[h * n + j];
+      float* a = acc + size_t(h) * d;
+      for (int i = 0; i < d; ++i) a[i] += wj * dense_at(kind, rec, i);
+    }
+  }
+}
+
+}  // namespace
+
+const AttnKernels& attn_kernels_ref() {
+  static const AttnKernels k{SimdLevel::scalar, score_codes_ref, accumulate_codes_ref,
+                             score_dense_ref, accumulate_dense_ref};
+  return k;
+}
+
+#ifndef TQ_X86_SIMD
+const AttnKernels* attn_kernels_avx2() { return nullptr; }
+const AttnKernels* attn_kernels_avx512() { return nullptr; }
+#endif
+
+const AttnKernels& attn_kernels_for(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::scalar: return attn_kernels_ref();
+    case SimdLevel::avx2:
+      if (auto* k = attn_kernels_avx2()) return *k;
+      break;
+    case SimdLevel::avx512:
+      if (auto* k = attn_kernels_avx512()) return *k;
+      break;
+  }
+  TQ_THROW("SIMD level ", to_string(level), " is not available on this CPU or build");
+}
+
+}  // namespace tq::kernels
