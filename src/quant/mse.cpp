@@ -152,6 +152,34 @@ void SplitQuantizer::decode_domain(const uint8_t* rec, float* out) const {
   qlo_->decode_rotated(rec + qhi_->bytes_per_vector(), out + hi_.size());
 }
 
+// The query/accumulator rows are [hi | lo] per head; the halves' kernels want
+// their own contiguous [g, n_sub] rows, so queries and accumulators are
+// regrouped (g * dim floats, cheap next to scoring n records).
+void SplitQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                           float* scores) const {
+  const size_t nh = hi_.size(), nl = lo_.size(), d = dim();
+  std::vector<float> qh(g * nh), ql(g * nl), sl(g * n);
+  for (int h = 0; h < g; ++h) {
+    std::copy(qp + h * d, qp + h * d + nh, qh.begin() + h * nh);
+    std::copy(qp + h * d + nh, qp + (h + 1) * d, ql.begin() + h * nl);
+  }
+  qhi_->score(qh.data(), g, recs, stride, n, scores);
+  qlo_->score(ql.data(), g, recs + qhi_->bytes_per_vector(), stride, n, sl.data());
+  for (size_t i = 0; i < g * n; ++i) scores[i] += sl[i];
+}
+
+void SplitQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
+                                size_t n, float* acc) const {
+  const size_t nh = hi_.size(), nl = lo_.size(), d = dim();
+  std::vector<float> ah(g * nh, 0.0f), al(g * nl, 0.0f);
+  qhi_->accumulate(w, g, recs, stride, n, ah.data());
+  qlo_->accumulate(w, g, recs + qhi_->bytes_per_vector(), stride, n, al.data());
+  for (int h = 0; h < g; ++h) {
+    for (size_t i = 0; i < nh; ++i) acc[h * d + i] += ah[h * nh + i];
+    for (size_t i = 0; i < nl; ++i) acc[h * d + nh + i] += al[h * nl + i];
+  }
+}
+
 void SplitQuantizer::finish(const float* acc, int g, float* out) const {
   const size_t nh = hi_.size(), nl = lo_.size();
   Scratch s(dim());

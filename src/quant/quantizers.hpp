@@ -75,6 +75,11 @@ class SplitQuantizer final : public Quantizer {
   // Domain: [hi channels rotated | lo channels rotated].
   void prepare_queries(const float* q, int g, float* qp) const override;
   void finish(const float* acc, int g, float* out) const override;
+  // Each half scores with its own (fused) MSE kernels.
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
 
  protected:
   void decode_domain(const uint8_t* rec, float* out) const override;
