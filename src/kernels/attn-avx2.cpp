@@ -16,13 +16,13 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
 #include <type_traits>
 
 #include "kernels/attn_kernels.hpp"
+#include "kernels/cpu_features.hpp"
 
 namespace tq::kernels {
 namespace {
@@ -322,21 +322,10 @@ void accumulate_dense_avx2(int kind, const float* w, int g, int d, const uint8_t
 constexpr AttnKernels kAttnAvx2{SimdLevel::avx2, score_codes_avx2, accumulate_codes_avx2,
                                   score_dense_avx2, accumulate_dense_avx2};
 
-__attribute__((target("arch=x86-64"))) bool cpu_has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-}
-
-__attribute__((target("arch=x86-64"))) bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c() &&
-         __builtin_cpu_supports("bmi2");
-}
-
 }  // namespace
 
 __attribute__((target("arch=x86-64"))) const AttnKernels* attn_kernels_avx2() {
-  static const bool ok = cpu_has_avx2();
+  static const bool ok = cpu_supports(SimdLevel::avx2);
   return ok ? &kAttnAvx2 : nullptr;
 }
 

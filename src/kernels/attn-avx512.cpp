@@ -22,13 +22,13 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
 #include <type_traits>
 
 #include "kernels/attn_kernels.hpp"
+#include "kernels/cpu_features.hpp"
 
 namespace tq::kernels {
 namespace {
@@ -364,23 +364,10 @@ void accumulate_dense_avx512(int kind, const float* w, int g, int d, const uint8
 constexpr AttnKernels kAttnAvx512{SimdLevel::avx512, score_codes_avx512, accumulate_codes_avx512,
                                   score_dense_avx512, accumulate_dense_avx512};
 
-__attribute__((target("arch=x86-64"))) bool cpu_has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-}
-
-__attribute__((target("arch=x86-64"))) bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         cpu_has_f16c() && __builtin_cpu_supports("bmi2") &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
 }  // namespace
 
 __attribute__((target("arch=x86-64"))) const AttnKernels* attn_kernels_avx512() {
-  static const bool ok = cpu_has_avx512();
+  static const bool ok = cpu_supports(SimdLevel::avx512);
   return ok ? &kAttnAvx512 : nullptr;
 }
 

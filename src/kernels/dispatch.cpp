@@ -1,8 +1,12 @@
 // Run-time choice of the kernel table: decided once, overridable for tests
 // (tq::set_simd_level) or from the environment (TQ_SIMD=scalar|avx2|avx512).
 #include <atomic>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #include <cstdlib>
 
+#include "kernels/cpu_features.hpp"
 #include "kernels/kernels.hpp"
 #include "turboquant/error.hpp"
 
@@ -66,6 +70,30 @@ SimdLevel parse_simd_level(const std::string& name) {
 }
 
 namespace kernels {
+
+#if defined(__x86_64__) || defined(__i386__)
+// F16C by CPUID (leaf 1, ECX bit 29): older clang's __builtin_cpu_supports lacks it.
+static bool cpu_has_f16c() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+
+bool cpu_supports(SimdLevel level) {
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    cpu_has_f16c() && __builtin_cpu_supports("bmi2");
+  switch (level) {
+    case SimdLevel::scalar: return true;
+    case SimdLevel::avx2: return avx2;
+    case SimdLevel::avx512:
+      return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }
+  return false;
+}
+#else
+bool cpu_supports(SimdLevel level) { return level == SimdLevel::scalar; }
+#endif
 
 #ifndef TQ_X86_SIMD
 const Kernels* kernels_avx2() { return nullptr; }

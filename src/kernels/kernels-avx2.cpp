@@ -24,12 +24,12 @@
 //  - quantize: the reference's branch-free binary search, lane-parallel, with
 //    the boundary of each step looked up by permutes of a per-step table
 //    (all steps at <= 5 bits, the first five above) or by a gather.
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "kernels/kernels.hpp"
+#include "kernels/cpu_features.hpp"
 
 namespace tq::kernels {
 namespace {
@@ -615,23 +615,10 @@ constexpr Kernels kAvx2{SimdLevel::avx2, sum_squares_avx2, dot_avx2,        scal
                         mul_signs_avx2,  fwht_avx2,        matvec_avx2,     quantize_avx2,
                         dequantize_avx2, pack_avx2,        unpack_avx2};
 
-// Compiled for baseline x86-64 so it is safe to run on any CPU. F16C by
-// CPUID (leaf 1, ECX bit 29): older clang's __builtin_cpu_supports lacks it.
-__attribute__((target("arch=x86-64"))) bool cpu_has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-}
-
-__attribute__((target("arch=x86-64"))) bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         cpu_has_f16c() && __builtin_cpu_supports("bmi2");
-}
-
 }  // namespace
 
 __attribute__((target("arch=x86-64"))) const Kernels* kernels_avx2() {
-  static const bool ok = cpu_has_avx2();
+  static const bool ok = cpu_supports(SimdLevel::avx2);
   return ok ? &kAvx2 : nullptr;
 }
 

@@ -30,12 +30,12 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "kernels/kernels.hpp"
+#include "kernels/cpu_features.hpp"
 
 namespace tq::kernels {
 namespace {
@@ -609,25 +609,10 @@ constexpr Kernels kAvx512{SimdLevel::avx512, sum_squares_avx512, dot_avx512,
                           matvec_avx512,     quantize_avx512,    dequantize_avx512,
                           pack_avx512,       unpack_avx512};
 
-// Compiled for baseline x86-64 so it is safe to run on any CPU. F16C by
-// CPUID (leaf 1, ECX bit 29): older clang's __builtin_cpu_supports lacks it.
-__attribute__((target("arch=x86-64"))) bool cpu_has_f16c() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
-}
-
-__attribute__((target("arch=x86-64"))) bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         cpu_has_f16c() && __builtin_cpu_supports("bmi2") &&
-         __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-}
-
 }  // namespace
 
 __attribute__((target("arch=x86-64"))) const Kernels* kernels_avx512() {
-  static const bool ok = cpu_has_avx512();
+  static const bool ok = cpu_supports(SimdLevel::avx512);
   return ok ? &kAvx512 : nullptr;
 }
 
