@@ -1,0 +1,165 @@
+// Internal: the storage behind KvCache, shared by kv_cache.cpp (appends,
+// attention) and kv_io.cpp (saved state, events).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <vector>
+
+#include "turboquant/error.hpp"
+#include "turboquant/kv_cache.hpp"
+
+namespace tq {
+
+
+// Owns a byte buffer and keeps the cache-wide allocation counter honest.
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(size_t n, std::atomic<size_t>* counter)
+      : data_(new uint8_t[n]), size_(n), counter_(counter) {
+    counter_->fetch_add(n);
+  }
+  Buffer(Buffer&& o) noexcept { *this = std::move(o); }
+  Buffer& operator=(Buffer&& o) noexcept {
+    release();
+    data_ = std::move(o.data_);
+    size_ = o.size_;
+    counter_ = o.counter_;
+    o.size_ = 0;
+    o.counter_ = nullptr;
+    return *this;
+  }
+  ~Buffer() { release(); }
+  uint8_t* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  void release() {
+    if (counter_) counter_->fetch_sub(size_);
+    data_.reset();
+    size_ = 0;
+    counter_ = nullptr;
+  }
+  std::unique_ptr<uint8_t[]> data_;
+  size_t size_ = 0;
+  std::atomic<size_t>* counter_ = nullptr;
+};
+
+
+struct SeqLayer {
+  // Main region: pages of [K: head, slot, kb][V: head, slot, vb].
+  std::vector<Buffer> pages;
+  int n_main = 0;
+  bool compressed = false;
+  // Dense window, a ring of W slots per head: [head][slot][db] for K and V.
+  Buffer win_k, win_v;
+  int win_start = 0, win_count = 0;
+};
+
+struct Sequence {
+  std::vector<SeqLayer> layers;
+};
+
+struct KvCache::Impl {
+  struct LayerFormats {
+    std::unique_ptr<Quantizer> kq, vq;  // compressed formats
+    std::unique_ptr<Quantizer> kd, vd;  // dense format
+    bool dense_policy = false;
+  };
+  const KvCacheConfig& cfg;
+  std::vector<LayerFormats> layers;
+  mutable std::shared_mutex seq_mutex;
+  std::vector<std::unique_ptr<Sequence>> seqs;  // null = removed
+  std::atomic<size_t> allocated{0};
+
+  explicit Impl(const KvCacheConfig& c) : cfg(c) {}
+
+  Sequence& seq(int id) const {
+    std::shared_lock lk(seq_mutex);
+    TQ_REQUIRE(id >= 0 && id < static_cast<int>(seqs.size()) && seqs[id], "KV cache: sequence ", id,
+               " does not exist");
+    return *seqs[id];
+  }
+  SeqLayer& sl(int seq_id, int layer) const {
+    TQ_REQUIRE(layer >= 0 && layer < cfg.n_layers, "KV cache: layer ", layer, " is outside 0..",
+               cfg.n_layers - 1);
+    return seq(seq_id).layers[layer];
+  }
+
+  // Formats of the main region of a layer in its current mode.
+  const Quantizer& main_k(int layer, bool compressed) const {
+    return compressed ? *layers[layer].kq : *layers[layer].kd;
+  }
+  const Quantizer& main_v(int layer, bool compressed) const {
+    return compressed ? *layers[layer].vq : *layers[layer].vd;
+  }
+  size_t page_bytes(size_t kb, size_t vb) const {
+    return size_t(cfg.page_tokens) * cfg.n_heads_kv * (kb + vb);
+  }
+  // K record of (head, token) in the main region.
+  uint8_t* k_rec(const SeqLayer& s, size_t kb, int head, int token) const {
+    const int P = cfg.page_tokens;
+    return s.pages[token / P].data() + (size_t(head) * P + token % P) * kb;
+  }
+  uint8_t* v_rec(const SeqLayer& s, size_t kb, size_t vb, int head, int token) const {
+    const int P = cfg.page_tokens;
+    return s.pages[token / P].data() + size_t(P) * cfg.n_heads_kv * kb +
+           (size_t(head) * P + token % P) * vb;
+  }
+  size_t db() const { return layers[0].kd->bytes_per_vector(); }
+  uint8_t* win_rec(const Buffer& b, int head, int idx) const {
+    const int W = cfg.dense_window;
+    return b.data() + (size_t(head) * W + idx % W) * db();
+  }
+
+  // Writes already-encoded records of tokens [n_main, n_main + n) into pages.
+  // krec/vrec: [n, heads, kb/vb]
+  void commit_main(SeqLayer& s, int layer, const uint8_t* krec, const uint8_t* vrec, int n) {
+    const Quantizer& kq = main_k(layer, s.compressed);
+    const Quantizer& vq = main_v(layer, s.compressed);
+    const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+    const int H = cfg.n_heads_kv, P = cfg.page_tokens;
+    const int need_pages = (s.n_main + n + P - 1) / P;
+    while (static_cast<int>(s.pages.size()) < need_pages)
+      s.pages.emplace_back(page_bytes(kb, vb), &allocated);
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        std::memcpy(k_rec(s, kb, h, s.n_main + t), krec + (size_t(t) * H + h) * kb, kb);
+        std::memcpy(v_rec(s, kb, vb, h, s.n_main + t), vrec + (size_t(t) * H + h) * vb, vb);
+      }
+    s.n_main += n;
+  }
+
+  // Converts the main region of one layer to the compressed format.
+  void upgrade_layer(SeqLayer& s, int layer) {
+    if (s.compressed || layers[layer].dense_policy) return;
+    const Quantizer& kd = *layers[layer].kd;
+    const Quantizer& vd = *layers[layer].vd;
+    const Quantizer& kq = *layers[layer].kq;
+    const Quantizer& vq = *layers[layer].vq;
+    const int H = cfg.n_heads_kv, d = cfg.head_dim, n = s.n_main;
+    const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+    std::vector<uint8_t> krec(size_t(n) * H * kb), vrec(size_t(n) * H * vb);
+    std::vector<float> x(d);
+    const size_t dkb = kd.bytes_per_vector();
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        kd.decode_one(k_rec(s, dkb, h, t), x.data());
+        kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
+        vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), x.data());
+        vq.encode_one(x.data(), &vrec[(size_t(t) * H + h) * vb]);
+      }
+    // Nothing has changed so far; now swap in the compressed pages.
+    s.pages.clear();
+    s.n_main = 0;
+    s.compressed = true;
+    commit_main(s, layer, krec.data(), vrec.data(), n);
+  }
+};
+
+}  // namespace tq
