@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_formats);
   reg(tq::cli::add_kv_bench);
   reg(tq::cli::add_kv_presets);
+  reg(tq::cli::add_gguf_info);
 
   try {
     app.parse(argc, argv);
