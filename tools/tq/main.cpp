@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_kv_bench);
   reg(tq::cli::add_kv_presets);
   reg(tq::cli::add_gguf_info);
+  reg(tq::cli::add_models);
 
   try {
     app.parse(argc, argv);
