@@ -27,6 +27,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_kv_presets);
   reg(tq::cli::add_gguf_info);
   reg(tq::cli::add_models);
+  reg(tq::cli::add_generate);
 
   try {
     app.parse(argc, argv);

@@ -1,0 +1,111 @@
+// tq generate: run a GGUF model with a KV cache preset, streaming the text.
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "commands.hpp"
+#include "turboquant/error.hpp"
+#include "turboquant/generate.hpp"
+#include "turboquant/model_registry.hpp"
+
+namespace tq::cli {
+namespace {
+
+struct Args {
+  std::string model = "smollm2-135m";
+  std::string prompt;
+  bool chat = false;
+  std::string preset = "dense-f16";
+  int k_start = 0, dense_window = 0, n = 64, threads = 1, top_k = 0;
+  std::string dense_layers;
+  float temp = 0.0f, top_p = 1.0f;
+  uint64_t seed = 0;
+  bool json = false, allow_unsupported = false;
+};
+
+std::vector<int> parse_layers(const std::string& s) {
+  std::vector<int> out;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ',')) {
+    if (t.empty()) continue;
+    size_t pos = 0;
+    int v = 0;
+    try {
+      v = std::stoi(t, &pos);
+    } catch (...) {
+      pos = 0;
+    }
+    TQ_REQUIRE(pos == t.size(), "--dense-layers: '", t, "' is not a layer index");
+    out.push_back(v);
+  }
+  return out;
+}
+
+int run(const Args& a) {
+  const std::string path = resolve_model(a.model);
+  auto model = Model::load(path, a.allow_unsupported);
+  const Tokenizer tok = Tokenizer::from_gguf(model->file());
+  GenerateOptions o;
+  o.preset = a.preset;
+  o.k_start = a.k_start;
+  o.dense_window = a.dense_window;
+  o.dense_layers = parse_layers(a.dense_layers);
+  for (int& l : o.dense_layers)
+    if (l < 0) l += model->config().n_layers;  // -1 = last layer
+  o.max_tokens = a.n;
+  o.chat = a.chat;
+  o.threads = a.threads;
+  o.sampler = {a.temp, a.top_k, a.top_p, a.seed};
+  if (!a.json) {
+    std::printf("%s", a.prompt.c_str());
+    std::fflush(stdout);
+  }
+  const GenerateResult r = generate(*model, tok, a.prompt, o, [&](const std::string& piece) {
+    if (!a.json) {
+      std::fputs(piece.c_str(), stdout);
+      std::fflush(stdout);
+    }
+  });
+  const double pre = r.prompt_tokens.size() / std::max(r.prefill_seconds, 1e-9);
+  const double dec = r.tokens.size() > 1 ? (r.tokens.size() - 1) / std::max(r.decode_seconds, 1e-9) : 0.0;
+  if (a.json) {
+    nlohmann::json j = {{"model", model->config().name}, {"arch", model->config().arch},
+                        {"preset", a.preset}, {"prompt_tokens", r.prompt_tokens.size()},
+                        {"generated_tokens", r.tokens.size()}, {"text", r.text},
+                        {"prefill_tok_s", pre}, {"decode_tok_s", dec}, {"kv_bytes", r.kv_bytes},
+                        {"kv_bytes_dense", r.kv_bytes_dense}};
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("\n\n[%s, %s cache] prompt %zu tokens at %.1f tok/s, generated %zu at %.1f tok/s; KV %zu bytes vs %zu dense (%.2fx)\n",
+                model->config().arch.c_str(), a.preset.c_str(), r.prompt_tokens.size(), pre, r.tokens.size(),
+                dec, r.kv_bytes, r.kv_bytes_dense, double(r.kv_bytes_dense) / std::max<size_t>(1, r.kv_bytes));
+  }
+  return 0;
+}
+
+}  // namespace
+
+Runner add_generate(CLI::App& app) {
+  auto a = std::make_shared<Args>();
+  CLI::App* sub = app.add_subcommand("generate", "Generate text with a GGUF model and a compressed KV cache");
+  sub->add_option("-m,--model", a->model, "Model name (tq models list) or GGUF path")->capture_default_str();
+  sub->add_option("-p,--prompt", a->prompt, "Prompt text")->required();
+  sub->add_flag("--chat", a->chat, "Wrap the prompt in the model's chat template");
+  sub->add_option("--kv", a->preset, "KV cache preset (tq kv-presets) or k=SPEC/v=SPEC")->capture_default_str();
+  sub->add_option("--k-start", a->k_start, "Keep layers dense until they hold N tokens, then compress")
+      ->check(CLI::Range(0, 1 << 30));
+  sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense")->check(CLI::Range(0, 1 << 30));
+  sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
+  sub->add_option("-n,--n-tokens", a->n, "Tokens to generate")->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  sub->add_option("--threads", a->threads, "Threads (0 = all cores)")->check(CLI::Range(0, 1024))->capture_default_str();
+  sub->add_option("--temp", a->temp, "Sampling temperature (0 = greedy)")->check(CLI::Range(0.0f, 100.0f));
+  sub->add_option("--top-k", a->top_k, "Top-k (0 = off)")->check(CLI::Range(0, 1 << 20));
+  sub->add_option("--top-p", a->top_p, "Top-p in (0, 1]")->check(CLI::Range(0.0f, 1.0f));
+  sub->add_option("--seed", a->seed, "Sampling seed");
+  sub->add_flag("--json", a->json, "Print one JSON object instead of streaming");
+  sub->add_flag("--allow-unsupported", a->allow_unsupported, "Run an unsupported architecture as llama (experimental)");
+  return [a] { return run(*a); };
+}
+
+}  // namespace tq::cli
