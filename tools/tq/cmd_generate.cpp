@@ -21,6 +21,7 @@ struct Args {
   float temp = 0.0f, top_p = 1.0f;
   uint64_t seed = 0;
   bool json = false, allow_unsupported = false;
+  std::string compare;  // a second preset run on the same prompt, e.g. dense-f16
 };
 
 std::vector<int> parse_layers(const std::string& s) {
@@ -57,30 +58,69 @@ int run(const Args& a) {
   o.chat = a.chat;
   o.threads = a.threads;
   o.sampler = {a.temp, a.top_k, a.top_p, a.seed};
-  if (!a.json) {
+  auto report = [&](const GenerateResult& r, const std::string& preset) {
+    const double pre = r.prompt_tokens.size() / std::max(r.prefill_seconds, 1e-9);
+    const double dec =
+        r.tokens.size() > 1 ? (r.tokens.size() - 1) / std::max(r.decode_seconds, 1e-9) : 0.0;
+    return nlohmann::json{{"model", model->config().name}, {"arch", model->config().arch},
+                          {"preset", preset}, {"prompt_tokens", r.prompt_tokens.size()},
+                          {"generated_tokens", r.tokens.size()}, {"text", r.text},
+                          {"prefill_tok_s", pre}, {"decode_tok_s", dec}, {"kv_bytes", r.kv_bytes},
+                          {"kv_bytes_dense", r.kv_bytes_dense}};
+  };
+  auto summary = [&](const nlohmann::json& j) {
+    std::printf("[%s, %s cache] prompt %d tokens at %.1f tok/s, generated %d at %.1f tok/s; KV %zu bytes vs %zu dense f16 (%.2fx smaller)\n",
+                j["arch"].get<std::string>().c_str(), j["preset"].get<std::string>().c_str(),
+                j["prompt_tokens"].get<int>(), j["prefill_tok_s"].get<double>(), j["generated_tokens"].get<int>(),
+                j["decode_tok_s"].get<double>(), j["kv_bytes"].get<size_t>(), j["kv_bytes_dense"].get<size_t>(),
+                double(j["kv_bytes_dense"].get<size_t>()) / std::max<size_t>(1, j["kv_bytes"].get<size_t>()));
+  };
+  const bool stream = !a.json && a.compare.empty();
+  if (stream) {
     std::printf("%s", a.prompt.c_str());
     std::fflush(stdout);
   }
   const GenerateResult r = generate(*model, tok, a.prompt, o, [&](const std::string& piece) {
-    if (!a.json) {
+    if (stream) {
       std::fputs(piece.c_str(), stdout);
       std::fflush(stdout);
     }
   });
-  const double pre = r.prompt_tokens.size() / std::max(r.prefill_seconds, 1e-9);
-  const double dec = r.tokens.size() > 1 ? (r.tokens.size() - 1) / std::max(r.decode_seconds, 1e-9) : 0.0;
-  if (a.json) {
-    nlohmann::json j = {{"model", model->config().name}, {"arch", model->config().arch},
-                        {"preset", a.preset}, {"prompt_tokens", r.prompt_tokens.size()},
-                        {"generated_tokens", r.tokens.size()}, {"text", r.text},
-                        {"prefill_tok_s", pre}, {"decode_tok_s", dec}, {"kv_bytes", r.kv_bytes},
-                        {"kv_bytes_dense", r.kv_bytes_dense}};
-    std::printf("%s\n", j.dump(2).c_str());
-  } else {
-    std::printf("\n\n[%s, %s cache] prompt %zu tokens at %.1f tok/s, generated %zu at %.1f tok/s; KV %zu bytes vs %zu dense (%.2fx)\n",
-                model->config().arch.c_str(), a.preset.c_str(), r.prompt_tokens.size(), pre, r.tokens.size(),
-                dec, r.kv_bytes, r.kv_bytes_dense, double(r.kv_bytes_dense) / std::max<size_t>(1, r.kv_bytes));
+  nlohmann::json j = report(r, a.preset);
+  if (a.compare.empty()) {
+    if (a.json) std::printf("%s\n", j.dump(2).c_str());
+    else {
+      std::printf("\n\n");
+      summary(j);
+    }
+    return 0;
   }
+  GenerateOptions ob = o;
+  ob.preset = a.compare;
+  ob.k_start = 0;
+  ob.dense_window = 0;
+  ob.dense_layers.clear();
+  const GenerateResult rb = generate(*model, tok, a.prompt, ob);
+  const nlohmann::json jb = report(rb, a.compare);
+  size_t same = 0;
+  while (same < r.tokens.size() && same < rb.tokens.size() && r.tokens[same] == rb.tokens[same]) ++same;
+  const bool agree = r.tokens == rb.tokens;
+  if (a.json) {
+    j["compare"] = jb;
+    j["agree"] = agree;
+    j["agree_tokens"] = same;
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+  std::printf("prompt: %s\n\n--- %s ---\n%s%s\n\n--- %s ---\n%s%s\n\n", a.prompt.c_str(), a.preset.c_str(),
+              a.prompt.c_str(), r.text.c_str(), a.compare.c_str(), a.prompt.c_str(), rb.text.c_str());
+  summary(j);
+  summary(jb);
+  std::printf("KV memory saved by %s: %zu of %zu bytes (%.1f%%)\n", a.preset.c_str(),
+              rb.kv_bytes > r.kv_bytes ? rb.kv_bytes - r.kv_bytes : 0, rb.kv_bytes,
+              100.0 * (1.0 - double(r.kv_bytes) / std::max<size_t>(1, rb.kv_bytes)));
+  std::printf("greedy continuations %s (first %zu of %zu tokens identical)\n", agree ? "AGREE" : "DIFFER",
+              same, std::max(r.tokens.size(), rb.tokens.size()));
   return 0;
 }
 
@@ -104,6 +144,8 @@ Runner add_generate(CLI::App& app) {
   sub->add_option("--top-p", a->top_p, "Top-p in (0, 1]")->check(CLI::Range(0.0f, 1.0f));
   sub->add_option("--seed", a->seed, "Sampling seed");
   sub->add_flag("--json", a->json, "Print one JSON object instead of streaming");
+  sub->add_option("--compare", a->compare,
+                  "Also run this preset (e.g. dense-f16) and show both texts, the KV saved and whether they agree");
   sub->add_flag("--allow-unsupported", a->allow_unsupported, "Run an unsupported architecture as llama (experimental)");
   return [a] { return run(*a); };
 }
