@@ -122,6 +122,31 @@ class KvCache {
   KvMemoryReport memory() const;
   size_t bytes_allocated() const;  // what the page and window allocators really hold
 
+  // ---- Saved state --------------------------------------------------------
+  // Writes the config (shape, format specs, page size, window, layer policy,
+  // k_start, seed) and every sequence (per layer: mode, K/V records of the
+  // pages, the dense window) to `path`, checksummed, through a temporary file
+  // and a rename: a crash never destroys an existing file.
+  void save(const std::string& path) const;
+  // Replaces the contents with the file's. A truncated or corrupted file, or
+  // one whose config differs from this cache's, gives tq::Error naming what
+  // is wrong, and the cache is left unchanged.
+  void load(const std::string& path);
+  // The config stored in a saved file (to build a matching cache).
+  static KvCacheConfig read_config(const std::string& path);
+
+  // ---- Events -------------------------------------------------------------
+  // upgrade (one line per converted layer, automatic upgrades included), trim,
+  // save and load each emit one JSON line:
+  // {"event":"upgrade","seq":S,"layer":L,"tokens":N,"bytes_before":B0,
+  //  "bytes_after":B1,"ratio":R,"us":T}
+  // bytes are the cache's real allocated bytes (layer-level for upgrade);
+  // ratio = bf16 bytes of the same tokens / bytes_after. layer is -1 for
+  // whole-cache events.
+  using EventSink = std::function<void(const std::string& json_line)>;
+  void set_event_sink(EventSink sink);  // empty function: events off
+  static EventSink file_sink(const std::string& path);  // appends lines; throws if unwritable
+
   struct Impl;
 
  private:

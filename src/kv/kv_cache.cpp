@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -153,12 +154,18 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
   }
   if (W > 0) s.win_start %= W;
   if (cfg_.k_start > 0 && !s.compressed && s.n_main + s.win_count >= cfg_.k_start)
-    impl_->upgrade_layer(s, layer);
+    impl_->upgrade_layer(s, seq, layer);  // emits an "upgrade" event when events are on
 }
 
 void KvCache::trim(int seq, int n_tokens) {
   TQ_REQUIRE(n_tokens >= 0, "trim: n_tokens must be >= 0, got ", n_tokens);
   Sequence& sq = impl_->seq(seq);
+  // Events: real bytes of the whole sequence before/after (layer -1).
+  const bool ev = impl_->events_on();
+  const auto t_start = ev ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+  size_t bytes_before = 0;
+  if (ev)
+    for (const SeqLayer& s : sq.layers) bytes_before += Impl::layer_bytes(s);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     SeqLayer& s = sq.layers[l];
     if (n_tokens >= s.n_main + s.win_count) continue;
@@ -176,6 +183,16 @@ void KvCache::trim(int seq, int n_tokens) {
       s.win_start = 0;
     }
   }
+  if (ev) {
+    size_t bytes_after = 0, tokens = 0;
+    for (const SeqLayer& s : sq.layers) {
+      bytes_after += Impl::layer_bytes(s);
+      tokens += size_t(s.n_main) + s.win_count;
+    }
+    impl_->emit("trim", seq, -1, tokens, bytes_before, bytes_after,
+                std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start)
+                    .count());
+  }
 }
 
 void KvCache::clear() {
@@ -191,7 +208,7 @@ int KvCache::upgrade(int k_start) {
       SeqLayer& s = sq.layers[l];
       if (s.compressed || impl_->layers[l].dense_policy) continue;
       if (s.n_main + s.win_count < k_start) continue;
-      impl_->upgrade_layer(s, l);
+      impl_->upgrade_layer(s, id, l);  // emits an "upgrade" event when events are on
       ++converted;
     }
   }

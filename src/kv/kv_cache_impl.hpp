@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -77,6 +78,26 @@ struct KvCache::Impl {
   std::vector<std::unique_ptr<Sequence>> seqs;  // null = removed
   std::atomic<size_t> allocated{0};
 
+  // ---- Events (kv_io.cpp) -------------------------------------------------
+  // The sink is called under sink_mutex, so one sink sees one line at a time
+  // even when sequences upgrade from several threads. has_sink lets the hot
+  // paths skip timing and byte counting when events are off.
+  KvCache::EventSink sink;
+  std::mutex sink_mutex;
+  std::atomic<bool> has_sink{false};
+  bool events_on() const { return has_sink.load(std::memory_order_relaxed); }
+  // One JSON line: bytes are real allocated bytes; ratio = bf16 bytes of
+  // `tokens` K+V tokens / bytes_after (0 when bytes_after is 0).
+  void emit(const char* event, int seq, int layer, size_t tokens, size_t bytes_before,
+            size_t bytes_after, double us);
+  // Real bytes held by one (sequence, layer): its pages and window buffers.
+  static size_t layer_bytes(const SeqLayer& s) {
+    size_t n = s.win_k.size() + s.win_v.size();
+    for (const Buffer& b : s.pages) n += b.size();
+    return n;
+  }
+  // ---- end events ----------------------------------------------------------
+
   explicit Impl(const KvCacheConfig& c) : cfg(c) {}
 
   Sequence& seq(int id) const {
@@ -135,9 +156,13 @@ struct KvCache::Impl {
     s.n_main += n;
   }
 
-  // Converts the main region of one layer to the compressed format.
-  void upgrade_layer(SeqLayer& s, int layer) {
+  // Converts the main region of one layer to the compressed format; emits an
+  // "upgrade" event for (seq_id, layer) when events are on.
+  void upgrade_layer(SeqLayer& s, int seq_id, int layer) {
     if (s.compressed || layers[layer].dense_policy) return;
+    const bool ev = events_on();  // events: timing and real bytes before/after
+    const auto t_start = ev ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    const size_t bytes_before = ev ? layer_bytes(s) : 0;
     const Quantizer& kd = *layers[layer].kd;
     const Quantizer& vd = *layers[layer].vd;
     const Quantizer& kq = *layers[layer].kq;
@@ -159,6 +184,10 @@ struct KvCache::Impl {
     s.n_main = 0;
     s.compressed = true;
     commit_main(s, layer, krec.data(), vrec.data(), n);
+    if (ev)
+      emit("upgrade", seq_id, layer, size_t(s.n_main) + s.win_count, bytes_before, layer_bytes(s),
+           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start)
+               .count());
   }
 };
 
