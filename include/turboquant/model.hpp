@@ -48,7 +48,8 @@ struct Weight {
 };
 
 // y[t, r] = sum_c W[r, c] x[t, c] for t < n. x: [n, cols], y: [n, rows].
-// Each weight row is decoded once per call and used for all n tokens.
+// Weight rows are decoded in registers (SIMD per block type) and used for up
+// to 4 tokens at a time; rows are split across threads.
 void matmul(const Weight& w, const float* x, int n, float* y, int threads);
 
 class Model {
