@@ -16,5 +16,6 @@ Runner add_kv_presets(CLI::App& app);
 Runner add_gguf_info(CLI::App& app);
 Runner add_models(CLI::App& app);
 Runner add_generate(CLI::App& app);
+Runner add_logits(CLI::App& app);
 
 }  // namespace tq::cli

@@ -28,6 +28,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_gguf_info);
   reg(tq::cli::add_models);
   reg(tq::cli::add_generate);
+  reg(tq::cli::add_logits);
 
   try {
     app.parse(argc, argv);
