@@ -6,6 +6,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <map>
+#include <sstream>
 
 #include "turboquant/error.hpp"
 #include "turboquant/generate.hpp"
@@ -107,6 +110,58 @@ TEST(Model, GreedyContinuationIsSane) {
     EXPECT_GT(r.kv_bytes, 0u);
     if (std::string(preset) != "dense-f16") EXPECT_LT(r.kv_bytes * 3, r.kv_bytes_dense) << preset;  // >= 3.7x at head_dim 64
   }
+}
+
+// Logits that Hugging Face transformers computes on the same GGUF files
+// (scripts/compare_transformers.py wrote them): ours must match to 1e-3.
+TEST(Model, MatchesTransformersGoldenLogits) {
+  std::ifstream in(std::string(TQ_TEST_DATA_DIR) + "/golden_logits.json");
+  ASSERT_TRUE(in) << "missing tests/data/golden_logits.json";
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // Minimal parse of the known structure: rows of {model, prompt, tokens, position, ids, logits}.
+  auto array_after = [&](size_t from, const std::string& key, size_t* end) {
+    const size_t k = text.find("\"" + key + "\"", from);
+    const size_t open = text.find('[', k), close = text.find(']', open);
+    std::vector<double> v;
+    std::string body = text.substr(open + 1, close - open - 1);
+    for (char& c : body)
+      if (c == ',') c = ' ';
+    std::istringstream ss(body);
+    double x;
+    while (ss >> x) v.push_back(x);
+    *end = close;
+    return v;
+  };
+  auto string_after = [&](size_t from, const std::string& key) {
+    const size_t k = text.find("\"" + key + "\"", from);
+    const size_t q1 = text.find('"', text.find(':', k) + 1), q2 = text.find('"', q1 + 1);
+    return text.substr(q1 + 1, q2 - q1 - 1);
+  };
+  int checked = 0;
+  std::map<std::string, std::unique_ptr<Model>> models;
+  for (size_t at = text.find("\"model\""); at != std::string::npos; at = text.find("\"model\"", at + 1)) {
+    const std::string name = string_after(at, "model");
+    const std::string path = model_or_skip(name);
+    if (path.empty()) GTEST_SKIP() << "model " << name << " not pulled (tq models pull " << name << ")";
+    if (!models.count(name)) models[name] = Model::load(path);
+    const Model& m = *models[name];
+    size_t end = at;
+    const std::vector<double> tokens_d = array_after(at, "tokens", &end);
+    const int position = std::stoi(text.substr(text.find(':', text.find("\"position\"", at)) + 1));
+    const std::vector<double> ids = array_after(at, "ids", &end);
+    const std::vector<double> want = array_after(at, "logits", &end);
+    ASSERT_EQ(ids.size(), want.size());
+    std::vector<int32_t> tokens(tokens_d.begin(), tokens_d.begin() + position + 1);
+    KvCache cache(m.cache_config("dense-f32"));
+    const int seq = cache.add_sequence();
+    std::vector<float> logits(m.config().vocab);
+    m.forward(cache, seq, tokens.data(), int(tokens.size()), 0, logits.data(), 2);
+    for (size_t i = 0; i < ids.size(); ++i)
+      EXPECT_NEAR(logits[size_t(ids[i])], want[i], 1e-3) << name << " position " << position << " id " << ids[i];
+    ++checked;
+    at = end;
+  }
+  EXPECT_EQ(checked, 12);
 }
 
 }  // namespace
