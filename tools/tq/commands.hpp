@@ -17,5 +17,6 @@ Runner add_gguf_info(CLI::App& app);
 Runner add_models(CLI::App& app);
 Runner add_generate(CLI::App& app);
 Runner add_logits(CLI::App& app);
+Runner add_model_bench(CLI::App& app);
 
 }  // namespace tq::cli

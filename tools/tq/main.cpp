@@ -29,6 +29,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_models);
   reg(tq::cli::add_generate);
   reg(tq::cli::add_logits);
+  reg(tq::cli::add_model_bench);
 
   try {
     app.parse(argc, argv);
