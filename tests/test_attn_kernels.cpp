@@ -34,6 +34,9 @@ std::vector<const AttnKernels*> simd_tables() {
   std::vector<const AttnKernels*> out;
   for (SimdLevel level : available_simd_levels())
     if (level != SimdLevel::scalar) out.push_back(&attn_kernels_for(level));
+  // The AVX-512 decoders without VBMI, when the default table uses VBMI.
+  if (const AttnKernels* k = attn_kernels_avx512_no_vbmi(); k && k != attn_kernels_avx512())
+    out.push_back(k);
   return out;
 }
 
@@ -283,6 +286,175 @@ TEST(AttnKernels, DenseMatchesReference) {
             EXPECT_TRUE(all_close(a, aref, amag)) << "accumulate_dense, " << where;
           }
         }
+}
+
+// q8_0 / q4_0 blocks: random fp16 scales and random payload bytes (every
+// int8 / nibble value), against the reference and the decoded values.
+TEST(AttnKernels, BlocksMatchReference) {
+  Rng rng(test_seed() + 5);
+  for (int kind = 0; kind < 2; ++kind)
+    for (int d : {32, 64, 96, 128, 256})
+      for (size_t n : kN)
+        for (size_t pad : {size_t(0), size_t(1)}) {
+          const int g = kG[(kind + d / 32 + n + pad) % kG.size()];
+          const size_t bb = kind == 0 ? 34 : 18, rec_bytes = bb * (d / 32), stride = rec_bytes + pad;
+          std::vector<uint8_t> buf((n - 1) * stride + rec_bytes);
+          std::vector<std::vector<float>> x(n, std::vector<float>(d));
+          for (size_t j = 0; j < n; ++j)
+            for (int b = 0; b < d / 32; ++b) {
+              uint8_t* blk = buf.data() + j * stride + b * bb;
+              const uint16_t h = float_to_half(static_cast<float>(rng.gaussian() * 0.05));
+              blk[0] = static_cast<uint8_t>(h);
+              blk[1] = static_cast<uint8_t>(h >> 8);
+              for (size_t i = 2; i < bb; ++i) blk[i] = static_cast<uint8_t>(rng.uniform() * 256);
+              const float sc = half_to_float(h);
+              for (int i = 0; i < 32; ++i) {
+                const int v = kind == 0 ? static_cast<int8_t>(blk[2 + i])
+                                        : (i < 16 ? (blk[2 + i] & 15) : (blk[2 + i - 16] >> 4)) - 8;
+                x[j][b * 32 + i] = static_cast<float>(v) * sc;
+              }
+            }
+          const std::vector<float> q = gaussian(rng, size_t(g) * d);
+          const std::vector<float> w = gaussian(rng, size_t(g) * n);
+          const std::vector<float> acc0 = gaussian(rng, size_t(g) * d);
+          std::vector<float> sref(g * n), aref = acc0;
+          attn_kernels_ref().score_blocks(kind, q.data(), g, d, buf.data(), stride, n, sref.data());
+          attn_kernels_ref().accumulate_blocks(kind, w.data(), g, d, buf.data(), stride, n,
+                                               aref.data());
+          const auto smag = score_mag(q, g, d, x, {});
+          const auto amag = acc_mag(w, acc0, g, d, x, {});
+          // The reference against the decoded values.
+          std::vector<float> sdir(g * n);
+          for (int h = 0; h < g; ++h)
+            for (size_t j = 0; j < n; ++j) {
+              double e = 0;
+              for (int i = 0; i < d; ++i) e += double(q[h * d + i]) * x[j][i];
+              sdir[h * n + j] = static_cast<float>(e);
+            }
+          EXPECT_TRUE(all_close(sref, sdir, smag)) << "score_blocks ref, kind " << kind;
+          for (const AttnKernels* k : simd_tables()) {
+            if (!k->score_blocks) continue;
+            const std::string where = "level " + to_string(k->level) + " kind " +
+                                      std::to_string(kind) + " d " + std::to_string(d) + " n " +
+                                      std::to_string(n) + " g " + std::to_string(g) + " pad " +
+                                      std::to_string(pad);
+            std::vector<float> s(g * n, -1.0f), a = acc0;
+            k->score_blocks(kind, q.data(), g, d, buf.data(), stride, n, s.data());
+            k->accumulate_blocks(kind, w.data(), g, d, buf.data(), stride, n, a.data());
+            EXPECT_TRUE(all_close(s, sref, smag)) << "score_blocks, " << where;
+            EXPECT_TRUE(all_close(a, aref, amag)) << "accumulate_blocks, " << where;
+          }
+        }
+}
+
+// Sign sketches: random bits, a norm after them (fp16 / f32), odd strides.
+TEST(AttnKernels, SignsMatchReference) {
+  Rng rng(test_seed() + 6);
+  for (int m : {16, 64, 128, 256, 40})
+    for (size_t n : kN)
+      for (int variant = 0; variant < 2; ++variant) {
+        const bool f32 = variant == 1;
+        const int g = kG[(m + n + variant) % kG.size()];
+        const size_t sign_off = 3, norm_off = sign_off + (m + 7) / 8;
+        const size_t rec_bytes = norm_off + (f32 ? 4 : 2), stride = rec_bytes + variant;
+        std::vector<uint8_t> buf((n - 1) * stride + rec_bytes);
+        for (auto& b : buf) b = static_cast<uint8_t>(rng.uniform() * 256);
+        std::vector<std::vector<float>> x(n, std::vector<float>(m));
+        std::vector<float> norm(n);
+        const float factor = 0.37f;
+        for (size_t j = 0; j < n; ++j) {
+          uint8_t* rec = buf.data() + j * stride;
+          float v = static_cast<float>(0.5 + rng.uniform());
+          if (f32) {
+            std::memcpy(rec + norm_off, &v, 4);
+          } else {
+            const uint16_t h = float_to_half(v);
+            rec[norm_off] = static_cast<uint8_t>(h);
+            rec[norm_off + 1] = static_cast<uint8_t>(h >> 8);
+            v = half_to_float(h);
+          }
+          norm[j] = factor * v;
+          for (int i = 0; i < m; ++i) x[j][i] = (rec[sign_off + i / 8] >> (i % 8)) & 1 ? 1.0f : -1.0f;
+        }
+        const std::vector<float> q = gaussian(rng, size_t(g) * m);
+        const std::vector<float> w = gaussian(rng, size_t(g) * n);
+        const std::vector<float> acc0 = gaussian(rng, size_t(g) * m);
+        std::vector<float> sref(g * n), aref = acc0;
+        attn_kernels_ref().score_signs(q.data(), g, m, buf.data(), stride, n, sign_off, factor,
+                                       norm_off, f32, sref.data());
+        attn_kernels_ref().accumulate_signs(w.data(), g, m, buf.data(), stride, n, sign_off, factor,
+                                            norm_off, f32, aref.data());
+        const auto smag = score_mag(q, g, m, x, norm);
+        const auto amag = acc_mag(w, acc0, g, m, x, norm);
+        std::vector<float> sdir(g * n);
+        for (int h = 0; h < g; ++h)
+          for (size_t j = 0; j < n; ++j) {
+            double e = 0;
+            for (int i = 0; i < m; ++i) e += double(q[h * m + i]) * x[j][i];
+            sdir[h * n + j] = static_cast<float>(e * norm[j]);
+          }
+        EXPECT_TRUE(all_close(sref, sdir, smag)) << "score_signs ref, m " << m;
+        for (const AttnKernels* k : simd_tables()) {
+          if (!k->score_signs) continue;
+          const std::string where = "level " + to_string(k->level) + " m " + std::to_string(m) +
+                                    " n " + std::to_string(n) + " g " + std::to_string(g) +
+                                    (f32 ? " f32" : " f16");
+          std::vector<float> s(g * n, -1.0f), a = acc0;
+          k->score_signs(q.data(), g, m, buf.data(), stride, n, sign_off, factor, norm_off, f32,
+                         s.data());
+          k->accumulate_signs(w.data(), g, m, buf.data(), stride, n, sign_off, factor, norm_off,
+                              f32, a.data());
+          EXPECT_TRUE(all_close(s, sref, smag)) << "score_signs, " << where;
+          EXPECT_TRUE(all_close(a, aref, amag)) << "accumulate_signs, " << where;
+        }
+      }
+}
+
+// softmax_chunk: SIMD exp against libm's. The exp argument s * scale - m is
+// formed with one rounding (FMA) or two, so weights may differ by an ulp of
+// the argument's terms on top of the polynomial's < 1e-6 relative error.
+TEST(AttnKernels, SoftmaxChunkMatchesReference) {
+  const auto tables = simd_tables();
+  if (tables.empty()) GTEST_SKIP() << "only the scalar path exists on this CPU/build";
+  Rng rng(test_seed() + 4);
+  for (int g : kG)
+    for (size_t n : {size_t(1), size_t(2), size_t(15), size_t(16), size_t(17), size_t(31),
+                     size_t(33), size_t(256), size_t(257)})
+      for (int start = 0; start < 3; ++start) {  // m_old: -inf, below the chunk, above it
+        const float scale = static_cast<float>(0.05 + rng.uniform());
+        std::vector<float> s0(size_t(g) * n);
+        for (auto& x : s0) x = static_cast<float>(rng.gaussian() * 8.0);
+        std::vector<float> m0(g), l0(g);
+        for (int h = 0; h < g; ++h) {
+          m0[h] = start == 0 ? -INFINITY : static_cast<float>(start == 1 ? -40.0 : 40.0);
+          l0[h] = start == 0 ? 0.0f : static_cast<float>(1.0 + rng.uniform());
+        }
+        std::vector<float> sref = s0, mref = m0, lref = l0, cref(g);
+        attn_kernels_ref().softmax_chunk(sref.data(), g, n, scale, mref.data(), lref.data(),
+                                         cref.data());
+        for (const AttnKernels* k : tables) {
+          const std::string where = "level " + to_string(k->level) + " g " + std::to_string(g) +
+                                    " n " + std::to_string(n) + " start " + std::to_string(start);
+          std::vector<float> s = s0, m = m0, l = l0, c(g, -1.0f);
+          k->softmax_chunk(s.data(), g, n, scale, m.data(), l.data(), c.data());
+          for (int h = 0; h < g; ++h) {
+            EXPECT_EQ(m[h], mref[h]) << where;
+            if (start == 0)
+              EXPECT_EQ(c[h], 0.0f) << where;  // nothing seen yet: the accumulator is dropped
+            else
+              EXPECT_NEAR(c[h], cref[h], 2e-6 * cref[h] * (1.0 + std::fabs(m0[h] - mref[h])) + 1e-37)
+                  << where;
+            EXPECT_NEAR(l[h], lref[h], 1e-5 * lref[h]) << where;
+            for (size_t j = 0; j < n; ++j) {
+              const size_t i = h * n + j;
+              // an ulp of the argument's terms becomes a relative error of the weight
+              const double arg = std::fabs(double(s0[i]) * scale) + std::fabs(mref[h]);
+              ASSERT_NEAR(s[i], sref[i], sref[i] * (2e-6 + 1.2e-7 * arg) + 1e-37)
+                  << where << " j " << j << " score " << s0[i];
+            }
+          }
+        }
+      }
 }
 
 TEST(AttnKernels, TablesReportTheirLevel) {

@@ -28,7 +28,9 @@ class OnlineSoftmax {
 
   std::vector<float> m, l;  // [g] running max and sum of exp
   std::vector<float> acc;   // [g, acc_floats]
-  std::vector<float> scores, weights;  // scratch [g, chunk]
+  // scratch [g, chunk]; on fully visible chunks the scores turn into the
+  // weights in place, weights is used by masked / soft-capped chunks only
+  std::vector<float> scores, weights;
  private:
   int g_;
   size_t af_;

@@ -4,11 +4,13 @@
 #include <cmath>
 #include <cstring>
 
+#include "kernels/attn_kernels.hpp"
+
 namespace tq {
 namespace {
 
-// exp(x) for the softmax weights (x <= 0), written so the compiler can
-// vectorise the loop (libm's scalar expf was ~40% of a decode step):
+// exp(x) for the softmax weights of masked / soft-capped chunks (x <= 0; the
+// common fully visible chunk runs the SIMD softmax_chunk kernel instead):
 // 2^(x log2 e) = 2^i * 2^f with f in (-1, 0] and a degree-8 Taylor series for
 // 2^f (relative error < 2e-7). x below -87 (and -inf) gives ~0.
 inline float exp_nonpositive(float x) {
@@ -30,6 +32,9 @@ inline float exp_nonpositive(float x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+// GQA groups up to this size take the SIMD softmax path (corr on the stack).
+constexpr int kMaxFastHeads = 64;
 
 }  // namespace
 
@@ -60,31 +65,38 @@ void attend_records(const Quantizer& kq, const Quantizer& vq, const float* qp, i
                     size_t n, int pos0, int q_pos, const AttentionParams& p, OnlineSoftmax& st) {
   if (n == 0) return;
   const float scale = p.scale > 0 ? p.scale : 1.0f / std::sqrt(static_cast<float>(kq.dim()));
-  st.scores.resize(size_t(g) * n);
-  st.weights.resize(size_t(g) * n);
+  if (st.scores.size() < size_t(g) * n) st.scores.resize(size_t(g) * n);
   kq.score(qp, g, krecs, kstride, n, st.scores.data());
   const size_t af = vq.acc_floats();
-  bool any = false;
-  // The common case -- every key of the chunk visible, no softcap -- skips the
-  // per-key checks so the loops vectorise.
+  // The common case -- every key of the chunk visible, no softcap -- runs the
+  // SIMD softmax kernel in place (scores become weights).
   const int last = pos0 + static_cast<int>(n) - 1;
   const bool all_visible =
       last <= q_pos && (p.window <= 0 || q_pos - pos0 < p.window || last < p.n_sinks);
+  if (all_visible && p.softcap <= 0.0f) {
+    float corr[kMaxFastHeads];
+    if (g <= kMaxFastHeads) {
+      kernels::attn_kernels_for(vq.simd())
+          .softmax_chunk(st.scores.data(), g, n, scale, st.m.data(), st.l.data(), corr);
+      for (int h = 0; h < g; ++h)
+        if (corr[h] != 1.0f)
+          for (size_t i = 0; i < af; ++i) st.acc[h * af + i] *= corr[h];
+      vq.accumulate(st.scores.data(), g, vrecs, vstride, n, st.acc.data());
+      return;
+    }
+  }
+  if (st.weights.size() < size_t(g) * n) st.weights.resize(size_t(g) * n);
+  bool any = false;
   for (int h = 0; h < g; ++h) {
     float* s = &st.scores[h * n];
     float mx = kEmptyLse;
-    if (all_visible && p.softcap <= 0.0f) {
-      for (size_t j = 0; j < n; ++j) s[j] *= scale;
-      for (size_t j = 0; j < n; ++j) mx = std::max(mx, s[j]);
-    } else {
-      for (size_t j = 0; j < n; ++j) {
-        if (!key_visible(q_pos, pos0 + static_cast<int>(j), p)) {
-          s[j] = kEmptyLse;
-          continue;
-        }
-        s[j] = apply_softcap(s[j] * scale, p.softcap);
-        mx = std::max(mx, s[j]);
+    for (size_t j = 0; j < n; ++j) {
+      if (!key_visible(q_pos, pos0 + static_cast<int>(j), p)) {
+        s[j] = kEmptyLse;
+        continue;
       }
+      s[j] = apply_softcap(s[j] * scale, p.softcap);
+      mx = std::max(mx, s[j]);
     }
     float* w = &st.weights[h * n];
     if (mx == kEmptyLse) {
@@ -99,10 +111,8 @@ void attend_records(const Quantizer& kq, const Quantizer& vq, const float* qp, i
       for (size_t i = 0; i < af; ++i) st.acc[h * af + i] *= corr;
     }
     float sum = 0.0f;
-    for (size_t j = 0; j < n; ++j) w[j] = exp_nonpositive(s[j] - m_new);
-    if (!all_visible)
-      for (size_t j = 0; j < n; ++j)
-        if (s[j] == kEmptyLse) w[j] = 0.0f;
+    for (size_t j = 0; j < n; ++j)
+      w[j] = s[j] == kEmptyLse ? 0.0f : exp_nonpositive(s[j] - m_new);
     for (size_t j = 0; j < n; ++j) sum += w[j];
     st.l[h] += sum;
     st.m[h] = m_new;

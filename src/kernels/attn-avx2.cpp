@@ -319,8 +319,77 @@ void accumulate_dense_avx2(int kind, const float* w, int g, int d, const uint8_t
 }
 
 // Constant-initialised: no code from this file runs before the CPU check.
-constexpr AttnKernels kAttnAvx2{SimdLevel::avx2, score_codes_avx2, accumulate_codes_avx2,
-                                  score_dense_avx2, accumulate_dense_avx2};
+// exp(x) for x <= 0 as in attn-avx512.cpp, with 2^i built in the exponent
+// field: x is clamped at -87 so i + 127 >= 1 (exp(-87) ~ 1.6e-38 stands in for 0).
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 i = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(i, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(i, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+void softmax_chunk_avx2(float* s, int g, size_t n, float scale, float* m, float* l, float* corr) {
+  const __m256 vs = _mm256_set1_ps(scale);
+  const size_t n8 = n & ~size_t(7);
+  for (int h = 0; h < g; ++h) {
+    float* sh = s + size_t(h) * n;
+    __m256 mx = _mm256_set1_ps(-__builtin_inff());
+    for (size_t j = 0; j < n8; j += 8) mx = _mm256_max_ps(mx, _mm256_mul_ps(_mm256_loadu_ps(sh + j), vs));
+    float m_new = hmax8(mx);
+    for (size_t j = n8; j < n; ++j) m_new = sh[j] * scale > m_new ? sh[j] * scale : m_new;
+    const float m_old = m[h];
+    m_new = m_new > m_old ? m_new : m_old;
+    const __m256 vm = _mm256_set1_ps(m_new);
+    __m256 sum = _mm256_setzero_ps();
+    for (size_t j = 0; j < n8; j += 8) {
+      const __m256 w = exp_nonpositive(_mm256_fmsub_ps(_mm256_loadu_ps(sh + j), vs, vm));
+      _mm256_storeu_ps(sh + j, w);
+      sum = _mm256_add_ps(sum, w);
+    }
+    float total = hsum8(sum);
+    for (size_t j = n8; j < n; ++j) {
+      const float w = _mm256_cvtss_f32(exp_nonpositive(_mm256_set1_ps(sh[j] * scale - m_new)));
+      sh[j] = w;
+      total += w;
+    }
+    const float c = m_old == m_new ? 1.0f
+                    : m_old == -__builtin_inff()
+                        ? 0.0f
+                        : _mm256_cvtss_f32(exp_nonpositive(_mm256_set1_ps(m_old - m_new)));
+    corr[h] = c;
+    l[h] = l[h] * c + total;
+    m[h] = m_new;
+  }
+}
+
+constexpr AttnKernels kAttnAvx2{SimdLevel::avx2,       score_codes_avx2,
+                                accumulate_codes_avx2,  score_dense_avx2,
+                                accumulate_dense_avx2,  nullptr,
+                                nullptr,                nullptr,
+                                nullptr,                softmax_chunk_avx2};
 
 }  // namespace
 

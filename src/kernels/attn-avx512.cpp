@@ -3,17 +3,24 @@
 //
 // What is vectorised (d a multiple of 16; other d fall back to the reference):
 //  - tq-mse codes, any bits 1..8, 16 codes of a record at a time, no unpack
-//    buffer, no dequantised vector. bits <= 4: broadcast load, vpshufb,
-//    vpsrlvd, vpermps on a one-zmm table (4 ops per 16 codes); bits 5..8:
+//    buffer, no dequantised vector. bits = 4 (d % 32 == 0): one vpmovzxbd per
+//    32 codes and vpermps on each nibble, queries/accumulators permuted to
+//    match (Nib4Dec); bits <= 4 otherwise: broadcast load, vpmultishiftqb
+//    (VBMI) or vpshufb + vpsrlvd, vpermps on a one-zmm table; bits 5..8:
 //    pdep to bytes, widen to dwords, vpermt2ps (5) or a gather (6..8).
 //  - dense f32 / f16 (vcvtph2ps) / bf16 (zero-extend and shift left 16).
-//  - score: R records x G heads = 8 zmm accumulators per batch (G = 8, 4, 2, 1
-//    pieces of the GQA group, R = 8 / G records), q chunks loaded once per
-//    chunk and shared by the R records; one transposing hadd tree reduces the
-//    8 accumulators at the end; the record's scale multiplies the dot.
+//  - q8_0 / q4_0 blocks (BlockDec) and tq-prod's sign sketch (SignDec, +-1 by
+//    mask blend) through the same score / accumulate templates.
+//  - score: R records x G heads = 16 zmm accumulators per batch (G = 8, 4, 2, 1
+//    pieces of the GQA group, R = 16 / G records), q chunks loaded once per
+//    chunk (from a 64-byte aligned copy) and shared by the R records; one
+//    transposing shuffle tree (reduce16) reduces the 16 accumulators; the
+//    record's scale multiplies the dot.
 //  - accumulate: blocks of 32 records; per block the weights w * scale are
-//    precomputed, and G heads x C chunks (= 8 zmm) of the output stay in
+//    precomputed, and G heads x C chunks (<= 16 zmm) of the output stay in
 //    registers while the block's records stream through.
+//  - softmax_chunk: max, exp (polynomial + vscalefps) and sum, 16 keys a time.
+// Measured versions: docs/kernel-notes.md.
 //
 // Like kernels-avx512.cpp: nothing here may run before attn_kernels_avx512()
 // has checked the CPU, and no inline library code (std::min, containers) is
@@ -108,9 +115,24 @@ inline __m512i broadcast_chunk(const uint8_t* rec, int c) {
   else return _mm512_set1_epi64(static_cast<long long>(load_bytes<2 * B>(p)));
 }
 
-template <int B>
+// vpmultishiftqb (AVX512_VBMI) through inline assembly: the file is built
+// without -mavx512vbmi, and this path only runs once the CPU check found VBMI.
+inline __m512i multishift(__m512i ctrl, __m512i data) {
+  __m512i r;
+  __asm__("vpmultishiftqb %2, %1, %0" : "=v"(r) : "v"(ctrl), "v"(data));
+  return r;
+}
+
+// Ms (bits <= 4, VBMI): one vpmultishiftqb moves bits [Bk, Bk + 8) of the
+// broadcast chunk into the low byte of dword k, replacing vpshufb + vpsrlvd
+// (the bits above B are don't-cares for the replicated table). bits = 3 reads
+// the chunk with one 8-byte broadcast load, 2 bytes past its 6: still inside
+// the record (the scale follows the codes).
+template <int B, bool Ms = false>
 struct CodeDec {
   static constexpr bool kScaled = true;
+  static constexpr int kStep = 1;
+  static_assert(!Ms || B <= 4);
   __m512 t0, t1;
   __m512i shuf, shift;
   const float* cent;
@@ -121,9 +143,14 @@ struct CodeDec {
     alignas(64) int32_t sh[16];
     for (int k = 0; k < 16; ++k) {
       const int b0 = (B * k) / 8;
-      sb[4 * k] = static_cast<int8_t>(b0);
-      sb[4 * k + 1] = static_cast<int8_t>(b0 + 1 < 16 ? b0 + 1 : -128);
-      sb[4 * k + 2] = sb[4 * k + 3] = -128;
+      if constexpr (Ms) {
+        sb[4 * k] = static_cast<int8_t>(B * k);
+        sb[4 * k + 1] = sb[4 * k + 2] = sb[4 * k + 3] = 0;
+      } else {
+        sb[4 * k] = static_cast<int8_t>(b0);
+        sb[4 * k + 1] = static_cast<int8_t>(b0 + 1 < 16 ? b0 + 1 : -128);
+        sb[4 * k + 2] = sb[4 * k + 3] = -128;
+      }
       sh[k] = (B * k) % 8;
     }
     shuf = _mm512_load_si512(sb);
@@ -140,7 +167,12 @@ struct CodeDec {
     }
   }
   __m512 load(const uint8_t* rec, int c) const {
-    if constexpr (B <= 4) {
+    if constexpr (Ms) {
+      __m512i x;
+      if constexpr (B == 3) x = _mm512_set1_epi64(static_cast<long long>(load_le<8>(rec + 6 * size_t(c))));
+      else x = broadcast_chunk<B>(rec, c);
+      return _mm512_permutexvar_ps(multishift(shuf, x), t0);
+    } else if constexpr (B <= 4) {
       const __m512i idx =
           _mm512_srlv_epi32(_mm512_shuffle_epi8(broadcast_chunk<B>(rec, c), shuf), shift);
       return _mm512_permutexvar_ps(idx, t0);
@@ -153,9 +185,104 @@ struct CodeDec {
   float scale(const uint8_t* rec) const { return load_scale(rec + scale_off, scale_f32); }
 };
 
+// 4-bit codes, two chunks (32 codes, 16 bytes) per step: vpmovzxbd puts
+// byte k (codes 2k, 2k+1) in dword k; vpermps reads only the low 4 bits of
+// each index, so the byte itself looks up the even code and the byte >> 4 the
+// odd one -- 2 shuffle-port ops per 16 codes plus a shift per 32, no
+// broadcast. The price is the coordinate order: a step yields coordinates
+// [32s, 32s+2, ..., 32s+30] then [32s+1, ..., 32s+31], so the caller hands
+// in queries and accumulators permuted that way (permute_pairs below).
+struct Nib4Dec {
+  static constexpr bool kScaled = true;
+  static constexpr int kStep = 2;
+  __m512 t0;
+  size_t scale_off;
+  bool scale_f32;
+  Nib4Dec(const float* c, size_t so, bool sf) : t0(_mm512_loadu_ps(c)), scale_off(so), scale_f32(sf) {}
+  void load_step(const uint8_t* rec, int c, __m512* x) const {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + 8 * size_t(c))));
+    x[0] = _mm512_permutexvar_ps(b, t0);
+    x[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), t0);
+  }
+  float scale(const uint8_t* rec) const { return load_scale(rec + scale_off, scale_f32); }
+};
+
+// [32 natural] <-> [16 even | 16 odd] per 32 floats; rows of d (d % 32 == 0).
+inline void permute_pairs(const float* in, int rows, int d, float* out) {
+  const __m512i ie = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i io = _mm512_add_epi32(ie, _mm512_set1_epi32(1));
+  for (size_t i = 0; i < size_t(rows) * d; i += 32) {
+    const __m512 lo = _mm512_loadu_ps(in + i), hi = _mm512_loadu_ps(in + i + 16);
+    _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(lo, ie, hi));
+    _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(lo, io, hi));
+  }
+}
+inline void unpermute_pairs(const float* in, int rows, int d, float* out) {
+  const __m512i il = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i ih = _mm512_add_epi32(il, _mm512_set1_epi32(8));
+  for (size_t i = 0; i < size_t(rows) * d; i += 32) {
+    const __m512 e = _mm512_loadu_ps(in + i), o = _mm512_loadu_ps(in + i + 16);
+    _mm512_storeu_ps(out + i, _mm512_permutex2var_ps(e, il, o));
+    _mm512_storeu_ps(out + i + 16, _mm512_permutex2var_ps(e, ih, o));
+  }
+}
+
+// q8_0 (Q8) / q4_0 blocks, one block (two chunks) per step, natural order:
+// q8_0 sign-extends 16 int8 to dwords and converts; q4_0 widens the 16 bytes
+// once and looks both nibbles up in the table (i - 8) with vpermps (low 4 bits
+// of the index only). Each chunk is multiplied by the block's fp16 scale.
+template <bool Q8>
+struct BlockDec {
+  static constexpr bool kScaled = false;
+  static constexpr int kStep = 2;
+  static constexpr size_t kBytes = Q8 ? 34 : 18;
+  __m512 tab = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+  void load_step(const uint8_t* rec, int c, __m512* x) const {
+    const uint8_t* blk = rec + kBytes * size_t(c / 2);
+    uint16_t h;
+    std::memcpy(&h, blk, sizeof h);
+    const __m512 sc = _mm512_set1_ps(_cvtsh_ss(h));
+    if constexpr (Q8) {
+      for (int t = 0; t < 2; ++t) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2 + 16 * t));
+        x[t] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), sc);
+      }
+    } else {
+      const __m512i b =
+          _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)));
+      x[0] = _mm512_mul_ps(_mm512_permutexvar_ps(b, tab), sc);
+      x[1] = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tab), sc);
+    }
+  }
+  float scale(const uint8_t*) const { return 1.0f; }
+};
+
+// Sign bits -> +-1: 16 bits of the sketch as a mask, one blend per chunk;
+// the record's weight factor * norm is the "scale".
+struct SignDec {
+  static constexpr bool kScaled = true;
+  static constexpr int kStep = 1;
+  size_t sign_off, norm_off;
+  float factor;
+  bool norm_f32;
+  __m512 load(const uint8_t* rec, int c) const {
+    uint16_t bits;
+    std::memcpy(&bits, rec + sign_off + 2 * size_t(c), sizeof bits);
+    return _mm512_mask_blend_ps(bits, _mm512_set1_ps(-1.0f), _mm512_set1_ps(1.0f));
+  }
+  float scale(const uint8_t* rec) const { return factor * load_scale(rec + norm_off, norm_f32); }
+};
+
+template <class Dec>
+inline void load_step(const Dec& dec, const uint8_t* rec, int c, __m512* x) {
+  if constexpr (Dec::kStep == 1) x[0] = dec.load(rec, c);
+  else dec.load_step(rec, c, x);
+}
+
 template <int K>
 struct DenseDec {
   static constexpr bool kScaled = false;
+  static constexpr int kStep = 1;
   __m512 load(const uint8_t* rec, int c) const {
     if constexpr (K == 0) {
       return _mm512_loadu_ps(reinterpret_cast<const float*>(rec + 64 * size_t(c)));
@@ -168,65 +295,90 @@ struct DenseDec {
   float scale(const uint8_t*) const { return 1.0f; }
 };
 
-// The 8 horizontal sums of a[0..7], in order.
-inline __m256 reduce8(const __m512* a) {
-  __m256 y[8];
+// The 16 horizontal sums of a[0..15] in one vector: lane i holds the sum of
+// a[4 * (i % 4) + i / 4]. A transposing tree of 30 in-lane/128-bit shuffles
+// and 15 adds (two hadd trees of 8 cost ~70 shuffle-port ops).
+inline __m512 reduce16(const __m512* a) {
+  __m512 t[8], v[4], z[2];
   for (int k = 0; k < 8; ++k)
-    y[k] = _mm256_add_ps(_mm512_castps512_ps256(a[k]), _mm512_extractf32x8_ps(a[k], 1));
-  const __m256 h01 = _mm256_hadd_ps(y[0], y[1]), h23 = _mm256_hadd_ps(y[2], y[3]);
-  const __m256 h45 = _mm256_hadd_ps(y[4], y[5]), h67 = _mm256_hadd_ps(y[6], y[7]);
-  const __m256 h0123 = _mm256_hadd_ps(h01, h23), h4567 = _mm256_hadd_ps(h45, h67);
-  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+    t[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)
+    v[k] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * k], t[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)
+    z[k] = _mm512_add_ps(_mm512_shuffle_ps(v[2 * k], v[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(v[2 * k], v[2 * k + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
 
-// G heads x R records (G * R == 8) per batch.
+// G heads x R records (G * R == 16) per batch: 16 zmm accumulators, the q
+// chunks loaded once per chunk and shared by R records, one reduce16 per batch.
 template <class Dec, int G, int R>
 void score_impl(const Dec& dec, const float* q, int d, const uint8_t* recs, size_t stride, size_t n,
                 float* scores) {
-  static_assert(G * R == 8);
+  static_assert(G * R == 16);
   const int nc = d / 16;
   for (size_t j0 = 0; j0 < n; j0 += R) {
     const uint8_t* rp[R];
     for (int r = 0; r < R; ++r) rp[r] = recs + (j0 + r < n ? j0 + r : n - 1) * stride;
-    __m512 acc[8];
-    for (int k = 0; k < 8; ++k) acc[k] = _mm512_setzero_ps();
-    for (int c = 0; c < nc; ++c) {
-      __m512 qv[G];
-      for (int h = 0; h < G; ++h) qv[h] = _mm512_loadu_ps(q + size_t(h) * d + 16 * c);
+    __m512 acc[16];
+    for (int k = 0; k < 16; ++k) acc[k] = _mm512_setzero_ps();
+    constexpr int S = Dec::kStep;
+    for (int c = 0; c < nc; c += S) {
+      __m512 qv[S][G];
+      for (int t = 0; t < S; ++t)
+        for (int h = 0; h < G; ++h) qv[t][h] = _mm512_loadu_ps(q + size_t(h) * d + 16 * (c + t));
       for (int r = 0; r < R; ++r) {
-        const __m512 x = dec.load(rp[r], c);
-        for (int h = 0; h < G; ++h) acc[h * R + r] = _mm512_fmadd_ps(qv[h], x, acc[h * R + r]);
+        __m512 x[S];
+        load_step(dec, rp[r], c, x);
+        for (int t = 0; t < S; ++t)
+          for (int h = 0; h < G; ++h) acc[r * G + h] = _mm512_fmadd_ps(qv[t][h], x[t], acc[r * G + h]);
       }
     }
-    alignas(32) float s[8];
-    _mm256_store_ps(s, reduce8(acc));
+    alignas(64) float s[16];
+    _mm512_store_ps(s, reduce16(acc));
     for (int r = 0; r < R; ++r) {
       if (j0 + r >= n) break;
       const float sc = Dec::kScaled ? dec.scale(rp[r]) : 1.0f;
-      for (int h = 0; h < G; ++h) scores[h * n + j0 + r] = s[h * R + r] * sc;
+      for (int h = 0; h < G; ++h) {
+        const int k = r * G + h;
+        scores[h * n + j0 + r] = s[4 * (k % 4) + k / 4] * sc;
+      }
     }
   }
 }
 
+// Largest head_dim whose query rows are first copied to a 64-byte aligned
+// stack buffer (also the limit of the paired 4-bit path): the q chunks are
+// re-read for every batch of records, and unaligned zmm loads split across
+// cache lines.
+constexpr int kMaxAlignedD = 512;
+
 template <class Dec>
 void score_any(const Dec& dec, const float* q, int g, int d, const uint8_t* recs, size_t stride,
                size_t n, float* scores) {
+  alignas(64) float qa[8 * kMaxAlignedD];
   for (int h = 0; h < g;) {
     const int left = g - h;
     const float* qh = q + size_t(h) * d;
+    if (d <= kMaxAlignedD && (reinterpret_cast<uintptr_t>(qh) & 63) != 0) {
+      const int rows = left < 8 ? left : 8;
+      std::memcpy(qa, qh, sizeof(float) * size_t(rows) * d);
+      qh = qa;
+    }
     float* sh = scores + size_t(h) * n;
-    if (left >= 8) {
-      score_impl<Dec, 8, 1>(dec, qh, d, recs, stride, n, sh);
+    if (left >= 8 && Dec::kStep == 1) {  // (a step of 2 would need 16 q registers)
+      score_impl<Dec, 8, 2>(dec, qh, d, recs, stride, n, sh);
       h += 8;
     } else if (left >= 4) {
-      score_impl<Dec, 4, 2>(dec, qh, d, recs, stride, n, sh);
+      score_impl<Dec, 4, 4>(dec, qh, d, recs, stride, n, sh);
       h += 4;
     } else if (left >= 2) {
-      score_impl<Dec, 2, 4>(dec, qh, d, recs, stride, n, sh);
+      score_impl<Dec, 2, 8>(dec, qh, d, recs, stride, n, sh);
       h += 2;
     } else {
-      score_impl<Dec, 1, 8>(dec, qh, d, recs, stride, n, sh);
+      score_impl<Dec, 1, 16>(dec, qh, d, recs, stride, n, sh);
       h += 1;
     }
   }
@@ -245,7 +397,7 @@ inline void acc_block(const Dec& dec, const float* ws, int bl, const uint8_t* re
   const uint8_t* rec = rec0;
   for (int jj = 0; jj < bl; ++jj, rec += stride) {
     __m512 x[C];
-    for (int cc = 0; cc < C; ++cc) x[cc] = dec.load(rec, c0 + cc);
+    for (int cc = 0; cc < C; cc += Dec::kStep) load_step(dec, rec, c0 + cc, x + cc);
     for (int h = 0; h < G; ++h) {
       const __m512 wv = _mm512_set1_ps(ws[jj * G + h]);
       for (int cc = 0; cc < C; ++cc) a[h * C + cc] = _mm512_fmadd_ps(wv, x[cc], a[h * C + cc]);
@@ -259,7 +411,7 @@ inline void acc_block(const Dec& dec, const float* ws, int bl, const uint8_t* re
 template <class Dec, int G>
 void accumulate_impl(const Dec& dec, const float* w, size_t wstride, int d, const uint8_t* recs,
                      size_t stride, size_t n, float* acc) {
-  constexpr int C = 8 / G;
+  constexpr int C = G >= 2 ? 16 / G : 8;  // G x C <= 16 zmm of output in registers
   const int nc = d / 16;
   float ws[kBlock * G];
   for (size_t j0 = 0; j0 < n; j0 += kBlock) {
@@ -271,7 +423,7 @@ void accumulate_impl(const Dec& dec, const float* w, size_t wstride, int d, cons
     }
     int c0 = 0;
     for (; c0 + C <= nc; c0 += C) acc_block<Dec, G, C>(dec, ws, bl, rec0, stride, d, c0, acc);
-    for (; c0 < nc; ++c0) acc_block<Dec, G, 1>(dec, ws, bl, rec0, stride, d, c0, acc);
+    for (; c0 < nc; c0 += Dec::kStep) acc_block<Dec, G, Dec::kStep>(dec, ws, bl, rec0, stride, d, c0, acc);
   }
 }
 
@@ -298,6 +450,9 @@ void accumulate_any(const Dec& dec, const float* w, int g, int d, const uint8_t*
   }
 }
 
+constexpr int kMaxPairD = kMaxAlignedD;
+
+template <bool Vbmi>
 void score_codes_avx512(const float* q, int g, int d, const uint8_t* recs, size_t stride, size_t n,
                         int bits, const float* centroids, size_t scale_off, bool scale_f32,
                         float* scores) {
@@ -306,16 +461,27 @@ void score_codes_avx512(const float* q, int g, int d, const uint8_t* recs, size_
                                    scores);
     return;
   }
+  if (bits == 4 && d % 32 == 0 && d <= kMaxPairD) {
+    alignas(64) float qperm[8 * kMaxPairD];
+    const Nib4Dec dec(centroids, scale_off, scale_f32);
+    for (int h0 = 0; h0 < g; h0 += 8) {
+      const int gg = g - h0 < 8 ? g - h0 : 8;
+      permute_pairs(q + size_t(h0) * d, gg, d, qperm);
+      score_any(dec, qperm, gg, d, recs, stride, n, scores + size_t(h0) * n);
+    }
+    return;
+  }
   switch (bits) {
 #define TQ_CASE(B)                                                                        \
   case B:                                                                                 \
-    score_any(CodeDec<B>(centroids, scale_off, scale_f32), q, g, d, recs, stride, n, scores); \
+    score_any(CodeDec<B, Vbmi && B <= 4>(centroids, scale_off, scale_f32), q, g, d, recs, stride, n, scores); \
     return;
     TQ_CASE(1) TQ_CASE(2) TQ_CASE(3) TQ_CASE(4) TQ_CASE(5) TQ_CASE(6) TQ_CASE(7) TQ_CASE(8)
 #undef TQ_CASE
   }
 }
 
+template <bool Vbmi>
 void accumulate_codes_avx512(const float* w, int g, int d, const uint8_t* recs, size_t stride,
                              size_t n, int bits, const float* centroids, size_t scale_off,
                              bool scale_f32, float* acc) {
@@ -324,10 +490,22 @@ void accumulate_codes_avx512(const float* w, int g, int d, const uint8_t* recs, 
                                         scale_f32, acc);
     return;
   }
+  if (bits == 4 && d % 32 == 0 && d <= kMaxPairD) {
+    alignas(64) float aperm[8 * kMaxPairD];
+    const Nib4Dec dec(centroids, scale_off, scale_f32);
+    for (int h0 = 0; h0 < g; h0 += 8) {
+      const int gg = g - h0 < 8 ? g - h0 : 8;
+      float* ah = acc + size_t(h0) * d;
+      permute_pairs(ah, gg, d, aperm);
+      accumulate_any(dec, w + size_t(h0) * n, gg, d, recs, stride, n, aperm);
+      unpermute_pairs(aperm, gg, d, ah);
+    }
+    return;
+  }
   switch (bits) {
 #define TQ_CASE(B)                                                                              \
   case B:                                                                                       \
-    accumulate_any(CodeDec<B>(centroids, scale_off, scale_f32), w, g, d, recs, stride, n, acc); \
+    accumulate_any(CodeDec<B, Vbmi && B <= 4>(centroids, scale_off, scale_f32), w, g, d, recs, stride, n, acc); \
     return;
     TQ_CASE(1) TQ_CASE(2) TQ_CASE(3) TQ_CASE(4) TQ_CASE(5) TQ_CASE(6) TQ_CASE(7) TQ_CASE(8)
 #undef TQ_CASE
@@ -360,13 +538,128 @@ void accumulate_dense_avx512(int kind, const float* w, int g, int d, const uint8
   }
 }
 
+void score_blocks_avx512(int kind, const float* q, int g, int d, const uint8_t* recs,
+                         size_t stride, size_t n, float* scores) {
+  if (d % 32 != 0 || n == 0 || kind < 0 || kind > 1) {
+    attn_kernels_ref().score_blocks(kind, q, g, d, recs, stride, n, scores);
+    return;
+  }
+  if (kind == 0) score_any(BlockDec<true>{}, q, g, d, recs, stride, n, scores);
+  else score_any(BlockDec<false>{}, q, g, d, recs, stride, n, scores);
+}
+
+void accumulate_blocks_avx512(int kind, const float* w, int g, int d, const uint8_t* recs,
+                              size_t stride, size_t n, float* acc) {
+  if (d % 32 != 0 || n == 0 || kind < 0 || kind > 1) {
+    attn_kernels_ref().accumulate_blocks(kind, w, g, d, recs, stride, n, acc);
+    return;
+  }
+  if (kind == 0) accumulate_any(BlockDec<true>{}, w, g, d, recs, stride, n, acc);
+  else accumulate_any(BlockDec<false>{}, w, g, d, recs, stride, n, acc);
+}
+
+void score_signs_avx512(const float* q, int g, int m, const uint8_t* recs, size_t stride, size_t n,
+                        size_t sign_off, float factor, size_t norm_off, bool norm_f32,
+                        float* scores) {
+  if (m % 16 != 0 || n == 0) {
+    attn_kernels_ref().score_signs(q, g, m, recs, stride, n, sign_off, factor, norm_off, norm_f32,
+                                   scores);
+    return;
+  }
+  score_any(SignDec{sign_off, norm_off, factor, norm_f32}, q, g, m, recs, stride, n, scores);
+}
+
+void accumulate_signs_avx512(const float* w, int g, int m, const uint8_t* recs, size_t stride,
+                             size_t n, size_t sign_off, float factor, size_t norm_off,
+                             bool norm_f32, float* acc) {
+  if (m % 16 != 0 || n == 0) {
+    attn_kernels_ref().accumulate_signs(w, g, m, recs, stride, n, sign_off, factor, norm_off,
+                                        norm_f32, acc);
+    return;
+  }
+  accumulate_any(SignDec{sign_off, norm_off, factor, norm_f32}, w, g, m, recs, stride, n, acc);
+}
+
+// exp(x) for x <= 0: x = i ln2 + r with i = round(x / ln2), |r| <= ln2 / 2
+// (Cody-Waite split of ln2, so r is exact to ~1 ulp), a degree-7 Taylor
+// polynomial for e^r (truncation < 5e-9 relative) and vscalefps for 2^i,
+// which underflows gracefully to 0. x is clamped at -104 so -inf gives 0, not NaN.
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+  const __m512 i = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(i, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(i, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, i);
+}
+
+void softmax_chunk_avx512(float* s, int g, size_t n, float scale, float* m, float* l,
+                          float* corr) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  const size_t n16 = n & ~size_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - n16)) - 1);
+  for (int h = 0; h < g; ++h) {
+    float* sh = s + size_t(h) * n;
+    __m512 mx = _mm512_set1_ps(-__builtin_inff());
+    size_t j = 0;
+    for (; j < n16; j += 16) mx = _mm512_max_ps(mx, _mm512_mul_ps(_mm512_loadu_ps(sh + j), vs));
+    if (tail)
+      mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, sh + j), vs));
+    const float m_old = m[h];
+    float m_new = _mm512_reduce_max_ps(mx);
+    m_new = m_new > m_old ? m_new : m_old;
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < n16; j += 16) {
+      const __m512 w = exp_nonpositive(_mm512_fmsub_ps(_mm512_loadu_ps(sh + j), vs, vm));
+      _mm512_storeu_ps(sh + j, w);
+      sum = _mm512_add_ps(sum, w);
+    }
+    if (tail) {
+      const __m512 w = exp_nonpositive(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, sh + j), vs, vm));
+      _mm512_mask_storeu_ps(sh + j, tail, w);
+      sum = _mm512_mask_add_ps(sum, tail, sum, w);
+    }
+    const float c = m_old == m_new ? 1.0f
+                    : m_old == -__builtin_inff()
+                        ? 0.0f
+                        : _mm512_cvtss_f32(exp_nonpositive(_mm512_set1_ps(m_old - m_new)));
+    corr[h] = c;
+    l[h] = l[h] * c + _mm512_reduce_add_ps(sum);
+    m[h] = m_new;
+  }
+}
+
 // Constant-initialised: no code from this file runs before the CPU check.
-constexpr AttnKernels kAttnAvx512{SimdLevel::avx512, score_codes_avx512, accumulate_codes_avx512,
-                                  score_dense_avx512, accumulate_dense_avx512};
+constexpr AttnKernels kAttnAvx512{SimdLevel::avx512,             score_codes_avx512<false>,
+                                  accumulate_codes_avx512<false>, score_dense_avx512,
+                                  accumulate_dense_avx512,        score_blocks_avx512,
+                                  accumulate_blocks_avx512,       score_signs_avx512,
+                                  accumulate_signs_avx512,        softmax_chunk_avx512};
+// The same with the VBMI code decoder (bits <= 4), picked when the CPU has it.
+constexpr AttnKernels kAttnAvx512Vbmi{SimdLevel::avx512,            score_codes_avx512<true>,
+                                      accumulate_codes_avx512<true>, score_dense_avx512,
+                                      accumulate_dense_avx512,       score_blocks_avx512,
+                                      accumulate_blocks_avx512,      score_signs_avx512,
+                                      accumulate_signs_avx512,       softmax_chunk_avx512};
 
 }  // namespace
 
 __attribute__((target("arch=x86-64"))) const AttnKernels* attn_kernels_avx512() {
+  static const bool ok = cpu_supports(SimdLevel::avx512);
+  static const bool vbmi = ok && __builtin_cpu_supports("avx512vbmi");
+  return ok ? (vbmi ? &kAttnAvx512Vbmi : &kAttnAvx512) : nullptr;
+}
+
+__attribute__((target("arch=x86-64"))) const AttnKernels* attn_kernels_avx512_no_vbmi() {
   static const bool ok = cpu_supports(SimdLevel::avx512);
   return ok ? &kAttnAvx512 : nullptr;
 }

@@ -100,6 +100,20 @@ void BlockQuantizer::decode_domain(const uint8_t* rec, float* x) const {
   }
 }
 
+void BlockQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                           float* scores) const {
+  const auto& k = kernels::attn_kernels_for(simd());
+  if (!k.score_blocks) return Quantizer::score(qp, g, recs, stride, n, scores);
+  k.score_blocks(spec().method == Method::q8_0 ? 0 : 1, qp, g, dim(), recs, stride, n, scores);
+}
+
+void BlockQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
+                                size_t n, float* acc) const {
+  const auto& k = kernels::attn_kernels_for(simd());
+  if (!k.accumulate_blocks) return Quantizer::accumulate(w, g, recs, stride, n, acc);
+  k.accumulate_blocks(spec().method == Method::q8_0 ? 0 : 1, w, g, dim(), recs, stride, n, acc);
+}
+
 DenseQuantizer::DenseQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd)
     : Quantizer(spec, dim, seed, simd) {}
 

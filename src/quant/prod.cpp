@@ -9,7 +9,9 @@
 #include <cmath>
 #include <cstring>
 #include <numbers>
+#include <vector>
 
+#include "kernels/attn_kernels.hpp"
 #include "quant/quantizers.hpp"
 #include "quant/scratch.hpp"
 #include "turboquant/error.hpp"
@@ -147,8 +149,46 @@ ProdQuantizer::Fields ProdQuantizer::read_record(const uint8_t* rec, uint8_t* si
   return f;
 }
 
+namespace {
+// Per-thread regrouping buffers for the kernel path (grown once, then reused).
+float* prod_buffer(int which, size_t n) {
+  thread_local std::vector<float> b[3];
+  if (b[which].size() < n) b[which].resize(n);
+  return b[which].data();
+}
+}  // namespace
+
+// With the attention kernels (attn_kernels.hpp): the MSE part is a tq-mse
+// score on the codes (scale at its offset), the sketch part a sign-sketch
+// score weighted by c * |r|; the query rows [Rq | SRq] are split into the two
+// contiguous [g, d] and [g, m] blocks the kernels read.
 void ProdQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
                           float* scores) const {
+  const auto& ak = kernels::attn_kernels_for(simd());
+  if (ak.score_signs) {
+    const int d = dim();
+    const size_t qf = query_floats(), sb = scale_bytes(spec().scale_type);
+    const bool f32 = spec().scale_type == ScaleType::f32;
+    float* qd = prod_buffer(0, size_t(g) * d);
+    float* qs = prod_buffer(1, size_t(g) * m_);
+    float* ss = prod_buffer(2, size_t(g) * n);
+    for (int h = 0; h < g; ++h) {
+      std::memcpy(qd + size_t(h) * d, qp + h * qf, sizeof(float) * d);
+      std::memcpy(qs + size_t(h) * m_, qp + h * qf + d, sizeof(float) * m_);
+    }
+    const size_t scale_off = codes_bytes_ + sketch_bytes_;
+    const size_t norm_off = scale_off + (stage_ ? sb : 0);
+    ak.score_signs(qs, g, m_, recs, stride, n, codes_bytes_, static_cast<float>(c_), norm_off, f32,
+                   ss);
+    if (stage_) {
+      ak.score_codes(qd, g, d, recs, stride, n, bits_ - 1, stage_->cb->centroids.data(), scale_off,
+                     f32, scores);
+      for (size_t i = 0; i < size_t(g) * n; ++i) scores[i] += ss[i];
+    } else {
+      std::memcpy(scores, ss, sizeof(float) * size_t(g) * n);
+    }
+    return;
+  }
   const int d = dim();
   const size_t qf = query_floats();
   Scratch s(std::max(d, m_));
@@ -166,6 +206,30 @@ void ProdQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t st
 
 void ProdQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride,
                                size_t n, float* acc) const {
+  const auto& ak = kernels::attn_kernels_for(simd());
+  if (ak.accumulate_signs) {
+    const int d = dim();
+    const size_t af = acc_floats(), sb = scale_bytes(spec().scale_type);
+    const bool f32 = spec().scale_type == ScaleType::f32;
+    float* ad = prod_buffer(0, size_t(g) * d);
+    float* as = prod_buffer(1, size_t(g) * m_);
+    for (int h = 0; h < g; ++h) {
+      std::memcpy(ad + size_t(h) * d, acc + h * af, sizeof(float) * d);
+      std::memcpy(as + size_t(h) * m_, acc + h * af + d, sizeof(float) * m_);
+    }
+    const size_t scale_off = codes_bytes_ + sketch_bytes_;
+    const size_t norm_off = scale_off + (stage_ ? sb : 0);
+    if (stage_)
+      ak.accumulate_codes(w, g, d, recs, stride, n, bits_ - 1, stage_->cb->centroids.data(),
+                          scale_off, f32, ad);
+    ak.accumulate_signs(w, g, m_, recs, stride, n, codes_bytes_, static_cast<float>(c_), norm_off,
+                        f32, as);
+    for (int h = 0; h < g; ++h) {
+      std::memcpy(acc + h * af, ad + size_t(h) * d, sizeof(float) * d);
+      std::memcpy(acc + h * af + d, as + size_t(h) * m_, sizeof(float) * m_);
+    }
+    return;
+  }
   const int d = dim();
   const size_t af = acc_floats();
   Scratch s(std::max(d, m_));

@@ -149,6 +149,11 @@ class BlockQuantizer final : public Quantizer {
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   TQ_ROTATED_DOMAIN_OVERRIDES
+  // Straight from the blocks where the level has block kernels (attn_kernels.hpp).
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
 
  protected:
   void decode_domain(const uint8_t* rec, float* out) const override;
