@@ -1,0 +1,268 @@
+// Split-KV decode attention over tq-mse pages (flash-decoding), CUDA cores.
+//
+// Grid (split, kv head, sequence); each block serves the whole GQA group of
+// its KV head, so every record it reads is scored against g query heads:
+//  1. the group's queries are rotated in shared memory (the K format's
+//     rotation: <Rq, c> * scale = <q, k_hat>);
+//  2. tiles of kTile tokens: one warp per token scores it from the codes
+//     (lanes split the coordinates, a shuffle reduction per head);
+//  3. fp32 online softmax per head (running max m, sum l);
+//  4. values accumulate in the V rotation's domain: acc_h += w_hj * scale_j * c_j;
+//  5. each split writes its normalised partial output and log-sum-exp.
+// A merge kernel joins the splits exactly (the merge_states rule), then maps
+// each output back with one inverse rotation.
+//
+// Correctness first (issue 5, step 1): byte loads from the records and
+// shared-memory accumulators. The tensor-core path comes next.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/kernels.hpp"
+
+namespace tq::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 32;  // tokens per softmax step
+constexpr float kNegInf = -INFINITY;
+
+// Code i of a packed record (little-endian bitstream). The byte after the
+// codes is the scale's, so reading two bytes never leaves the record.
+__device__ __forceinline__ int code_at(const uint8_t* rec, int i, int bits) {
+  const int bit = i * bits;
+  const unsigned v = unsigned(rec[bit >> 3]) | (unsigned(rec[(bit >> 3) + 1]) << 8);
+  return (v >> (bit & 7)) & ((1u << bits) - 1u);
+}
+
+__device__ __forceinline__ float scale_at(const uint8_t* rec, const MseDeviceFormat& f) {
+  const uint8_t* p = rec + f.code_bytes;
+  if (f.scale_f32)
+    return __uint_as_float(unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 |
+                           unsigned(p[3]) << 24);
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+}
+
+// In-place normalised FWHT of `rows` vectors of length D in shared memory by
+// the whole block (the sign flip is done by the caller where it belongs).
+template <int D>
+__device__ void block_fwht(float* x, int rows, float post_scale) {
+  for (int h = 1; h < D; h *= 2) {
+    for (int idx = threadIdx.x; idx < rows * (D / 2); idx += blockDim.x) {
+      const int r = idx / (D / 2), p = idx % (D / 2);
+      float* v = x + r * D;
+      const int j = (p / h) * 2 * h + p % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
+    }
+    __syncthreads();
+  }
+  for (int idx = threadIdx.x; idx < rows * D; idx += blockDim.x) x[idx] *= post_scale;
+  __syncthreads();
+}
+
+__device__ __forceinline__ bool key_visible(int q, int k, int window, int n_sinks) {
+  if (k > q) return false;
+  if (k < n_sinks) return true;
+  return window <= 0 || q - k < window;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    decode_split_kernel(DecodeAttentionParams p, const float* __restrict__ q,
+                        float* __restrict__ part_o, float* __restrict__ part_lse) {
+  const int split = blockIdx.x, hkv = blockIdx.y, seq = blockIdx.z;
+  const int g = p.group, n_heads_q = p.n_heads_kv * g;
+  extern __shared__ float smem[];
+  float* qs = smem;                 // [g, D] rotated queries
+  float* acc = qs + g * D;          // [g, D]
+  float* sc = acc + g * D;          // [g, kTile] scores, then weights * v scale
+  float* m = sc + g * kTile;        // [g]
+  float* l = m + g;                 // [g]
+  float* corr = l + g;              // [g]
+  float* kcent = corr + g;          // [2^kbits]
+  float* vcent = kcent + (1 << p.k.bits);  // [2^vbits]
+  float* vscale = vcent + (1 << p.v.bits);  // [kTile]
+
+  const int len = p.lengths[seq];
+  const int span = p.split_pages * p.page_tokens;
+  const int t0 = split * span;
+  const int t1 = min(len, t0 + span);
+  const size_t out_row = (size_t(seq) * n_heads_q + size_t(hkv) * g) * p.n_splits + split;
+  if (t0 >= t1) {  // an empty split is neutral in the merge
+    for (int h = threadIdx.x; h < g; h += blockDim.x) part_lse[out_row + size_t(h) * p.n_splits] = kNegInf;
+    for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) {
+      const int h = idx / D, i = idx % D;
+      part_o[(out_row + size_t(h) * p.n_splits) * D + i] = 0.0f;
+    }
+    return;
+  }
+
+  const float* qg = q + (size_t(seq) * n_heads_q + size_t(hkv) * g) * D;
+  for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) {
+    qs[idx] = qg[idx] * p.k.signs[idx % D];
+    acc[idx] = 0.0f;
+  }
+  for (int h = threadIdx.x; h < g; h += blockDim.x) {
+    m[h] = kNegInf;
+    l[h] = 0.0f;
+  }
+  for (int c = threadIdx.x; c < (1 << p.k.bits); c += blockDim.x) kcent[c] = p.k.centroids[c];
+  for (int c = threadIdx.x; c < (1 << p.v.bits); c += blockDim.x) vcent[c] = p.v.centroids[c];
+  __syncthreads();
+  block_fwht<D>(qs, g, p.k.post_scale);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q_pos = len - 1;
+  const int* ptab = p.page_table + size_t(seq) * p.max_pages_per_seq;
+  const size_t k_region = 0, v_region = p.v_region_offset;
+  auto record = [&](int t, size_t region, int rec_bytes) {
+    const int page = ptab[t / p.page_tokens], slot = t % p.page_tokens;
+    return p.pool + size_t(page) * p.page_bytes + region +
+           (size_t(hkv) * p.page_tokens + slot) * rec_bytes;
+  };
+
+  for (int tile = t0; tile < t1; tile += kTile) {
+    // 1. Scores: warp w takes tokens w, w + kWarps, ... of the tile.
+    for (int tt = warp; tt < kTile; tt += kWarps) {
+      const int t = tile + tt;
+      const bool live = t < t1 && key_visible(q_pos, t, p.window, p.n_sinks);
+      if (!live) {  // uniform across the warp
+        if (lane < g) sc[lane * kTile + tt] = kNegInf;
+        for (int h = 32 + lane; h < g; h += 32) sc[h * kTile + tt] = kNegInf;
+        if (lane == 0) vscale[tt] = 0.0f;
+        continue;
+      }
+      const uint8_t* krec = record(t, k_region, p.k.record_bytes);
+      float c[D / 32];
+#pragma unroll
+      for (int r = 0; r < D / 32; ++r) c[r] = kcent[code_at(krec, lane + 32 * r, p.k.bits)];
+      const float ks = scale_at(krec, p.k);
+      for (int h = 0; h < g; ++h) {
+        float s = 0.0f;
+#pragma unroll
+        for (int r = 0; r < D / 32; ++r) s += qs[h * D + lane + 32 * r] * c[r];
+#pragma unroll
+        for (int o = 16; o >= 1; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) {
+          float logit = s * ks * p.sm_scale;
+          if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
+          sc[h * kTile + tt] = logit;
+        }
+      }
+      if (lane == 0) vscale[tt] = scale_at(record(t, v_region, p.v.record_bytes), p.v);
+    }
+    __syncthreads();
+    // 2. Online softmax, one thread per head.
+    for (int h = threadIdx.x; h < g; h += blockDim.x) {
+      float* s = sc + h * kTile;
+      float mx = kNegInf;
+      for (int j = 0; j < kTile; ++j) mx = fmaxf(mx, s[j]);
+      const float m_new = fmaxf(m[h], mx);
+      if (m_new == kNegInf) {  // nothing visible yet
+        corr[h] = 1.0f;
+        for (int j = 0; j < kTile; ++j) s[j] = 0.0f;
+        continue;
+      }
+      const float cr = expf(m[h] - m_new);  // 0 when m was -inf
+      float sum = 0.0f;
+      for (int j = 0; j < kTile; ++j) {
+        const float w = s[j] == kNegInf ? 0.0f : expf(s[j] - m_new);
+        sum += w;
+        s[j] = w * vscale[j];
+      }
+      l[h] = l[h] * cr + sum;
+      m[h] = m_new;
+      corr[h] = cr;
+    }
+    __syncthreads();
+    // 3. Values: each thread owns coordinates i = tid, tid + kThreads, ...
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+      for (int h = 0; h < g; ++h) acc[h * D + i] *= corr[h];
+      const int n = min(kTile, t1 - tile);
+      for (int tt = 0; tt < n; ++tt) {
+        if (vscale[tt] == 0.0f) continue;  // masked (or a zero vector: adds nothing)
+        const float cv = vcent[code_at(record(tile + tt, v_region, p.v.record_bytes), i, p.v.bits)];
+        for (int h = 0; h < g; ++h) acc[h * D + i] += sc[h * kTile + tt] * cv;
+      }
+    }
+    __syncthreads();
+  }
+
+  for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) {
+    const int h = idx / D, i = idx % D;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+    part_o[(out_row + size_t(h) * p.n_splits) * D + i] = acc[idx] * inv;
+  }
+  for (int h = threadIdx.x; h < g; h += blockDim.x)
+    part_lse[out_row + size_t(h) * p.n_splits] = l[h] > 0.0f ? m[h] + logf(l[h]) : kNegInf;
+}
+
+// One block of D threads per (query head, sequence): merge the splits, then
+// the inverse V rotation R^T = D H / sqrt(D): FWHT, scale, signs.
+template <int D>
+__global__ void __launch_bounds__(D)
+    decode_merge_kernel(DecodeAttentionParams p, const float* __restrict__ part_o,
+                        const float* __restrict__ part_lse, float* __restrict__ out,
+                        float* __restrict__ lse) {
+  __shared__ float x[D];
+  const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
+  const int n_heads_q = p.n_heads_kv * p.group;
+  const size_t row = (size_t(seq) * n_heads_q + hq) * p.n_splits;
+  float mx = kNegInf;
+  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, part_lse[row + s]);
+  float o = 0.0f, sum = 0.0f;
+  if (mx != kNegInf) {
+    for (int s = 0; s < p.n_splits; ++s) {
+      const float ls = part_lse[row + s];
+      if (ls == kNegInf) continue;
+      const float w = expf(ls - mx);
+      sum += w;
+      o += w * part_o[(row + s) * D + i];
+    }
+    o /= sum;
+  }
+  x[i] = o;
+  __syncthreads();
+  block_fwht<D>(x, 1, p.v.post_scale);
+  out[(size_t(seq) * n_heads_q + hq) * D + i] = x[i] * p.v.signs[i];
+  if (lse != nullptr && i == 0)
+    lse[size_t(seq) * n_heads_q + hq] = mx == kNegInf ? kNegInf : mx + logf(sum);
+}
+
+template <int D>
+void launch(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
+            float* out, float* lse, cudaStream_t stream) {
+  const int g = p.group;
+  const size_t smem =
+      sizeof(float) * (size_t(2 * g * D) + g * kTile + 3 * g + (1 << p.k.bits) +
+                       (1 << p.v.bits) + kTile);
+  if (smem > 48 * 1024)
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(decode_split_kernel<D>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(p.n_splits, p.n_heads_kv, p.n_seqs);
+  decode_split_kernel<D><<<grid, kThreads, smem, stream>>>(p, q, part_o, part_lse);
+  TQ_CUDA_CHECK_LAUNCH();
+  decode_merge_kernel<D><<<dim3(p.n_heads_kv * g, p.n_seqs), D, 0, stream>>>(p, part_o, part_lse,
+                                                                              out, lse);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                             float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+  if (p.n_seqs == 0) return;
+  switch (p.k.dim) {
+    case 64: return launch<64>(p, q, partial_o, partial_lse, out, lse, stream);
+    case 128: return launch<128>(p, q, partial_o, partial_lse, out, lse, stream);
+    case 256: return launch<256>(p, q, partial_o, partial_lse, out, lse, stream);
+  }
+  TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
+}
+
+}  // namespace tq::cuda
