@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_util.hpp"
 #include "commands.hpp"
 #include "turboquant/error.hpp"
 #include "turboquant/eval.hpp"
@@ -31,32 +32,6 @@ struct Args {
   bool json = false, allow_unsupported = false;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ','))
-    if (!t.empty()) out.push_back(t);
-  return out;
-}
-
-std::vector<int> parse_layers(const std::string& s, int n_layers) {
-  std::vector<int> out;
-  for (const auto& t : split(s)) {
-    size_t pos = 0;
-    int v = 0;
-    try {
-      v = std::stoi(t, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    TQ_REQUIRE(pos == t.size(), "--dense-layers: '", t, "' is not a layer index");
-    if (v < 0) v += n_layers;  // -1 = last layer
-    TQ_REQUIRE(v >= 0 && v < n_layers, "--dense-layers: layer ", t, " is outside 0..", n_layers - 1);
-    out.push_back(v);
-  }
-  return out;
-}
 
 // "prose" / "code": the installed defaults; anything else is a file.
 EvalText load_text(const std::string& arg) {
@@ -70,7 +45,7 @@ EvalText load_text(const std::string& arg) {
 }
 
 int run(const Args& a) {
-  const std::vector<std::string> presets = split(a.presets);
+  const std::vector<std::string> presets = split_list(a.presets);
   TQ_REQUIRE(!presets.empty(), "--kv: no preset given (e.g. --kv turbo4,paper_mse)");
   for (const auto& p : presets) find_kv_preset(p);  // unknown names fail before the model loads
   find_kv_preset(a.reference);
@@ -99,7 +74,7 @@ int run(const Args& a) {
   o.bos = tok.add_bos_default() ? tok.bos_id() : -1;
   o.reference = a.reference;
   o.dense_window = a.dense_window;
-  o.dense_layers = parse_layers(a.dense_layers, c.n_layers);
+  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers);
   const bool bar = isatty(fileno(stderr));
   const auto t0 = std::chrono::steady_clock::now();
   if (bar)

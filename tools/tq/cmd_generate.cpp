@@ -3,6 +3,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_util.hpp"
 #include "commands.hpp"
 #include "turboquant/error.hpp"
 #include "turboquant/generate.hpp"
@@ -24,24 +25,6 @@ struct Args {
   std::string compare;  // a second preset run on the same prompt, e.g. dense-f16
 };
 
-std::vector<int> parse_layers(const std::string& s) {
-  std::vector<int> out;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ',')) {
-    if (t.empty()) continue;
-    size_t pos = 0;
-    int v = 0;
-    try {
-      v = std::stoi(t, &pos);
-    } catch (...) {
-      pos = 0;
-    }
-    TQ_REQUIRE(pos == t.size(), "--dense-layers: '", t, "' is not a layer index");
-    out.push_back(v);
-  }
-  return out;
-}
 
 int run(const Args& a) {
   const std::string path = resolve_model(a.model);
@@ -51,9 +34,7 @@ int run(const Args& a) {
   o.preset = a.preset;
   o.k_start = a.k_start;
   o.dense_window = a.dense_window;
-  o.dense_layers = parse_layers(a.dense_layers);
-  for (int& l : o.dense_layers)
-    if (l < 0) l += model->config().n_layers;  // -1 = last layer
+  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, model->config().n_layers);
   o.max_tokens = a.n;
   o.chat = a.chat;
   o.threads = a.threads;

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_util.hpp"
 #include "commands.hpp"
 #include "turboquant/error.hpp"
 #include "turboquant/model.hpp"
@@ -21,22 +22,14 @@ struct Args {
   bool json = false;
 };
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string t;
-  while (std::getline(ss, t, ','))
-    if (!t.empty()) out.push_back(t);
-  return out;
-}
 
 int run(const Args& a) {
   auto model = Model::load(resolve_model(a.model));
   const ModelConfig& c = model->config();
-  std::vector<int> contexts, threads;
-  for (const auto& s : split(a.contexts)) contexts.push_back(std::stoi(s));
-  for (const auto& s : split(a.threads)) threads.push_back(std::stoi(s));
-  const std::vector<std::string> presets = split(a.presets);
+  const std::vector<int> contexts = parse_int_list("--context", a.contexts);
+  const std::vector<int> threads = parse_int_list("--threads", a.threads);
+  for (int th : threads) TQ_REQUIRE(th >= 0 && th <= 1024, "--threads: ", th, " is outside 0..1024");
+  const std::vector<std::string> presets = split_list(a.presets);
   for (const auto& p : presets) find_kv_preset(p);
   for (int n : contexts)
     TQ_REQUIRE(n >= 1 && n + a.decode <= c.context_length, "--context ", n, " + ", a.decode,

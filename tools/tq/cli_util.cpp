@@ -1,0 +1,48 @@
+#include "cli_util.hpp"
+
+#include <sstream>
+
+#include "turboquant/error.hpp"
+
+namespace tq::cli {
+
+std::vector<std::string> split_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string t;
+  while (std::getline(ss, t, ','))
+    if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+int parse_int(const std::string& flag, const std::string& token) {
+  size_t pos = 0;
+  int v = 0;
+  try {
+    v = std::stoi(token, &pos);
+  } catch (...) {
+    pos = 0;
+  }
+  TQ_REQUIRE(pos == token.size() && !token.empty(), flag, ": '", token, "' is not an integer");
+  return v;
+}
+
+std::vector<int> parse_int_list(const std::string& flag, const std::string& s) {
+  std::vector<int> out;
+  for (const auto& t : split_list(s)) out.push_back(parse_int(flag, t));
+  TQ_REQUIRE(!out.empty(), flag, ": empty list");
+  return out;
+}
+
+std::vector<int> parse_layer_list(const std::string& flag, const std::string& s, int n_layers) {
+  std::vector<int> out;
+  for (const auto& t : split_list(s)) {
+    int v = parse_int(flag, t);
+    if (v < 0) v += n_layers;  // -1 = last layer
+    TQ_REQUIRE(v >= 0 && v < n_layers, flag, ": layer ", t, " is outside 0..", n_layers - 1);
+    out.push_back(v);
+  }
+  return out;
+}
+
+}  // namespace tq::cli
