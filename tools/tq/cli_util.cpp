@@ -3,6 +3,7 @@
 #include <sstream>
 
 #include "turboquant/error.hpp"
+#include "turboquant/kv_cache.hpp"
 
 namespace tq::cli {
 
@@ -12,6 +13,17 @@ std::vector<std::string> split_list(const std::string& s) {
   std::string t;
   while (std::getline(ss, t, ','))
     if (!t.empty()) out.push_back(t);
+  return out;
+}
+
+std::vector<std::string> split_presets(const std::string& s) {
+  std::vector<std::string> out;
+  for (const auto& piece : split_list(s)) {
+    bool starts = out.empty() || piece.rfind("k=", 0) == 0 || piece == "paper_prod_qjl";
+    for (const auto& p : kv_presets()) starts = starts || piece == p.name;
+    if (starts) out.push_back(piece);
+    else out.back() += "," + piece;
+  }
   return out;
 }
 

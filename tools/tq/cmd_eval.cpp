@@ -45,7 +45,7 @@ EvalText load_text(const std::string& arg) {
 }
 
 int run(const Args& a) {
-  const std::vector<std::string> presets = split_list(a.presets);
+  const std::vector<std::string> presets = split_presets(a.presets);
   TQ_REQUIRE(!presets.empty(), "--kv: no preset given (e.g. --kv turbo4,paper_mse)");
   for (const auto& p : presets) find_kv_preset(p);  // unknown names fail before the model loads
   find_kv_preset(a.reference);

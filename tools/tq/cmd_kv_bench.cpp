@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "cli_util.hpp"
 #include "commands.hpp"
 #include "turboquant/attention.hpp"
 #include "turboquant/error.hpp"
@@ -106,15 +107,8 @@ Result run_preset(const std::string& preset, const Args& a, const std::vector<fl
 int run(const Args& a) {
   TQ_REQUIRE(a.heads_q % a.heads_kv == 0, "--heads-q ", a.heads_q, " must be a multiple of --heads-kv ",
              a.heads_kv);
-  std::vector<std::string> presets;
-  {
-    std::stringstream ss(a.presets);
-    std::string p;
-    while (std::getline(ss, p, ',')) {
-      find_kv_preset(p);  // validate all names before any work
-      presets.push_back(p);
-    }
-  }
+  const std::vector<std::string> presets = split_presets(a.presets);
+  for (const auto& p : presets) find_kv_preset(p);  // validate all names before any work
   const std::vector<float> k = synthetic(a.context, a.heads_kv, a.dim, derive_seed(a.seed, "k"), true);
   const std::vector<float> v = synthetic(a.context, a.heads_kv, a.dim, derive_seed(a.seed, "v"), false);
   std::vector<float> q = synthetic(1, a.heads_q, a.dim, derive_seed(a.seed, "q"), true);

@@ -29,7 +29,7 @@ int run(const Args& a) {
   const std::vector<int> contexts = parse_int_list("--context", a.contexts);
   const std::vector<int> threads = parse_int_list("--threads", a.threads);
   for (int th : threads) TQ_REQUIRE(th >= 0 && th <= 1024, "--threads: ", th, " is outside 0..1024");
-  const std::vector<std::string> presets = split_list(a.presets);
+  const std::vector<std::string> presets = split_presets(a.presets);
   for (const auto& p : presets) find_kv_preset(p);
   for (int n : contexts)
     TQ_REQUIRE(n >= 1 && n + a.decode <= c.context_length, "--context ", n, " + ", a.decode,
