@@ -3,6 +3,7 @@
 // memory accounting, bad input, threads.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <thread>
 
@@ -320,6 +321,124 @@ TEST(KvCache, PrefillAttentionIsCausal) {
     const auto ref = dense_attention(qt, 2, kd, vd, 20, 1, 64, 15 + t, {});
     EXPECT_LE(norm_err(out.data() + t * 128, ref.data(), 128), 1e-5) << t;
   }
+}
+
+}  // namespace
+}  // namespace tq
+
+namespace tq {
+namespace {
+
+// Keys whose large channels differ by head: head h has 8 channels of scale
+// 20 at (5 h + 7 j) mod d, j = 0..7; the rest are N(0, 1) + 0.3.
+std::vector<float> outlier_keys(size_t n, int heads, int d, uint64_t seed) {
+  std::vector<float> x = test::random_gaussian(n * heads * d, seed);
+  for (size_t t = 0; t < n; ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < d; ++i) x[(t * heads + h) * d + i] += 0.3f;
+  for (size_t t = 0; t < n; ++t)
+    for (int h = 0; h < heads; ++h)
+      for (int j = 0; j < 8; ++j) x[(t * heads + h) * d + (5 * h + 7 * j) % d] *= 20.0f;
+  return x;
+}
+std::vector<int> planted(int h, int d) {
+  std::vector<int> c;
+  for (int j = 0; j < 8; ++j) c.push_back((5 * h + 7 * j) % d);
+  std::sort(c.begin(), c.end());
+  return c;
+}
+
+TEST(KvCacheOutliers, EachHeadCodesItsOwnLargeChannelsAtTheHigherWidth) {
+  const int H = 3, d = 64, hq = 12;
+  const size_t n = 300;
+  const auto k = outlier_keys(n, H, d, 1), v = outlier_keys(n, H, d, 2);
+  const auto q = test::random_gaussian(size_t(hq) * d, 3);
+  const auto ref = dense_attention(q, hq, k, v, n, H, d, int(n) - 1, {});
+  // Calibrated outliers against the same split with channels 0..7 (what the
+  // quantizer does without calibration) and against plain 4 bits.
+  KvCacheConfig cfg = KvCacheConfig::from_preset("k=tq-mse:b=4,hi=8,hb=8/v=tq-mse:b=4,hi=8,hb=8", 1, H, d);
+  cfg.page_tokens = 64;
+  KvCache cache(cfg);
+  const int seq = cache.add_sequence();
+  EXPECT_TRUE(cache.outlier_channels(0, 0, true).empty());  // not calibrated before the first token
+  cache.append(seq, 0, k.data(), v.data(), 100);
+  cache.append(seq, 0, k.data() + 100 * H * d, v.data() + 100 * H * d, int(n) - 100);
+  for (int h = 0; h < H; ++h) {
+    EXPECT_EQ(cache.outlier_channels(0, h, true), planted(h, d)) << "head " << h;
+    EXPECT_EQ(cache.outlier_channels(0, h, false), planted(h, d)) << "head " << h;
+  }
+  std::vector<float> out(q.size());
+  cache.attend(seq, 0, q.data(), hq, {}, out.data());
+  const double err = norm_err(out.data(), ref.data(), out.size());
+  // Attention on the records equals attention on what they decode to.
+  std::vector<float> kd(k.size()), vd(v.size());
+  cache.dequantize(seq, 0, kd.data(), vd.data());
+  const auto ref_dq = dense_attention(q, hq, kd, vd, n, H, d, int(n) - 1, {});
+  EXPECT_LE(norm_err(out.data(), ref_dq.data(), out.size()), 1e-5);
+
+  auto err_of = [&](const std::vector<int>* hi, const char* spec) {
+    std::vector<float> o(q.size());
+    std::vector<float> kk(k.size()), vv(v.size());
+    for (size_t t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        QuantizerOptions opt;
+        opt.seed = 5;
+        if (hi) opt.hi_channels = *hi;
+        auto qz = make_quantizer(parse_format(spec), d, opt);
+        std::vector<uint8_t> rec(qz->bytes_per_vector());
+        for (auto [src, dst] : {std::pair{&k, &kk}, std::pair{&v, &vv}}) {
+          qz->encode_one(src->data() + (t * H + h) * d, rec.data());
+          qz->decode_one(rec.data(), dst->data() + (t * H + h) * d);
+        }
+      }
+    const auto r = dense_attention(q, hq, kk, vv, n, H, d, int(n) - 1, {});
+    return norm_err(r.data(), ref.data(), r.size());
+  };
+  const std::vector<int> first8 = {0, 1, 2, 3, 4, 5, 6, 7};
+  const double err_first8 = err_of(&first8, "tq-mse:b=4,hi=8,hb=8");
+  const double err_plain = err_of(nullptr, "tq-mse:b=4");
+  std::printf("  rel err vs original K/V: calibrated %.5f, channels 0..7 %.5f, plain 4 bits %.5f\n", err,
+              err_first8, err_plain);
+  EXPECT_LT(err, 0.5 * err_first8);
+  EXPECT_LT(err, 0.5 * err_plain);
+}
+
+TEST(KvCacheOutliers, ChosenOnceFromTheFirstCompressedTokensAndKeptAcrossTrim) {
+  const int H = 2, d = 64;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("k=tq-mse:b=3,hi=8,hb=6/v=tq-mse:b=2.5", 2, H, d);
+  cfg.page_tokens = 16;
+  cfg.dense_window = 4;
+  KvCache cache(cfg);
+  const int seq = cache.add_sequence();
+  const auto k = outlier_keys(40, H, d, 7), v = kv_data(40, H, d, 8);
+  cache.append(seq, 1, k.data(), v.data(), 3);  // all in the window: nothing compressed yet
+  EXPECT_TRUE(cache.outlier_channels(1, 0, true).empty());
+  cache.append(seq, 1, k.data() + 3 * H * d, v.data() + 3 * H * d, 37);
+  for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(1, h, true), planted(h, d));
+  EXPECT_EQ(cache.outlier_channels(1, 0, false).size(), 32u);  // b=2.5 at d 64: 32 at 3 bits
+  EXPECT_TRUE(cache.outlier_channels(0, 0, true).empty());    // layer 0 untouched
+  // Different data after a trim to 0 does not re-choose them.
+  cache.trim(seq, 0);
+  const auto k2 = kv_data(40, H, d, 9);
+  cache.append(seq, 1, k2.data(), v.data(), 40);
+  for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(1, h, true), planted(h, d));
+  EXPECT_EQ(cache.k_quantizer(1, 1).bytes_per_vector(), cache.k_quantizer(1, 0).bytes_per_vector());
+}
+
+TEST(KvCacheOutliers, UpgradeChoosesThemFromTheDenseTokens) {
+  const int H = 2, d = 64;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("k=tq-mse:b=4,hi=8,hb=8/v=tq-mse:b=4", 1, H, d);
+  cfg.k_start = 50;
+  KvCache cache(cfg);
+  const int seq = cache.add_sequence();
+  const auto k = outlier_keys(60, H, d, 11), v = kv_data(60, H, d, 12);
+  cache.append(seq, 0, k.data(), v.data(), 49);
+  EXPECT_FALSE(cache.is_compressed(seq, 0));
+  EXPECT_TRUE(cache.outlier_channels(0, 0, true).empty());
+  cache.append(seq, 0, k.data() + 49 * H * d, v.data() + 49 * H * d, 11);
+  EXPECT_TRUE(cache.is_compressed(seq, 0));
+  for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(0, h, true), planted(h, d));
+  EXPECT_TRUE(cache.outlier_channels(0, 0, false).empty());  // V has no channel split
 }
 
 }  // namespace

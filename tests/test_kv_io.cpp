@@ -178,7 +178,8 @@ void populate(KvCache& c) {
 }
 
 const char* const kRoundTripPresets[] = {"paper_mse", "turbo2.5",  "paper_prod",
-                                         "polarquant", "q4_0", "dense-f16"};
+                                         "polarquant", "q4_0", "dense-f16",
+                                         "k=tq-mse:b=4,hi=8,hb=8/v=tq-mse:b=2.5"};
 
 TEST(KvIo, SaveLoadIsBitExact) {
   TempDir dir;
@@ -190,7 +191,7 @@ TEST(KvIo, SaveLoadIsBitExact) {
       populate(a);
       if (k_start > 0) ASSERT_FALSE(a.is_compressed(0, 1));
       if (!is_dense(cfg.k_format.method)) ASSERT_TRUE(a.is_compressed(0, 0));
-      const std::string path = dir.file(std::string(preset) + ".tqkv");
+      const std::string path = dir.file("case.tqkv");
       a.save(path);
       KvCache b(cfg);
       b.add_sequence();
@@ -198,6 +199,11 @@ TEST(KvIo, SaveLoadIsBitExact) {
       b.load(path);
       const Snapshot sa = snapshot(a), sb = snapshot(b);
       EXPECT_TRUE(same(sa, sb));
+      // Outlier channels (channel-split formats) travel with the records.
+      for (int l = 0; l < cfg.n_layers; ++l)
+        for (int h = 0; h < cfg.n_heads_kv; ++h)
+          for (bool key : {true, false})
+            EXPECT_EQ(a.outlier_channels(l, h, key), b.outlier_channels(l, h, key)) << l << " " << h;
       EXPECT_EQ(sb.seqs, (std::vector<int>{0, 2, 3}));  // ids kept, the removed slot too
       EXPECT_EQ(a.memory().allocated.total(), b.memory().allocated.total());
       EXPECT_EQ(a.memory().used.total(), b.memory().used.total());
@@ -367,15 +373,19 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
   fill(target, 0, 0, 5, 5, 44);
   const Snapshot before = snapshot(target);
   const std::string path = dir.file("tampered.tqkv");
-  const size_t body = 24 + le32(c.file, 8) + 8;  // n_slots, then slot 0
+  // After the header checksum: one outlier-channel flag per layer (paper_prod
+  // has no channel split, so each is 0), then n_slots and slot 0.
+  const size_t calib = 24 + le32(c.file, 8) + 8;
+  const size_t body = calib + size_t(c.cfg.n_layers);
   const size_t layer0 = body + 4 + 1;            // flags, 3 zero, n_main, win_start, win_count
+  ASSERT_EQ(c.file[calib], 0u);
   ASSERT_EQ(le32(c.file, body), 3u);
   ASSERT_EQ(le32(c.file, layer0 + 4), 5u);  // 7 tokens: 5 in pages, 2 in the window
   struct Case {
     const char* expect;
     std::function<void(std::vector<uint8_t>&)> edit;
   };
-  const std::string text(c.file.begin() + 24, c.file.begin() + body - 8);
+  const std::string text(c.file.begin() + 24, c.file.begin() + calib - 8);
   auto set_config = [&](std::vector<uint8_t>& b, const std::string& from, const std::string& to) {
     ASSERT_EQ(from.size(), to.size());
     const size_t at = text.find(from);
@@ -383,6 +393,7 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
     std::copy(to.begin(), to.end(), b.begin() + 24 + at);
   };
   const Case cases[] = {
+      {"outlier-channel flag 2", [&](auto& b) { b[calib + 1] = 2; }},
       {"sequences cannot fit", [&](auto& b) { put_le(b, body, 0xFFFFFFFFu, 4); }},
       {"sequence 0 flag 2", [&](auto& b) { b[body + 4] = 2; }},
       {"unknown layer flags", [&](auto& b) { b[layer0] |= 0x80; }},

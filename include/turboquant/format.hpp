@@ -61,6 +61,9 @@ struct FormatSpec {
   int sketch_rows = 0;  // prod: m, 0 means m = dim
   SketchKind sketch = SketchKind::orth;
   int hi_channels = 0;  // fractional mse: channels at ceil(b); 0 = whatever makes exactly b bits
+  // mse outlier split with an integer b: hi_channels channels (the outliers,
+  // chosen per KV head by the cache) at hi_bits, the others at b. 0 = none.
+  int hi_bits = 0;
   int polar_levels = 4;
   int polar_bits1 = 4;  // level-1 angle bits (uniform on the circle)
   int polar_bits = 2;   // bits of the angles of levels 2..L
@@ -81,10 +84,13 @@ bool is_dense(Method m);  // f32, f16, bf16
 // Throws tq::Error if the spec cannot encode vectors of this dimension.
 void validate_format(const FormatSpec& spec, int dim);
 
-// The channel split of a fractional tq-mse format.
+// The channel split of a tq-mse format: fractional b (hi channels at
+// ceil(b), the rest at floor(b)), or integer b with hi=N,hb=B (N outlier
+// channels at B bits, the rest at b). Each group has its own rotation,
+// codebook and scale.
 struct ChannelSplit {
-  int hi_channels, hi_bits;  // channels coded at ceil(b)
-  int lo_channels, lo_bits;  // the rest, at floor(b)
+  int hi_channels, hi_bits;  // the high-precision (outlier) channels
+  int lo_channels, lo_bits;  // the rest
 };
 ChannelSplit channel_split(const FormatSpec& spec, int dim);
 bool is_split(const FormatSpec& spec);

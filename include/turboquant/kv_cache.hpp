@@ -84,8 +84,18 @@ class KvCache {
   KvCache& operator=(const KvCache&) = delete;
 
   const KvCacheConfig& config() const { return cfg_; }
-  const Quantizer& k_quantizer(int layer) const;
-  const Quantizer& v_quantizer(int layer) const;
+  // The compressed K / V format's quantizer of a layer and KV head. For a
+  // channel-split format (fractional b, or hi=N,hb=B) each head codes its own
+  // outlier channels at the higher width: the channels with the largest mean
+  // square over the first tokens (up to 4096) that the layer compresses,
+  // chosen once per layer when it first compresses and kept for the cache's
+  // lifetime (trim and clear keep them; save/load carry them). Before that,
+  // and for other formats, every head shares one quantizer.
+  const Quantizer& k_quantizer(int layer, int head = 0) const;
+  const Quantizer& v_quantizer(int layer, int head = 0) const;
+  // The channels a head codes at the higher width (ascending); empty for a
+  // format without a channel split or before the layer's calibration.
+  std::vector<int> outlier_channels(int layer, int head, bool key) const;
 
   int add_sequence();
   void remove_sequence(int seq);

@@ -22,6 +22,8 @@ namespace tq {
 KvCache::KvCache(KvCacheConfig config) : cfg_(std::move(config)), impl_(new Impl(cfg_)) {
   cfg_.validate();
   impl_->layers.resize(cfg_.n_layers);
+  impl_->calibrated.reset(new std::atomic<bool>[cfg_.n_layers]);
+  for (int l = 0; l < cfg_.n_layers; ++l) impl_->calibrated[l].store(false);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     auto& L = impl_->layers[l];
     QuantizerOptions ko, vo;
@@ -38,13 +40,23 @@ KvCache::KvCache(KvCacheConfig config) : cfg_(std::move(config)), impl_(new Impl
 
 KvCache::~KvCache() = default;
 
-const Quantizer& KvCache::k_quantizer(int layer) const {
+const Quantizer& KvCache::k_quantizer(int layer, int head) const {
   TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
-  return *impl_->layers[layer].kq;
+  TQ_REQUIRE(head >= 0 && head < cfg_.n_heads_kv, "head ", head, " out of range");
+  return impl_->main_k(layer, true, head);
 }
-const Quantizer& KvCache::v_quantizer(int layer) const {
+const Quantizer& KvCache::v_quantizer(int layer, int head) const {
   TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
-  return *impl_->layers[layer].vq;
+  TQ_REQUIRE(head >= 0 && head < cfg_.n_heads_kv, "head ", head, " out of range");
+  return impl_->main_v(layer, true, head);
+}
+
+std::vector<int> KvCache::outlier_channels(int layer, int head, bool key) const {
+  TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
+  TQ_REQUIRE(head >= 0 && head < cfg_.n_heads_kv, "head ", head, " out of range");
+  if (!impl_->is_calibrated(layer)) return {};
+  const auto& his = key ? impl_->layers[layer].k_hi : impl_->layers[layer].v_hi;
+  return his.empty() ? std::vector<int>{} : his[head];
 }
 
 int KvCache::add_sequence() {
@@ -89,11 +101,9 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
       TQ_THROW("append: layer ", layer, " token ", i / row, " head ", (i % row) / d, " component ",
                i % d, ": ", std::isfinite(k[i]) ? "value" : "key", " is ",
                std::isfinite(k[i]) ? v[i] : k[i], " (NaN/Inf is refused; the cache is unchanged)");
-  const Quantizer& kq = impl_->main_k(layer, s.compressed);
-  const Quantizer& vq = impl_->main_v(layer, s.compressed);
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
-  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector(), db = kd.bytes_per_vector();
+  const size_t db = kd.bytes_per_vector();
 
   // Tokens in arrival order: the old window, then the new ones. The oldest
   // (total - W) of them go to the main pages. Everything is encoded into
@@ -101,11 +111,37 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
   const int total = s.win_count + n;
   const int to_main = std::max(0, total - W);
   const int old_to_main = std::min(to_main, s.win_count);
-  std::vector<uint8_t> krec(size_t(to_main) * H * kb), vrec(size_t(to_main) * H * vb);
   std::vector<float> x(d);
   std::vector<uint8_t> dense_tmp(db);
+  // A channel-split layer chooses its heads' outlier channels from the first
+  // tokens it compresses: these, as they will be encoded (dense-rounded).
+  if (s.compressed && to_main > 0 && impl_->needs_calibration() && !impl_->is_calibrated(layer)) {
+    const int nc = std::min(to_main, kCalibrationTokens);
+    std::vector<float> ks(size_t(nc) * row), vs(size_t(nc) * row);
+    for (int t = 0; t < nc; ++t)
+      for (int h = 0; h < H; ++h) {
+        float* ko = &ks[size_t(t) * row + size_t(h) * d];
+        float* vo = &vs[size_t(t) * row + size_t(h) * d];
+        if (t < old_to_main) {
+          kd.decode_one(impl_->win_rec(s.win_k, h, s.win_start + t), ko);
+          vd.decode_one(impl_->win_rec(s.win_v, h, s.win_start + t), vo);
+        } else {
+          const size_t src = size_t(t - old_to_main) * row + size_t(h) * d;
+          kd.encode_one(k + src, dense_tmp.data());
+          kd.decode_one(dense_tmp.data(), ko);
+          vd.encode_one(v + src, dense_tmp.data());
+          vd.decode_one(dense_tmp.data(), vo);
+        }
+      }
+    impl_->calibrate_layer(layer, ks.data(), vs.data(), nc);
+  }
+  const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
+  const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
+  std::vector<uint8_t> krec(size_t(to_main) * H * kb), vrec(size_t(to_main) * H * vb);
   for (int t = 0; t < to_main; ++t)
     for (int h = 0; h < H; ++h) {
+      const Quantizer& kq = impl_->main_k(layer, s.compressed, h);
+      const Quantizer& vq = impl_->main_v(layer, s.compressed, h);
       const float *kx, *vx;
       if (t < old_to_main) {  // ages out of the window: decode the dense record
         kd.decode_one(impl_->win_rec(s.win_k, h, s.win_start + t), x.data());
@@ -225,11 +261,11 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
   const int g = n_heads_q / H;
   const int total = s.n_main + s.win_count;
   if (q_pos < 0) q_pos = total - 1;
-  const Quantizer& kq = impl_->main_k(layer, s.compressed);
-  const Quantizer& vq = impl_->main_v(layer, s.compressed);
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
-  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector(), db = kd.bytes_per_vector();
+  const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
+  const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
+  const size_t db = kd.bytes_per_vector();
 
   // Split-KV: each task is (kv head, range of pages); the window is one more
   // part per head. Parts are merged with merge_states.
@@ -251,6 +287,8 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
         std::fill(po, po + size_t(g) * d, 0.0f);
         return;
       }
+      const Quantizer& kq = impl_->main_k(layer, s.compressed, h);
+      const Quantizer& vq = impl_->main_v(layer, s.compressed, h);
       std::vector<float> qp(size_t(g) * kq.query_floats());
       kq.prepare_queries(qh, g, qp.data());
       OnlineSoftmax st(g, vq.acc_floats());
@@ -301,13 +339,14 @@ void KvCache::attend_prefill(int seq, int layer, const float* q, int n_q, int n_
 void KvCache::dequantize(int seq, int layer, float* k, float* v) const {
   const SeqLayer& s = impl_->sl(seq, layer);
   const int H = cfg_.n_heads_kv, d = cfg_.head_dim;
-  const Quantizer& kq = impl_->main_k(layer, s.compressed);
-  const Quantizer& vq = impl_->main_v(layer, s.compressed);
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
-  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+  const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
+  const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
   for (int t = 0; t < s.n_main + s.win_count; ++t)
     for (int h = 0; h < H; ++h) {
+      const Quantizer& kq = impl_->main_k(layer, s.compressed, h);
+      const Quantizer& vq = impl_->main_v(layer, s.compressed, h);
       float* ko = k + (size_t(t) * H + h) * d;
       float* vo = v + (size_t(t) * H + h) * d;
       if (t < s.n_main) {

@@ -13,9 +13,13 @@
 
 #include "turboquant/error.hpp"
 #include "turboquant/kv_cache.hpp"
+#include "turboquant/rng.hpp"
 
 namespace tq {
 
+// Tokens a channel-split layer looks at to choose each head's outlier
+// channels (the first ones it compresses).
+constexpr int kCalibrationTokens = 4096;
 
 // Owns a byte buffer and keeps the cache-wide allocation counter honest.
 class Buffer {
@@ -71,9 +75,21 @@ struct KvCache::Impl {
     std::unique_ptr<Quantizer> kq, vq;  // compressed formats
     std::unique_ptr<Quantizer> kd, vd;  // dense format
     bool dense_policy = false;
+    // Channel-split formats: per KV head, quantizers whose high-precision
+    // channels are that head's outlier channels, chosen from the first tokens
+    // the layer compresses (calibrate_layer). Empty for other formats and
+    // until calibration; set once, before any record of the layer is
+    // written, and then never changed (load() may replace them together
+    // with every record).
+    std::vector<std::unique_ptr<Quantizer>> kq_head, vq_head;
+    std::vector<std::vector<int>> k_hi, v_hi;  // [head] the channels chosen
   };
   const KvCacheConfig& cfg;
   std::vector<LayerFormats> layers;
+  // calibrated[l]: layers[l].kq_head / vq_head are set (release/acquire, so a
+  // sequence that sees true sees the quantizers).
+  std::unique_ptr<std::atomic<bool>[]> calibrated;
+  std::mutex calib_mutex;
   mutable std::shared_mutex seq_mutex;
   std::vector<std::unique_ptr<Sequence>> seqs;  // null = removed
   std::atomic<size_t> allocated{0};
@@ -112,12 +128,55 @@ struct KvCache::Impl {
     return seq(seq_id).layers[layer];
   }
 
-  // Formats of the main region of a layer in its current mode.
-  const Quantizer& main_k(int layer, bool compressed) const {
-    return compressed ? *layers[layer].kq : *layers[layer].kd;
+  // Formats of the main region of a layer in its current mode, for one KV
+  // head (channel-split formats have one quantizer per head once calibrated;
+  // the record size never depends on the head).
+  bool needs_calibration() const { return is_split(cfg.k_format) || is_split(cfg.v_format); }
+  bool is_calibrated(int layer) const { return calibrated[layer].load(std::memory_order_acquire); }
+  const Quantizer& main_k(int layer, bool compressed, int head = 0) const {
+    const LayerFormats& L = layers[layer];
+    if (!compressed) return *L.kd;
+    return is_calibrated(layer) && !L.kq_head.empty() ? *L.kq_head[head] : *L.kq;
   }
-  const Quantizer& main_v(int layer, bool compressed) const {
-    return compressed ? *layers[layer].vq : *layers[layer].vd;
+  const Quantizer& main_v(int layer, bool compressed, int head = 0) const {
+    const LayerFormats& L = layers[layer];
+    if (!compressed) return *L.vd;
+    return is_calibrated(layer) && !L.vq_head.empty() ? *L.vq_head[head] : *L.vq;
+  }
+  // Per-head quantizers of a split format with the given high channels.
+  std::unique_ptr<Quantizer> head_quantizer(int layer, bool key, const std::vector<int>& hi) const {
+    QuantizerOptions o;
+    o.seed = derive_seed(cfg.seed, uint64_t(2 * layer + (key ? 0 : 1)));
+    o.hi_channels = hi;
+    return make_quantizer(key ? cfg.k_format : cfg.v_format, cfg.head_dim, o);
+  }
+  // Chooses each head's outlier channels from sample tokens (the first the
+  // layer compresses) and builds its quantizers; once per layer, a no-op
+  // for formats without a channel split. k, v: [n, n_heads_kv, head_dim]
+  void calibrate_layer(int layer, const float* k, const float* v, int n) {
+    if (!needs_calibration() || is_calibrated(layer) || n <= 0) return;
+    std::lock_guard lk(calib_mutex);
+    if (is_calibrated(layer)) return;
+    const int H = cfg.n_heads_kv, d = cfg.head_dim;
+    LayerFormats& L = layers[layer];
+    std::vector<float> xs(size_t(n) * d);
+    for (int key = 1; key >= 0; --key) {
+      const FormatSpec& f = key ? cfg.k_format : cfg.v_format;
+      if (!is_split(f)) continue;
+      const int count = channel_split(f, d).hi_channels;
+      auto& qs = key ? L.kq_head : L.vq_head;
+      auto& his = key ? L.k_hi : L.v_hi;
+      qs.clear();
+      his.clear();
+      for (int h = 0; h < H; ++h) {
+        const float* src = key ? k : v;
+        for (int t = 0; t < n; ++t)
+          std::memcpy(&xs[size_t(t) * d], src + (size_t(t) * H + h) * d, sizeof(float) * d);
+        his.push_back(select_outlier_channels(xs.data(), size_t(n), d, count));
+        qs.push_back(head_quantizer(layer, key, his.back()));
+      }
+    }
+    calibrated[layer].store(true, std::memory_order_release);
   }
   size_t page_bytes(size_t kb, size_t vb) const {
     return size_t(cfg.page_tokens) * cfg.n_heads_kv * (kb + vb);
@@ -165,15 +224,25 @@ struct KvCache::Impl {
     const size_t bytes_before = ev ? layer_bytes(s) : 0;
     const Quantizer& kd = *layers[layer].kd;
     const Quantizer& vd = *layers[layer].vd;
-    const Quantizer& kq = *layers[layer].kq;
-    const Quantizer& vq = *layers[layer].vq;
     const int H = cfg.n_heads_kv, d = cfg.head_dim, n = s.n_main;
-    const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+    const size_t dkb = kd.bytes_per_vector();
+    if (needs_calibration() && !is_calibrated(layer) && n > 0) {
+      const int nc = std::min(n, kCalibrationTokens);
+      std::vector<float> ks(size_t(nc) * H * d), vs(size_t(nc) * H * d);
+      for (int t = 0; t < nc; ++t)
+        for (int h = 0; h < H; ++h) {
+          kd.decode_one(k_rec(s, dkb, h, t), &ks[(size_t(t) * H + h) * d]);
+          vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), &vs[(size_t(t) * H + h) * d]);
+        }
+      calibrate_layer(layer, ks.data(), vs.data(), nc);
+    }
+    const size_t kb = main_k(layer, true).bytes_per_vector(), vb = main_v(layer, true).bytes_per_vector();
     std::vector<uint8_t> krec(size_t(n) * H * kb), vrec(size_t(n) * H * vb);
     std::vector<float> x(d);
-    const size_t dkb = kd.bytes_per_vector();
     for (int t = 0; t < n; ++t)
       for (int h = 0; h < H; ++h) {
+        const Quantizer& kq = main_k(layer, true, h);
+        const Quantizer& vq = main_v(layer, true, h);
         kd.decode_one(k_rec(s, dkb, h, t), x.data());
         kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
         vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), x.data());

@@ -1,12 +1,12 @@
 // KvCache saved state (save, load, read_config) and events (upgrade, trim,
 // save and load as JSON lines to a caller-chosen sink).
 //
-// ---- The cache file, version 1 (also in docs/formats.md) -------------------
+// ---- The cache file, version 2 (also in docs/formats.md) -------------------
 // Little-endian throughout; no field depends on the machine or SIMD width.
 // Written to PATH.tmp.<pid>.<n>, synced, then renamed over PATH.
 //
 //   FileHeader (24 bytes)
-//     char[4] magic "TQKV" | u32 version = 1 | u32 header_len | u32 flags = 0
+//     char[4] magic "TQKV" | u32 version = 2 | u32 header_len | u32 flags = 0
 //     u64 file_size (the whole file, final checksum included)
 //   config text, header_len bytes: "key=value\n" lines, every key exactly once:
 //     preset, n_layers, n_heads_kv, head_dim, page_tokens, dense_window,
@@ -15,6 +15,12 @@
 //     (comma-separated layer indices, possibly empty)
 //   u64 header checksum: FNV-1a 64 of every byte before it (lets read_config
 //     check the config without reading the records)
+//   outlier channels (version 2), per layer 0 .. n_layers-1: u8 calibrated
+//     (0/1); when 1, for K then V if that format has a channel split:
+//     n_heads_kv x hi_channels u16 channel indices, ascending per head (the
+//     channels each head codes at the higher width; KvCache::outlier_channels).
+//     Version 1 files have no such section; their channel-split layers use
+//     the default channels 0 .. hi-1, which is how version 1 encoded them.
 //   u32 n_slots: sequence ids 0 .. n_slots-1, removed ones included
 //   per slot: u8 live (0 = removed, 1 = present); a present sequence has, per
 //   layer 0 .. n_layers-1:
@@ -41,6 +47,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <climits>
@@ -67,7 +74,7 @@ namespace tq {
 namespace {
 
 constexpr char kMagic[4] = {'T', 'Q', 'K', 'V'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 1 is still read (no outlier-channel section)
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull, kFnvPrime = 0x100000001b3ull;
 constexpr uint32_t kMaxHeaderLen = 1u << 20;  // config text is a few hundred bytes
 constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2;
@@ -183,6 +190,14 @@ void write_file(Out& o, const KvCache::Impl& impl, const std::string& text, uint
   o.u64(file_size);
   o.put(text.data(), text.size());
   o.u64(o.hash());  // header checksum
+  for (int l = 0; l < cfg.n_layers; ++l) {
+    const bool cal = impl.is_calibrated(l);
+    o.u8(cal ? 1 : 0);
+    if (!cal) continue;
+    for (const auto* his : {&impl.layers[l].k_hi, &impl.layers[l].v_hi})
+      for (const std::vector<int>& hi : *his)
+        for (int c : hi) o.put(std::array<uint8_t, 2>{uint8_t(c), uint8_t(c >> 8)}.data(), 2);
+  }
   o.u32(static_cast<uint32_t>(impl.seqs.size()));
   const size_t db = impl.db();
   for (const auto& sq : impl.seqs) {
@@ -225,6 +240,10 @@ class Reader {
     return r;
   }
   uint8_t u8(const char* what) { return *take(1, what); }
+  uint16_t u16(const char* what) {
+    const uint8_t* b = take(2, what);
+    return uint16_t(b[0] | b[1] << 8);
+  }
   uint32_t u32(const char* what) { return get_u32(take(4, what)); }
   size_t pos() const { return pos_; }
   size_t remaining() const { return end_ - pos_; }
@@ -236,6 +255,7 @@ class Reader {
 };
 
 struct Header {
+  uint32_t version = 0;
   KvCacheConfig cfg;
   uint64_t file_size = 0;
   size_t body_offset = 0;  // first byte after the header checksum
@@ -328,12 +348,13 @@ Header parse_header(const std::string& path, const uint8_t* data, size_t avail, 
     fail(path, "file truncated at byte " + std::to_string(file_bytes) + " (expected at least " +
                    std::to_string(kFileHeaderBytes) + " header bytes)");
   const uint32_t version = get_u32(data + 4);
-  if (version != kVersion)
-    fail(path, "unsupported version " + std::to_string(version) + " (this build reads version " +
+  if (version != kVersion && version != 1)
+    fail(path, "unsupported version " + std::to_string(version) + " (this build reads versions 1 and " +
                    std::to_string(kVersion) + ")");
   const uint32_t header_len = get_u32(data + 8), flags = get_u32(data + 12);
   if (flags != 0) fail(path, "unsupported header flags " + std::to_string(flags) + " (expected 0)");
   Header h;
+  h.version = version;
   h.file_size = get_u64(data + 16);
   if (file_bytes < h.file_size)
     fail(path, "file truncated at byte " + std::to_string(file_bytes) + " (expected " +
@@ -518,6 +539,41 @@ void KvCache::load(const std::string& path) {
   const int H = cfg_.n_heads_kv, W = cfg_.dense_window, P = cfg_.page_tokens;
   const size_t db = impl_->db();
   Reader r(path, data.data(), end, h.body_offset);
+  // Outlier channels: built aside, swapped in with the sequences.
+  struct Calib {
+    bool on = false;
+    std::vector<std::vector<int>> k_hi, v_hi;
+    std::vector<std::unique_ptr<Quantizer>> kq, vq;
+  };
+  std::vector<Calib> calib(cfg_.n_layers);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    Calib& c = calib[l];
+    if (h.version == 1) {  // encoded with the default channels: keep them for good
+      c.on = true;
+      continue;
+    }
+    const uint8_t on = r.u8("outlier-channel flag");
+    if (on > 1)
+      fail(path, "corrupt: layer " + std::to_string(l) + " outlier-channel flag " + std::to_string(on));
+    c.on = on;
+    if (!on) continue;
+    for (int key = 1; key >= 0; --key) {
+      const FormatSpec& f = key ? cfg_.k_format : cfg_.v_format;
+      if (!is_split(f)) continue;
+      const int count = channel_split(f, cfg_.head_dim).hi_channels;
+      for (int hh = 0; hh < H; ++hh) {
+        std::vector<int> hi(count);
+        for (int& ch : hi) ch = r.u16("outlier channel");
+        for (int i = 0; i < count; ++i)
+          if (hi[i] >= cfg_.head_dim || (i > 0 && hi[i] <= hi[i - 1]))
+            fail(path, "corrupt: layer " + std::to_string(l) + " head " + std::to_string(hh) + " " +
+                           (key ? "K" : "V") + " outlier channels are not ascending indices below " +
+                           std::to_string(cfg_.head_dim));
+        (key ? c.kq : c.vq).push_back(impl_->head_quantizer(l, key, hi));
+        (key ? c.k_hi : c.v_hi).push_back(std::move(hi));
+      }
+    }
+  }
   const uint32_t n_slots = r.u32("sequence count");
   if (n_slots > r.remaining())
     fail(path, "corrupt: " + std::to_string(n_slots) + " sequences cannot fit in " +
@@ -582,7 +638,16 @@ void KvCache::load(const std::string& path) {
 
   {
     std::unique_lock lk(impl_->seq_mutex);
+    std::lock_guard ck(impl_->calib_mutex);
     impl_->seqs.swap(seqs);
+    for (int l = 0; l < cfg_.n_layers; ++l) {
+      auto& L = impl_->layers[l];
+      L.kq_head = std::move(calib[l].kq);
+      L.vq_head = std::move(calib[l].vq);
+      L.k_hi = std::move(calib[l].k_hi);
+      L.v_hi = std::move(calib[l].v_hi);
+      impl_->calibrated[l].store(calib[l].on, std::memory_order_release);
+    }
   }
   seqs.clear();  // the old sequences, released outside the lock
   if (impl_->events_on())

@@ -16,7 +16,7 @@ constexpr const char* kMethods = "tq-mse, tq-prod, polar, q8_0, q4_0, f32, f16, 
 
 std::string valid_keys(Method m) {
   switch (m) {
-    case Method::mse: return "b, scale, sf, rot, cb, hi";
+    case Method::mse: return "b, scale, sf, rot, cb, hi, hb";
     case Method::prod: return "b, m, s, scale, sf, rot, cb";
     case Method::polar: return "levels, b1, b, rot";
     case Method::q8_0:
@@ -174,6 +174,9 @@ FormatSpec parse_format(std::string_view spec) {
       } else if (key == "hi") {
         f.hi_channels = parse_int(key, val, spec);
         if (f.hi_channels < 1) TQ_THROW("format '", spec, "': hi must be >= 1, got ", val);
+      } else if (key == "hb") {
+        f.hi_bits = parse_int(key, val, spec);
+        if (f.hi_bits < 1 || f.hi_bits > 8) TQ_THROW("format '", spec, "': hb must be 1..8, got ", val);
       } else if (key == "levels") {
         f.polar_levels = parse_int(key, val, spec);
       } else if (key == "b1") {
@@ -194,8 +197,18 @@ FormatSpec parse_format(std::string_view spec) {
   if (f.method == Method::mse) {
     if (!(f.bits >= 1 && f.bits <= 8))
       TQ_THROW("format '", spec, "': b must be in 1..8, got ", fmt_bits(f.bits));
-    if (f.hi_channels && f.bits == std::floor(f.bits))
-      TQ_THROW("format '", spec, "': hi= applies only to a fractional b (e.g. b=2.5)");
+    const bool integer_b = f.bits == std::floor(f.bits);
+    if (f.hi_bits && !integer_b)
+      TQ_THROW("format '", spec, "': hb= needs an integer b (the width of the other channels), got b=",
+               fmt_bits(f.bits));
+    if (f.hi_bits && !f.hi_channels)
+      TQ_THROW("format '", spec, "': hb= needs hi=N, the number of outlier channels");
+    if (f.hi_bits && f.hi_bits <= f.bits)
+      TQ_THROW("format '", spec, "': hb=", f.hi_bits, " must exceed b=", fmt_bits(f.bits),
+               " (the outlier channels get more bits)");
+    if (f.hi_channels && integer_b && !f.hi_bits)
+      TQ_THROW("format '", spec, "': hi= with an integer b needs hb=B, the outliers' width "
+               "(or use a fractional b, e.g. b=2.5)");
   } else if (f.method == Method::prod) {
     if (!(f.bits >= 1 && f.bits <= 8) || f.bits != std::floor(f.bits))
       TQ_THROW("format '", spec, "': tq-prod b (total bits) must be an integer 1..8, got ",
@@ -232,6 +245,7 @@ std::string to_string(const FormatSpec& f) {
     }
     if (f.method == Method::mse && f.hi_channels)
       kv.push_back("hi=" + std::to_string(f.hi_channels));
+    if (f.method == Method::mse && f.hi_bits) kv.push_back("hb=" + std::to_string(f.hi_bits));
     if (f.scale != d.scale) kv.push_back("scale=" + to_string(f.scale));
     if (f.scale_type != d.scale_type) kv.push_back("sf=f32");
     if (f.rotation != drot) kv.push_back("rot=" + to_string(f.rotation));
@@ -242,7 +256,9 @@ std::string to_string(const FormatSpec& f) {
   return s;
 }
 
-bool is_split(const FormatSpec& f) { return f.method == Method::mse && f.bits != std::floor(f.bits); }
+bool is_split(const FormatSpec& f) {
+  return f.method == Method::mse && (f.bits != std::floor(f.bits) || f.hi_bits > 0);
+}
 
 ChannelSplit channel_split(const FormatSpec& f, int dim) {
   TQ_REQUIRE(is_split(f), "format ", to_string(f), " has no channel split");
@@ -257,7 +273,7 @@ ChannelSplit channel_split(const FormatSpec& f, int dim) {
   }
   TQ_REQUIRE(hi >= 1 && hi < dim, "format ", to_string(f), ": hi must be in 1..", dim - 1,
              " for dim ", dim, ", got ", hi);
-  return {hi, lo_bits + 1, dim - hi, lo_bits};
+  return {hi, f.hi_bits ? f.hi_bits : lo_bits + 1, dim - hi, lo_bits};
 }
 
 void validate_format(const FormatSpec& f, int dim) {

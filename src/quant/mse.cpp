@@ -111,6 +111,7 @@ SplitQuantizer::SplitQuantizer(const FormatSpec& spec, int dim, const QuantizerO
   hs.bits = sp.hi_bits;
   ls.bits = sp.lo_bits;
   hs.hi_channels = ls.hi_channels = 0;
+  hs.hi_bits = ls.hi_bits = 0;
   qhi_ = std::make_unique<MseQuantizer>(hs, sp.hi_channels, derive_seed(opt.seed, "split-hi"), simd);
   qlo_ = std::make_unique<MseQuantizer>(ls, sp.lo_channels, derive_seed(opt.seed, "split-lo"), simd);
 }
