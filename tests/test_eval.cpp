@@ -196,6 +196,30 @@ TEST(EvalModel, DenseAgainstDenseIsExactAndTurbo4IsClose) {
   EXPECT_LT(t.kv_bytes * 3, t.kv_bytes_dense);
 }
 
+TEST(EvalModel, PerLayerCompressesOneLayerAtATime) {
+  REQUIRE_MODEL(path, "smollm2-135m");
+  Fixture f = load(path, 31);
+  const int L = f.model->config().n_layers;
+  const auto dense = evaluate_per_layer(*f.model, f.ids, "dense-f16", f.o);
+  ASSERT_EQ(int(dense.size()), L);
+  for (const auto& r : dense) EXPECT_EQ(r.kl_mean, 0.0) << r.preset;
+  const auto one = evaluate_per_layer(*f.model, f.ids, "turbo4", f.o);
+  ASSERT_EQ(int(one.size()), L);
+  EXPECT_EQ(one[3].preset, "turbo4@layer3");
+  const double all = evaluate(*f.model, f.ids, {"turbo4"}, f.o)[0].kl_mean;
+  double sum = 0;
+  for (const auto& r : one) {
+    EXPECT_GT(r.kl_mean, 0.0) << r.preset;  // each layer's compression changes the logits
+    EXPECT_LT(r.kl_mean, all) << r.preset;  // but less than compressing every layer
+    // Only one layer is compressed: about 1/L of the compressed cache's savings.
+    EXPECT_GT(r.kv_bytes, r.kv_bytes_dense * (L - 2) / L);
+    sum += r.kl_mean;
+  }
+  // KL of independent small perturbations roughly adds up over layers.
+  EXPECT_GT(sum, 0.3 * all);
+  EXPECT_LT(sum, 3.0 * all);
+}
+
 TEST(EvalModel, KStartCoveringEveryScoredPositionGivesZeroKl) {
   REQUIRE_MODEL(path, "smollm2-135m");
   Fixture f = load(path, 62);

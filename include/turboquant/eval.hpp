@@ -90,6 +90,14 @@ struct EvalResult {
 std::vector<EvalResult> evaluate(const Model& model, const std::vector<int32_t>& tokens,
                                  const std::vector<std::string>& presets, const EvalOptions& opt);
 
+// Where a preset's loss comes from: one result per layer L, named
+// "PRESET@layerL", with only layer L compressed (every other layer dense),
+// against the same dense reference. KL adds up roughly over layers, so the
+// per-layer KLs show which layers a layer policy should keep dense.
+// Memory: one cache per layer, for one window.
+std::vector<EvalResult> evaluate_per_layer(const Model& model, const std::vector<int32_t>& tokens,
+                                           const std::string& preset, const EvalOptions& opt);
+
 // ---- Default evaluation texts -----------------------------------------------
 // Real text that the set-up installs from Debian packages:
 //  "prose": the book "Copyright Does Not Exist" (Linus Walleij, English

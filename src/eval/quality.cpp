@@ -103,8 +103,47 @@ KvCacheConfig preset_config(const Model& model, const std::string& preset, const
 
 }  // namespace
 
+namespace {
+
+// evaluate() over explicit cache configs (one per result), named `names`.
+std::vector<EvalResult> evaluate_configs(const Model& model, const std::vector<int32_t>& tokens,
+                                         const std::vector<std::string>& presets,
+                                         const std::vector<KvCacheConfig>& configs,
+                                         const EvalOptions& o);
+
+}  // namespace
+
 std::vector<EvalResult> evaluate(const Model& model, const std::vector<int32_t>& tokens,
                                  const std::vector<std::string>& presets, const EvalOptions& o) {
+  TQ_REQUIRE(!presets.empty(), "eval: no KV preset to evaluate");
+  std::vector<KvCacheConfig> configs;
+  for (const auto& p : presets) configs.push_back(preset_config(model, p, o));
+  return evaluate_configs(model, tokens, presets, configs, o);
+}
+
+std::vector<EvalResult> evaluate_per_layer(const Model& model, const std::vector<int32_t>& tokens,
+                                           const std::string& preset, const EvalOptions& o) {
+  const int L = model.config().n_layers;
+  std::vector<std::string> names;
+  std::vector<KvCacheConfig> configs;
+  for (int l = 0; l < L; ++l) {
+    KvCacheConfig cc = preset_config(model, preset, o);
+    cc.dense_layers.clear();
+    for (int j = 0; j < L; ++j)
+      if (j != l) cc.dense_layers.push_back(j);
+    cc.validate();
+    configs.push_back(std::move(cc));
+    names.push_back(preset + "@layer" + std::to_string(l));
+  }
+  return evaluate_configs(model, tokens, names, configs, o);
+}
+
+namespace {
+
+std::vector<EvalResult> evaluate_configs(const Model& model, const std::vector<int32_t>& tokens,
+                                         const std::vector<std::string>& presets,
+                                         const std::vector<KvCacheConfig>& configs,
+                                         const EvalOptions& o) {
   const ModelConfig& mc = model.config();
   const int V = mc.vocab;
   const int off = o.bos >= 0 ? 1 : 0;
@@ -129,8 +168,7 @@ std::vector<EvalResult> evaluate(const Model& model, const std::vector<int32_t>&
              " tokens; at least 2 are needed to score one");
 
   const size_t P = presets.size();
-  std::vector<KvCacheConfig> configs;
-  for (const auto& p : presets) configs.push_back(preset_config(model, p, o));
+  TQ_ASSERT(configs.size() == P);
   const KvCacheConfig ref_config = preset_config(model, o.reference, EvalOptions{});
 
   std::vector<EvalStats> stats(P);
@@ -206,6 +244,8 @@ std::vector<EvalResult> evaluate(const Model& model, const std::vector<int32_t>&
   }
   return out;
 }
+
+}  // namespace
 
 // ---- Default texts ----------------------------------------------------------------
 

@@ -14,6 +14,8 @@ const std::vector<KvPreset>& kv_presets() {
        "TurboQuant paper: K prod 3 bits in total (2-bit MSE + 1-bit QJL), V MSE 4 bits"},
       {"polarquant", "polar", "tq-mse:b=4", "K PolarQuant (4 levels, 4/2-bit angles), V MSE 4 bits"},
       {"turbo4", "tq-mse:b=4", "tq-mse:b=4", "K and V MSE 4 bits"},
+      {"turbo4-o8", "tq-mse:b=4,hi=8,hb=6", "tq-mse:b=4",
+       "K MSE 4 bits with each head's 8 largest channels at 6 bits (own rotation and scale), V MSE 4 bits"},
       {"turbo3.5", "tq-mse:b=3.5", "tq-mse:b=3.5", "K and V MSE 3.5 bits (channel split)"},
       {"turbo3", "tq-mse:b=3", "tq-mse:b=3", "K and V MSE 3 bits"},
       {"turbo2.5", "tq-mse:b=2.5", "tq-mse:b=2.5", "K and V MSE 2.5 bits (channel split)"},
