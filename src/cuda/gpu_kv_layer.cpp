@@ -327,9 +327,20 @@ void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
                            m.page_bytes, cudaMemcpyDeviceToHost));
 }
 
+// The attention parameters of this layer for n_heads_q query heads (without
+// the softmax options and the plan).
+static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const DeviceBuffer& pool,
+                                          int n_heads_q);
+
 size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   const Impl& m = *impl_;
-  return size_t(m.cfg.max_seqs) * n_heads_q * m.n_splits * (m.hk.dim + 1) * sizeof(float);
+  const int H = m.cfg.n_heads_kv;
+  TQ_REQUIRE(n_heads_q >= H && n_heads_q % H == 0, "GPU attend: n_heads_q ", n_heads_q,
+             " is not a multiple of n_heads_kv ", H);
+  // Room for the most splits either kernel may plan (decode_attention_tc.cu
+  // splits finer than split_pages when few sequences would leave SMs idle).
+  const int n_splits = decode_max_splits(layer_params(m, m.pool, n_heads_q));
+  return size_t(m.cfg.max_seqs) * n_heads_q * n_splits * (m.hk.dim + 1) * sizeof(float);
 }
 
 void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
@@ -343,28 +354,38 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
              " exceeds the kernel's shared memory (group * head_dim <= 16384)");
   TQ_REQUIRE(ws_bytes >= workspace_bytes(n_heads_q), "GPU attend: workspace of ", ws_bytes,
              " bytes, need ", workspace_bytes(n_heads_q));
-  DecodeAttentionParams p;
-  p.k = m.kf;
-  p.v = m.vf;
-  p.pool = m.pool.as<uint8_t>();
-  p.page_bytes = m.page_bytes;
-  p.v_region_offset = size_t(m.cfg.page_tokens) * H * m.hk.record_bytes;
-  p.page_tokens = m.cfg.page_tokens;
-  p.n_heads_kv = H;
-  p.group = g;
-  p.page_table = m.page_table.as<int>();
-  p.max_pages_per_seq = m.cfg.max_pages_per_seq;
-  p.lengths = m.lengths.as<int>();
+  DecodeAttentionParams p = layer_params(m, m.pool, n_heads_q);
   p.n_seqs = n_seqs();
-  p.split_pages = m.cfg.split_pages;
-  p.n_splits = m.n_splits;
   p.sm_scale = params.scale > 0 ? params.scale : 1.0f / std::sqrt(static_cast<float>(D));
   p.softcap = params.softcap;
   p.window = params.window;
   p.n_sinks = params.n_sinks;
+  // Picks the kernel (tensor cores where supported, else the reference: see
+  // kernels.hpp) and its splits; the partials below use the planned count.
+  plan_decode_attention(p, m.len.data());
   float* part_o = static_cast<float*>(workspace);
-  float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * m.n_splits * D;
+  float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;
   launch_decode_attention(p, q, part_o, part_lse, out, lse, stream);
+}
+
+static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const DeviceBuffer& pool,
+                                          int n_heads_q) {
+  DecodeAttentionParams p;
+  p.k = m.kf;
+  p.v = m.vf;
+  p.pool = pool.as<uint8_t>();
+  p.page_bytes = m.page_bytes;
+  p.v_region_offset = size_t(m.cfg.page_tokens) * m.cfg.n_heads_kv * m.hk.record_bytes;
+  p.page_tokens = m.cfg.page_tokens;
+  p.n_heads_kv = m.cfg.n_heads_kv;
+  p.group = n_heads_q / m.cfg.n_heads_kv;
+  p.page_table = m.page_table.as<int>();
+  p.max_pages_per_seq = m.cfg.max_pages_per_seq;
+  p.lengths = m.lengths.as<int>();
+  p.n_seqs = static_cast<int>(m.len.size());
+  p.split_pages = m.cfg.split_pages;
+  p.n_splits = m.n_splits;
+  return p;
 }
 
 }  // namespace tq::cuda

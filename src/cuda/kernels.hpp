@@ -45,6 +45,45 @@ struct PagedRegion {
 void launch_mse_append(const float* x, int n_tokens, const int* dst, const MseDeviceFormat& f,
                        const PagedRegion& r, int* status, CUstream_st* stream);
 
+// Which decode-attention kernel runs (launch_decode_attention):
+//  - reference:   decode_attention.cu, CUDA cores, byte loads; every tq-mse
+//                 format and shape of the GPU layer. The specification the
+//                 fast kernel is tested against.
+//  - tensor_core: decode_attention_tc.cu, codes staged by cp.async, decoded to
+//                 fp16 through shared-memory tables, QK and PV on mma.sync.
+//                 Supports K and V bits 3 or 4 with fp16 scales, head_dim 64 /
+//                 128 / 256, GQA group <= 8, page_tokens a multiple of 16, and
+//                 a device with enough shared memory (decode_tc_unsupported).
+//  - automatic:   tensor_core where it is supported, else reference. The
+//                 fallback is deliberate and visible: decode_kernel_for says
+//                 which one a shape gets, decode_tc_unsupported says why.
+enum class DecodeKernel : int { automatic = 0, reference = 1, tensor_core = 2 };
+const char* to_string(DecodeKernel k);
+
+// Process-wide override for tests and benchmarks (default automatic): every
+// later plan_decode_attention resolves to this kernel. Asking for tensor_core
+// on a shape it does not support makes the plan throw tq::Error.
+void set_decode_kernel_override(DecodeKernel k);
+DecodeKernel decode_kernel_override();
+// Test hook: tokens per split of the tensor-core kernel (0, the default: the
+// planner's choice). Rounded up to the kernel's tile row and kept within what
+// the workspace holds; small values put many items on every block.
+void set_decode_tc_split_override(int split_tokens);
+
+// The shape facts that decide the kernel.
+struct DecodeShape {
+  int head_dim = 0;
+  int k_bits = 0, v_bits = 0;
+  bool k_scale_f32 = false, v_scale_f32 = false;
+  int group = 0;        // n_heads_q / n_heads_kv
+  int page_tokens = 0;
+};
+// nullptr when the tensor-core kernel runs this shape on the current device;
+// otherwise a sentence saying why not (then automatic means reference).
+const char* decode_tc_unsupported(const DecodeShape& s);
+// The kernel plan_decode_attention picks for a shape (the override applied).
+DecodeKernel decode_kernel_for(const DecodeShape& s);
+
 struct DecodeAttentionParams {
   MseDeviceFormat k, v;
   const uint8_t* pool = nullptr;
@@ -57,18 +96,50 @@ struct DecodeAttentionParams {
   int max_pages_per_seq = 0;
   const int* lengths = nullptr;     // device [n_seqs]
   int n_seqs = 0;
-  int split_pages = 0;
-  int n_splits = 0;             // max splits per sequence (the grid's x)
+  int split_pages = 0;          // reference kernel: pages per split
+  int n_splits = 0;             // splits per sequence (partial outputs per query head)
   float sm_scale = 0.0f;
   float softcap = 0.0f;
   int window = 0;
   int n_sinks = 0;
+  // Set by plan_decode_attention:
+  DecodeKernel kernel = DecodeKernel::automatic;
+  int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
 };
+
+DecodeShape decode_shape(const DecodeAttentionParams& p);
+
+// Most splits per sequence any kernel may plan for p's shape and capacity
+// (max_pages_per_seq): the workspace holds [max_seqs, n_heads_q, this] partials.
+int decode_max_splits(const DecodeAttentionParams& p);
+// Resolves p.kernel (override, support) and picks p.split_tokens / p.n_splits.
+// host_lengths: [p.n_seqs], the current lengths, used only to balance the
+// splits over the SMs; the grid still covers max_pages_per_seq, so a run
+// captured in a CUDA graph stays correct after the sequences grow.
+void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths);
 
 // q: [n_seqs, n_heads_q, dim]; partial_o: [n_seqs, n_heads_q, n_splits, dim]
 // and partial_lse: [n_seqs, n_heads_q, n_splits] (workspace); out: [n_seqs,
-// n_heads_q, dim], lse: [n_seqs, n_heads_q] or null.
+// n_heads_q, dim], lse: [n_seqs, n_heads_q] or null. Runs p.kernel (planned).
 void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
                              float* partial_lse, float* out, float* lse, CUstream_st* stream);
+// The two kernels behind it (p planned for that kernel), and the merge of
+// the splits (+ inverse V rotation) that both end with.
+void launch_decode_attention_ref(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                                 float* partial_lse, float* out, float* lse, CUstream_st* stream);
+void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                                float* partial_lse, float* out, float* lse, CUstream_st* stream);
+// overlap: launch as a programmatic dependent (sm_90) of the kernel before it
+// on the stream, which must trigger it (griddepcontrol.launch_dependents);
+// the merge then waits for that kernel's writes on the device instead of
+// paying a launch gap.
+void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
+                         const float* partial_lse, float* out, float* lse, CUstream_st* stream,
+                         bool overlap = false);
+
+// Tensor-core kernel internals the planner needs (decode_attention_tc.cu).
+int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 16-token tile per warp)
+int decode_tc_max_splits(const DecodeAttentionParams& p);
+int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths);
 
 }  // namespace tq::cuda

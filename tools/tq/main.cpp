@@ -31,6 +31,8 @@ int main(int argc, char** argv) {
   reg(tq::cli::add_logits);
   reg(tq::cli::add_model_bench);
   reg(tq::cli::add_eval);
+  reg(tq::cli::add_gpu_bench);
+  reg(tq::cli::add_sweep);
 
   try {
     app.parse(argc, argv);

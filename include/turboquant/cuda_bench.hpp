@@ -1,0 +1,80 @@
+// Measuring GPU code the way CONVENTIONS.md asks (CUDA events, L2 flushed,
+// medians, bandwidth as a share of a copy measured in the same run), for
+// callers without CUDA headers: tq gpu-bench and tests. Everything throws
+// tq::Error in a build without CUDA (built_with_cuda() tells that case apart
+// from "no device").
+//
+//   tq::cuda::bench::L2Flusher flush;              // > 2x the L2
+//   tq::cuda::bench::EventTimer timer(runs);
+//   for (int i = 0; i < runs; ++i) {
+//     flush.flush(stream);
+//     timer.start(i, stream);  launch();  timer.stop(i, stream);
+//   }
+//   double ms = timer.median_ms();                 // waits for the last event
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "turboquant/cuda.hpp"
+
+namespace tq::cuda::bench {
+
+bool built_with_cuda();
+
+struct DeviceInfo {
+  std::string name;
+  int cc_major = 0, cc_minor = 0;
+  int sm_count = 0;
+  size_t l2_bytes = 0;
+  size_t free_bytes = 0, total_bytes = 0;  // cudaMemGetInfo at the call
+};
+DeviceInfo device_info();  // the current device; throws tq::Error without one
+
+// n pairs of CUDA events.
+class EventTimer {
+ public:
+  explicit EventTimer(int n);
+  ~EventTimer();
+  EventTimer(const EventTimer&) = delete;
+  EventTimer& operator=(const EventTimer&) = delete;
+  int size() const { return static_cast<int>(start_.size()); }
+  void start(int i, Stream stream);
+  void stop(int i, Stream stream);
+  float ms(int i) const;      // waits for stop event i
+  double median_ms() const;   // of all n pairs
+  std::vector<float> all_ms() const;
+
+ private:
+  std::vector<void*> start_, stop_;  // cudaEvent_t
+};
+
+// A device buffer written before each timed run so that the run starts with
+// none of its data in L2. bytes = 0: max(256 MiB, 4 x the L2).
+class L2Flusher {
+ public:
+  explicit L2Flusher(size_t bytes = 0);
+  void flush(Stream stream);
+  size_t bytes() const { return buf_.size(); }
+
+ private:
+  DeviceBuffer buf_;
+  unsigned value_ = 0;
+};
+
+// Fills device memory with N(mean, sd) samples from a counter-based hash of
+// (seed, index): the same on every device and launch shape.
+void fill_normal_f32(float* dst, size_t n, uint64_t seed, float mean, float sd, Stream stream);
+void fill_normal_bf16(uint16_t* dst, size_t n, uint64_t seed, float mean, float sd, Stream stream);
+
+// A pure read stream: reads `bytes` (a multiple of 16, 16-byte aligned) of
+// bf16 values once and adds their sum into *sink (device float). The
+// bandwidth ceiling for kernels that read and write next to nothing.
+void read_sum_bf16(const void* src, size_t bytes, float* sink, Stream stream);
+// cudaMemcpyAsync device to device.
+void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream);
+void synchronize(Stream stream);
+
+}  // namespace tq::cuda::bench

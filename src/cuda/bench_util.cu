@@ -1,0 +1,212 @@
+// Benchmark helpers (include/turboquant/cuda_bench.hpp): events, L2 flush,
+// device-side random fill, a read-only bandwidth kernel.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/cuda_check.hpp"
+#include "turboquant/cuda_bench.hpp"
+#include "turboquant/error.hpp"
+
+namespace tq::cuda::bench {
+namespace {
+
+__device__ __forceinline__ uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+// Two N(0, 1) samples from one 64-bit hash (Box-Muller on two 24-bit uniforms).
+__device__ __forceinline__ float2 normal2(uint64_t seed, uint64_t i) {
+  const uint64_t h = splitmix64(seed ^ splitmix64(i));
+  const float u1 = (float((h >> 40) & 0xffffffu) + 0.5f) * (1.0f / 16777216.0f);  // (0, 1)
+  const float u2 = float((h >> 8) & 0xffffffu) * (1.0f / 16777216.0f);
+  const float r = sqrtf(-2.0f * logf(u1));
+  float s, c;
+  sincospif(2.0f * u2, &s, &c);
+  return make_float2(r * c, r * s);
+}
+
+__device__ __forceinline__ uint16_t f32_to_bf16_rne(float f) {
+  const unsigned u = __float_as_uint(f);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // finite inputs only
+}
+
+__global__ void fill_f32_kernel(float* dst, size_t n, uint64_t seed, float mean, float sd) {
+  for (size_t p = blockIdx.x * size_t(blockDim.x) + threadIdx.x; 2 * p < n;
+       p += size_t(gridDim.x) * blockDim.x) {
+    const float2 z = normal2(seed, p);
+    dst[2 * p] = mean + sd * z.x;
+    if (2 * p + 1 < n) dst[2 * p + 1] = mean + sd * z.y;
+  }
+}
+
+__global__ void fill_bf16_kernel(uint16_t* dst, size_t n, uint64_t seed, float mean, float sd) {
+  for (size_t p = blockIdx.x * size_t(blockDim.x) + threadIdx.x; 2 * p < n;
+       p += size_t(gridDim.x) * blockDim.x) {
+    const float2 z = normal2(seed, p);
+    dst[2 * p] = f32_to_bf16_rne(mean + sd * z.x);
+    if (2 * p + 1 < n) dst[2 * p + 1] = f32_to_bf16_rne(mean + sd * z.y);
+  }
+}
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
+
+__device__ __forceinline__ float sum_bf16x8(const uint4& u) {
+  const unsigned w[4] = {u.x, u.y, u.z, u.w};
+  float s = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s += __uint_as_float(w[i] << 16) + __uint_as_float(w[i] & 0xffff0000u);
+  return s;
+}
+
+constexpr int kReadThreads = 256;
+constexpr int kReadUnroll = 4;  // 16-byte loads in flight per thread
+
+__global__ void __launch_bounds__(kReadThreads)
+    read_sum_kernel(const uint4* __restrict__ src, size_t n_vec, float* sink) {
+  const size_t stride = size_t(gridDim.x) * kReadThreads;
+  size_t i = blockIdx.x * size_t(kReadThreads) + threadIdx.x;
+  float s = 0.0f;
+  for (; i + (kReadUnroll - 1) * stride < n_vec; i += kReadUnroll * stride) {
+    uint4 v[kReadUnroll];
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) v[u] = load_stream(src + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < kReadUnroll; ++u) s += sum_bf16x8(v[u]);
+  }
+  for (; i < n_vec; i += stride) s += sum_bf16x8(load_stream(src + i));
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+  __shared__ float part[kReadThreads / 32];
+  if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.0f;
+    for (int w = 0; w < kReadThreads / 32; ++w) t += part[w];
+    atomicAdd(sink, t);
+  }
+}
+
+int grid_for(size_t work_items, int threads) {
+  int dev = 0, sms = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const size_t want = (work_items + threads - 1) / threads;
+  return int(std::max<size_t>(1, std::min<size_t>(want, size_t(sms) * 8)));
+}
+
+cudaEvent_t ev(void* p) { return static_cast<cudaEvent_t>(p); }
+
+}  // namespace
+
+bool built_with_cuda() { return true; }
+
+DeviceInfo device_info() {
+  TQ_REQUIRE(cuda_available(), "no CUDA device");
+  int dev = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  TQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  DeviceInfo d;
+  d.name = prop.name;
+  d.cc_major = prop.major;
+  d.cc_minor = prop.minor;
+  d.sm_count = prop.multiProcessorCount;
+  d.l2_bytes = size_t(prop.l2CacheSize);
+  TQ_CUDA_CHECK(cudaMemGetInfo(&d.free_bytes, &d.total_bytes));
+  return d;
+}
+
+EventTimer::EventTimer(int n) {
+  TQ_REQUIRE(n >= 1, "EventTimer: n must be >= 1, got ", n);
+  for (int i = 0; i < n; ++i) {
+    cudaEvent_t a = nullptr, b = nullptr;
+    TQ_CUDA_CHECK(cudaEventCreate(&a));
+    start_.push_back(a);
+    TQ_CUDA_CHECK(cudaEventCreate(&b));
+    stop_.push_back(b);
+  }
+}
+EventTimer::~EventTimer() {
+  for (void* e : start_) (void)cudaEventDestroy(ev(e));
+  for (void* e : stop_) (void)cudaEventDestroy(ev(e));
+}
+void EventTimer::start(int i, Stream stream) {
+  TQ_CUDA_CHECK(cudaEventRecord(ev(start_.at(i)), static_cast<cudaStream_t>(stream)));
+}
+void EventTimer::stop(int i, Stream stream) {
+  TQ_CUDA_CHECK(cudaEventRecord(ev(stop_.at(i)), static_cast<cudaStream_t>(stream)));
+}
+float EventTimer::ms(int i) const {
+  TQ_CUDA_CHECK(cudaEventSynchronize(ev(stop_.at(i))));
+  float t = 0.0f;
+  TQ_CUDA_CHECK(cudaEventElapsedTime(&t, ev(start_.at(i)), ev(stop_.at(i))));
+  return t;
+}
+std::vector<float> EventTimer::all_ms() const {
+  std::vector<float> t(start_.size());
+  for (size_t i = 0; i < t.size(); ++i) t[i] = ms(int(i));
+  return t;
+}
+double EventTimer::median_ms() const {
+  std::vector<float> t = all_ms();
+  std::sort(t.begin(), t.end());
+  const size_t n = t.size();
+  return n % 2 ? t[n / 2] : 0.5 * (double(t[n / 2 - 1]) + t[n / 2]);
+}
+
+L2Flusher::L2Flusher(size_t bytes) {
+  if (bytes == 0) bytes = std::max<size_t>(size_t(256) << 20, 4 * device_info().l2_bytes);
+  buf_ = DeviceBuffer(bytes);
+}
+void L2Flusher::flush(Stream stream) {
+  value_ = (value_ + 1) & 0xffu;  // a new value each time: nothing to skip
+  TQ_CUDA_CHECK(cudaMemsetAsync(buf_.data(), int(value_), buf_.size(),
+                                static_cast<cudaStream_t>(stream)));
+}
+
+void fill_normal_f32(float* dst, size_t n, uint64_t seed, float mean, float sd, Stream stream) {
+  if (n == 0) return;
+  fill_f32_kernel<<<grid_for((n + 1) / 2, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      dst, n, seed, mean, sd);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+void fill_normal_bf16(uint16_t* dst, size_t n, uint64_t seed, float mean, float sd, Stream stream) {
+  if (n == 0) return;
+  fill_bf16_kernel<<<grid_for((n + 1) / 2, 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      dst, n, seed, mean, sd);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+void read_sum_bf16(const void* src, size_t bytes, float* sink, Stream stream) {
+  TQ_REQUIRE(bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(src) & 15u) == 0,
+             "read_sum_bf16: ", bytes, " bytes at ", src, ": need a 16-byte aligned multiple of 16");
+  if (bytes == 0) return;
+  const size_t n_vec = bytes / 16;
+  read_sum_kernel<<<grid_for(n_vec, kReadThreads), kReadThreads, 0,
+                    static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(src), n_vec, sink);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream) {
+  TQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
+                                static_cast<cudaStream_t>(stream)));
+}
+
+void synchronize(Stream stream) {
+  TQ_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream)));
+}
+
+}  // namespace tq::cuda::bench

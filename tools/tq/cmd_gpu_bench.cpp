@@ -1,0 +1,501 @@
+// tq gpu-bench (issue 5): GPU decode attention on packed codes (GpuKvLayer)
+// against our dense bf16 kernel (dense_decode_bf16) and, given the JSON of
+// scripts/sdpa_bench.py, PyTorch SDPA, on one layer of Llama-3-8B
+// (Hq 32, Hkv 8, d 128) and Gemma-3 (Hq 4, Hkv 1, d 256).
+//
+// Every time is the median of --runs launches between CUDA events, each after
+// an L2 flush. Bandwidth is the bytes a kernel must read (the K/V records of
+// every visible token and the queries) over that time, reported as a share of
+// a device-to-device copy (read + write counted, as REFERENCE.md does) and of
+// a pure read stream, both measured in the same process. Also timed: the
+// quantize-append of a 131072-token prefill block against one read of the
+// same block in bf16.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "cli_util.hpp"
+#include "commands.hpp"
+#include "turboquant/cuda.hpp"
+#include "turboquant/cuda_bench.hpp"
+#include "turboquant/error.hpp"
+#include "turboquant/kv_cache.hpp"
+#include "turboquant/quantizer.hpp"
+
+namespace tq::cli {
+namespace {
+
+namespace cb = tq::cuda::bench;
+using nlohmann::json;
+
+constexpr const char* kDense = "dense_bf16";
+
+struct Shape {
+  std::string name;
+  int n_heads_q, n_heads_kv, head_dim;
+};
+const std::vector<Shape> kShapes = {{"llama", 32, 8, 128}, {"gemma", 4, 1, 256}};
+
+struct Args {
+  std::string shapes = "llama,gemma";
+  std::string batches = "1,8,32";
+  std::string contexts = "4096,32768,131072";
+  std::string presets = "turbo4,paper_mse,turbo3,turbo2.5";
+  int runs = 30;
+  int page_tokens = 256;
+  int split_pages = 0;       // 0: enough splits to fill the device
+  int append_tokens = 131072;
+  int append_runs = 10;
+  bool no_append = false;
+  uint64_t seed = 1;
+  bool json_out = false;
+  std::string json_file;
+  std::string sdpa_file;
+};
+
+double gib(double bytes) { return bytes / double(1ull << 30); }
+
+// Median ms of `runs` launches, each after an L2 flush, after 3 warm-ups.
+template <class F>
+double time_median(F&& launch, int runs, cb::L2Flusher& flush) {
+  for (int i = 0; i < 3; ++i) launch();
+  cb::synchronize(nullptr);
+  cb::EventTimer timer(runs);
+  for (int i = 0; i < runs; ++i) {
+    flush.flush(nullptr);
+    timer.start(i, nullptr);
+    launch();
+    timer.stop(i, nullptr);
+  }
+  return timer.median_ms();
+}
+
+struct Ceilings {
+  double copy_tb_s = 0, read_tb_s = 0;
+};
+
+Ceilings measure_ceilings(int runs, cb::L2Flusher& flush) {
+  const size_t bytes = size_t(1) << 30;  // >> L2: the flush hardly matters here
+  cuda::DeviceBuffer a(bytes), b(bytes), sink(sizeof(float));
+  cb::fill_normal_bf16(a.as<uint16_t>(), bytes / 2, 7, 0.0f, 1.0f, nullptr);
+  Ceilings c;
+  const double copy_ms = time_median([&] { cb::copy_d2d(b.data(), a.data(), bytes, nullptr); }, runs, flush);
+  c.copy_tb_s = 2.0 * double(bytes) / (copy_ms * 1e-3) / 1e12;
+  const double read_ms =
+      time_median([&] { cb::read_sum_bf16(a.data(), bytes, sink.as<float>(), nullptr); }, runs, flush);
+  c.read_tb_s = double(bytes) / (read_ms * 1e-3) / 1e12;
+  return c;
+}
+
+// Does the GPU layer take this preset at this head_dim? The error text if not.
+std::optional<std::string> gpu_unsupported(const KvPreset& p, int head_dim, int n_heads_kv) {
+  try {
+    auto kq = make_quantizer(p.k_spec, head_dim, 1), vq = make_quantizer(p.v_spec, head_dim, 2);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = n_heads_kv;
+    cfg.page_tokens = 16;
+    cfg.max_pages_per_seq = 1;
+    cuda::GpuKvLayer probe(*kq, *vq, cfg);
+    return std::nullopt;
+  } catch (const Error& e) {
+    return std::string(e.what());
+  }
+}
+
+struct SdpaBest {
+  double ms = 0;
+  std::string backend;
+};
+using SdpaKey = std::tuple<std::string, int, int>;  // shape, batch, context
+
+std::map<SdpaKey, SdpaBest> load_sdpa(const std::string& path) {
+  std::ifstream in(path);
+  TQ_REQUIRE(in.good(), "gpu-bench --sdpa: cannot open '", path, "'");
+  json j;
+  try {
+    in >> j;
+  } catch (const std::exception& e) {
+    TQ_THROW("gpu-bench --sdpa: '", path, "' is not JSON (", e.what(), ")");
+  }
+  TQ_REQUIRE(j.is_object() && j.contains("best") && j["best"].is_array(), "gpu-bench --sdpa: '",
+             path, "' has no \"best\" array (expected the output of scripts/sdpa_bench.py)");
+  std::map<SdpaKey, SdpaBest> m;
+  for (const auto& r : j["best"]) {
+    TQ_REQUIRE(r.contains("shape") && r.contains("batch") && r.contains("context") && r.contains("ms"),
+               "gpu-bench --sdpa: an entry of \"best\" in '", path, "' lacks shape/batch/context/ms");
+    m[{r["shape"].get<std::string>(), r["batch"].get<int>(), r["context"].get<int>()}] =
+        SdpaBest{r["ms"].get<double>(), r.value("backend", std::string("?"))};
+  }
+  return m;
+}
+
+class Bench {
+ public:
+  explicit Bench(const Args& a) : a_(a) {}
+
+  int run() {
+    for (const auto& s : split_list(a_.shapes)) {
+      auto it = std::find_if(kShapes.begin(), kShapes.end(), [&](const Shape& x) { return x.name == s; });
+      TQ_REQUIRE(it != kShapes.end(), "gpu-bench --shape: '", s, "' is not a shape (expected llama or gemma)");
+      shapes_.push_back(*it);
+    }
+    batches_ = parse_int_list("--batch", a_.batches);
+    contexts_ = parse_int_list("--context", a_.contexts);
+    for (int b : batches_) TQ_REQUIRE(b >= 1 && b <= 4096, "--batch: ", b, " is outside 1..4096");
+    for (int c : contexts_) TQ_REQUIRE(c >= 1 && c <= (1 << 24), "--context: ", c, " is outside 1..16777216");
+    for (const auto& p : split_presets(a_.presets))
+      if (p != kDense) presets_.push_back(find_kv_preset(p));  // unknown names fail here
+    if (!a_.sdpa_file.empty()) sdpa_ = load_sdpa(a_.sdpa_file);
+    // Arguments first: a bad flag is reported the same with or without a GPU.
+    TQ_REQUIRE(cb::built_with_cuda(),
+               "gpu-bench: tq was built without CUDA (configure with -DTQ_CUDA=ON on a machine with nvcc)");
+    TQ_REQUIRE(cuda::cuda_available(), "gpu-bench: no GPU: no CUDA device is visible to this process");
+
+    const cb::DeviceInfo dev = cb::device_info();
+    flush_ = std::make_unique<cb::L2Flusher>();
+    ceil_ = measure_ceilings(std::max(a_.runs, 10), *flush_);
+    sm_count_ = dev.sm_count;
+    info("gpu-bench: %s, %d SMs, L2 %.0f MiB, %.1f GiB free; copy %.2f TB/s (read + write), read %.2f TB/s",
+         dev.name.c_str(), dev.sm_count, dev.l2_bytes / 1048576.0, gib(dev.free_bytes), ceil_.copy_tb_s,
+         ceil_.read_tb_s);
+    rows_.push_back({{"kind", "device"}, {"device", dev.name}, {"sm_count", dev.sm_count},
+                     {"l2_bytes", dev.l2_bytes}, {"total_bytes", dev.total_bytes},
+                     {"copy_tb_s", ceil_.copy_tb_s}, {"read_tb_s", ceil_.read_tb_s},
+                     {"runs", a_.runs}, {"l2_flush_bytes", flush_->bytes()}});
+    if (!a_.json_out) {
+      std::printf("device %s: copy %.2f TB/s (read + write), read stream %.2f TB/s; medians of %d runs, L2 flushed\n",
+                  dev.name.c_str(), ceil_.copy_tb_s, ceil_.read_tb_s, a_.runs);
+      std::printf("%-6s %5s %7s %-11s %9s %8s %6s %6s %6s %8s %8s %9s\n", "shape", "batch", "context",
+                  "preset", "ms", "GB", "TB/s", "copy%", "read%", "vs_dense", "vs_sdpa", "sdpa_ms");
+    }
+    for (const Shape& s : shapes_)
+      for (int b : batches_)
+        for (int c : contexts_) run_shape(s, b, c);
+    if (!a_.no_append) run_append();
+
+    const json out(rows_);
+    if (a_.json_out) std::printf("%s\n", out.dump(2).c_str());
+    if (!a_.json_file.empty()) {
+      const std::string tmp = a_.json_file + ".tmp";
+      {
+        std::ofstream f(tmp);
+        TQ_REQUIRE(f.good(), "gpu-bench --json-file: cannot write '", tmp, "'");
+        f << out.dump(2) << "\n";
+        TQ_REQUIRE(f.good(), "gpu-bench --json-file: write to '", tmp, "' failed");
+      }
+      TQ_REQUIRE(std::rename(tmp.c_str(), a_.json_file.c_str()) == 0, "gpu-bench --json-file: cannot rename '",
+                 tmp, "' to '", a_.json_file, "'");
+    }
+    return 0;
+  }
+
+ private:
+  template <class... T>
+  void info(const char* fmt, T... args) const {
+    std::fprintf(stderr, fmt, args...);
+    std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  }
+
+  size_t free_bytes() const { return cb::device_info().free_bytes; }
+
+  json base_row(const Shape& s, int batch, int context, const std::string& preset) const {
+    return {{"kind", "attend"},          {"shape", s.name},       {"n_heads_q", s.n_heads_q},
+            {"n_heads_kv", s.n_heads_kv}, {"head_dim", s.head_dim}, {"batch", batch},
+            {"context", context},          {"preset", preset}};
+  }
+
+  // Fills ms / bytes / bandwidth / ratios of a timed row and prints it.
+  void finish_row(json& r, double ms, double bytes) {
+    const double tb_s = bytes / (ms * 1e-3) / 1e12;
+    r["supported"] = true;
+    r["ms"] = ms;
+    r["bytes"] = bytes;
+    r["tb_s"] = tb_s;
+    r["copy_share"] = tb_s / ceil_.copy_tb_s;
+    r["read_share"] = tb_s / ceil_.read_tb_s;
+    std::string vs_dense = "-", vs_sdpa = "-", sdpa_ms = "-";
+    if (dense_ms_ > 0) {
+      r["speedup_vs_dense_bf16"] = dense_ms_ / ms;
+      vs_dense = fmt("%.2fx", dense_ms_ / ms);
+    }
+    auto it = sdpa_.find({r["shape"].get<std::string>(), r["batch"].get<int>(), r["context"].get<int>()});
+    if (it != sdpa_.end()) {
+      r["sdpa_ms"] = it->second.ms;
+      r["sdpa_backend"] = it->second.backend;
+      r["speedup_vs_sdpa"] = it->second.ms / ms;
+      vs_sdpa = fmt("%.2fx", it->second.ms / ms);
+      sdpa_ms = fmt("%.4f", it->second.ms);
+    }
+    if (!a_.json_out)
+      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s\n",
+                  r["shape"].get<std::string>().c_str(), r["batch"].get<int>(), r["context"].get<int>(),
+                  r["preset"].get<std::string>().c_str(), ms, bytes / 1e9, tb_s,
+                  100 * tb_s / ceil_.copy_tb_s, 100 * tb_s / ceil_.read_tb_s, vs_dense.c_str(),
+                  vs_sdpa.c_str(), sdpa_ms.c_str());
+    std::fflush(stdout);
+  }
+
+  void note_row(json r, const std::string& key, const std::string& note) {
+    r["supported"] = key != "unsupported";
+    r[key == "unsupported" ? "note" : "skipped"] = note;
+    if (!a_.json_out)
+      std::printf("%-6s %5d %7d %-11s %s\n", r["shape"].get<std::string>().c_str(), r["batch"].get<int>(),
+                  r["context"].get<int>(), r["preset"].get<std::string>().c_str(), note.c_str());
+    rows_.push_back(std::move(r));
+  }
+
+  template <class... T>
+  static std::string fmt(const char* f, T... args) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf, f, args...);
+    return buf;
+  }
+
+  void run_shape(const Shape& s, int batch, int context) {
+    const int D = s.head_dim, Hq = s.n_heads_q, Hkv = s.n_heads_kv;
+    const size_t q_bytes = size_t(batch) * Hq * D * sizeof(float);
+    const double margin = 512.0 * (1 << 20);
+    dense_ms_ = 0;
+    info("gpu-bench: %s batch %d context %d", s.name.c_str(), batch, context);
+
+    // ---- dense bf16 (the baseline: first, so the others get a ratio) ----
+    {
+      json r = base_row(s, batch, context, kDense);
+      const size_t n = size_t(batch) * Hkv * size_t(context) * D;
+      const double need = 2.0 * n * 2 + 3.0 * q_bytes + margin;
+      if (need > double(free_bytes())) {
+        note_row(r, "skipped", fmt("skipped: needs %.1f GiB, %.1f GiB free", gib(need), gib(free_bytes())));
+      } else {
+        cuda::DeviceBuffer k(n * 2), v(n * 2), len(batch * sizeof(int)), q(q_bytes), out(q_bytes);
+        cb::fill_normal_bf16(k.as<uint16_t>(), n, a_.seed * 11 + 1, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_bf16(v.as<uint16_t>(), n, a_.seed * 11 + 2, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+        const std::vector<int> lens(batch, context);
+        len.upload(lens.data(), lens.size() * sizeof(int));
+        cuda::DenseDecodeArgs da;
+        da.batch = batch;
+        da.n_heads_q = Hq;
+        da.n_heads_kv = Hkv;
+        da.head_dim = D;
+        da.max_ctx = context;
+        da.k = k.as<uint16_t>();
+        da.v = v.as<uint16_t>();
+        da.lengths = len.as<int>();
+        da.q = q.data();
+        da.out = out.as<float>();
+        const cuda::DenseDecodePlan plan = cuda::dense_decode_plan(da);
+        cuda::DeviceBuffer ws(plan.workspace_bytes);
+        const double ms = time_median(
+            [&] { cuda::dense_decode_bf16(da, plan, ws.data(), ws.size(), nullptr); }, a_.runs, *flush_);
+        r["n_splits"] = plan.n_splits;
+        r["finite"] = all_finite(out, q_bytes / 4);
+        dense_ms_ = ms;
+        finish_row(r, ms, 2.0 * n * 2 + q_bytes);
+        rows_.push_back(std::move(r));
+      }
+    }
+
+    // ---- compressed presets on the GPU KV layer ----
+    const int P = a_.page_tokens;
+    const int pages = (context + P - 1) / P;
+    const int chunk = std::min(context, 16384);
+    std::optional<cuda::DeviceBuffer> kc, vc;  // fp32 [chunk, Hkv, D], appended over and over
+    for (const KvPreset& pr : presets_) {
+      json r = base_row(s, batch, context, pr.name);
+      r["k_format"] = pr.k_spec;
+      r["v_format"] = pr.v_spec;
+      if (auto why = gpu_unsupported(pr, D, Hkv)) {
+        note_row(r, "unsupported", "not supported on GPU yet: " + *why);
+        continue;
+      }
+      auto kq = make_quantizer(pr.k_spec, D, a_.seed), vq = make_quantizer(pr.v_spec, D, a_.seed + 1);
+      const size_t rec = kq->bytes_per_vector() + vq->bytes_per_vector();
+      const double pool = double(batch) * pages * P * Hkv * rec;
+      const double input = kc ? 0.0 : 2.0 * chunk * Hkv * D * sizeof(float);
+      const double need = pool + input + 3.0 * q_bytes + double(batch) * Hq * (pages + 1) * (D + 1) * 4 + margin;
+      if (need > double(free_bytes())) {
+        note_row(r, "skipped", fmt("skipped: needs %.1f GiB, %.1f GiB free", gib(need), gib(free_bytes())));
+        continue;
+      }
+      if (!kc) {
+        kc.emplace(size_t(chunk) * Hkv * D * sizeof(float));
+        vc.emplace(size_t(chunk) * Hkv * D * sizeof(float));
+        cb::fill_normal_f32(kc->as<float>(), size_t(chunk) * Hkv * D, a_.seed * 13 + 1, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_f32(vc->as<float>(), size_t(chunk) * Hkv * D, a_.seed * 13 + 2, 0.0f, 1.0f, nullptr);
+      }
+      cuda::GpuKvLayerConfig cfg;
+      cfg.n_heads_kv = Hkv;
+      cfg.page_tokens = P;
+      cfg.max_seqs = batch;
+      cfg.max_pages_per_seq = pages;
+      if (a_.split_pages > 0) {
+        cfg.split_pages = a_.split_pages;
+      } else {  // about 4 blocks per SM across (split, kv head, sequence)
+        const long want = std::max(1L, (4L * sm_count_ + long(batch) * Hkv - 1) / (long(batch) * Hkv));
+        cfg.split_pages = int(std::max(1L, (pages + want - 1) / want));
+      }
+      cuda::GpuKvLayer layer(*kq, *vq, cfg);
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int b = 0; b < batch; ++b) {
+        const int seq = layer.add_sequence();
+        for (int t = 0; t < context; t += chunk)
+          layer.append_device(seq, kc->as<float>(), vc->as<float>(), std::min(chunk, context - t), nullptr);
+      }
+      const double fill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      cuda::DeviceBuffer q(q_bytes), out(q_bytes), ws(layer.workspace_bytes(Hq));
+      cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+      const double ms = time_median(
+          [&] { layer.attend(q.as<float>(), Hq, {}, out.as<float>(), nullptr, ws.data(), ws.size(), nullptr); },
+          a_.runs, *flush_);
+      r["split_pages"] = cfg.split_pages;
+      r["page_tokens"] = P;
+      r["record_bytes_per_token_head"] = rec;
+      r["fill_s"] = fill_s;
+      r["finite"] = all_finite(out, q_bytes / 4);
+      finish_row(r, ms, double(batch) * context * Hkv * rec + q_bytes);
+      rows_.push_back(std::move(r));
+    }
+  }
+
+  static bool all_finite(const cuda::DeviceBuffer& out, size_t n) {
+    std::vector<float> h(n);
+    out.download(h.data(), n * sizeof(float));
+    return std::all_of(h.begin(), h.end(), [](float x) { return std::isfinite(x); });
+  }
+
+  // Quantize-append of one prefill block (one sequence, Llama shape) against
+  // one read of the same block in bf16 (the engine's K and V).
+  void run_append() {
+    const Shape s = kShapes[0];
+    const int T = a_.append_tokens, Hkv = s.n_heads_kv, D = s.head_dim, R = a_.append_runs;
+    const size_t n = size_t(T) * Hkv * D;
+    info("gpu-bench: quantize-append of %d tokens (%s shape)", T, s.name.c_str());
+    const double need_in = n * (2.0 * 4 + 2.0 * 2);
+    if (need_in + (1u << 30) > double(free_bytes())) {
+      info("gpu-bench: append skipped: needs %.1f GiB", gib(need_in));
+      return;
+    }
+    cuda::DeviceBuffer kf(n * 4), vf(n * 4), kv16(n * 2 * 2), sink(sizeof(float));
+    cb::fill_normal_f32(kf.as<float>(), n, a_.seed * 17 + 1, 0.0f, 1.0f, nullptr);
+    cb::fill_normal_f32(vf.as<float>(), n, a_.seed * 17 + 2, 0.0f, 1.0f, nullptr);
+    cb::fill_normal_bf16(kv16.as<uint16_t>(), 2 * n, a_.seed * 17 + 3, 0.0f, 1.0f, nullptr);
+    const double read_ms = time_median(
+        [&] { cb::read_sum_bf16(kv16.data(), n * 2 * 2, sink.as<float>(), nullptr); }, a_.runs, *flush_);
+    if (!a_.json_out)
+      std::printf("append %d tokens x %d heads x d %d: one read of its bf16 K+V (%.3f GB) %.4f ms\n", T, Hkv, D,
+                  n * 4 / 1e9, read_ms);
+    for (const KvPreset& pr : presets_) {
+      json r = {{"kind", "append"}, {"shape", s.name}, {"tokens", T}, {"preset", pr.name},
+                {"k_format", pr.k_spec}, {"v_format", pr.v_spec}};
+      if (auto why = gpu_unsupported(pr, D, Hkv)) {
+        r["supported"] = false;
+        r["note"] = "not supported on GPU yet: " + *why;
+        if (!a_.json_out) std::printf("append %-11s not supported on GPU yet: %s\n", pr.name.c_str(), why->c_str());
+        rows_.push_back(std::move(r));
+        continue;
+      }
+      auto kq = make_quantizer(pr.k_spec, D, a_.seed), vq = make_quantizer(pr.v_spec, D, a_.seed + 1);
+      const size_t rec = kq->bytes_per_vector() + vq->bytes_per_vector();
+      const double pool = double(R + 1) * T * Hkv * rec;
+      if (pool + (1u << 30) > double(free_bytes())) {
+        info("gpu-bench: append %s skipped: needs %.1f GiB", pr.name.c_str(), gib(pool));
+        continue;
+      }
+      cuda::GpuKvLayerConfig cfg;
+      cfg.n_heads_kv = Hkv;
+      cfg.page_tokens = a_.page_tokens;
+      cfg.max_seqs = R + 1;
+      cfg.max_pages_per_seq = (T + a_.page_tokens - 1) / a_.page_tokens;
+      cuda::GpuKvLayer layer(*kq, *vq, cfg);
+      layer.add_sequence();
+      layer.append_device(0, kf.as<float>(), vf.as<float>(), T, nullptr);  // warm-up
+      // append_device is synchronous (it reads the device status back), so the
+      // event span also holds its host bookkeeping; wall time alongside.
+      cb::EventTimer timer(R);
+      std::vector<double> wall;
+      for (int i = 0; i < R; ++i) {
+        const int seq = layer.add_sequence();
+        flush_->flush(nullptr);
+        cb::synchronize(nullptr);
+        const auto t0 = std::chrono::steady_clock::now();
+        timer.start(i, nullptr);
+        layer.append_device(seq, kf.as<float>(), vf.as<float>(), T, nullptr);
+        timer.stop(i, nullptr);
+        cb::synchronize(nullptr);
+        wall.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      }
+      std::sort(wall.begin(), wall.end());
+      const double ms = timer.median_ms(), wall_ms = wall[wall.size() / 2];
+      r["supported"] = true;
+      r["ms"] = ms;
+      r["wall_ms"] = wall_ms;
+      r["input_f32_bytes"] = 2.0 * n * 4;
+      r["record_bytes"] = double(T) * Hkv * rec;
+      r["bf16_read_ms"] = read_ms;
+      r["bf16_bytes"] = 2.0 * n * 2;
+      r["ratio_vs_bf16_read"] = ms / read_ms;
+      r["tb_s"] = (2.0 * n * 4 + double(T) * Hkv * rec) / (ms * 1e-3) / 1e12;
+      if (!a_.json_out)
+        std::printf("append %-11s %9.4f ms (wall %.4f), %.1fx one bf16 read; %.2f TB/s moved (f32 in + records out)\n",
+                    pr.name.c_str(), ms, wall_ms, ms / read_ms, r["tb_s"].get<double>());
+      rows_.push_back(std::move(r));
+    }
+  }
+
+  const Args& a_;
+  std::vector<Shape> shapes_;
+  std::vector<int> batches_, contexts_;
+  std::vector<KvPreset> presets_;
+  std::map<SdpaKey, SdpaBest> sdpa_;
+  std::unique_ptr<cb::L2Flusher> flush_;
+  Ceilings ceil_;
+  int sm_count_ = 0;
+  double dense_ms_ = 0;
+  std::vector<json> rows_;
+};
+
+}  // namespace
+
+Runner add_gpu_bench(CLI::App& app) {
+  auto a = std::make_shared<Args>();
+  CLI::App* sub = app.add_subcommand(
+      "gpu-bench", "GPU decode attention: packed codes (GpuKvLayer) vs our dense bf16 kernel vs PyTorch SDPA");
+  sub->add_option("--shape", a->shapes, "Comma list of layer shapes: llama (Hq 32, Hkv 8, d 128), gemma (Hq 4, Hkv 1, d 256)")
+      ->capture_default_str();
+  sub->add_option("--batch", a->batches, "Comma list of batch sizes")->capture_default_str();
+  sub->add_option("--context", a->contexts, "Comma list of context lengths (tokens per sequence)")
+      ->capture_default_str();
+  sub->add_option("--preset", a->presets, "Comma list of KV presets (tq kv-presets); dense_bf16 always runs")
+      ->capture_default_str();
+  sub->add_option("--runs", a->runs, "Timed launches per case (median)")->check(CLI::Range(20, 10000))->capture_default_str();
+  sub->add_option("--page-tokens", a->page_tokens, "GPU layer page size in tokens")
+      ->check(CLI::Range(1, 65536))
+      ->capture_default_str();
+  sub->add_option("--split-pages", a->split_pages, "Pages per split-KV part (0 = fill the device)")
+      ->check(CLI::Range(0, 1 << 20))
+      ->capture_default_str();
+  sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append")
+      ->check(CLI::Range(1, 1 << 22))
+      ->capture_default_str();
+  sub->add_option("--append-runs", a->append_runs, "Timed appends per preset (median)")
+      ->check(CLI::Range(1, 1000))
+      ->capture_default_str();
+  sub->add_flag("--no-append", a->no_append, "Skip the quantize-append timing");
+  sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
+  sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append)");
+  sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
+  sub->add_option("--sdpa", a->sdpa_file, "JSON of scripts/sdpa_bench.py: adds sdpa_ms and speedup_vs_sdpa");
+  return [a] { return Bench(*a).run(); };
+}
+
+}  // namespace tq::cli
