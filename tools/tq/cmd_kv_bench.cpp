@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <memory>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -20,9 +21,11 @@ namespace {
 
 struct Args {
   std::string presets = "paper_mse,turbo4";
-  int context = 4096;
+  std::string contexts = "4096";  // comma list
+  std::string thread_list = "1";  // comma list; 0 = all cores
+  int context = 4096;             // the one being run
   int heads_q = 32, heads_kv = 8, dim = 128;
-  int threads = 1;
+  int threads = 1;                // the one the reference uses
   int repeats = 0;  // 0: enough for ~0.3 s per preset
   uint64_t seed = 1;
   bool check = false;
@@ -71,77 +74,127 @@ struct Result {
   double bytes_per_token = 0, ratio = 0, ms = 0, rel = 0, rel_dq = 0;
 };
 
-Result run_preset(const std::string& preset, const Args& a, const std::vector<float>& k,
-                  const std::vector<float>& v, const std::vector<float>& q,
-                  const std::vector<float>& ref, bool want_errors) {
+// A filled cache of one preset; timed at each thread count.
+struct Bench {
+  KvCache cache;
+  int seq;
+  explicit Bench(const KvCacheConfig& c) : cache(c), seq(cache.add_sequence()) {}
+};
+
+std::unique_ptr<Bench> fill(const std::string& preset, const Args& a, const std::vector<float>& k,
+                            const std::vector<float>& v) {
   KvCacheConfig cfg = KvCacheConfig::from_preset(preset, 1, a.heads_kv, a.dim);
   cfg.seed = a.seed;
-  KvCache cache(cfg);
-  const int seq = cache.add_sequence();
-  cache.append(seq, 0, k.data(), v.data(), a.context);
-  Result r;
-  r.preset = preset;
-  const KvMemoryReport mem = cache.memory();
-  r.bytes_per_token = double(mem.used.total()) / a.context;
-  r.ratio = double(mem.dense_equivalent) / double(mem.used.total());
-  std::vector<float> out(q.size());
-  cache.attend(seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, a.threads);  // warm up
+  auto b = std::make_unique<Bench>(cfg);
+  b->cache.append(b->seq, 0, k.data(), v.data(), a.context);
+  return b;
+}
+
+// Median ms of one decode step at `threads`.
+double time_step(const Bench& b, const Args& a, const std::vector<float>& q, int threads,
+                 std::vector<float>& out) {
+  b.cache.attend(b.seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, threads);  // warm up
   std::vector<double> times;
   const auto start = std::chrono::steady_clock::now();
-  for (int i = 0; a.repeats > 0 ? i < a.repeats : (i < 5 || (i < 200 && std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < 0.3)); ++i) {
+  auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
+  for (int i = 0; a.repeats > 0 ? i < a.repeats : (i < 5 || (i < 200 && elapsed() < 0.3)); ++i) {
     const auto t0 = std::chrono::steady_clock::now();
-    cache.attend(seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, a.threads);
+    b.cache.attend(b.seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, threads);
     times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
   }
   std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  r.ms = times[times.size() / 2];
-  if (want_errors) {
-    r.rel = rel_err(out, ref);
-    std::vector<float> kd(k.size()), vd(v.size());
-    cache.dequantize(seq, 0, kd.data(), vd.data());
-    r.rel_dq = rel_err(out, reference(q, a, kd, vd, a.threads));
-  }
+  return times[times.size() / 2];
+}
+
+Result describe(const std::string& preset, const Bench& b, const Args& a) {
+  Result r;
+  r.preset = preset;
+  const KvMemoryReport mem = b.cache.memory();
+  r.bytes_per_token = double(mem.used.total()) / a.context;
+  r.ratio = double(mem.dense_equivalent) / double(mem.used.total());
   return r;
 }
 
-int run(const Args& a) {
-  TQ_REQUIRE(a.heads_q % a.heads_kv == 0, "--heads-q ", a.heads_q, " must be a multiple of --heads-kv ",
-             a.heads_kv);
-  const std::vector<std::string> presets = split_presets(a.presets);
-  for (const auto& p : presets) find_kv_preset(p);  // validate all names before any work
+// One context: every preset filled once, then timed at each thread count.
+bool run_context(const Args& a, const std::vector<std::string>& presets, const std::vector<int>& threads,
+                 nlohmann::json& out) {
   const std::vector<float> k = synthetic(a.context, a.heads_kv, a.dim, derive_seed(a.seed, "k"), true);
   const std::vector<float> v = synthetic(a.context, a.heads_kv, a.dim, derive_seed(a.seed, "v"), false);
   std::vector<float> q = synthetic(1, a.heads_q, a.dim, derive_seed(a.seed, "q"), true);
   for (auto& x : q) x *= 0.25f;
+  const int ref_threads = *std::max_element(threads.begin(), threads.end()) == 0
+                              ? 0
+                              : *std::max_element(threads.begin(), threads.end());
   if (!a.json)
-    std::fprintf(stderr, "kv-bench: context %d, Hq %d, Hkv %d, d %d, threads %d; computing fp64 reference...\n",
-                 a.context, a.heads_q, a.heads_kv, a.dim, a.threads);
-  const std::vector<float> ref = reference(q, a, k, v, a.threads <= 0 ? 0 : a.threads);
-  const Result f32 = run_preset("dense-f32", a, k, v, q, ref, false);
-  const Result f16 = run_preset("dense-f16", a, k, v, q, ref, false);
-  if (!a.json)
-    std::printf("%-12s %8s %8s %9s %10s %8s %10s %12s\n", "preset", "ctx", "B/token", "vs bf16",
-                "ms/step", "speedup", "rel_err", "rel_err_dq");
-  if (!a.json)
-    for (const Result* d : {&f32, &f16})
-      std::printf("%-12s %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s\n", d->preset.c_str(), a.context,
-                  d->bytes_per_token, d->ratio, d->ms, f16.ms / d->ms, "-", "-");
-  nlohmann::json out = nlohmann::json::array();
+    std::fprintf(stderr, "kv-bench: context %d, Hq %d, Hkv %d, d %d; computing fp64 reference...\n",
+                 a.context, a.heads_q, a.heads_kv, a.dim);
+  const std::vector<float> ref = reference(q, a, k, v, ref_threads);
+  std::vector<float> o(q.size());
+  const auto f32 = fill("dense-f32", a, k, v);
+  const auto f16 = fill("dense-f16", a, k, v);
+  const Result d32 = describe("dense-f32", *f32, a), d16 = describe("dense-f16", *f16, a);
+  struct Row {
+    Result r;
+    std::vector<double> ms;  // per thread count
+  };
+  std::vector<Row> rows;
   bool ok = true;
   for (const auto& p : presets) {
     if (!a.json) std::fprintf(stderr, "  %s...\n", p.c_str());
-    const Result r = run_preset(p, a, k, v, q, ref, true);
-    ok = ok && r.rel_dq <= 1e-5;
-    if (a.json) {
-      out.push_back({{"preset", r.preset}, {"context", a.context}, {"dim", a.dim},
-                     {"bytes_per_token", r.bytes_per_token}, {"compression_ratio", r.ratio},
-                     {"ms_per_step", r.ms}, {"dense_f16_ms_per_step", f16.ms},
-                     {"dense_f32_ms_per_step", f32.ms}, {"speedup", f16.ms / r.ms},
-                     {"rel_err", r.rel}, {"rel_err_dequant", r.rel_dq}});
-    } else {
-      std::printf("%-12s %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e\n", r.preset.c_str(), a.context,
-                  r.bytes_per_token, r.ratio, r.ms, f16.ms / r.ms, r.rel, r.rel_dq);
+    const auto b = fill(p, a, k, v);
+    Row row{describe(p, *b, a), {}};
+    for (int t : threads) row.ms.push_back(time_step(*b, a, q, t, o));
+    row.r.rel = rel_err(o, ref);
+    std::vector<float> kd(k.size()), vd(v.size());
+    b->cache.dequantize(b->seq, 0, kd.data(), vd.data());
+    row.r.rel_dq = rel_err(o, reference(q, a, kd, vd, ref_threads));
+    ok = ok && row.r.rel_dq <= 1e-5;
+    rows.push_back(std::move(row));
+  }
+  for (size_t ti = 0; ti < threads.size(); ++ti) {
+    const int t = threads[ti];
+    const int t_real = t <= 0 ? hardware_threads() : t;
+    const double ms32 = time_step(*f32, a, q, t, o), ms16 = time_step(*f16, a, q, t, o);
+    if (!a.json) {
+      std::printf("%-12s %8s %8s %8s %9s %10s %8s %10s %12s\n", "preset", "ctx", "threads", "B/token",
+                  "vs bf16", "ms/step", "speedup", "rel_err", "rel_err_dq");
+      for (auto [d, ms] : {std::pair{&d32, ms32}, std::pair{&d16, ms16}})
+        std::printf("%-12s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s\n", d->preset.c_str(), a.context,
+                    t_real, d->bytes_per_token, d->ratio, ms, ms16 / ms, "-", "-");
     }
+    for (const Row& row : rows) {
+      const Result& r = row.r;
+      const double ms = row.ms[ti];
+      if (a.json) {
+        out.push_back({{"preset", r.preset}, {"context", a.context}, {"dim", a.dim}, {"threads", t_real},
+                       {"bytes_per_token", r.bytes_per_token}, {"compression_ratio", r.ratio},
+                       {"ms_per_step", ms}, {"dense_f16_ms_per_step", ms16},
+                       {"dense_f32_ms_per_step", ms32}, {"speedup", ms16 / ms},
+                       {"rel_err", r.rel}, {"rel_err_dequant", r.rel_dq}});
+      } else {
+        std::printf("%-12s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e\n", r.preset.c_str(), a.context,
+                    t_real, r.bytes_per_token, r.ratio, ms, ms16 / ms, r.rel, r.rel_dq);
+      }
+    }
+  }
+  return ok;
+}
+
+int run(Args a) {
+  TQ_REQUIRE(a.heads_q % a.heads_kv == 0, "--heads-q ", a.heads_q, " must be a multiple of --heads-kv ",
+             a.heads_kv);
+  const std::vector<std::string> presets = split_presets(a.presets);
+  for (const auto& p : presets) find_kv_preset(p);  // validate all names before any work
+  const std::vector<int> contexts = parse_int_list("--context", a.contexts);
+  const std::vector<int> threads = parse_int_list("--threads", a.thread_list);
+  for (int c : contexts)
+    TQ_REQUIRE(c >= 1 && c <= (1 << 24), "--context: ", c, " is outside 1..16777216");
+  for (int t : threads) TQ_REQUIRE(t >= 0 && t <= 1024, "--threads: ", t, " is outside 0..1024 (0 = all cores)");
+  nlohmann::json out = nlohmann::json::array();
+  bool ok = true;
+  for (int c : contexts) {
+    a.context = c;
+    ok = run_context(a, presets, threads, out) && ok;
   }
   if (a.json) std::printf("%s\n", out.dump(2).c_str());
   if (a.check && !ok) {
@@ -159,14 +212,12 @@ Runner add_kv_bench(CLI::App& app) {
       "kv-bench", "Time one decode step of attention on a filled KV cache, per preset vs dense");
   sub->add_option("--preset", a->presets, "Comma list of KV presets (tq kv-presets lists them)")
       ->capture_default_str();
-  sub->add_option("--context", a->context, "Tokens in the cache")
-      ->check(CLI::Range(1, 1 << 24))
+  sub->add_option("--context", a->contexts, "Tokens in the cache (comma list: one table per context)")
       ->capture_default_str();
   sub->add_option("--heads-q", a->heads_q, "Query heads")->check(CLI::Range(1, 1024))->capture_default_str();
   sub->add_option("--heads-kv", a->heads_kv, "KV heads")->check(CLI::Range(1, 1024))->capture_default_str();
   sub->add_option("--dim", a->dim, "Head dimension")->check(CLI::Range(8, 4096))->capture_default_str();
-  sub->add_option("--threads", a->threads, "Threads (0 = all cores)")
-      ->check(CLI::Range(0, 1024))
+  sub->add_option("--threads", a->thread_list, "Threads (comma list; 0 = all cores), each timed on the same caches")
       ->capture_default_str();
   sub->add_option("--repeats", a->repeats, "Timed runs per preset (0 = about 0.3 s worth)")
       ->check(CLI::Range(0, 100000));
