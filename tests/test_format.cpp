@@ -20,7 +20,7 @@ std::string error_of(const std::string& spec) {
 TEST(Format, CanonicalStringsRoundTrip) {
   for (const char* s :
        {"tq-mse:b=1", "tq-mse:b=3", "tq-mse:b=4", "tq-mse:b=8", "tq-mse:b=2.5", "tq-mse:b=3.5",
-        "tq-mse:b=2.5,hi=32", "tq-mse:b=4,hi=8,hb=8", "tq-mse:b=3,hi=16,hb=5,scale=ls", "tq-mse:b=3,scale=ls", "tq-mse:b=3,scale=matched,sf=f32",
+        "tq-mse:b=2.5,hi=32", "tq-mse:b=4,hi=8,hb=8", "tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=2.5,hi=25%", "tq-mse:b=3,hi=16,hb=5,scale=ls", "tq-mse:b=3,scale=ls", "tq-mse:b=3,scale=matched,sf=f32",
         "tq-mse:b=4,rot=haar,cb=gauss", "tq-prod:b=3", "tq-prod:b=3,m=128", "tq-prod:b=2,m=256,s=gauss",
         "tq-prod:b=4,scale=ls,rot=haar", "polar", "polar:levels=3", "polar:levels=5,b1=3,b=3",
         "polar:rot=haar", "q8_0", "q4_0", "q8_0:rot=hadamard", "q4_0:rot=haar", "f32", "f16",
@@ -60,6 +60,7 @@ TEST(Format, ErrorsNameTheBadTokenAndListWhatIsValid) {
   EXPECT_NE(error_of("tq-mse:b=3,hi=4").find("needs hb=B"), std::string::npos);
   EXPECT_NE(error_of("tq-mse:b=3.5,hi=8,hb=8").find("hb= needs an integer b"), std::string::npos);
   EXPECT_NE(error_of("tq-mse:b=4,hb=8").find("hb= needs hi=N"), std::string::npos);
+  EXPECT_NE(error_of("tq-mse:b=4,hi=100%,hb=8").find("0 < P < 100"), std::string::npos);
   EXPECT_NE(error_of("tq-mse:b=4,hi=8,hb=4").find("must exceed b=4"), std::string::npos);
   EXPECT_NE(error_of("tq-mse:b=4,hi=8,hb=9").find("hb must be 1..8"), std::string::npos);
   EXPECT_NE(error_of("polar:b1=9").find("b1 must be 1..8"), std::string::npos);
@@ -100,6 +101,9 @@ TEST(Format, ByteBudgetsOfReferenceSection3) {
   // Outlier split: 8 channels at 8 bits (8 bytes) + 56 at 4 (28) + two fp16 scales.
   EXPECT_EQ(bytes_per_vector(parse_format("tq-mse:b=4,hi=8,hb=8"), 64), 40u);
   EXPECT_THROW(validate_format(parse_format("tq-mse:b=4,hi=8,hb=8"), 12), Error);  // 4 low channels
+  // hi as a share of dim: 16 of 128 channels at 6 bits (12 bytes) + 112 at 4 (56) + 2 scales.
+  EXPECT_EQ(bytes_per_vector(parse_format("tq-mse:b=4,hi=12.5%,hb=6"), 128), 72u);
+  EXPECT_EQ(channel_split(parse_format("tq-mse:b=4,hi=12.5%,hb=6"), 256).hi_channels, 32);
   EXPECT_EQ(bytes_per_vector(parse_format("tq-mse:b=3"), 128) +
                 bytes_per_vector(parse_format("tq-mse:b=4"), 128),
             116u);

@@ -61,6 +61,7 @@ struct FormatSpec {
   int sketch_rows = 0;  // prod: m, 0 means m = dim
   SketchKind sketch = SketchKind::orth;
   int hi_channels = 0;  // fractional mse: channels at ceil(b); 0 = whatever makes exactly b bits
+  double hi_percent = 0;  // hi=P%: the high channels as a share of dim (rounded), instead of a count
   // mse outlier split with an integer b: hi_channels channels (the outliers,
   // chosen per KV head by the cache) at hi_bits, the others at b. 0 = none.
   int hi_bits = 0;

@@ -172,8 +172,14 @@ FormatSpec parse_format(std::string_view spec) {
         f.sketch = parse_enum<SketchKind>(key, val, spec,
                                           {{"orth", SketchKind::orth}, {"gauss", SketchKind::gauss}});
       } else if (key == "hi") {
-        f.hi_channels = parse_int(key, val, spec);
-        if (f.hi_channels < 1) TQ_THROW("format '", spec, "': hi must be >= 1, got ", val);
+        if (!val.empty() && val.back() == '%') {
+          f.hi_percent = parse_number(key, val.substr(0, val.size() - 1), spec);
+          if (!(f.hi_percent > 0 && f.hi_percent < 100))
+            TQ_THROW("format '", spec, "': hi=P% needs 0 < P < 100, got ", val);
+        } else {
+          f.hi_channels = parse_int(key, val, spec);
+          if (f.hi_channels < 1) TQ_THROW("format '", spec, "': hi must be >= 1 (or a share like 12.5%), got ", val);
+        }
       } else if (key == "hb") {
         f.hi_bits = parse_int(key, val, spec);
         if (f.hi_bits < 1 || f.hi_bits > 8) TQ_THROW("format '", spec, "': hb must be 1..8, got ", val);
@@ -201,12 +207,13 @@ FormatSpec parse_format(std::string_view spec) {
     if (f.hi_bits && !integer_b)
       TQ_THROW("format '", spec, "': hb= needs an integer b (the width of the other channels), got b=",
                fmt_bits(f.bits));
-    if (f.hi_bits && !f.hi_channels)
-      TQ_THROW("format '", spec, "': hb= needs hi=N, the number of outlier channels");
+    const bool has_hi = f.hi_channels || f.hi_percent > 0;
+    if (f.hi_bits && !has_hi)
+      TQ_THROW("format '", spec, "': hb= needs hi=N (or hi=P%), the outlier channels");
     if (f.hi_bits && f.hi_bits <= f.bits)
       TQ_THROW("format '", spec, "': hb=", f.hi_bits, " must exceed b=", fmt_bits(f.bits),
                " (the outlier channels get more bits)");
-    if (f.hi_channels && integer_b && !f.hi_bits)
+    if (has_hi && integer_b && !f.hi_bits)
       TQ_THROW("format '", spec, "': hi= with an integer b needs hb=B, the outliers' width "
                "(or use a fractional b, e.g. b=2.5)");
   } else if (f.method == Method::prod) {
@@ -245,6 +252,7 @@ std::string to_string(const FormatSpec& f) {
     }
     if (f.method == Method::mse && f.hi_channels)
       kv.push_back("hi=" + std::to_string(f.hi_channels));
+    if (f.method == Method::mse && f.hi_percent > 0) kv.push_back("hi=" + fmt_bits(f.hi_percent) + "%");
     if (f.method == Method::mse && f.hi_bits) kv.push_back("hb=" + std::to_string(f.hi_bits));
     if (f.scale != d.scale) kv.push_back("scale=" + to_string(f.scale));
     if (f.scale_type != d.scale_type) kv.push_back("sf=f32");
@@ -264,6 +272,7 @@ ChannelSplit channel_split(const FormatSpec& f, int dim) {
   TQ_REQUIRE(is_split(f), "format ", to_string(f), " has no channel split");
   const int lo_bits = static_cast<int>(std::floor(f.bits));
   int hi = f.hi_channels;
+  if (f.hi_percent > 0) hi = static_cast<int>(std::lround(dim * f.hi_percent / 100.0));
   if (hi == 0) {
     const double want = (f.bits - lo_bits) * dim;
     hi = static_cast<int>(std::lround(want));
