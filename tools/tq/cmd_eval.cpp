@@ -48,6 +48,7 @@ struct Args {
   int ctx = 1024, stride = 0, k_start = 0, max_tokens = 0, threads = 0, chunk = 64, dense_window = 0;
   bool json = false, allow_unsupported = false;
   // --needle
+  bool per_layer = false;
   bool needle = false, needle_chat = false;
   std::string needle_lengths, needle_depths = "0,25,50,75,100", needle_filler = "prose";
   int needle_trials = 1, needle_answer = 12;
@@ -207,7 +208,10 @@ int run(const Args& a) {
     std::fprintf(stderr, "tq eval: %s, %zu tokens of %s; ctx %d, stride %d, k_start %d, reference %s, %d threads\n",
                  c.name.c_str(), ids.size(), text.source.c_str(), a.ctx, a.stride, a.k_start, a.reference.c_str(),
                  o.threads);
-  const std::vector<EvalResult> rs = evaluate(*model, ids, presets, o);
+  if (a.per_layer)
+    TQ_REQUIRE(presets.size() == 1, "--per-layer takes one preset in --kv, got ", presets.size());
+  const std::vector<EvalResult> rs = a.per_layer ? evaluate_per_layer(*model, ids, presets[0], o)
+                                                 : evaluate(*model, ids, presets, o);
   if (bar) std::fprintf(stderr, "\n");
 
   if (a.json) {
@@ -286,6 +290,9 @@ Runner add_eval(CLI::App& app) {
       ->check(CLI::Range(0, 1 << 30));
   sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
   sub->add_flag("--json", a->json, "Print a JSON array, one object per preset (with --needle: one object)");
+  sub->add_flag("--per-layer", a->per_layer,
+                "Where the loss comes from: one row per layer L (\"PRESET@layerL\") with only that layer "
+                "compressed and every other layer dense (one preset in --kv)");
   auto* g = sub->add_option_group("needle", "Needle in a haystack (pass-key retrieval) instead of perplexity");
   g->add_flag("--needle", a->needle,
               "Hide a random 5-7 digit pass key at each depth of a filler text of each length, ask for it "
