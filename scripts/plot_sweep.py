@@ -14,6 +14,7 @@ import sys
 
 SERIES = {  # series key in sweep.json -> (label, marker, line)
     "mse": ("TurboQuant, MSE keys", "o", "-"),
+    "mse+out": ("TurboQuant, MSE keys + 1/8 outlier channels (+2 bits)", "D", "-"),
     "prod": ("TurboQuant, prod (QJL) keys", "s", "--"),
     "q": ("q4_0 / q8_0", "^", ""),
     "q-had": ("q4_0 / q8_0 + Hadamard", "v", ""),

@@ -41,7 +41,7 @@ struct Args {
 };
 
 struct SweepPoint {
-  const char* series;  // mse: MSE keys; prod: tq-prod keys; q, q-had: llama.cpp blocks
+  const char* series;  // mse: MSE keys; mse+out: with outlier channels; prod: tq-prod keys; q, q-had: llama.cpp blocks
   double bits;         // nominal K/V width
   const char* preset;
 };
@@ -55,6 +55,11 @@ const std::vector<SweepPoint>& sweep_points() {
       {"mse", 3, "turbo3"},
       {"mse", 3.5, "turbo3.5"},
       {"mse", 4, "turbo4"},
+      // MSE keys whose largest 1/8 of channels (per head, chosen from the
+      // first tokens) are coded 2 bits wider; V plain MSE at the same width.
+      {"mse+out", 2, "k=tq-mse:b=2,hi=12.5%,hb=4/v=tq-mse:b=2"},
+      {"mse+out", 3, "k=tq-mse:b=3,hi=12.5%,hb=5/v=tq-mse:b=3"},
+      {"mse+out", 4, "turbo4-out"},
       {"prod", 2, "k=tq-prod:b=2/v=tq-mse:b=2"},
       {"prod", 3, "k=tq-prod:b=3/v=tq-mse:b=3"},
       {"prod", 4, "k=tq-prod:b=4/v=tq-mse:b=4"},
