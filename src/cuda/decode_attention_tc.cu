@@ -10,7 +10,8 @@
 //    round robin; a split is split_tokens tokens (planned on the host so the
 //    items fill the SMs evenly) and yields one partial (o, lse) per query head.
 //  - Inside an item every warp takes 16-token tiles warp, warp + W, ... and
-//    runs its own cp.async pipeline over them (kStages deep, crossing into the
+//    runs its own copy pipeline over them (sm_90: bulk copies by one lane on
+//    per-stage mbarriers; older GPUs: cp.async; kStages deep, crossing into the
 //    block's next item), its own online softmax and its own accumulators: no
 //    block barrier in the token loop. At the end of an item the W warp states
 //    are merged exactly in shared memory (3 barriers).
@@ -87,20 +88,27 @@ struct Cfg {
   static constexpr int kQBytes = kMaxGroup * D * 2;
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup);
-  static constexpr int kFixedBytes = kTableBytes + kScratchBytes + kQBytes + kSmallBytes;
+  static constexpr int kBarBytes = 8 * kWarps * 4;  // one mbarrier per warp and stage (<= 4)
+  static constexpr int kFixedBytes = kTableBytes + kScratchBytes + kQBytes + kSmallBytes + kBarBytes;
   static constexpr int kStagesFit = (kSmemLimit - kFixedBytes) / (kWarps * kStageBytes);
   static constexpr int kStages = kStagesFit < 4 ? kStagesFit : 4;
   static constexpr int kStageOff = kTableBytes;  // the table at 0: LDS [reg + base]
   static constexpr int kScratchOff = kStageOff + kWarps * kStages * kStageBytes;
   static constexpr int kQOff = kScratchOff + kScratchBytes;
   static constexpr int kSmallOff = kQOff + kQBytes;
-  static constexpr int kSmemBytes = kSmallOff + kSmallBytes;
+  static constexpr int kBarOff = kSmallOff + kSmallBytes;  // [kWarps][kStages] mbarriers
+  static constexpr int kSmemBytes = kBarOff + kBarBytes;
+  static_assert(kBarOff % 8 == 0);
   static_assert(kStages >= 2, "shared memory too small for a two-stage pipeline");
   static_assert(kStageBytes % 16 == 0 && kKRec % 2 == 0, "cp.async needs 16-byte runs");
   static_assert(kSmemBytes <= kSmemLimit);
 };
 
 // ---- small PTX helpers ---------------------------------------------------------
+// Each copy path is defined only where it is used (sm_90 machine code: bulk
+// copies; the compute_80 PTX and the host pass: cp.async), so that neither
+// pass warns about unused functions.
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
 __device__ __forceinline__ void cp_async16(uint32_t sdst, const void* gsrc) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sdst), "l"(gsrc) : "memory");
 }
@@ -111,6 +119,45 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
+
+#else
+// sm_90 bulk copies: one lane copies a whole run (global -> shared, 16-byte
+// multiples), completing on an mbarrier with a transaction count; the other
+// lanes only wait. Per tile that is 1 expect_tx + 2 copies instead of 6
+// cp.async of 16 bytes per lane plus their address arithmetic.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() {
+  // Makes the (generic proxy) initialisation visible to the copy engine.
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(uint32_t sdst, const void* gsrc, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          sdst),
+      "l"(gsrc), "r"(bytes), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!ok);
+}
+
+#endif
 
 // d += A * B, m16n8k16, row.col, f16 x f16 -> f32.
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -306,10 +353,25 @@ struct Producer {
     row = x.hkv * p.page_tokens + int(t - pi * pdiv.d);
     page = p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi];
   }
-  // Copies the next tile into the stage at shared address sdst; always commits
-  // one group (empty past the last tile), so group i is tile i.
+  // Copies the next tile into the stage at shared address sdst. sm_90: lane 0
+  // starts two bulk copies completing on the stage's mbarrier `bar` (nothing
+  // past the last tile: the consumer never waits for more tiles than were
+  // issued). Older GPUs: per-lane cp.async, always one group committed (empty
+  // past the last tile), so group i is tile i.
   __device__ void issue(const DecodeAttentionParams& p, int n_items, int warp, int lane,
-                        uint32_t sdst) {
+                        uint32_t sdst, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (done) return;
+    if (lane == 0) {
+      const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
+      mbar_expect_tx(bar, kTileTok * (C::kKRec + C::kVRec));
+      bulk_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
+      bulk_g2s(sdst + kTileTok * C::kKRec, pg + p.v_region_offset + size_t(row) * C::kVRec,
+               kTileTok * C::kVRec, bar);
+    }
+    advance(p, n_items, warp);
+#else
+    (void)bar;
     if (!done) {
       // 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
       const uint8_t* pg = p.pool + size_t(page) * p.page_bytes + 16 * lane;
@@ -325,6 +387,7 @@ struct Producer {
     }
     cp_async_commit();
     if (!done) advance(p, n_items, warp);
+#endif
   }
 };
 
@@ -352,6 +415,15 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;  // table copy of this lane
   auto stage_off = [&](int s) { return uint32_t(C::kStageOff + (warp * S + s) * C::kStageBytes); };
+  auto bar_at = [&](int s) { return smem_s + uint32_t(C::kBarOff + 8 * (warp * S + s)); };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(bar_at(s), 1);
+    fence_mbar_init();
+  }
+  __syncwarp();
+#endif
+  uint32_t cphase = 0;  // parity of the current use of stage cstage (sm_90)
 
   // 1. Start the loads, then build the table while they fly.
   Producer<C> prod(p.page_tokens);
@@ -359,7 +431,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   int pstage = 0, cstage = 0;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage));
+    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
     pstage = pstage + 1 == S ? 0 : pstage + 1;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -477,12 +549,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     for (int kt = warp; kt < x.n_tiles; kt += W) {
       const int T0 = x.t0 + kTileTok * kt;
       if (!tile_live(x, T0, p.n_sinks)) continue;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      mbar_wait(bar_at(cstage), cphase);
+#else
       cp_async_wait<S - 2>();
-      __syncwarp();  // every lane's copies of this stage are in; the previous stage is free
-      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage));
+#endif
+      __syncwarp();  // this stage is in (every lane); every lane is done with the previous one
+      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
       pstage = pstage + 1 == S ? 0 : pstage + 1;
       const uint32_t kb = stage_off(cstage), vb = kb + kTileTok * C::kKRec;
       cstage = cstage + 1 == S ? 0 : cstage + 1;
+      cphase ^= cstage == 0 ? 1u : 0u;
 
       // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
       // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
@@ -635,7 +712,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       }
     }
   }
-  cp_async_wait<0>();
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  cp_async_wait<0>();  // sm_90: every bulk copy issued was waited for by its tile
+#endif
 }
 
 // ---- host side -----------------------------------------------------------------
