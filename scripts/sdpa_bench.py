@@ -9,7 +9,10 @@ a backend that refuses it is tried on K/V expanded with repeat_interleave
 (marked "gqa": "repeat": that kernel reads g times the bytes, the TB/s column
 still counts the K/V a GQA kernel needs). Median of --runs launches between
 CUDA events, the L2 flushed before each; TB/s = (K + V + q bytes) / time, as
-tq gpu-bench counts it.
+tq gpu-bench counts it. The flush is a READ of a buffer of max(256 MiB, 4x L2)
+(a sum over it into a tiny result), as tq gpu-bench's L2Flusher does: L2 then
+holds clean lines only, so no write-back of dirty lines falls inside the timed
+region (a fill_/memset flush leaves L2 dirty and the next kernel pays for it).
 
 Writes JSON: {"device", "torch", "copy_tb_s", "runs", "results": [...],
 "best": [fastest row per (shape, batch, context)]}; each row has shape,
@@ -94,15 +97,20 @@ def main():
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     l2 = getattr(props, "L2_cache_size", 60 << 20)
-    flush_buf = torch.empty(max(256 << 20, 4 * l2), dtype=torch.uint8, device=dev)
+    # int32 elements: the reduction reads every byte once at full bandwidth.
+    flush_buf = torch.zeros(max(256 << 20, 4 * l2) // 4, dtype=torch.int32, device=dev)
+
+    def flush_l2():
+        flush_buf.sum()  # a read of the whole buffer; the result is a scalar
+
 
     def median_ms(fn, runs):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-        for i, (a, b) in enumerate(ev):
-            flush_buf.fill_(i & 0xFF)
+        for a, b in ev:
+            flush_l2()
             a.record()
             fn()
             b.record()
@@ -116,7 +124,7 @@ def main():
     copy_tb_s = 2 * src.numel() / (copy_ms * 1e-3) / 1e12
     del src, dst
     print(f"sdpa_bench: {props.name}, torch {torch.__version__}, copy {copy_tb_s:.2f} TB/s (read + write), "
-          f"medians of {args.runs} runs, L2 flushed ({flush_buf.numel() >> 20} MiB)", flush=True)
+          f"medians of {args.runs} runs, L2 flushed (read of {flush_buf.numel() * 4 >> 20} MiB)", flush=True)
     print(f"{'shape':6} {'batch':>5} {'context':>7} {'backend':10} {'gqa':7} {'ms':>9} {'TB/s':>6}", flush=True)
 
     results = []
@@ -187,7 +195,7 @@ def main():
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     out = {"device": props.name, "torch": torch.__version__, "copy_tb_s": copy_tb_s, "runs": args.runs,
-           "l2_flush_bytes": flush_buf.numel(), "results": results, "best": list(best.values())}
+           "l2_flush_bytes": flush_buf.numel() * 4, "l2_flush": "read", "results": results, "best": list(best.values())}
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(out, f, indent=2)

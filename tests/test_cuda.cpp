@@ -1,5 +1,6 @@
 // The GPU KV layer against the CPU reference (issue 5): quantize-append codes
-// bit-identical to the CPU quantizer; decode attention within 1e-3 (normalised
+// bit-identical to the CPU quantizer (every head_dim, bit width and input
+// type; values exactly on boundaries; KvCache's bytes for f32 input); decode attention within 1e-3 (normalised
 // error) of the CPU's attention over the same records, for both decode kernels
 // (the reference, and the tensor-core one that fp16 rounding of queries,
 // centroids and weights keeps a few 1e-4 away). Every test skips when there
@@ -13,8 +14,13 @@
 #include <vector>
 
 #include "cuda/kernels.hpp"
+#include "cuda/mse_append.hpp"
+#include "kernels/kernels.hpp"
+#include "quant/quantizers.hpp"
 #include "test_util.hpp"
+#include "turboquant/codebook.hpp"
 #include "turboquant/cuda.hpp"
+#include "turboquant/cuda_bench.hpp"
 #include "turboquant/error.hpp"
 #include "turboquant/half.hpp"
 #include "turboquant/kv_cache.hpp"
@@ -59,14 +65,39 @@ std::vector<float> kv_data(size_t n, int d, uint64_t seed) {
   return x;
 }
 
-// Compares every record of tokens [t0, t1) of a sequence with the CPU
-// encoding of x (rows [t, head], starting at token t0). Returns mismatches.
+// The pages of a sequence, downloaded.
+using HostSeqPages = std::vector<std::vector<uint8_t>>;
+HostSeqPages download_pages(const cuda::GpuKvLayer& layer, int seq) {
+  HostSeqPages p(layer.n_pages(seq));
+  for (size_t i = 0; i < p.size(); ++i) {
+    p[i].resize(layer.page_bytes());
+    layer.download_page(seq, int(i), p[i].data());
+  }
+  return p;
+}
+
+// Every record of tokens [t0, t1) of a sequence against the CPU encoding of
+// the rows of k, v (from token t0 on), rounded first to the layer's
+// round_to format as the GPU rounds them (KvCache's dense format). k, v: the
+// float values of the input as given (f16 / bf16 input: its exact values).
+// Returns the mismatches; the first few are reported with the whole case.
+float round_to_format(float x, cuda::DType t) {
+  switch (t) {
+    case cuda::DType::f32: return x;
+    case cuda::DType::f16: return half_to_float(float_to_half(x));
+    case cuda::DType::bf16: return bf16_to_float(float_to_bf16(x));
+  }
+  return x;
+}
+
 int compare_records(const cuda::GpuKvLayer& layer, int seq, const Quantizer& kq,
                     const Quantizer& vq, const float* k, const float* v, int t0, int t1,
                     const std::string& what) {
   const int H = layer.config().n_heads_kv, P = layer.config().page_tokens, d = layer.head_dim();
+  const cuda::DType rt = layer.config().round_to;
   const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
   std::vector<uint8_t> page(layer.page_bytes()), ref_k(kb), ref_v(vb);
+  std::vector<float> xk(d), xv(d);
   int bad = 0, loaded = -1;
   for (int t = t0; t < t1; ++t) {
     if (t / P != loaded) {
@@ -75,8 +106,12 @@ int compare_records(const cuda::GpuKvLayer& layer, int seq, const Quantizer& kq,
     }
     for (int h = 0; h < H; ++h) {
       const size_t row = size_t(t - t0) * H + h;
-      kq.encode_one(k + row * d, ref_k.data());
-      vq.encode_one(v + row * d, ref_v.data());
+      for (int i = 0; i < d; ++i) {
+        xk[i] = round_to_format(k[row * d + i], rt);
+        xv[i] = round_to_format(v[row * d + i], rt);
+      }
+      kq.encode_one(xk.data(), ref_k.data());
+      vq.encode_one(xv.data(), ref_v.data());
       const uint8_t* gk = page.data() + (size_t(h) * P + t % P) * kb;
       const uint8_t* gv = page.data() + size_t(P) * H * kb + (size_t(h) * P + t % P) * vb;
       for (auto [g, r, n, name] : {std::tuple{gk, ref_k.data(), kb, "K"},
@@ -87,12 +122,52 @@ int compare_records(const cuda::GpuKvLayer& layer, int seq, const Quantizer& kq,
             while (g[i] == r[i]) ++i;
             ADD_FAILURE() << what << ": " << name << " record of token " << t << " head " << h
                           << " differs at byte " << i << " of " << n << ": GPU " << int(g[i])
-                          << " CPU " << int(r[i]);
+                          << " CPU " << int(r[i]) << " (round_to " << cuda::to_string(rt) << ")";
           }
         }
     }
   }
   return bad;
+}
+
+// An input in one of the GPU layer's element types: its bytes, and the float
+// values those bytes hold (what the CPU reference encodes).
+struct TypedInput {
+  std::vector<uint8_t> bytes;
+  std::vector<float> values;
+};
+TypedInput typed_input(const std::vector<float>& x, cuda::DType t) {
+  TypedInput r;
+  r.values.resize(x.size());
+  r.bytes.resize(x.size() * cuda::dtype_bytes(t));
+  for (size_t i = 0; i < x.size(); ++i) {
+    if (t == cuda::DType::f32) {
+      r.values[i] = x[i];
+      std::memcpy(&r.bytes[4 * i], &x[i], 4);
+      continue;
+    }
+    const uint16_t h = t == cuda::DType::f16 ? float_to_half(x[i]) : float_to_bf16(x[i]);
+    r.values[i] = t == cuda::DType::f16 ? half_to_float(h) : bf16_to_float(h);
+    std::memcpy(&r.bytes[2 * i], &h, 2);
+  }
+  return r;
+}
+
+// awkward_vectors plus rows at the fp16 limit (one component of +-65280,
+// representable in f16 and bf16: norm 65280 <= 65504) and rows with exact
+// zero components.
+std::vector<float> append_vectors(size_t n_vec, int d, uint64_t seed) {
+  std::vector<float> x = awkward_vectors(n_vec, d, seed);
+  for (size_t r = 0; r < n_vec; ++r) {
+    float* v = &x[r * d];
+    if (r % 29 == 13) {
+      std::fill(v, v + d, 0.0f);
+      v[r % d] = r % 2 ? -65280.0f : 65280.0f;
+    } else if (r % 31 == 5) {
+      for (int i = 0; i < d; i += 2) v[i] = 0.0f;
+    }
+  }
+  return x;
 }
 
 TEST(Cuda, DeviceQuery) {
@@ -103,91 +178,343 @@ TEST(Cuda, DeviceQuery) {
   std::printf("CUDA device 0: %s\n", name.c_str());
 }
 
-TEST(CudaAppend, CodesBitIdenticalToCpuQuantizer) {
+// Every head_dim, bit width 1..8 (K and V different), scale f16 / f32 and
+// both codebook laws, every input type with every rounding the layer offers;
+// host appends in odd chunks across page boundaries and a device append.
+TEST(CudaAppend, CodesBitIdenticalAllWidthsDimsInputTypes) {
   TQ_SKIP_WITHOUT_GPU();
+  using cuda::DType;
   const int H = 3, P = 16;
+  const std::pair<DType, DType> kinds[] = {  // (input, round_to)
+      {DType::f32, DType::f16}, {DType::f32, DType::f32}, {DType::f32, DType::bf16},
+      {DType::f16, DType::f16}, {DType::f16, DType::bf16}, {DType::bf16, DType::f16},
+      {DType::bf16, DType::bf16}};
   int total_bad = 0;
   for (int d : {64, 128, 256})
-    for (int kbits : {2, 3, 4})
-      for (const char* extra : {"", ",sf=f32", ",cb=gauss"}) {
-        const int vbits = 2 + (kbits + 1) % 3;  // a different width for V
-        const std::string ks = "tq-mse:b=" + std::to_string(kbits) + extra;
-        const std::string vs = "tq-mse:b=" + std::to_string(vbits) + extra;
-        const uint64_t seed = 1000 + d + kbits;
-        const std::string what = ks + " / " + vs + " d " + std::to_string(d) + " seed " +
-                                 std::to_string(seed);
+    for (int kbits = 1; kbits <= 8; ++kbits) {
+      const int vbits = kbits % 8 + 1;
+      const std::string extra = kbits % 3 == 0 ? ",sf=f32" : kbits % 4 == 1 ? ",cb=gauss" : "";
+      const std::string ks = "tq-mse:b=" + std::to_string(kbits) + extra;
+      const std::string vs = "tq-mse:b=" + std::to_string(vbits) + extra;
+      const uint64_t seed = 1000 + d + kbits;
+      auto kq = make_quantizer(ks, d, seed), vq = make_quantizer(vs, d, seed + 1);
+      const int n_host = 33, n_dev = 54;
+      const auto k = append_vectors(size_t(n_host + n_dev) * H, d, seed * 7);
+      const auto v = append_vectors(size_t(n_host + n_dev) * H, d, seed * 7 + 1);
+      for (const auto [in, rt] : kinds) {
+        const std::string what = ks + " / " + vs + " d " + std::to_string(d) + " input " +
+                                 cuda::to_string(in) + " round_to " + cuda::to_string(rt) +
+                                 " seed " + std::to_string(seed);
         SCOPED_TRACE(what);
-        auto kq = make_quantizer(ks, d, seed), vq = make_quantizer(vs, d, seed + 1);
+        const TypedInput tk = typed_input(k, in), tv = typed_input(v, in);
+        const size_t eb = cuda::dtype_bytes(in), row = size_t(H) * d;
         cuda::GpuKvLayerConfig cfg;
         cfg.n_heads_kv = H;
         cfg.page_tokens = P;
         cfg.max_seqs = 2;
-        cfg.max_pages_per_seq = 16;
+        cfg.max_pages_per_seq = 8;
+        cfg.round_to = rt;
         cuda::GpuKvLayer layer(*kq, *vq, cfg);
         const int s0 = layer.add_sequence(), s1 = layer.add_sequence();
-        // Host appends in odd chunks across page boundaries: 1 + 30 + 2 = 33 tokens.
-        const int n_host = 33, n_dev = 54;
-        const auto k = awkward_vectors(size_t(n_host + n_dev) * H, d, seed * 7);
-        const auto v = awkward_vectors(size_t(n_host + n_dev) * H, d, seed * 7 + 1);
         int t = 0;
-        for (int chunk : {1, 30, 2}) {
-          layer.append(s0, k.data() + size_t(t) * H * d, v.data() + size_t(t) * H * d, chunk);
+        for (int chunk : {1, 30, 2}) {  // 33 tokens, across two page boundaries
+          layer.append(s0, tk.bytes.data() + t * row * eb, tv.bytes.data() + t * row * eb, chunk, in);
           t += chunk;
         }
-        // Device-pointer append of the rest into the second sequence.
-        const size_t rest = size_t(n_dev) * H * d;
-        cuda::DeviceBuffer dk(rest * sizeof(float)), dv(rest * sizeof(float));
-        dk.upload(k.data() + size_t(n_host) * H * d, rest * sizeof(float));
-        dv.upload(v.data() + size_t(n_host) * H * d, rest * sizeof(float));
-        layer.append_device(s1, dk.as<float>(), dv.as<float>(), n_dev);
+        const size_t rest = size_t(n_dev) * row * eb;
+        cuda::DeviceBuffer dk(rest), dv(rest);
+        dk.upload(tk.bytes.data() + n_host * row * eb, rest);
+        dv.upload(tv.bytes.data() + n_host * row * eb, rest);
+        layer.append_device(s1, dk.data(), dv.data(), n_dev, in);
         ASSERT_EQ(layer.n_tokens(s0), n_host);
         ASSERT_EQ(layer.n_tokens(s1), n_dev);
         ASSERT_EQ(layer.k_record_bytes(), kq->bytes_per_vector());
-        total_bad += compare_records(layer, s0, *kq, *vq, k.data(), v.data(), 0, n_host, what);
-        total_bad += compare_records(layer, s1, *kq, *vq, k.data() + size_t(n_host) * H * d,
-                                     v.data() + size_t(n_host) * H * d, 0, n_dev, what);
+        total_bad += compare_records(layer, s0, *kq, *vq, tk.values.data(), tv.values.data(), 0,
+                                     n_host, what);
+        total_bad += compare_records(layer, s1, *kq, *vq, tk.values.data() + n_host * row,
+                                     tv.values.data() + n_host * row, 0, n_dev, what);
       }
+    }
   EXPECT_EQ(total_bad, 0);
+}
+
+// Inputs whose rotated, normalised coordinate 0 (v_0 = y_0 * (1 / norm), as
+// MseQuantizer::encode_one computes it) is exactly a given float. With
+// x = signs * u the rotation's FWHT sees u, and two families of u have a
+// coordinate 0 that is one rounding of a free parameter p:
+//   small |v| (< 0.9 / sqrt(dim)): u = (1, -1, 1, -1, p, 0, ...): y_0 = p;
+//   large |v|: u = (1 x m, p, 0, ...), m = dim / 4: y_0 = fl(m + p).
+// p comes from the real-valued equation, then a scan over neighbouring floats
+// finds an exact hit (the candidate is checked through the CPU's rotation).
+bool input_hitting(const quant::MseQuantizer& q, float target, std::vector<float>& x) {
+  const int d = q.dim(), m = d / 4;
+  const double ps = 1.0 / std::sqrt(double(d));
+  const float psf = 1.0f / std::sqrt(static_cast<float>(d));
+  const float T = std::fabs(target);
+  std::vector<float> u(d, 0.0f);
+  int at;      // index of p in u
+  double p0;   // the real solution
+  float off;   // y_0 = fl(off + p) * ps
+  if (T < 0.9 * ps) {
+    u[0] = u[2] = 1.0f;
+    u[1] = u[3] = -1.0f;
+    at = 4;
+    off = 0.0f;
+    p0 = 2.0 * T / std::sqrt(ps * ps - double(T) * T);  // p ps / sqrt(4 + p^2) = T
+  } else {
+    if (!(double(T) < ps * std::sqrt(double(m + 1)) * 0.999)) return false;
+    std::fill(u.begin(), u.begin() + m, 1.0f);
+    at = m;
+    off = float(m);
+    double lo = -m, hi = 1;  // (m + p) ps / sqrt(m + p^2) rises from 0 to its maximum here
+    for (int it = 0; it < 200; ++it) {
+      const double mid = 0.5 * (lo + hi);
+      ((m + mid) / std::sqrt(m + mid * mid) * ps < T ? lo : hi) = mid;
+    }
+    p0 = lo;
+  }
+  auto v0 = [&](float p) {
+    u[at] = p;
+    const float mul = 1.0f / std::sqrt(kernels::kernels_ref().sum_squares(u.data(), d));
+    const float y = (off + p) * psf;
+    return y * mul;
+  };
+  float up = static_cast<float>(p0), down = up;
+  for (int step = 0; step < 4000; ++step) {
+    for (float p : {up, down}) {
+      if (v0(p) != T) continue;
+      u[at] = p;
+      const auto& signs = q.rotation().stages()[0].signs;
+      x.resize(d);
+      for (int i = 0; i < d; ++i) x[i] = (target < 0 ? -u[i] : u[i]) * signs[i];
+      // The same through the CPU encoder's own rotation (the check of the above).
+      std::vector<float> y(d);
+      q.rotation().forward(x.data(), y.data());
+      const float mul = 1.0f / std::sqrt(kernels::kernels_ref().sum_squares(x.data(), d));
+      return y[0] * mul == target;
+    }
+    up = std::nextafter(up, 1e30f);
+    down = std::nextafter(down, -1e30f);
+  }
+  return false;
+}
+
+// Rotated coordinates exactly on a boundary (the code counts boundaries
+// strictly below), one float either side, exactly on the edges of the
+// append kernel's table cells (v * 2^s = k + 1/2, a rounding tie) and 0.
+TEST(CudaAppend, ValuesOnBoundariesAndTableCellEdges) {
+  TQ_SKIP_WITHOUT_GPU();
+  int total_bad = 0;
+  for (int d : {64, 128, 256})
+    for (int bits : {1, 2, 3, 4, 5, 8}) {
+      const std::string spec = "tq-mse:b=" + std::to_string(bits) + ",sf=f32";
+      auto q = make_quantizer(spec, d, 500 + bits);  // K and V alike: both see the hits
+      const auto* mq = dynamic_cast<const quant::MseQuantizer*>(q.get());
+      ASSERT_NE(mq, nullptr);
+      const auto& bnd = sphere_codebook(CodebookLaw::exact, d, bits).boundaries;
+      std::vector<float> targets = {0.0f};
+      const size_t stride = std::max<size_t>(1, bnd.size() / 12);
+      for (size_t i = 0; i < bnd.size(); i += stride)
+        for (float b : {bnd[i], std::nextafter(bnd[i], -1.0f), std::nextafter(bnd[i], 1.0f)})
+          targets.push_back(b);
+      cuda::MseDeviceFormat f;
+      f.dim = d;
+      f.bits = bits;
+      const cuda::AppendFormat af =
+          cuda::append_format(f, mq->rotation().stages()[0].signs, bnd);
+      if (af.search != cuda::AppendSearch::binary)
+        for (int c = -16; c < 16; c += 3) targets.push_back((c + 0.5f) / af.cell_scale);
+      std::vector<float> rows, x;
+      for (float t : targets)
+        if (input_hitting(*mq, t, x)) rows.insert(rows.end(), x.begin(), x.end());
+      const int n = int(rows.size() / d);
+      const std::string what = spec + " d " + std::to_string(d) + ": " + std::to_string(n) +
+                               " of " + std::to_string(targets.size()) + " targets hit";
+      SCOPED_TRACE(what);
+      EXPECT_GE(2 * n, int(targets.size())) << "too few exact hits constructed";
+      cuda::GpuKvLayerConfig cfg;
+      cfg.page_tokens = 16;
+      cfg.max_pages_per_seq = (n + 15) / 16 + 1;
+      cfg.round_to = cuda::DType::f32;  // the hits are f32 values
+      cuda::GpuKvLayer layer(*q, *q, cfg);
+      layer.add_sequence();
+      layer.append(0, rows.data(), rows.data(), n);
+      total_bad += compare_records(layer, 0, *q, *q, rows.data(), rows.data(), 0, n, what);
+    }
+  EXPECT_EQ(total_bad, 0);
+}
+
+// The GPU layer's default (round_to f16) on raw f32 input, not pre-rounded,
+// writes the records KvCache::append writes (it rounds each token to its f16
+// dense format first): decoded, they equal KvCache::dequantize bit for bit.
+TEST(CudaAppend, F32InputMatchesKvCacheRecords) {
+  TQ_SKIP_WITHOUT_GPU();
+  for (int d : {64, 128, 256}) {
+    SCOPED_TRACE("head_dim " + std::to_string(d));
+    KvCacheConfig cc;
+    cc.n_layers = 1;
+    cc.n_heads_kv = 2;
+    cc.head_dim = d;
+    cc.k_format = parse_format("tq-mse:b=4");
+    cc.v_format = parse_format("tq-mse:b=3");
+    cc.page_tokens = 16;
+    cc.seed = 11 + d;
+    KvCache cache(cc);
+    const int H = cc.n_heads_kv;
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = cc.page_tokens;
+    cfg.max_pages_per_seq = 8;
+    ASSERT_EQ(cfg.round_to, cuda::DType::f16);  // the default, as KvCacheConfig's dense_format
+    cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    const int n = 97;
+    auto k = append_vectors(size_t(n) * H, d, 300 + d), v = kv_data(size_t(n) * H, d, 400 + d);
+    ASSERT_EQ(cache.add_sequence(), 0);
+    cache.append(0, 0, k.data(), v.data(), n);
+    layer.add_sequence();
+    layer.append(0, k.data(), v.data(), 40);
+    layer.append(0, k.data() + size_t(40) * H * d, v.data() + size_t(40) * H * d, n - 40);
+    std::vector<float> ck(size_t(n) * H * d), cv(ck.size()), gk(ck.size()), gv(ck.size());
+    cache.dequantize(0, 0, ck.data(), cv.data());
+    const HostSeqPages pages = download_pages(layer, 0);
+    const size_t kb = layer.k_record_bytes(), vb = layer.v_record_bytes();
+    const int P = cfg.page_tokens;
+    for (int t = 0; t < n; ++t)
+      for (int h = 0; h < H; ++h) {
+        const uint8_t* base = pages[t / P].data();
+        const size_t row = (size_t(t) * H + h) * d;
+        cache.k_quantizer(0).decode_one(base + (size_t(h) * P + t % P) * kb, gk.data() + row);
+        cache.v_quantizer(0).decode_one(base + size_t(P) * H * kb + (size_t(h) * P + t % P) * vb,
+                                        gv.data() + row);
+      }
+    EXPECT_EQ(std::memcmp(gk.data(), ck.data(), ck.size() * 4), 0) << "K differs from KvCache";
+    EXPECT_EQ(std::memcmp(gv.data(), cv.data(), cv.size() * 4), 0) << "V differs from KvCache";
+    EXPECT_EQ(compare_records(layer, 0, cache.k_quantizer(0), cache.v_quantizer(0), k.data(),
+                              v.data(), 0, n, "vs KvCache, d " + std::to_string(d)),
+              0);
+  }
+}
+
+// Odd counts appended one after another (the shared awkward lengths), page
+// sizes 256, 16 and 5 (page boundaries inside tiles), one head, many heads,
+// and more heads than a tile holds (head chunks: 130 heads at head_dim 64).
+TEST(CudaAppend, OddCountsPageBoundariesAndHeadChunks) {
+  TQ_SKIP_WITHOUT_GPU();
+  struct Case {
+    int d, H, P;
+    cuda::DType in;
+  };
+  const Case cases[] = {{128, 8, 256, cuda::DType::bf16}, {128, 8, 16, cuda::DType::f32},
+                        {64, 130, 5, cuda::DType::bf16}, {256, 1, 16, cuda::DType::bf16},
+                        {256, 3, 7, cuda::DType::f16},   {64, 2, 256, cuda::DType::f32}};
+  int total = 0;
+  for (int n : test::kAwkwardLengths) total += n;
+  int total_bad = 0;
+  for (const Case& c : cases) {
+    const std::string what = "d " + std::to_string(c.d) + " heads " + std::to_string(c.H) +
+                             " page " + std::to_string(c.P) + " input " + cuda::to_string(c.in);
+    SCOPED_TRACE(what);
+    auto kq = make_quantizer("tq-mse:b=4", c.d, 21), vq = make_quantizer("tq-mse:b=3", c.d, 22);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = c.H;
+    cfg.page_tokens = c.P;
+    cfg.max_pages_per_seq = (total + c.P - 1) / c.P;
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    layer.add_sequence();
+    const size_t row = size_t(c.H) * c.d;
+    const TypedInput tk = typed_input(kv_data(total * row / c.d, c.d, 31), c.in);
+    const TypedInput tv = typed_input(append_vectors(total * row / c.d, c.d, 32), c.in);
+    const size_t eb = cuda::dtype_bytes(c.in);
+    cuda::DeviceBuffer dk(tk.bytes.size()), dv(tv.bytes.size());
+    dk.upload(tk.bytes.data(), tk.bytes.size());
+    dv.upload(tv.bytes.data(), tv.bytes.size());
+    int t = 0;
+    for (int n : test::kAwkwardLengths) {
+      layer.append_device(0, dk.as<uint8_t>() + t * row * eb, dv.as<uint8_t>() + t * row * eb, n,
+                          c.in);
+      t += n;
+    }
+    ASSERT_EQ(layer.n_tokens(0), total);
+    total_bad += compare_records(layer, 0, *kq, *vq, tk.values.data(), tv.values.data(), 0, total,
+                                 what);
+  }
+  EXPECT_EQ(total_bad, 0);
+}
+
+// Device pointers that are not 16-byte aligned (a token offset of an odd
+// number of floats / halves) take the copy path and give the same records.
+TEST(CudaAppend, MisalignedDevicePointers) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 2, d = 64, n = 37;
+  auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=2", d, 6);
+  for (const cuda::DType in : {cuda::DType::f32, cuda::DType::bf16}) {
+    SCOPED_TRACE(cuda::to_string(in));
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = 16;
+    cfg.max_pages_per_seq = 4;
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    layer.add_sequence();
+    const TypedInput tk = typed_input(kv_data(size_t(n) * H, d, 7), in);
+    const TypedInput tv = typed_input(kv_data(size_t(n) * H, d, 8), in);
+    const size_t shift = cuda::dtype_bytes(in);  // one element: 4 or 2 bytes off
+    cuda::DeviceBuffer dk(tk.bytes.size() + 16), dv(tv.bytes.size() + 16);
+    std::vector<uint8_t> hk(shift, 0), hv(shift, 0);
+    hk.insert(hk.end(), tk.bytes.begin(), tk.bytes.end());
+    hv.insert(hv.end(), tv.bytes.begin(), tv.bytes.end());
+    dk.upload(hk.data(), hk.size());
+    dv.upload(hv.data(), hv.size());
+    layer.append_device(0, dk.as<uint8_t>() + shift, dv.as<uint8_t>() + shift, n, in);
+    EXPECT_EQ(compare_records(layer, 0, *kq, *vq, tk.values.data(), tv.values.data(), 0, n,
+                              "misaligned"),
+              0);
+  }
 }
 
 TEST(CudaAppend, BatchOfDecodeTokensLandsInEachSequence) {
   TQ_SKIP_WITHOUT_GPU();
   const int H = 2, d = 128, P = 16, n_seqs = 5;
   auto kq = make_quantizer("tq-mse:b=4", d, 3), vq = make_quantizer("tq-mse:b=3", d, 4);
-  cuda::GpuKvLayerConfig cfg{H, P, n_seqs, 8, 0, 2};
-  cuda::GpuKvLayer layer(*kq, *vq, cfg);
-  std::vector<std::vector<float>> ks(n_seqs), vs(n_seqs);
-  for (int s = 0; s < n_seqs; ++s) {
-    layer.add_sequence();
-    const int n0 = 15 + s;  // each sequence one token before/after a page boundary
-    ks[s] = kv_data(size_t(n0 + 1) * H, d, 50 + s);
-    vs[s] = kv_data(size_t(n0 + 1) * H, d, 60 + s);
-    layer.append(s, ks[s].data(), vs[s].data(), n0);
+  for (const cuda::DType in : {cuda::DType::f32, cuda::DType::bf16}) {
+    SCOPED_TRACE(cuda::to_string(in));
+    cuda::GpuKvLayerConfig cfg{H, P, n_seqs, 8, 0, 2};
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    std::vector<std::vector<float>> ks(n_seqs), vs(n_seqs);
+    for (int s = 0; s < n_seqs; ++s) {
+      layer.add_sequence();
+      const int n0 = 15 + s;  // each sequence one token before/after a page boundary
+      ks[s] = typed_input(kv_data(size_t(n0 + 1) * H, d, 50 + s), in).values;
+      vs[s] = typed_input(kv_data(size_t(n0 + 1) * H, d, 60 + s), in).values;
+      layer.append(s, ks[s].data(), vs[s].data(), n0);
+    }
+    std::vector<int> seqs = {3, 0, 4, 1, 2};
+    std::vector<float> bk, bv;
+    for (int s : seqs) {
+      const size_t off = size_t(15 + s) * H * d;
+      bk.insert(bk.end(), ks[s].begin() + off, ks[s].begin() + off + H * d);
+      bv.insert(bv.end(), vs[s].begin() + off, vs[s].begin() + off + H * d);
+    }
+    const TypedInput tk = typed_input(bk, in), tv = typed_input(bv, in);  // exact: values of `in`
+    cuda::DeviceBuffer dk(tk.bytes.size()), dv(tv.bytes.size());
+    dk.upload(tk.bytes.data(), tk.bytes.size());
+    dv.upload(tv.bytes.data(), tv.bytes.size());
+    if (in == cuda::DType::f32)
+      layer.append_batch_device(seqs.data(), n_seqs, dk.as<float>(), dv.as<float>());
+    else
+      layer.append_batch_device(seqs.data(), n_seqs, dk.data(), dv.data(), in);
+    int bad = 0;
+    for (int s = 0; s < n_seqs; ++s) {
+      ASSERT_EQ(layer.n_tokens(s), 16 + s);
+      bad += compare_records(layer, s, *kq, *vq, ks[s].data(), vs[s].data(), 0, 16 + s,
+                             "batch seq " + std::to_string(s));
+    }
+    EXPECT_EQ(bad, 0);
+    EXPECT_THROW(layer.append_batch_device(std::vector<int>{1, 1}.data(), 2, dk.data(), dv.data(), in),
+                 Error);
   }
-  std::vector<int> seqs = {3, 0, 4, 1, 2};
-  std::vector<float> bk, bv;
-  for (int s : seqs) {
-    const size_t off = size_t(15 + s) * H * d;
-    bk.insert(bk.end(), ks[s].begin() + off, ks[s].begin() + off + H * d);
-    bv.insert(bv.end(), vs[s].begin() + off, vs[s].begin() + off + H * d);
-  }
-  cuda::DeviceBuffer dk(bk.size() * 4), dv(bv.size() * 4);
-  dk.upload(bk.data(), bk.size() * 4);
-  dv.upload(bv.data(), bv.size() * 4);
-  layer.append_batch_device(seqs.data(), n_seqs, dk.as<float>(), dv.as<float>());
-  int bad = 0;
-  for (int s = 0; s < n_seqs; ++s) {
-    ASSERT_EQ(layer.n_tokens(s), 16 + s);
-    bad += compare_records(layer, s, *kq, *vq, ks[s].data(), vs[s].data(), 0, 16 + s,
-                           "batch seq " + std::to_string(s));
-  }
-  EXPECT_EQ(bad, 0);
-  EXPECT_THROW(layer.append_batch_device(std::vector<int>{1, 1}.data(), 2, dk.as<float>(),
-                                         dv.as<float>()),
-               Error);
 }
 
-TEST(CudaAppend, RefusesNonFiniteAndScaleOverflowLeavingSequenceUnchanged) {
+TEST(CudaAppend, RefusesNonFiniteAndOverflowLeavingSequenceUnchanged) {
   TQ_SKIP_WITHOUT_GPU();
   const int d = 64;
   auto kq = make_quantizer("tq-mse:b=3", d, 1), vq = make_quantizer("tq-mse:b=3", d, 2);
@@ -198,16 +525,34 @@ TEST(CudaAppend, RefusesNonFiniteAndScaleOverflowLeavingSequenceUnchanged) {
   const int s = layer.add_sequence();
   auto k = kv_data(3, d, 1), v = kv_data(3, d, 2);
   layer.append(s, k.data(), v.data(), 3);
-  auto bad = kv_data(3, d, 3);
-  bad[d + 5] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_THROW(layer.append(s, bad.data(), v.data(), 3), Error);
-  EXPECT_EQ(layer.n_tokens(s), 3);
-  EXPECT_EQ(layer.n_pages(s), 1);
+  auto expect_refused = [&](const std::vector<float>& kk, const std::vector<float>& vv, int n,
+                            cuda::DType in, const char* what) {
+    SCOPED_TRACE(what);
+    const TypedInput tk = typed_input(kk, in), tv = typed_input(vv, in);
+    EXPECT_THROW(layer.append(s, tk.bytes.data(), tv.bytes.data(), n, in), Error);
+    EXPECT_EQ(layer.n_tokens(s), 3);
+    EXPECT_EQ(layer.n_pages(s), 1);
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (const cuda::DType in : {cuda::DType::f32, cuda::DType::f16, cuda::DType::bf16}) {
+    auto bad = kv_data(3, d, 3);
+    bad[d + 5] = nan;
+    expect_refused(bad, v, 3, in, "NaN");
+    bad[d + 5] = -inf;
+    expect_refused(bad, v, 3, in, "-inf");
+  }
+  // |x| > 65504 under round_to f16: KvCache's f16 dense format refuses it.
   auto big = kv_data(2, d, 4);
-  for (auto& x : big) x *= 1e5f;  // norm > 65504: fp16 scale overflow, as on the CPU
-  EXPECT_THROW(kq->encode_one(big.data(), std::vector<uint8_t>(kq->bytes_per_vector()).data()), Error);
-  EXPECT_THROW(layer.append(s, k.data(), big.data(), 2), Error);
-  EXPECT_EQ(layer.n_tokens(s), 3);
+  big[7] = 70000.0f;
+  expect_refused(v, big, 2, cuda::DType::f32, "f32 component > 65504");
+  expect_refused(v, big, 2, cuda::DType::bf16, "bf16 component > 65504");
+  big[7] = 65510.0f;  // rounds to 65504 in f16, but the dense encoder refuses it first
+  expect_refused(v, big, 2, cuda::DType::f32, "f32 component in (65504, 65520)");
+  // Scale overflow: every component 10000 (fits f16), norm 80000 > 65504.
+  std::vector<float> wide(2 * d, 10000.0f);
+  EXPECT_THROW(kq->encode_one(wide.data(), std::vector<uint8_t>(kq->bytes_per_vector()).data()), Error);
+  expect_refused(k, wide, 2, cuda::DType::f32, "scale overflow");
   // Capacity: 16 tokens.
   auto many = kv_data(14, d, 5);
   EXPECT_THROW(layer.append(s, many.data(), many.data(), 14), Error);
@@ -215,6 +560,40 @@ TEST(CudaAppend, RefusesNonFiniteAndScaleOverflowLeavingSequenceUnchanged) {
   EXPECT_EQ(layer.n_tokens(s), 16);
   EXPECT_EQ(compare_records(layer, s, *kq, *vq, many.data(), many.data(), 3, 16, "after refusals")
             + compare_records(layer, s, *kq, *vq, k.data(), v.data(), 0, 3, "first tokens"), 0);
+
+  // Under round_to f32 a component of 70000 is accepted (sf=f32: no scale limit).
+  auto kq32 = make_quantizer("tq-mse:b=3,sf=f32", d, 1), vq32 = make_quantizer("tq-mse:b=3,sf=f32", d, 2);
+  cfg.round_to = cuda::DType::f32;
+  cuda::GpuKvLayer wide_layer(*kq32, *vq32, cfg);
+  wide_layer.add_sequence();
+  wide_layer.append(0, big.data(), big.data(), 2);
+  EXPECT_EQ(compare_records(wide_layer, 0, *kq32, *vq32, big.data(), big.data(), 0, 2, "round_to f32"), 0);
+}
+
+// bench::AppendKernels (the kernels alone, for tq gpu-bench) rewrites the
+// same records from the same input.
+TEST(CudaAppend, KernelOnlyRewriteIsIdempotent) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 8, d = 128, n = 300;
+  auto kq = make_quantizer("tq-mse:b=4", d, 9), vq = make_quantizer("tq-mse:b=4", d, 10);
+  cuda::GpuKvLayerConfig cfg;
+  cfg.n_heads_kv = H;
+  cfg.max_pages_per_seq = 2;
+  cuda::GpuKvLayer layer(*kq, *vq, cfg);
+  layer.add_sequence();
+  const TypedInput tk = typed_input(kv_data(size_t(n) * H, d, 1), cuda::DType::bf16);
+  const TypedInput tv = typed_input(kv_data(size_t(n) * H, d, 2), cuda::DType::bf16);
+  cuda::DeviceBuffer dk(tk.bytes.size()), dv(tv.bytes.size());
+  dk.upload(tk.bytes.data(), tk.bytes.size());
+  dv.upload(tv.bytes.data(), tv.bytes.size());
+  layer.append_device(0, dk.data(), dv.data(), n, cuda::DType::bf16);
+  const HostSeqPages before = download_pages(layer, 0);
+  cuda::bench::AppendKernels kernels(layer, 0, n);
+  EXPECT_GT(kernels.n_tiles(), 0);
+  kernels.run(dk.data(), dv.data(), cuda::DType::bf16, nullptr);
+  cuda::bench::synchronize(nullptr);
+  EXPECT_EQ(download_pages(layer, 0), before);
+  EXPECT_EQ(compare_records(layer, 0, *kq, *vq, tk.values.data(), tv.values.data(), 0, n, "kernels only"), 0);
 }
 
 // A sequence's pages, downloaded once (several attention cases read them).

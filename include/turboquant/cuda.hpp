@@ -7,6 +7,10 @@
 //
 // Formats on the GPU (this step): tq-mse with an integer bit width 1..8,
 // scale=norm, sf=f16|f32, rot=hadamard, head_dim 64, 128 or 256.
+// Input to the append: f32, f16 or bf16 (DType), from host or device memory;
+// every element is first rounded to GpuKvLayerConfig::round_to (f16 by
+// default, as KvCache rounds each token to its dense_format), so that the GPU
+// and a KvCache of the same formats write the same bytes for the same input.
 //
 // The API is always present; in a build without CUDA cuda_available() is
 // false and everything else throws tq::Error.
@@ -15,7 +19,8 @@
 //   tq::cuda::GpuKvLayerConfig cfg;  cfg.n_heads_kv = 8; cfg.max_seqs = 4;
 //   tq::cuda::GpuKvLayer layer(*kq, *vq, cfg);
 //   int s = layer.add_sequence();
-//   layer.append(s, k, v, n_tokens);               // host [n_tokens, n_heads_kv, 128]
+//   layer.append(s, k, v, n_tokens);               // host f32 [n_tokens, n_heads_kv, 128]
+//   layer.append_device(s, k_bf16, v_bf16, n_tokens, tq::cuda::DType::bf16, stream);
 //   tq::cuda::DeviceBuffer ws(layer.workspace_bytes(32));   // plan: once
 //   layer.attend(q_dev, 32, {}, out_dev, nullptr, ws.data(), ws.size());  // run: no allocation
 #pragma once
@@ -34,6 +39,16 @@ struct CUstream_st;  // cudaStream_t is CUstream_st*; this header needs no CUDA 
 namespace tq::cuda {
 
 using Stream = CUstream_st*;  // nullptr: the legacy default stream
+
+// Element types of appended K/V. f16 and bf16 are raw 16-bit patterns
+// (IEEE binary16, bfloat16), little-endian, as engines hold them.
+enum class DType { f32, f16, bf16 };
+const char* to_string(DType t);
+size_t dtype_bytes(DType t);  // 4, 2, 2
+
+namespace bench {
+class AppendKernels;  // cuda_bench.hpp: times the append kernels alone
+}
 
 // True when the library was built with CUDA and a device is usable.
 bool cuda_available();
@@ -72,6 +87,13 @@ struct GpuKvLayerConfig {
   int max_pages_per_seq = 64;   // capacity per sequence: max_pages_per_seq * page_tokens tokens
   int max_pages = 0;            // device page pool; 0 = max_seqs * max_pages_per_seq
   int split_pages = 4;          // pages per split-KV part of attend()
+  // Every appended element is rounded to this format before it is encoded,
+  // as KvCache::append encodes each token from its dense_format value: f16
+  // (KvCacheConfig's default dense_format) by round to nearest even, with
+  // |x| > 65504 refused like KvCache refuses it; bf16 likewise (no range
+  // limit); f32: no rounding, records are kq/vq.encode_one of the input as
+  // given. Set it to the KvCache's dense_format to get the KvCache's bytes.
+  DType round_to = DType::f16;
 };
 
 // One layer of a paged KV cache on the device. Page layout as on the CPU:
@@ -99,20 +121,27 @@ class GpuKvLayer {
   int n_pages(int seq) const;
 
   // Quantize-append of tokens at positions n_tokens(seq) ... Records are
-  // kq/vq.encode_one of the input as given; KvCache::append first rounds each
-  // token to its dense format (f16 by default), so for the same bytes as a
-  // KvCache pass f16-representable input (a GPU-side rounding step is to do).
-  // Throws tq::Error
-  // (the sequence unchanged) on a NaN/Inf component, an fp16 scale overflow
-  // or a full sequence / page pool. Synchronous (it checks the device status).
+  // kq/vq.encode_one of the input rounded to config().round_to (f16 by
+  // default: then f32 input gives the bytes KvCache::append writes for it,
+  // and f16 input exactly those of its values). Throws tq::Error (the
+  // sequence unchanged) on a NaN/Inf component, a component beyond the f16
+  // range under round_to f16, an fp16 scale overflow (norm > 65504 with
+  // sf=f16) or a full sequence / page pool. Synchronous: it waits for the
+  // device status (one stream synchronisation per call).
   // k, v: [n_tokens, n_heads_kv, head_dim], host memory
   void append(int seq, const float* k, const float* v, int n_tokens);
-  // The same from device memory, ordered on `stream`.
+  void append(int seq, const void* k, const void* v, int n_tokens, DType dtype);
+  // The same from device memory, ordered on `stream`. A pointer that is not
+  // 16-byte aligned is first copied to an aligned scratch buffer.
   void append_device(int seq, const float* k, const float* v, int n_tokens,
+                     Stream stream = nullptr);
+  void append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
                      Stream stream = nullptr);
   // One decode token for each of n sequences seqs[0..n-1] (distinct).
   // k, v: device [n, n_heads_kv, head_dim]
   void append_batch_device(const int* seqs, int n, const float* k, const float* v,
+                           Stream stream = nullptr);
+  void append_batch_device(const int* seqs, int n, const void* k, const void* v, DType dtype,
                            Stream stream = nullptr);
 
   // The bytes of page `page` of a sequence (to compare with, or load into, a
@@ -133,6 +162,7 @@ class GpuKvLayer {
   struct Impl;
 
  private:
+  friend class bench::AppendKernels;
   std::unique_ptr<Impl> impl_;
 };
 

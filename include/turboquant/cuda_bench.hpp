@@ -4,7 +4,7 @@
 // tq::Error in a build without CUDA (built_with_cuda() tells that case apart
 // from "no device").
 //
-//   tq::cuda::bench::L2Flusher flush;              // > 2x the L2
+//   tq::cuda::bench::L2Flusher flush;              // reads > 4x the L2
 //   tq::cuda::bench::EventTimer timer(runs);
 //   for (int i = 0; i < runs; ++i) {
 //     flush.flush(stream);
@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -51,8 +52,12 @@ class EventTimer {
   std::vector<void*> start_, stop_;  // cudaEvent_t
 };
 
-// A device buffer written before each timed run so that the run starts with
-// none of its data in L2. bytes = 0: max(256 MiB, 4 x the L2).
+// A device buffer READ before each timed run (a kernel sums it into a tiny
+// sink), so that the run starts with none of its data in L2 and with L2
+// holding clean lines only. (A memset flush leaves L2 full of dirty lines
+// whose write-back then lands inside the timed region.) scripts/sdpa_bench.py
+// flushes the same way: a reduction over a buffer of the same size.
+// bytes = 0: max(256 MiB, 4 x the L2).
 class L2Flusher {
  public:
   explicit L2Flusher(size_t bytes = 0);
@@ -60,8 +65,29 @@ class L2Flusher {
   size_t bytes() const { return buf_.size(); }
 
  private:
-  DeviceBuffer buf_;
-  unsigned value_ = 0;
+  DeviceBuffer buf_, sink_;
+};
+
+// The quantize-append kernels of a GpuKvLayer alone, for timing them apart
+// from append()'s host work (tile list, upload, status readback, one stream
+// synchronisation): rewrites the records of tokens [0, n_tokens) of
+// sequence seq, which must hold at least n_tokens, from k and v. run()
+// launches the K and V kernels on `stream` and returns; it never
+// synchronises, checks no status and leaves the layer's bookkeeping alone
+// (the same input rewrites the same bytes).
+class AppendKernels {
+ public:
+  AppendKernels(GpuKvLayer& layer, int seq, int n_tokens);
+  ~AppendKernels();
+  AppendKernels(const AppendKernels&) = delete;
+  AppendKernels& operator=(const AppendKernels&) = delete;
+  // k, v: device [n_tokens, n_heads_kv, head_dim] of dtype, 16-byte aligned.
+  void run(const void* k, const void* v, DType dtype, Stream stream);
+  int n_tiles() const;  // blocks' work items per kernel
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
 };
 
 // Fills device memory with N(mean, sd) samples from a counter-based hash of

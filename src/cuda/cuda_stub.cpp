@@ -1,6 +1,7 @@
 // The GPU API in a build without CUDA: nothing is available, and anything
 // that would need a device says so.
 #include "cuda/kernels.hpp"
+#include "cuda/mse_append.hpp"
 #include "turboquant/cuda.hpp"
 #include "turboquant/cuda_bench.hpp"
 #include "turboquant/error.hpp"
@@ -21,6 +22,11 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&&) noexcept { return *this; }
 void DeviceBuffer::upload(const void*, size_t) { no_cuda(); }
 void DeviceBuffer::download(void*, size_t) const { no_cuda(); }
 
+const char* to_string(DType t) {
+  return t == DType::f32 ? "f32" : t == DType::f16 ? "f16" : "bf16";
+}
+size_t dtype_bytes(DType t) { return t == DType::f32 ? 4 : 2; }
+
 struct GpuKvLayer::Impl {};
 GpuKvLayer::GpuKvLayer(const Quantizer&, const Quantizer&, const GpuKvLayerConfig&) { no_cuda(); }
 GpuKvLayer::~GpuKvLayer() = default;
@@ -34,12 +40,21 @@ int GpuKvLayer::n_seqs() const { no_cuda(); }
 int GpuKvLayer::n_tokens(int) const { no_cuda(); }
 int GpuKvLayer::n_pages(int) const { no_cuda(); }
 void GpuKvLayer::append(int, const float*, const float*, int) { no_cuda(); }
+void GpuKvLayer::append(int, const void*, const void*, int, DType) { no_cuda(); }
 void GpuKvLayer::append_device(int, const float*, const float*, int, Stream) { no_cuda(); }
+void GpuKvLayer::append_device(int, const void*, const void*, int, DType, Stream) { no_cuda(); }
 void GpuKvLayer::append_batch_device(const int*, int, const float*, const float*, Stream) { no_cuda(); }
+void GpuKvLayer::append_batch_device(const int*, int, const void*, const void*, DType, Stream) {
+  no_cuda();
+}
 void GpuKvLayer::download_page(int, int, uint8_t*) const { no_cuda(); }
 size_t GpuKvLayer::workspace_bytes(int) const { no_cuda(); }
 void GpuKvLayer::attend(const float*, int, const AttentionParams&, float*, float*, void*, size_t,
                         Stream) const { no_cuda(); }
+
+AppendFormat append_format(const MseDeviceFormat&, const std::vector<float>&, const std::vector<float>&) {
+  no_cuda();
+}
 
 // Decode-kernel selection (src/cuda/kernels.hpp): nothing runs without CUDA.
 const char* to_string(DecodeKernel k) {
@@ -72,6 +87,11 @@ void fill_normal_bf16(uint16_t*, size_t, uint64_t, float, float, Stream) { no_cu
 void read_sum_bf16(const void*, size_t, float*, Stream) { no_cuda(); }
 void copy_d2d(void*, const void*, size_t, Stream) { no_cuda(); }
 void synchronize(Stream) { no_cuda(); }
+struct AppendKernels::State {};
+AppendKernels::AppendKernels(GpuKvLayer&, int, int) { no_cuda(); }
+AppendKernels::~AppendKernels() = default;
+void AppendKernels::run(const void*, const void*, DType, Stream) { no_cuda(); }
+int AppendKernels::n_tiles() const { no_cuda(); }
 }  // namespace bench
 
 }  // namespace tq::cuda

@@ -8,11 +8,23 @@
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/mse_append.hpp"
 #include "quant/quantizers.hpp"
 #include "turboquant/codebook.hpp"
 #include "turboquant/cuda.hpp"
+#include "turboquant/cuda_bench.hpp"
 
 namespace tq::cuda {
+
+const char* to_string(DType t) {
+  switch (t) {
+    case DType::f32: return "f32";
+    case DType::f16: return "f16";
+    case DType::bf16: return "bf16";
+  }
+  return "?";
+}
+size_t dtype_bytes(DType t) { return t == DType::f32 ? 4 : 2; }
 
 bool cuda_available() { return cuda_device_count() > 0; }
 
@@ -107,14 +119,42 @@ HostFormat host_format(const Quantizer& q, const char* which) {
 
 }  // namespace
 
+// Page-locked host memory: the append's one upload and its status readback
+// are asynchronous copies from / to it.
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  ~PinnedBuffer() {
+    if (p_) (void)cudaFreeHost(p_);
+  }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  void reserve(size_t bytes) {
+    if (bytes <= n_) return;
+    const size_t want = std::max(bytes, 2 * n_);
+    if (p_) TQ_CUDA_CHECK(cudaFreeHost(p_));
+    p_ = nullptr;
+    n_ = 0;
+    TQ_CUDA_CHECK(cudaHostAlloc(&p_, want, cudaHostAllocDefault));
+    n_ = want;
+  }
+  uint8_t* data() const { return static_cast<uint8_t*>(p_); }
+
+ private:
+  void* p_ = nullptr;
+  size_t n_ = 0;
+};
+
 struct GpuKvLayer::Impl {
   GpuKvLayerConfig cfg;
   HostFormat hk, hv;
   MseDeviceFormat kf, vf;
+  AppendFormat ka, va;  // the append kernel's view of the formats
   size_t page_bytes = 0;
   int n_splits = 0;
-  DeviceBuffer consts, pool, page_table, lengths, status;
-  DeviceBuffer staging, dst;  // append scratch, grown on demand
+  DeviceBuffer consts, pool, page_table, lengths;
+  DeviceBuffer staging, upload;  // append scratch, grown on demand
+  PinnedBuffer host_upload, host_status;
   std::vector<std::vector<int>> pages;  // per sequence
   std::vector<int> len;                 // per sequence
   std::vector<int> free_pages;          // stack
@@ -123,7 +163,7 @@ struct GpuKvLayer::Impl {
     TQ_REQUIRE(seq >= 0 && seq < static_cast<int>(len.size()), "GPU KV layer: sequence ", seq,
                " does not exist (", len.size(), " sequences)");
   }
-  PagedRegion region(bool v) {
+  PagedRegion region(bool v) const {
     PagedRegion r;
     r.pool = pool.as<uint8_t>();
     r.page_bytes = page_bytes;
@@ -136,9 +176,68 @@ struct GpuKvLayer::Impl {
     if (b.size() < bytes) b = DeviceBuffer(std::max(bytes, 2 * b.size()));
   }
 
-  // Appends tokens given as (sequence, count) runs; rows of k, v in that order.
-  void append_runs(const std::vector<std::pair<int, int>>& runs, const float* k, const float* v,
-                   cudaStream_t stream) {
+  // Tiles of tokens [pos0, pos0 + n) of sequence s (its pages allocated),
+  // whose rows start at token `row0` of the input: per page, runs of up to
+  // rows_per_tile / nh consecutive slots, times the head chunks.
+  void add_tiles(int s, int pos0, int n, int row0, std::vector<AppendTile>& out) const {
+    const int P = cfg.page_tokens, H = cfg.n_heads_kv;
+    const int rows = append_rows_per_tile(hk.dim);
+    const int nh = std::min(H, rows), n_max = std::max(1, rows / nh);
+    for (int t = 0; t < n;) {
+      const int pos = pos0 + t, slot = pos % P;
+      const int take = std::min({n - t, n_max, P - slot});
+      for (int h0 = 0; h0 < H; h0 += nh) {
+        AppendTile a;
+        a.token0 = row0 + t;
+        a.page = pages[s][pos / P];
+        a.slot0 = static_cast<uint16_t>(slot);
+        a.n = static_cast<uint16_t>(take);
+        a.h0 = static_cast<uint16_t>(h0);
+        a.nh = static_cast<uint16_t>(std::min(nh, H - h0));
+        out.push_back(a);
+      }
+      t += take;
+    }
+  }
+
+  // The quantize-append kernels of K and V over device tiles.
+  void launch_kernels(const void* k, const void* v, DType dtype, const AppendTile* tiles,
+                      int n_tiles, int* status, cudaStream_t stream) const {
+    AppendLaunch a;
+    a.dtype = dtype;
+    a.round_to = cfg.round_to;
+    a.n_heads = cfg.n_heads_kv;
+    a.tiles = tiles;
+    a.n_tiles = n_tiles;
+    a.status = status;
+    a.x = k;
+    a.region = region(false);
+    launch_mse_append_tiles(a, ka, stream);
+    a.x = v;
+    a.region = region(true);
+    launch_mse_append_tiles(a, va, stream);
+  }
+
+  // Device input as the kernel needs it: 16-byte aligned (copied otherwise).
+  // k, v: [total, n_heads_kv, dim] of dtype.
+  std::pair<const void*, const void*> aligned_input(const void* k, const void* v, int total,
+                                                    DType dtype, cudaStream_t stream) {
+    const size_t n = size_t(total) * cfg.n_heads_kv * hk.dim * dtype_bytes(dtype);
+    auto misaligned = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) != 0; };
+    if (!misaligned(k) && !misaligned(v)) return {k, v};
+    ensure(staging, 2 * n);
+    uint8_t* sk = staging.as<uint8_t>();
+    TQ_CUDA_CHECK(cudaMemcpyAsync(sk, k, n, cudaMemcpyDeviceToDevice, stream));
+    TQ_CUDA_CHECK(cudaMemcpyAsync(sk + n, v, n, cudaMemcpyDeviceToDevice, stream));
+    return {sk, sk + n};
+  }
+
+  // Appends tokens given as (sequence, count) runs; rows of k, v (device,
+  // dtype) in that order. One upload (tiles, page-table entries, lengths,
+  // the zeroed status word), the two append kernels, the commit kernel, one
+  // status readback: a single synchronisation.
+  void append_runs(const std::vector<std::pair<int, int>>& runs, const void* k, const void* v,
+                   DType dtype, cudaStream_t stream) {
     const int P = cfg.page_tokens;
     int total = 0;
     size_t need_new = 0;
@@ -153,50 +252,67 @@ struct GpuKvLayer::Impl {
       total += n;
     }
     if (total == 0) return;
+    TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append of ", total,
+               " tokens from a null pointer");
     TQ_REQUIRE(need_new <= free_pages.size(), "GPU KV layer: page pool exhausted (", need_new,
                " pages needed, ", free_pages.size(), " free)");
     std::vector<std::pair<int, size_t>> added;  // (seq, old page count) for the rollback
-    std::vector<int> d(2 * size_t(total));
-    int row = 0;
-    for (auto [s, n] : runs) {
-      added.emplace_back(s, pages[s].size());
-      for (int t = len[s]; t < len[s] + n; ++t, ++row) {
-        if (t / P >= static_cast<int>(pages[s].size())) {
+    try {
+      std::vector<AppendTile> tiles;
+      std::vector<int> pt, lens;  // (index, value) pairs
+      int row = 0;
+      for (auto [s, n] : runs) {
+        added.emplace_back(s, pages[s].size());
+        const size_t old = pages[s].size();
+        while (pages[s].size() * P < size_t(len[s]) + n) {
           pages[s].push_back(free_pages.back());
           free_pages.pop_back();
         }
-        d[2 * row] = pages[s][t / P];
-        d[2 * row + 1] = t % P;
+        for (size_t i = old; i < pages[s].size(); ++i) {
+          pt.push_back(int(size_t(s) * cfg.max_pages_per_seq + i));
+          pt.push_back(pages[s][i]);
+        }
+        add_tiles(s, len[s], n, row, tiles);
+        lens.push_back(s);
+        lens.push_back(len[s] + n);
+        row += n;
       }
-    }
-    try {
-      ensure(dst, d.size() * sizeof(int));
-      TQ_CUDA_CHECK(cudaMemcpyAsync(dst.data(), d.data(), d.size() * sizeof(int),
-                                    cudaMemcpyHostToDevice, stream));
-      for (auto [s, old] : added)
-        if (pages[s].size() > old)
-          TQ_CUDA_CHECK(cudaMemcpyAsync(page_table.as<int>() + size_t(s) * cfg.max_pages_per_seq,
-                                        pages[s].data(), pages[s].size() * sizeof(int),
-                                        cudaMemcpyHostToDevice, stream));
-      TQ_CUDA_CHECK(cudaMemsetAsync(status.data(), 0, sizeof(int), stream));
-      launch_mse_append(k, total, dst.as<int>(), kf, region(false), status.as<int>(), stream);
-      launch_mse_append(v, total, dst.as<int>(), vf, region(true), status.as<int>(), stream);
-      int st = 0;
-      TQ_CUDA_CHECK(cudaMemcpyAsync(&st, status.data(), sizeof(int), cudaMemcpyDeviceToHost, stream));
+      const auto [dk, dv] = aligned_input(k, v, total, dtype, stream);
+      // [status, pad][tiles][page-table pairs][length pairs]
+      const size_t tiles_off = 16, pt_off = tiles_off + tiles.size() * sizeof(AppendTile);
+      const size_t len_off = pt_off + pt.size() * sizeof(int);
+      const size_t bytes = len_off + lens.size() * sizeof(int);
+      host_upload.reserve(bytes);
+      host_status.reserve(sizeof(int));
+      uint8_t* h = host_upload.data();
+      std::memset(h, 0, tiles_off);
+      std::memcpy(h + tiles_off, tiles.data(), tiles.size() * sizeof(AppendTile));
+      std::memcpy(h + pt_off, pt.data(), pt.size() * sizeof(int));
+      std::memcpy(h + len_off, lens.data(), lens.size() * sizeof(int));
+      ensure(upload, bytes);
+      uint8_t* d = upload.as<uint8_t>();
+      TQ_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream));
+      int* status = reinterpret_cast<int*>(d);
+      launch_kernels(dk, dv, dtype, reinterpret_cast<const AppendTile*>(d + tiles_off),
+                     int(tiles.size()), status, stream);
+      launch_append_commit(reinterpret_cast<const int*>(d + pt_off), int(pt.size() / 2),
+                           reinterpret_cast<const int*>(d + len_off), int(lens.size() / 2),
+                           page_table.as<int>(), lengths.as<int>(), status, stream);
+      int* st = reinterpret_cast<int*>(host_status.data());
+      TQ_CUDA_CHECK(cudaMemcpyAsync(st, status, sizeof(int), cudaMemcpyDeviceToHost, stream));
       TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
-      TQ_REQUIRE(!(st & kStatusNonFinite),
+      TQ_REQUIRE(!(*st & kStatusNonFinite),
                  "GPU KV layer: append refused: a key or value has a NaN/Inf component or "
                  "its squared norm overflows float");
-      TQ_REQUIRE(!(st & kStatusScaleOverflow),
+      TQ_REQUIRE(!(*st & kStatusDenseOverflow),
+                 "GPU KV layer: append refused: a key or value component exceeds the f16 range "
+                 "(|x| > 65504) of round_to f16 (KvCache's f16 dense format refuses it too); "
+                 "use round_to bf16 or f32");
+      TQ_REQUIRE(!(*st & kStatusScaleOverflow),
                  "GPU KV layer: append refused: a scale does not fit fp16 (max 65504); use a "
                  "format with sf=f32");
-      std::vector<int> new_len = len;
-      for (auto [s, n] : runs) new_len[s] += n;
-      TQ_CUDA_CHECK(cudaMemcpyAsync(lengths.data(), new_len.data(), new_len.size() * sizeof(int),
-                                    cudaMemcpyHostToDevice, stream));
-      TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
-      len = std::move(new_len);
-    } catch (...) {  // the sequences are left as they were
+      for (auto [s, n] : runs) len[s] += n;
+    } catch (...) {  // the sequences are left as they were (device lengths: see the commit kernel)
       for (auto it = added.rbegin(); it != added.rend(); ++it)
         while (pages[it->first].size() > it->second) {
           free_pages.push_back(pages[it->first].back());
@@ -213,7 +329,10 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   m.cfg = cfg;
   TQ_REQUIRE(cuda_available(), "GPU KV layer: no CUDA device");
   TQ_REQUIRE(cfg.n_heads_kv >= 1, "GPU KV layer: n_heads_kv must be >= 1, got ", cfg.n_heads_kv);
-  TQ_REQUIRE(cfg.page_tokens >= 1, "GPU KV layer: page_tokens must be >= 1, got ", cfg.page_tokens);
+  TQ_REQUIRE(cfg.page_tokens >= 1 && cfg.page_tokens <= 65535,
+             "GPU KV layer: page_tokens must be in 1..65535, got ", cfg.page_tokens);
+  TQ_REQUIRE(cfg.n_heads_kv <= 65535, "GPU KV layer: n_heads_kv must be <= 65535, got ",
+             cfg.n_heads_kv);
   TQ_REQUIRE(cfg.max_seqs >= 1, "GPU KV layer: max_seqs must be >= 1, got ", cfg.max_seqs);
   TQ_REQUIRE(cfg.max_pages_per_seq >= 1, "GPU KV layer: max_pages_per_seq must be >= 1, got ",
              cfg.max_pages_per_seq);
@@ -248,13 +367,14 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   };
   fill(m.hk, m.kf, off.data());
   fill(m.hv, m.vf, off.data() + 3);
+  m.ka = append_format(m.kf, m.hk.signs, m.hk.boundaries);
+  m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
 
   m.pool = DeviceBuffer(size_t(m.cfg.max_pages) * m.page_bytes);
   m.page_table = DeviceBuffer(size_t(cfg.max_seqs) * cfg.max_pages_per_seq * sizeof(int));
   TQ_CUDA_CHECK(cudaMemset(m.page_table.data(), 0, m.page_table.size()));
   m.lengths = DeviceBuffer(size_t(cfg.max_seqs) * sizeof(int));
   TQ_CUDA_CHECK(cudaMemset(m.lengths.data(), 0, m.lengths.size()));
-  m.status = DeviceBuffer(sizeof(int));
   for (int p = m.cfg.max_pages - 1; p >= 0; --p) m.free_pages.push_back(p);
 }
 
@@ -286,26 +406,40 @@ int GpuKvLayer::n_pages(int seq) const {
 }
 
 void GpuKvLayer::append(int seq, const float* k, const float* v, int n_tokens) {
+  append(seq, static_cast<const void*>(k), static_cast<const void*>(v), n_tokens, DType::f32);
+}
+
+void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DType dtype) {
   Impl& m = *impl_;
   m.check_seq(seq);
   TQ_REQUIRE(n_tokens >= 0, "GPU KV layer: append of ", n_tokens, " tokens");
-  const size_t n = size_t(n_tokens) * m.cfg.n_heads_kv * m.hk.dim;
-  m.ensure(m.staging, 2 * n * sizeof(float));
-  float* sk = m.staging.as<float>();
-  if (n) {
-    TQ_CUDA_CHECK(cudaMemcpy(sk, k, n * sizeof(float), cudaMemcpyHostToDevice));
-    TQ_CUDA_CHECK(cudaMemcpy(sk + n, v, n * sizeof(float), cudaMemcpyHostToDevice));
-  }
-  m.append_runs({{seq, n_tokens}}, sk, sk + n, nullptr);
+  const size_t n = size_t(n_tokens) * m.cfg.n_heads_kv * m.hk.dim * dtype_bytes(dtype);
+  if (n == 0) return;
+  m.ensure(m.staging, 2 * n);  // cudaMalloc'd: aligned, so append_runs does not copy it again
+  uint8_t* d = m.staging.as<uint8_t>();
+  TQ_CUDA_CHECK(cudaMemcpy(d, k, n, cudaMemcpyHostToDevice));
+  TQ_CUDA_CHECK(cudaMemcpy(d + n, v, n, cudaMemcpyHostToDevice));
+  m.append_runs({{seq, n_tokens}}, d, d + n, dtype, nullptr);
 }
 
 void GpuKvLayer::append_device(int seq, const float* k, const float* v, int n_tokens,
                                Stream stream) {
-  impl_->append_runs({{seq, n_tokens}}, k, v, stream);
+  impl_->append_runs({{seq, n_tokens}}, k, v, DType::f32, stream);
+}
+
+void GpuKvLayer::append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
+                               Stream stream) {
+  impl_->append_runs({{seq, n_tokens}}, k, v, dtype, stream);
 }
 
 void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, const float* v,
                                      Stream stream) {
+  append_batch_device(seqs, n, static_cast<const void*>(k), static_cast<const void*>(v),
+                      DType::f32, stream);
+}
+
+void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, const void* v,
+                                     DType dtype, Stream stream) {
   TQ_REQUIRE(n >= 0, "GPU KV layer: batch of ", n, " sequences");
   std::vector<std::pair<int, int>> runs;
   std::vector<char> seen(impl_->len.size(), 0);
@@ -315,7 +449,7 @@ void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, con
     seen[seqs[i]] = 1;
     runs.emplace_back(seqs[i], 1);
   }
-  impl_->append_runs(runs, k, v, stream);
+  impl_->append_runs(runs, k, v, dtype, stream);
 }
 
 void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
@@ -387,5 +521,45 @@ static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const Devic
   p.n_splits = m.n_splits;
   return p;
 }
+
+// ---- bench::AppendKernels (cuda_bench.hpp) ------------------------------------
+namespace bench {
+
+struct AppendKernels::State {
+  GpuKvLayer::Impl* m = nullptr;
+  int n_tokens = 0, n_tiles = 0;
+  DeviceBuffer buf;  // [status, pad][tiles]
+};
+
+AppendKernels::AppendKernels(GpuKvLayer& layer, int seq, int n_tokens)
+    : s_(std::make_unique<State>()) {
+  GpuKvLayer::Impl& m = *layer.impl_;
+  m.check_seq(seq);
+  TQ_REQUIRE(n_tokens >= 1 && n_tokens <= m.len[seq], "AppendKernels: ", n_tokens,
+             " tokens, but sequence ", seq, " holds ", m.len[seq]);
+  std::vector<AppendTile> tiles;
+  m.add_tiles(seq, 0, n_tokens, 0, tiles);
+  std::vector<uint8_t> h(16 + tiles.size() * sizeof(AppendTile), 0);
+  std::memcpy(h.data() + 16, tiles.data(), tiles.size() * sizeof(AppendTile));
+  s_->buf = DeviceBuffer(h.size());
+  s_->buf.upload(h.data(), h.size());
+  s_->m = &m;
+  s_->n_tokens = n_tokens;
+  s_->n_tiles = int(tiles.size());
+}
+
+AppendKernels::~AppendKernels() = default;
+
+void AppendKernels::run(const void* k, const void* v, DType dtype, Stream stream) {
+  TQ_REQUIRE((reinterpret_cast<uintptr_t>(k) & 15) == 0 && (reinterpret_cast<uintptr_t>(v) & 15) == 0,
+             "AppendKernels::run: k and v must be 16-byte aligned");
+  uint8_t* d = s_->buf.as<uint8_t>();
+  s_->m->launch_kernels(k, v, dtype, reinterpret_cast<const AppendTile*>(d + 16), s_->n_tiles,
+                        reinterpret_cast<int*>(d), stream);
+}
+
+int AppendKernels::n_tiles() const { return s_->n_tiles; }
+
+}  // namespace bench
 
 }  // namespace tq::cuda

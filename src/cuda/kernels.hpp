@@ -40,10 +40,7 @@ struct PagedRegion {
   int n_heads = 0;
 };
 
-// Quantize-append: x [n_tokens, n_heads, dim] -> one record per (token, head)
-// at page dst[2t], slot dst[2t + 1]. dst: device [n_tokens, 2]; status: device int.
-void launch_mse_append(const float* x, int n_tokens, const int* dst, const MseDeviceFormat& f,
-                       const PagedRegion& r, int* status, CUstream_st* stream);
+// Quantize-append: src/cuda/mse_append.hpp (launch_mse_append_tiles).
 
 // Which decode-attention kernel runs (launch_decode_attention):
 //  - reference:   decode_attention.cu, CUDA cores, byte loads; every tq-mse

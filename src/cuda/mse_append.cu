@@ -4,148 +4,181 @@
 //            index order) then the tree w = 8, 4, 2, 1: lane[i] += lane[i + w];
 //   y      = x * signs; FWHT stages h = 1, 2, 4, ..., each output one a+b or
 //            a-b; then y_i *= 1/sqrt(dim) (a separate rounding);
-//   code_i = #{k : boundaries[k] < y_i * (1 / norm)} by the same branch-free
-//            binary search; packed little-endian; scale = fp16(norm), RNE
-//            (by integer arithmetic, as src/util/half.cpp).
+//   code_i = #{k : boundaries[k] < y_i * (1 / norm)} (the CPU's branch-free
+//            binary search computes exactly this count);
+//            packed little-endian; scale = fp16(norm), RNE (by integer
+//            arithmetic, as src/util/half.cpp).
 // Every float operation is an explicit round-to-nearest intrinsic and this
 // file is compiled with -fmad=false: nvcc must not fuse or reorder anything
-// here, or a code near a boundary flips.
+// here, or a code near a boundary flips. (The one __fmaf_rn below computes a
+// table cell, where an fma is what the host computes too.)
 //
-// One warp per vector; the vector lives in shared memory for the FWHT.
+// Before that, each input element is rounded to the layer's round_to format
+// (f16 by default), as KvCache::append rounds each token to its dense format.
+//
+// Layout of the work (issue 5: the append must run near the speed of one read
+// of its input):
+//  - a block of 128 threads takes tiles of up to 128 vectors (n tokens x nh
+//    heads of one page, AppendTile) in a persistent loop; a tile's input is
+//    one contiguous run of rows when nh == n_heads, brought into shared
+//    memory by cp.async (16-byte, coalesced), each thread's slice padded by
+//    16 bytes so that the 16-byte shared reads of 8 lanes hit 32 banks;
+//  - one thread per vector for head_dim 64 and 128, two adjacent lanes for
+//    256 (128 elements each). The vector lives in registers: signs are an xor
+//    of the sign bit (constant bank), the norm's 16 partial sums are 16
+//    registers in the canonical order, the FWHT's stages are in-register
+//    butterflies (head_dim 256: one exchange of half the elements between
+//    the two lanes, then the last stage in registers);
+//  - codes come from a 32-cell table held one cell per lane and read by warp
+//    shuffles (AppendSearch in mse_append.hpp; the binary search in shared
+//    memory for 6 bits and more), packed into 32-bit words at compile-time
+//    bit positions;
+//  - records go to a shared staging area laid out like their destination
+//    (per head, n consecutive records, at the destination's address mod 16),
+//    then out with 16-byte stores: consecutive tokens of a head are adjacent
+//    records of the page.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <utility>
+
 #include "cuda/cuda_check.hpp"
-#include "cuda/kernels.hpp"
+#include "cuda/mse_append.hpp"
+#include "turboquant/error.hpp"
 
 namespace tq::cuda {
+
+// One per input type (mse_append_{f32,f16,bf16}.cu).
+void launch_append_f32(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
+void launch_append_f16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
+void launch_append_bf16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
+
 namespace {
 
-constexpr int kWarps = 4;     // vectors per block
-constexpr int kMaxDim = 256;
+constexpr float kMagic = 12582912.0f;  // as mse_append_kernel.cuh
 
-// fp32 -> binary16 bits, round to nearest even: src/util/half.cpp in integer
-// arithmetic, so the stored bits cannot depend on the device's conversion
-// instruction. (A first version stored the bytes of __float2half_rn(x) and on
-// the H200, CUDA 13.0, the low byte came out as trunc(x) while the PTX looked
-// right; cause not established.)
-__device__ unsigned float_to_half_bits(float f) {
-  const unsigned x = __float_as_uint(f);
-  const unsigned sign = (x >> 16) & 0x8000u;
-  const unsigned abs = x & 0x7fffffffu;
-  if (abs >= 0x7f800000u)  // inf or NaN
-    return abs > 0x7f800000u ? (sign | 0x7e00u | ((abs >> 13) & 0x3ffu)) : (sign | 0x7c00u);
-  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {                         // subnormal half or zero
-    if (abs < 0x33000000u) return sign;
-    const unsigned exp = abs >> 23;
-    const unsigned mant = (abs & 0x7fffffu) | 0x800000u;
-    const unsigned shift = 126 - exp;
-    const unsigned half_mant = mant >> shift;
-    const unsigned rem = mant & ((1u << shift) - 1);
-    const unsigned halfway = 1u << (shift - 1);
-    unsigned r = half_mant;
-    if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++r;
-    return sign | r;
-  }
-  unsigned h = (abs - 0x38000000u) >> 13;
-  const unsigned rem = abs & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
-  return sign | h;
-}
-
-__global__ void __launch_bounds__(kWarps * 32)
-    mse_append_kernel(const float* __restrict__ x, int n_rows, const int* __restrict__ dst,
-                      MseDeviceFormat f, PagedRegion r, int* status) {
-  __shared__ float xs_all[kWarps][kMaxDim];
-  __shared__ unsigned char codes_all[kWarps][kMaxDim];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.x * kWarps + warp;  // row = token * n_heads + head
-  if (row >= n_rows) return;                   // whole warps leave together
-  const int d = f.dim;
-  float* xs = xs_all[warp];
-  unsigned char* codes = codes_all[warp];
-  const float* xr = x + size_t(row) * d;
-  for (int i = lane; i < d; i += 32) xs[i] = xr[i];
-  __syncwarp();
-
-  // Norm in the canonical order: lanes 0..15 hold the 16 partial sums.
-  float part = 0.0f;
-  if (lane < 16)
-    for (int i = lane; i < d; i += 16) part = __fadd_rn(part, __fmul_rn(xs[i], xs[i]));
-  for (int w = 8; w >= 1; w /= 2) {
-    const float other = __shfl_down_sync(0xffffffffu, part, w);
-    if (lane < w) part = __fadd_rn(part, other);
-  }
-  const float ss = __shfl_sync(0xffffffffu, part, 0);
-  const bool finite = isfinite(ss);
-  const float norm = __fsqrt_rn(ss);
-
-  // Rotation: signs, then the FWHT stage by stage, then the 1/sqrt(d) scale.
-  for (int i = lane; i < d; i += 32) xs[i] = __fmul_rn(xs[i], f.signs[i]);
-  __syncwarp();
-  for (int h = 1; h < d; h *= 2) {
-    for (int p = lane; p < d / 2; p += 32) {
-      const int j = (p / h) * 2 * h + p % h;
-      const float a = xs[j], b = xs[j + h];
-      xs[j] = __fadd_rn(a, b);
-      xs[j + h] = __fsub_rn(a, b);
-    }
-    __syncwarp();
-  }
-  const int n_bounds = (1 << f.bits) - 1;
-  if (finite && norm != 0.0f) {
-    const float mul = __fdiv_rn(1.0f, norm);
-    for (int i = lane; i < d; i += 32) {
-      const float y = __fmul_rn(xs[i], f.post_scale);
-      const float v = __fmul_rn(y, mul);
-      int lo = 0;
-      for (int step = (n_bounds + 1) / 2; step >= 1; step /= 2)
-        if (f.boundaries[lo + step - 1] < v) lo += step;
-      codes[i] = static_cast<unsigned char>(lo);
-    }
-  } else {  // zero vector: codes 0, scale 0 (a non-finite one is refused below)
-    for (int i = lane; i < d; i += 32) codes[i] = 0;
-  }
-  __syncwarp();
-
-  const int token = row / r.n_heads, head = row % r.n_heads;
-  const int page = dst[2 * token], slot = dst[2 * token + 1];
-  uint8_t* rec = r.pool + size_t(page) * r.page_bytes + r.region_offset +
-                 (size_t(head) * r.page_tokens + slot) * f.record_bytes;
-  // Pack: byte b holds stream bits [8b, 8b + 8); stream bit k is bit k % bits
-  // of code k / bits.
-  for (int b = lane; b < f.code_bytes; b += 32) {
-    unsigned v = 0;
-    for (int k = 0; k < 8; ++k) {
-      const int bit = 8 * b + k;
-      const int ci = bit / f.bits;
-      if (ci < d) v |= ((codes[ci] >> (bit % f.bits)) & 1u) << k;
-    }
-    rec[b] = static_cast<uint8_t>(v);
-  }
-  if (lane == 0) {
-    uint8_t* sp = rec + f.code_bytes;
-    if (!finite) atomicOr(status, kStatusNonFinite);
-    if (f.scale_f32) {
-      const unsigned u = __float_as_uint(norm);
-      for (int i = 0; i < 4; ++i) sp[i] = static_cast<uint8_t>(u >> (8 * i));
-    } else {
-      if (!(norm <= 65504.0f) && finite) atomicOr(status, kStatusScaleOverflow);
-      const unsigned h = float_to_half_bits(norm);
-      sp[0] = static_cast<uint8_t>(h & 0xffu);
-      sp[1] = static_cast<uint8_t>(h >> 8);
-    }
-  }
+__global__ void append_commit_kernel(const int* pt, int n_pt, const int* len, int n_len, int* page_table,
+                                     int* lengths, const int* status) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n_pt) page_table[pt[2 * i]] = pt[2 * i + 1];
+  if (i < n_len && *status == 0) lengths[len[2 * i]] = len[2 * i + 1];
 }
 
 }  // namespace
 
-void launch_mse_append(const float* x, int n_tokens, const int* dst, const MseDeviceFormat& f,
-                       const PagedRegion& r, int* status, CUstream_st* stream) {
-  const int n_rows = n_tokens * r.n_heads;
-  if (n_rows == 0) return;
-  const int blocks = (n_rows + kWarps - 1) / kWarps;
-  mse_append_kernel<<<blocks, kWarps * 32, 0, stream>>>(x, n_rows, dst, f, r, status);
+// ---- launch ---------------------------------------------------------------------
+
+int append_sm_count() {
+  static const int n = [] {
+    int dev = 0, sms = 0;
+    TQ_CUDA_CHECK(cudaGetDevice(&dev));
+    TQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+  }();
+  return n;
+}
+
+// Resident blocks per SM of a kernel at a dynamic shared-memory size. The
+// kernel's dynamic shared-memory limit is raised once, to the device's
+// opt-in maximum (a cap, not a reservation: occupancy follows each launch's
+// own size), so that layers of different record sizes can share a kernel.
+int append_blocks_per_sm(const void* kernel, int smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  static std::map<const void*, bool> raised;
+  std::lock_guard<std::mutex> lk(mu);
+  auto it = cache.find({kernel, smem});
+  if (it != cache.end()) return it->second;
+  if (!raised[kernel]) {
+    int dev = 0, optin = 0;
+    TQ_CUDA_CHECK(cudaGetDevice(&dev));
+    TQ_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TQ_REQUIRE(smem <= optin, "GPU KV layer: the append kernel needs ", smem,
+               " bytes of shared memory, the device allows ", optin);
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    raised[kernel] = true;
+  }
+  int nb = 0;
+  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, kAppendThreads, smem));
+  TQ_REQUIRE(nb >= 1, "GPU KV layer: the append kernel does not fit an SM with ", smem,
+             " bytes of shared memory");
+  cache[{kernel, smem}] = nb;
+  return nb;
+}
+
+AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& signs,
+                           const std::vector<float>& boundaries) {
+  TQ_ASSERT(f.dim == 64 || f.dim == 128 || f.dim == 256);
+  TQ_ASSERT(int(signs.size()) == f.dim && int(boundaries.size()) == (1 << f.bits) - 1);
+  AppendFormat a{};
+  a.f = f;
+  for (int i = 0; i < f.dim; ++i) {
+    TQ_ASSERT(signs[i] == 1.0f || signs[i] == -1.0f);
+    a.sign_f32[i] = signs[i] < 0 ? 0x80000000u : 0u;
+  }
+  for (int j = 0; j < f.dim / 2; ++j) a.sign_pair[j] = (a.sign_f32[2 * j] >> 16) | a.sign_f32[2 * j + 1];
+
+  // The table: the largest cell width 2^-s that puts at most one boundary
+  // (5 bits: two) in each of the 32 cells. cell(b) is computed by the same
+  // float operations as the kernel's (an fma of an exact product, then a
+  // clamp), and cell() is monotone in its argument, so that a value and a
+  // boundary in different cells compare as their cells do:
+  //   code(v) = #{b : cell(b) < cell(v)} + #{b : cell(b) = cell(v), b < v}.
+  // Widths of 6 bits and more have too many boundaries: binary search. (All
+  // codebooks of 1-4 bits at head_dim 64/128/256, both laws, fit one per cell.)
+  auto cell = [](float b, float scale) {
+    const float t = std::fma(b, scale, kMagic);  // exact product, one rounding
+    return std::clamp(static_cast<int>(t - kMagic), -16, 15);
+  };
+  a.search = AppendSearch::binary;
+  const int k_max = f.bits <= 4 ? 1 : 2;
+  for (int s = 16; s >= -8 && f.bits <= 5; --s) {
+    const float scale = std::ldexp(1.0f, s);
+    int count[32] = {};
+    bool ok = true;
+    for (float b : boundaries) ok &= ++count[cell(b, scale) + 16] <= k_max;
+    if (!ok) continue;
+    a.search = f.bits <= 4 ? AppendSearch::table1 : AppendSearch::table2;
+    a.cell_scale = scale;
+    for (int lane = 0; lane < 32; ++lane) {
+      a.tab_b0[lane] = a.tab_b1[lane] = std::numeric_limits<float>::infinity();
+      a.tab_base[lane] = 0;
+    }
+    for (float b : boundaries) {
+      const int lane = cell(b, scale) + 16;
+      for (int l = lane + 1; l < 32; ++l) ++a.tab_base[l];
+      // -0 compares as +0; stored as +0 all the same.
+      const float bb = b == 0.0f ? 0.0f : b;
+      if (a.tab_b0[lane] == std::numeric_limits<float>::infinity()) a.tab_b0[lane] = bb;
+      else a.tab_b1[lane] = bb;  // boundaries ascend: b0 <= b1
+    }
+    break;
+  }
+  return a;
+}
+
+void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream) {
+  if (a.n_tiles == 0) return;
+  TQ_ASSERT((reinterpret_cast<uintptr_t>(a.x) & 15) == 0);
+  TQ_ASSERT(a.n_heads >= 1 && a.n_heads <= 65535);
+  switch (a.dtype) {
+    case DType::f32: return launch_append_f32(a, fmt, stream);
+    case DType::f16: return launch_append_f16(a, fmt, stream);
+    case DType::bf16: return launch_append_bf16(a, fmt, stream);
+  }
+  TQ_ASSERT(false);
+}
+
+void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
+                          int* page_table, int* lengths, const int* status, CUstream_st* stream) {
+  const int n = std::max(n_pt, n_len);
+  if (n == 0) return;
+  append_commit_kernel<<<(n + 255) / 256, 256, 0, stream>>>(pt_updates, n_pt, len_updates, n_len,
+                                                            page_table, lengths, status);
   TQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -4,12 +4,15 @@
 // (Hq 32, Hkv 8, d 128) and Gemma-3 (Hq 4, Hkv 1, d 256).
 //
 // Every time is the median of --runs launches between CUDA events, each after
-// an L2 flush. Bandwidth is the bytes a kernel must read (the K/V records of
+// an L2 flush (a read of a buffer > 4x the L2, so that no dirty line's
+// write-back falls in the timed region; scripts/sdpa_bench.py flushes the
+// same way). Bandwidth is the bytes a kernel must read (the K/V records of
 // every visible token and the queries) over that time, reported as a share of
 // a device-to-device copy (read + write counted, as REFERENCE.md does) and of
 // a pure read stream, both measured in the same process. Also timed: the
-// quantize-append of a 131072-token prefill block against one read of the
-// same block in bf16.
+// quantize-append of a 131072-token prefill block, from bf16 and from f32
+// input (kernels alone, and the whole append_device call), against one read
+// of the same block in bf16.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -374,7 +377,12 @@ class Bench {
   }
 
   // Quantize-append of one prefill block (one sequence, Llama shape) against
-  // one read of the same block in bf16 (the engine's K and V).
+  // one read of the same block in bf16 (the engine's K and V), from bf16 input
+  // (what engines hold) and from f32, with the layer's default rounding to
+  // f16 (KvCache's dense format). Two times each: the kernels alone
+  // (bench::AppendKernels, median of --runs, L2 flushed) and the whole
+  // append_device call (tile list, one upload, kernels, status readback and
+  // its stream synchronisation; events and wall time, median of --append-runs).
   void run_append() {
     const Shape s = kShapes[0];
     const int T = a_.append_tokens, Hkv = s.n_heads_kv, D = s.head_dim, R = a_.append_runs;
@@ -389,24 +397,34 @@ class Bench {
     cb::fill_normal_f32(kf.as<float>(), n, a_.seed * 17 + 1, 0.0f, 1.0f, nullptr);
     cb::fill_normal_f32(vf.as<float>(), n, a_.seed * 17 + 2, 0.0f, 1.0f, nullptr);
     cb::fill_normal_bf16(kv16.as<uint16_t>(), 2 * n, a_.seed * 17 + 3, 0.0f, 1.0f, nullptr);
+    const void* k16 = kv16.data();
+    const void* v16 = kv16.as<uint16_t>() + n;
+    const double bf16_bytes = 2.0 * n * 2;
     const double read_ms = time_median(
         [&] { cb::read_sum_bf16(kv16.data(), n * 2 * 2, sink.as<float>(), nullptr); }, a_.runs, *flush_);
-    if (!a_.json_out)
-      std::printf("append %d tokens x %d heads x d %d: one read of its bf16 K+V (%.3f GB) %.4f ms\n", T, Hkv, D,
-                  n * 4 / 1e9, read_ms);
+    if (!a_.json_out) {
+      std::printf("append %d tokens x %d heads x d %d: one read of its bf16 K+V (%.3f GB) %.4f ms; "
+                  "kernels: median of %d, API: append_device, median of %d\n",
+                  T, Hkv, D, bf16_bytes / 1e9, read_ms, a_.runs, R);
+      std::printf("%-11s %-5s %9s %7s %7s %9s %9s %7s\n", "preset", "input", "kernel_ms", "x_read",
+                  "TB/s", "api_ms", "wall_ms", "x_read");
+    }
+    rows_.push_back({{"kind", "append_read"}, {"shape", s.name}, {"tokens", T}, {"bf16_bytes", bf16_bytes},
+                     {"bf16_read_ms", read_ms}});
     for (const KvPreset& pr : presets_) {
-      json r = {{"kind", "append"}, {"shape", s.name}, {"tokens", T}, {"preset", pr.name},
-                {"k_format", pr.k_spec}, {"v_format", pr.v_spec}};
+      json base = {{"kind", "append"}, {"shape", s.name}, {"tokens", T}, {"preset", pr.name},
+                   {"k_format", pr.k_spec}, {"v_format", pr.v_spec}};
       if (auto why = gpu_unsupported(pr, D, Hkv)) {
-        r["supported"] = false;
-        r["note"] = "not supported on GPU yet: " + *why;
-        if (!a_.json_out) std::printf("append %-11s not supported on GPU yet: %s\n", pr.name.c_str(), why->c_str());
-        rows_.push_back(std::move(r));
+        base["supported"] = false;
+        base["note"] = "not supported on GPU yet: " + *why;
+        if (!a_.json_out) std::printf("%-11s not supported on GPU yet: %s\n", pr.name.c_str(), why->c_str());
+        rows_.push_back(std::move(base));
         continue;
       }
       auto kq = make_quantizer(pr.k_spec, D, a_.seed), vq = make_quantizer(pr.v_spec, D, a_.seed + 1);
       const size_t rec = kq->bytes_per_vector() + vq->bytes_per_vector();
-      const double pool = double(R + 1) * T * Hkv * rec;
+      const double record_bytes = double(T) * Hkv * rec;
+      const double pool = double(2 * R + 1) * record_bytes;
       if (pool + (1u << 30) > double(free_bytes())) {
         info("gpu-bench: append %s skipped: needs %.1f GiB", pr.name.c_str(), gib(pool));
         continue;
@@ -414,41 +432,59 @@ class Bench {
       cuda::GpuKvLayerConfig cfg;
       cfg.n_heads_kv = Hkv;
       cfg.page_tokens = a_.page_tokens;
-      cfg.max_seqs = R + 1;
+      cfg.max_seqs = 2 * R + 1;
       cfg.max_pages_per_seq = (T + a_.page_tokens - 1) / a_.page_tokens;
       cuda::GpuKvLayer layer(*kq, *vq, cfg);
       layer.add_sequence();
-      layer.append_device(0, kf.as<float>(), vf.as<float>(), T, nullptr);  // warm-up
-      // append_device is synchronous (it reads the device status back), so the
-      // event span also holds its host bookkeeping; wall time alongside.
-      cb::EventTimer timer(R);
-      std::vector<double> wall;
-      for (int i = 0; i < R; ++i) {
-        const int seq = layer.add_sequence();
-        flush_->flush(nullptr);
-        cb::synchronize(nullptr);
-        const auto t0 = std::chrono::steady_clock::now();
-        timer.start(i, nullptr);
-        layer.append_device(seq, kf.as<float>(), vf.as<float>(), T, nullptr);
-        timer.stop(i, nullptr);
-        cb::synchronize(nullptr);
-        wall.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+      layer.append_device(0, k16, v16, T, cuda::DType::bf16, nullptr);  // warm-up; seq 0 for the kernels
+      cb::AppendKernels kernels(layer, 0, T);
+      struct Input {
+        cuda::DType dtype;
+        const void *k, *v;
+        double bytes;
+      };
+      for (const Input& in : {Input{cuda::DType::bf16, k16, v16, bf16_bytes},
+                              Input{cuda::DType::f32, kf.data(), vf.data(), 2.0 * n * 4}}) {
+        const double kernel_ms =
+            time_median([&] { kernels.run(in.k, in.v, in.dtype, nullptr); }, a_.runs, *flush_);
+        // append_device synchronises (it reads the device status back): the
+        // event span holds its host work too; wall time alongside.
+        cb::EventTimer timer(R);
+        std::vector<double> wall;
+        for (int i = 0; i < R; ++i) {
+          const int seq = layer.add_sequence();
+          flush_->flush(nullptr);
+          cb::synchronize(nullptr);
+          const auto t0 = std::chrono::steady_clock::now();
+          timer.start(i, nullptr);
+          layer.append_device(seq, in.k, in.v, T, in.dtype, nullptr);
+          timer.stop(i, nullptr);
+          cb::synchronize(nullptr);
+          wall.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(wall.begin(), wall.end());
+        const double api_ms = timer.median_ms(), wall_ms = wall[wall.size() / 2];
+        json r = base;
+        r["supported"] = true;
+        r["input"] = cuda::to_string(in.dtype);
+        r["round_to"] = cuda::to_string(cfg.round_to);
+        r["kernel_ms"] = kernel_ms;
+        r["api_ms"] = api_ms;
+        r["wall_ms"] = wall_ms;
+        r["input_bytes"] = in.bytes;
+        r["record_bytes"] = record_bytes;
+        r["bf16_read_ms"] = read_ms;
+        r["kernel_ratio_vs_bf16_read"] = kernel_ms / read_ms;
+        r["api_ratio_vs_bf16_read"] = api_ms / read_ms;
+        r["kernel_tb_s"] = (in.bytes + record_bytes) / (kernel_ms * 1e-3) / 1e12;
+        r["tiles"] = kernels.n_tiles();
+        if (!a_.json_out)
+          std::printf("%-11s %-5s %9.4f %6.2fx %7.2f %9.4f %9.4f %6.2fx\n", pr.name.c_str(),
+                      cuda::to_string(in.dtype), kernel_ms, kernel_ms / read_ms,
+                      r["kernel_tb_s"].get<double>(), api_ms, wall_ms, api_ms / read_ms);
+        std::fflush(stdout);
+        rows_.push_back(std::move(r));
       }
-      std::sort(wall.begin(), wall.end());
-      const double ms = timer.median_ms(), wall_ms = wall[wall.size() / 2];
-      r["supported"] = true;
-      r["ms"] = ms;
-      r["wall_ms"] = wall_ms;
-      r["input_f32_bytes"] = 2.0 * n * 4;
-      r["record_bytes"] = double(T) * Hkv * rec;
-      r["bf16_read_ms"] = read_ms;
-      r["bf16_bytes"] = 2.0 * n * 2;
-      r["ratio_vs_bf16_read"] = ms / read_ms;
-      r["tb_s"] = (2.0 * n * 4 + double(T) * Hkv * rec) / (ms * 1e-3) / 1e12;
-      if (!a_.json_out)
-        std::printf("append %-11s %9.4f ms (wall %.4f), %.1fx one bf16 read; %.2f TB/s moved (f32 in + records out)\n",
-                    pr.name.c_str(), ms, wall_ms, ms / read_ms, r["tb_s"].get<double>());
-      rows_.push_back(std::move(r));
     }
   }
 
@@ -487,12 +523,12 @@ Runner add_gpu_bench(CLI::App& app) {
   sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append")
       ->check(CLI::Range(1, 1 << 22))
       ->capture_default_str();
-  sub->add_option("--append-runs", a->append_runs, "Timed appends per preset (median)")
+  sub->add_option("--append-runs", a->append_runs, "Timed append_device calls per preset and input type (median)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   sub->add_flag("--no-append", a->no_append, "Skip the quantize-append timing");
   sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
-  sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append)");
+  sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append)");
   sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
   sub->add_option("--sdpa", a->sdpa_file, "JSON of scripts/sdpa_bench.py: adds sdpa_ms and speedup_vs_sdpa");
   return [a] { return Bench(*a).run(); };

@@ -1,0 +1,945 @@
+// Split-KV decode attention over tq-mse pages on tensor cores (mma.sync
+// m16n8k16, fp16 in, fp32 accumulate; sm_80+, tuned for the H200). The
+// reference is decode_attention.cu (same inputs, same partial outputs, same
+// merge); docs/kernel-notes.md "GPU decode attention (H200)" has the design
+// notes and the numbers.
+//
+// Shape of the work
+//  - Persistent blocks, one per SM (the tables and stages fill its shared
+//    memory). Work items are (split, sequence, KV head), split-major, taken
+//    round robin; a split is split_tokens tokens (planned on the host so the
+//    items fill the SMs evenly) and yields one partial (o, lse) per query head.
+//  - Inside an item every warp takes 16-token tiles warp, warp + W, ... and
+//    runs its own copy pipeline over them (sm_90: bulk copies by one lane on
+//    per-stage mbarriers; older GPUs: cp.async; kStages deep, crossing into the
+//    block's next item), its own online softmax and its own accumulators: no
+//    block barrier in the token loop. A warp step computes NT tiles at once
+//    (d 64/128: two, interleaved, one softmax max/vote per step) and then
+//    refills the stages it used. At the end of an item the W warp states are
+//    merged exactly in shared memory (3 barriers).
+//  - A tile is one contiguous run of 16 K records and one of 16 V records of
+//    one head in one page (page_tokens % 16 == 0), copied verbatim.
+//
+// Decoding codes to fp16: a table of half2 per code PAIR in shared memory
+// (256 entries for 4-bit codes, 64 for 3-bit), 32 copies side by side so that
+// lane l always reads bank l (no conflicts whatever the codes), K and V
+// copies interleaved: entry e of lane l is at byte e * 256 + side * 128 + 4 l.
+// For 4-bit codes one PRMT builds that address from a code byte, so a lookup
+// (two codes) costs PRMT + LDS.
+//
+// QK: S^T (16 tokens x 8 heads) = K (A, 16 tokens x 16 dims, straight from
+// table lookups: an A register holds two adjacent dims of one token, i.e. one
+// code pair) x Q^T (B: the g rotated queries in fp16, zero columns up to 8).
+// Lane (n, c) decodes rows n and n + 8 from its contiguous code segment of
+// each token (dims c*D/4 ... (c+1)*D/4 - 1), so the k index is a permutation
+// of the dims, the same one for Q and K.
+// PV: O^T (16 dims x 8 heads) += V^T (A, 16 dims x 16 tokens) x P^T (B). Two
+// movmatrix.trans turn the fp16 weights from the S^T accumulator layout into
+// the P^T fragment. An A register holds one dim of TWO tokens: the pair index
+// is built from two tokens' codes with LOP3s (4-bit nibbles / 3-bit groups),
+// the same table serves. Token order inside a tile is permuted (k slot
+// 2c + e + 8f <-> token c + 4e + 8f, S^T row r <-> the same token) so that
+// the code loads of a warp hit 32 different banks for 66-byte records.
+//
+// Numerics: fp32 scores, softmax and accumulators; fp16 queries (scaled by
+// their max |q| per head first), centroids and weights. The V scale s_v is
+// folded into the fp16 weight w = 2^(x - M) * s_v with M the running max of
+// x + log2 s_v (not of x), so w <= 1 keeps full fp16 precision whatever the
+// norms; the normaliser l = sum 2^(x - M) stays fp32. Values accumulate in
+// the V rotation's domain; the merge applies one inverse rotation per output.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/kernels.hpp"
+
+namespace tq::cuda {
+namespace {
+
+constexpr int kTileTok = 16;       // tokens per warp tile (one PV k step)
+constexpr int kMaxGroup = 8;       // query heads per KV head (the mma's N)
+constexpr int kCombineHeads = 4;   // heads merged per round at the end of an item
+constexpr int kSmemLimit = 227 * 1024;  // opt-in shared memory per block on sm_90
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -INFINITY;
+
+// Warps per block and 16-token tiles per warp step. d 128 steps two tiles at a
+// time (two independent lookup -> mma chains for the scheduler, one softmax
+// max / vote / shuffle round per 32 tokens), which needs ~150 registers: 12
+// warps (launch bounds 384: 168 registers). d 256 keeps one tile (~230-254
+// registers with 8 warps); d 64 fits two tiles in the 128 of 16 warps.
+constexpr int warps_for(int d) { return d >= 256 ? 8 : d == 128 ? 12 : 16; }
+constexpr int tiles_per_step(int d) { return d >= 256 ? 1 : 2; }
+constexpr int kMaxStages = 6;
+
+template <int D, int KB, int VB>
+struct Cfg {
+  static constexpr int kWarps = warps_for(D);
+  static constexpr int kStep = tiles_per_step(D);  // tiles per warp step
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kKCode = D * KB / 8, kVCode = D * VB / 8;  // code bytes; fp16 scale follows
+  static constexpr int kKRec = kKCode + 2, kVRec = kVCode + 2;
+  static constexpr int kKSeg = D * KB / 32;  // QK: code bytes of one lane (D/4 dims of a token)
+  static constexpr int kKSegW = (kKSeg + 3) / 4;
+  static constexpr int kVSeg = D * VB / 64;  // PV: code bytes of one lane (D/8 dims of a token)
+  static constexpr int kVSegW = (kVSeg + 3) / 4;
+  static constexpr int kTableBytes = 256 << (2 * (KB > VB ? KB : VB));
+  // One stage: 16 K records, 16 V records (both runs multiples of 16 bytes),
+  // 16 bytes of slack for the aligned over-read of the last code segment.
+  static constexpr int kStageBytes = kTileTok * (kKRec + kVRec) + 16;
+  static constexpr int kScratchBytes = kWarps * kCombineHeads * D * 4;
+  static constexpr int kQBytes = kMaxGroup * D * 2;
+  // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]
+  static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup);
+  static constexpr int kBarBytes = 8 * kWarps * kMaxStages;  // one mbarrier per warp and stage
+  static constexpr int kFixedBytes = kTableBytes + kScratchBytes + kQBytes + kSmallBytes + kBarBytes;
+  static constexpr int kStagesFit = (kSmemLimit - kFixedBytes) / (kWarps * kStageBytes);
+  // A step holds kStep stages while the others load: kStep + 2 or more keeps at
+  // least two tiles in flight per warp (v2: 3-4 stages of one tile).
+  static constexpr int kStagesCap = kStep == 1 ? 4 : kMaxStages;
+  static constexpr int kStages = kStagesFit < kStagesCap ? kStagesFit : kStagesCap;
+  static constexpr int kStageOff = kTableBytes;  // the table at 0: LDS [reg + base]
+  static constexpr int kScratchOff = kStageOff + kWarps * kStages * kStageBytes;
+  static constexpr int kQOff = kScratchOff + kScratchBytes;
+  static constexpr int kSmallOff = kQOff + kQBytes;
+  static constexpr int kBarOff = kSmallOff + kSmallBytes;  // [kWarps][kStages] mbarriers
+  static constexpr int kSmemBytes = kBarOff + kBarBytes;
+  static_assert(kBarOff % 8 == 0);
+  static_assert(kStages >= kStep + 1, "shared memory too small: no tile in flight during a step");
+  static_assert(kStageBytes % 16 == 0 && kKRec % 2 == 0, "cp.async needs 16-byte runs");
+  static_assert(kSmemBytes <= kSmemLimit);
+};
+
+// ---- small PTX helpers ---------------------------------------------------------
+// Each copy path is defined only where it is used (sm_90 machine code: bulk
+// copies; the compute_80 PTX and the host pass: cp.async), so that neither
+// pass warns about unused functions.
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+__device__ __forceinline__ void cp_async16(uint32_t sdst, const void* gsrc) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(sdst), "l"(gsrc) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+#else
+// sm_90 bulk copies: one lane copies a whole run (global -> shared, 16-byte
+// multiples), completing on an mbarrier with a transaction count; the other
+// lanes only wait. Per tile that is 1 expect_tx + 2 copies instead of 6
+// cp.async of 16 bytes per lane plus their address arithmetic.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() {
+  // Makes the (generic proxy) initialisation visible to the copy engine.
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_g2s(uint32_t sdst, const void* gsrc, uint32_t bytes,
+                                         uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          sdst),
+      "l"(gsrc), "r"(bytes), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t ok;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(ok)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!ok);
+}
+
+#endif
+
+// d += A * B, m16n8k16, row.col, f16 x f16 -> f32.
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// {lo, hi} -> one register of two fp16 (lo in the low half: the lower k index).
+__device__ __forceinline__ uint32_t pack_half2(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// Transpose of an 8x8 fp16 matrix held as mma fragments (lane: row lane/4,
+// columns 2(lane%4), +1) into the same fragment layout.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t r;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(r) : "r"(x));
+  return r;
+}
+
+__device__ __forceinline__ float ex2(float x) {  // 2^x; -inf -> 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float rcp(float x) {  // 1/inf = 0
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float lg2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t lds32(const uint8_t* smem, uint32_t off) {
+  return *reinterpret_cast<const uint32_t*>(smem + off);
+}
+__device__ __forceinline__ float lds_half(const uint8_t* smem, uint32_t off) {
+  return __half2float(*reinterpret_cast<const __half*>(smem + off));
+}
+
+// NW words of codes starting at byte offset a (any alignment): aligned loads
+// and a funnel shift. Reads up to 4 bytes past the segment.
+template <int NW>
+__device__ __forceinline__ void load_seg(const uint8_t* smem, uint32_t a, uint32_t (&w)[NW]) {
+  const uint32_t base = a & ~3u, sh = (a & 3u) * 8u;
+  uint32_t raw[NW + 1];
+#pragma unroll
+  for (int i = 0; i <= NW; ++i) raw[i] = lds32(smem, base + 4u * i);
+#pragma unroll
+  for (int i = 0; i < NW; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], sh);
+}
+
+// Table address of code pair p of a lane's segment: (pair index << 8) | lane base.
+template <int B, int NW>
+__device__ __forceinline__ uint32_t pair_addr(const uint32_t (&w)[NW], int p, uint32_t lb) {
+  if constexpr (B == 4) {
+    return __byte_perm(w[p >> 2], lb, 0x5504u | (uint32_t(p & 3) << 4));
+  } else {
+    const int bit = 6 * p, wi = bit >> 5, off = bit & 31;
+    uint32_t v;
+    if (off + 6 <= 32)
+      v = off >= 8 ? (w[wi] >> (off - 8)) : (w[wi] << (8 - off));
+    else
+      v = __funnelshift_r(w[wi], w[wi + 1], off - 8);
+    return (v & 0x3f00u) | lb;
+  }
+}
+
+// 6-bit group k (0..3) of a 24-bit value as a table address.
+__device__ __forceinline__ uint32_t group_addr(uint32_t v, int k, uint32_t lb) {
+  const int off = 6 * k;
+  const uint32_t s = off >= 8 ? (v >> (off - 8)) : (v << (8 - off));
+  return (s & 0x3f00u) | lb;
+}
+
+struct Item {
+  int seq, hkv, split, t0, t1, win_lo, n_tiles;
+};
+
+__device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) {
+  Item x;
+  x.hkv = it % p.n_heads_kv;
+  const int r = it / p.n_heads_kv;
+  x.seq = r % p.n_seqs;
+  x.split = r / p.n_seqs;
+  const int len = p.lengths[x.seq];
+  x.t0 = x.split * p.split_tokens;
+  x.t1 = min(len, x.t0 + p.split_tokens);
+  x.n_tiles = x.t1 > x.t0 ? (x.t1 - x.t0 + kTileTok - 1) / kTileTok : 0;
+  x.win_lo = p.window > 0 ? len - p.window : INT_MIN;  // the query is at len - 1
+  return x;
+}
+
+// Does tile [T0, T0 + 16) hold a visible key (a sink or inside the window)?
+__device__ __forceinline__ bool tile_live(const Item& x, int T0, int n_sinks) {
+  return T0 < n_sinks || T0 + kTileTok - 1 >= x.win_lo;
+}
+
+
+// Bits [24h, 24h + 24) of a code segment (3-bit PV: 8 codes, 4 dim pairs).
+template <int NW>
+__device__ __forceinline__ uint32_t bits24(const uint32_t (&w)[NW], int h) {
+  const int bit = 24 * h, wi = bit >> 5, off = bit & 31;
+  if (off + 24 <= 32) return w[wi] >> off;
+  return __funnelshift_r(w[wi], w[wi + 1], off);
+}
+
+// PV: the pair words of two tokens X (k slot 2c) and Y (slot 2c + 1) over the
+// lane's D/8 dims, D/64 words each. m tile i (dims 2i, 2i + 1 of the segment)
+// is entry i & 3 of word i >> 2: LO = (X dim 2i, Y dim 2i) -> rows 0-7 of A,
+// HI = (X dim 2i + 1, Y dim 2i + 1) -> rows 8-15.
+template <int VB, int NW, int NP>
+__device__ __forceinline__ void v_pairs(const uint32_t (&x)[NW], const uint32_t (&y)[NW],
+                                        uint32_t (&lo)[NP], uint32_t (&hi)[NP]) {
+#pragma unroll
+  for (int i = 0; i < NP; ++i) {
+    if constexpr (VB == 4) {  // byte = (X nibble, Y nibble)
+      lo[i] = (x[i] & 0x0F0F0F0Fu) | ((y[i] << 4) & 0xF0F0F0F0u);
+      hi[i] = ((x[i] >> 4) & 0x0F0F0F0Fu) | (y[i] & 0xF0F0F0F0u);
+    } else {  // 6-bit group = (X code, Y code)
+      const uint32_t a = bits24(x, i), b = bits24(y, i);
+      lo[i] = (a & 0x1C71C7u) | ((b << 3) & 0xE38E38u);
+      hi[i] = ((a >> 3) & 0x1C71C7u) | (b & 0xE38E38u);
+    }
+  }
+}
+
+template <int VB, int NP>
+__device__ __forceinline__ uint32_t v_addr(const uint32_t (&w)[NP], int i, uint32_t lb) {
+  if constexpr (VB == 4)
+    return __byte_perm(w[i >> 2], lb, 0x5504u | (uint32_t(i & 3) << 4));
+  else
+    return group_addr(w[i >> 2], i & 3, lb);
+}
+
+// n / d for 0 <= n < 2^31 by a multiply (Granlund-Montgomery, round-up
+// variant): the producer splits a token index into page and slot every tile.
+struct FastDiv {
+  uint32_t d = 1, mul = 1, shift = 0;
+  __device__ explicit FastDiv(uint32_t divisor) : d(divisor) {
+    while ((1u << shift) < d) ++shift;
+    mul = uint32_t(((1ull << 32) * ((1ull << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return (__umulhi(n, mul) + n) >> shift;
+  }
+};
+
+// The loads of one warp: the tiles of the block's items that this warp
+// computes, in the same order: kStages at the start, then one per tile
+// consumed, after the step that consumed it (tile n + kStages goes into tile
+// n's stage). The page
+// of the next tile is read one tile early so that its latency is hidden.
+template <class C>
+struct Producer {
+  int it, k, page, row;  // row: head * page_tokens + slot of the tile's first record
+  bool done;
+  Item x;
+  FastDiv pdiv;
+
+  __device__ explicit Producer(int page_tokens) : pdiv(uint32_t(page_tokens)) {}
+
+  __device__ void init(const DecodeAttentionParams& p, int n_items, int warp) {
+    it = blockIdx.x;
+    done = false;
+    k = warp - C::kWarps;
+    if (it < n_items) x = item_at(p, it);
+    advance(p, n_items, warp);
+  }
+  __device__ void advance(const DecodeAttentionParams& p, int n_items, int warp) {
+    k += C::kWarps;
+    for (;;) {
+      if (it >= n_items) {
+        done = true;
+        return;
+      }
+      if (k < x.n_tiles) {
+        if (tile_live(x, x.t0 + kTileTok * k, p.n_sinks)) break;
+        k += C::kWarps;
+        continue;
+      }
+      it += gridDim.x;
+      if (it < n_items) x = item_at(p, it);
+      k = warp;
+    }
+    const uint32_t t = uint32_t(x.t0 + kTileTok * k), pi = pdiv.div(t);
+    row = x.hkv * p.page_tokens + int(t - pi * pdiv.d);
+    page = p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi];
+  }
+  // Copies the next tile into the stage at shared address sdst. sm_90: lane 0
+  // starts two bulk copies completing on the stage's mbarrier `bar` (nothing
+  // past the last tile: the consumer never waits for more tiles than were
+  // issued). Older GPUs: per-lane cp.async, always one group committed (empty
+  // past the last tile), so group i is tile i.
+  __device__ void issue(const DecodeAttentionParams& p, int n_items, int warp, int lane,
+                        uint32_t sdst, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (done) return;
+    if (lane == 0) {
+      const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
+      mbar_expect_tx(bar, kTileTok * (C::kKRec + C::kVRec));
+      bulk_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
+      bulk_g2s(sdst + kTileTok * C::kKRec, pg + p.v_region_offset + size_t(row) * C::kVRec,
+               kTileTok * C::kVRec, bar);
+    }
+    advance(p, n_items, warp);
+#else
+    (void)bar;
+    if (!done) {
+      // 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
+      const uint8_t* pg = p.pool + size_t(page) * p.page_bytes + 16 * lane;
+      const uint8_t* gk = pg + size_t(row) * C::kKRec;
+      const uint8_t* gv = pg + p.v_region_offset + size_t(row) * C::kVRec;
+      const uint32_t sk = sdst + 16 * lane, sv = sk + 16 * C::kKRec;
+#pragma unroll
+      for (int i = 0; i < (C::kKRec + 31) / 32; ++i)
+        if (lane + 32 * i < C::kKRec) cp_async16(sk + 512 * i, gk + 512 * i);
+#pragma unroll
+      for (int i = 0; i < (C::kVRec + 31) / 32; ++i)
+        if (lane + 32 * i < C::kVRec) cp_async16(sv + 512 * i, gv + 512 * i);
+    }
+    cp_async_commit();
+    if (!done) advance(p, n_items, warp);
+#endif
+  }
+};
+
+template <int D, int KB, int VB>
+__global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
+    decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
+                     float* __restrict__ part_o, float* __restrict__ part_lse) {
+  using C = Cfg<D, KB, VB>;
+  constexpr int W = C::kWarps, S = C::kStages, NT = C::kStep;
+  constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
+  constexpr int kQRegs = D / 32;   // query values per lane in the rotation
+  constexpr int kPW = D / 64;      // PV pair words per token pair
+  extern __shared__ __align__(128) uint8_t smem[];
+  float* sScratch = reinterpret_cast<float*>(smem + C::kScratchOff);  // [W][4][D]
+  __half* sQ = reinterpret_cast<__half*>(smem + C::kQOff);            // [8][D]
+  float* sM = reinterpret_cast<float*>(smem + C::kSmallOff);          // [W][8]
+  float* sL = sM + W * kMaxGroup;                                      // [W][8]
+  float* sF = sL + W * kMaxGroup;                                      // [W][8]
+  float* sQs = sF + W * kMaxGroup;                                     // [8]
+  float* sInvL = sQs + kMaxGroup;                                      // [8]
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
+  const int g = p.group, n_heads_q = p.n_heads_kv * g;
+  const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;  // table copy of this lane
+  auto stage_off = [&](int s) { return uint32_t(C::kStageOff + (warp * S + s) * C::kStageBytes); };
+  auto bar_at = [&](int s) { return smem_s + uint32_t(C::kBarOff + 8 * (warp * S + s)); };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (lane == 0) {
+    for (int s = 0; s < S; ++s) mbar_init(bar_at(s), 1);
+    fence_mbar_init();
+  }
+  __syncwarp();
+#endif
+  uint32_t cphase = 0;  // parity of the current use of stage cstage (sm_90)
+
+  // 1. Start the loads, then build the table while they fly.
+  Producer<C> prod(p.page_tokens);
+  prod.init(p, n_items, warp);
+  int pstage = 0, cstage = 0;
+  // All S stages: a step refills the stages it used after its computation.
+#pragma unroll
+  for (int s = 0; s < S; ++s) {
+    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
+    pstage = pstage + 1 == S ? 0 : pstage + 1;
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge kernel may launch once every block got here (all of them are
+  // resident: one wave); it waits on the device for this grid's writes.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  {
+    uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
+    for (int wi = threadIdx.x; wi < C::kTableBytes / 4; wi += C::kThreads) {
+      const int e = wi >> 6, side = (wi >> 5) & 1;
+      const int bits = side ? VB : KB;
+      const float* cb = side ? p.v.centroids : p.k.centroids;
+      uint32_t val = 0;
+      if (e < (1 << (2 * bits))) val = pack_half2(cb[e & ((1 << bits) - 1)], cb[e >> bits]);
+      tab[wi] = val;
+    }
+  }
+
+  // The query rotation (warp h < g rotates head h): signs, FWHT, 1/sqrt(D).
+  float ksign[kQRegs], qreg[kQRegs];
+  auto load_q = [&](int it) {
+    const int hkv = it % p.n_heads_kv, seq = (it / p.n_heads_kv) % p.n_seqs;
+    const float* qv = q + (size_t(seq) * n_heads_q + size_t(hkv) * g + warp) * D;
+#pragma unroll
+    for (int r = 0; r < kQRegs; ++r) qreg[r] = __ldg(qv + lane + 32 * r);
+  };
+  int q_item = -1;  // the item whose query qreg holds (loaded one item ahead)
+  if (warp < g) {
+#pragma unroll
+    for (int r = 0; r < kQRegs; ++r) ksign[r] = __ldg(p.k.signs + lane + 32 * r);
+  }
+
+  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
+    const Item x = item_at(p, it);
+    const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
+    if (x.n_tiles == 0) {  // past the sequence: a neutral partial (the merge skips its o)
+      if (int(threadIdx.x) < g) part_lse[row0 + size_t(threadIdx.x) * p.n_splits] = kNegInf;
+      continue;
+    }
+
+    // 2. Rotated queries -> sQ (fp16, scaled by max |q| of the head -> sQs).
+    if (warp < g) {
+      if (q_item != it) load_q(it);  // first item, or the prefetched one was empty
+      float v[kQRegs];
+#pragma unroll
+      for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
+#pragma unroll
+      for (int h = 1; h < kQRegs; h *= 2)
+#pragma unroll
+        for (int r = 0; r < kQRegs; ++r)
+          if (!(r & h)) {
+            const float a = v[r], b = v[r + h];
+            v[r] = a + b;
+            v[r + h] = a - b;
+          }
+#pragma unroll
+      for (int h = 1; h < 32; h *= 2)
+#pragma unroll
+        for (int r = 0; r < kQRegs; ++r) {
+          const float o = __shfl_xor_sync(0xffffffffu, v[r], h);
+          v[r] = (lane & h) ? o - v[r] : v[r] + o;
+        }
+      float amax = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kQRegs; ++r) {
+        v[r] *= p.k.post_scale;
+        amax = fmaxf(amax, fabsf(v[r]));
+      }
+#pragma unroll
+      for (int o = 16; o >= 1; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float qs = amax > 0.0f ? amax : 1.0f, inv = 1.0f / qs;
+#pragma unroll
+      for (int r = 0; r < kQRegs; ++r) sQ[warp * D + lane + 32 * r] = __float2half_rn(v[r] * inv);
+      if (lane == 0) sQs[warp] = qs;
+    }
+    __syncthreads();  // (A) table (first item), sQ; the last item's merge reads are done
+    if (warp < g && it + int(gridDim.x) < n_items) {  // in flight during the tiles
+      load_q(it + gridDim.x);
+      q_item = it + gridDim.x;
+    }
+
+    // 3. Query fragments (the B operand of QK): lane (head gq, tq) holds dims
+    // tq*D/4 .. (tq+1)*D/4 - 1 of head gq. kmul: score -> base-2 logit factor of
+    // this lane's two softmax columns, heads 2tq and 2tq + 1.
+    uint32_t qb[kSteps][2];
+    if (gq < g) {
+      const uint4* src = reinterpret_cast<const uint4*>(sQ + gq * D + tq * (D / 4));
+#pragma unroll
+      for (int i = 0; i < D / 32; ++i) {
+        const uint4 t = src[i];
+        qb[2 * i][0] = t.x;
+        qb[2 * i][1] = t.y;
+        qb[2 * i + 1][0] = t.z;
+        qb[2 * i + 1][1] = t.w;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kSteps; ++j) qb[j][0] = qb[j][1] = 0u;
+    }
+    const float kscale = p.sm_scale * (p.softcap > 0.0f ? 1.0f : kLog2e);
+    float kmul[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) kmul[e] = 2 * tq + e < g ? sQs[2 * tq + e] * kscale : 0.0f;
+
+    float acc[kSteps][4];  // O^T: rows = dims (tile i), columns = heads 2tq, 2tq + 1
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    // Heads 2tq + e: running max of x + log2 s_v, and this lane's part of sum 2^(x - m).
+    float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+    // The two tokens of this lane in QK (S^T rows gq, gq + 8).
+    const int tok_a = (gq >> 1) + 4 * (gq & 1), tok_b = tok_a + 8;
+
+    // 4. The warp's live tiles (kt = warp, warp + W, ...; the producer walks the
+    // same sequence), NT at a time. A step with fewer than NT left (the item's
+    // last) points the missing tiles at the first one's stage, all masked.
+    auto next_live = [&](int k) {
+      for (k += W; k < x.n_tiles && !tile_live(x, x.t0 + kTileTok * k, p.n_sinks); k += W) {
+      }
+      return k;
+    };
+    for (int kt = next_live(warp - W); kt < x.n_tiles;) {
+      int T0[NT];
+      uint32_t kb[NT], vb[NT];
+      bool have[NT];
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+      // Groups committed = S + tiles consumed so far (one issue per consumed
+      // tile): waiting down to S - NT outstanding lands this step's tiles.
+      cp_async_wait<S - NT>();
+#endif
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        have[t] = t == 0 || kt < x.n_tiles;
+        if (have[t]) {
+          T0[t] = x.t0 + kTileTok * kt;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+          mbar_wait(bar_at(cstage), cphase);
+#endif
+          kb[t] = stage_off(cstage);
+          cstage = cstage + 1 == S ? 0 : cstage + 1;
+          cphase ^= cstage == 0 ? 1u : 0u;
+          kt = next_live(kt);
+        } else {
+          T0[t] = T0[0];
+          kb[t] = kb[0];
+        }
+        vb[t] = kb[t] + kTileTok * C::kKRec;
+      }
+      __syncwarp();  // these stages are in, for every lane
+
+      // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
+      // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
+      float s[NT][4];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.0f;
+        uint32_t wa[C::kKSegW], wb[C::kKSegW];
+        load_seg(smem, kb[t] + tok_a * C::kKRec + tq * C::kKSeg, wa);
+        load_seg(smem, kb[t] + tok_b * C::kKRec + tq * C::kKSeg, wb);
+#pragma unroll
+        for (int j = 0; j < kSteps; ++j) {
+          const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
+          const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
+          const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
+          const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
+          mma16816(s[t], a0, a1, a2, a3, qb[j][0], qb[j][1]);
+        }
+      }
+
+      // Softmax. s[t] = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_b, 2tq), (tok_b, 2tq + 1).
+      float vsc[NT][2], ymax[2] = {kNegInf, kNegInf};
+      bool dead[NT][2];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        const bool full = have[t] && T0[t] + kTileTok <= x.t1 &&
+                          (T0[t] >= x.win_lo || T0[t] + kTileTok <= p.n_sinks);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int tok = r ? tok_b : tok_a;
+          const float ks = lds_half(smem, kb[t] + tok * C::kKRec + C::kKCode);
+          vsc[t][r] = lds_half(smem, vb[t] + tok * C::kVRec + C::kVCode);
+          dead[t][r] = false;
+          if (!full) {
+            const int tt = T0[t] + tok;
+            dead[t][r] = !(have[t] && tt < x.t1 && (tt < p.n_sinks || tt >= x.win_lo));
+          }
+          // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
+          const float lv = lg2(fmaxf(vsc[t][r], 0x1p-25f));
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            float v = s[t][2 * r + e] * (ks * kmul[e]);
+            if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
+              const float u = ex2(v * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
+              v = p.softcap * kLog2e * (1.0f - 2.0f * rcp(u + 1.0f));
+            }
+            v = dead[t][r] ? kNegInf : v;
+            s[t][2 * r + e] = v;
+            if (!dead[t][r]) ymax[e] = fmaxf(ymax[e], v + lv);
+          }
+        }
+      }
+#pragma unroll
+      for (int o = 4; o <= 16; o *= 2)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], __shfl_xor_sync(0xffffffffu, ymax[e], o));
+      const float mn0 = fmaxf(m[0], ymax[0]), mn1 = fmaxf(m[1], ymax[1]);
+      if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {  // exact: skipped when no max moved
+        const float c0 = mn0 > m[0] ? ex2(m[0] - mn0) : 1.0f;
+        const float c1 = mn1 > m[1] ? ex2(m[1] - mn1) : 1.0f;
+        l[0] *= c0;
+        l[1] *= c1;
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i) {
+          acc[i][0] *= c0;
+          acc[i][1] *= c1;
+          acc[i][2] *= c0;
+          acc[i][3] *= c1;
+        }
+        m[0] = mn0;
+        m[1] = mn1;
+      }
+      // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
+      // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.
+      uint32_t pb[NT][2];
+#pragma unroll
+      for (int t = 0; t < NT; ++t) {
+        float wv[4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float ee = ex2(s[t][2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25
+            l[e] += ee;
+            wv[2 * r + e] = dead[t][r] ? 0.0f : ee * vsc[t][r];  // <= 1; dead slots may hold garbage
+          }
+        pb[t][0] = movmatrix_trans(pack_half2(wv[0], wv[1]));
+        pb[t][1] = movmatrix_trans(pack_half2(wv[2], wv[3]));
+      }
+
+      // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
+      // (k slot 2tq + e + 8f).
+      uint32_t lo[NT][2][kPW], hi[NT][2][kPW];
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          uint32_t xw[C::kVSegW], yw[C::kVSegW];
+          load_seg(smem, vb[t] + (tq + 8 * f) * C::kVRec + gq * C::kVSeg, xw);
+          load_seg(smem, vb[t] + (tq + 4 + 8 * f) * C::kVRec + gq * C::kVSeg, yw);
+          v_pairs<VB>(xw, yw, lo[t][f], hi[t][f]);
+        }
+#pragma unroll
+      for (int i = 0; i < kSteps; ++i)
+#pragma unroll
+        for (int t = 0; t < NT; ++t) {
+          const uint32_t a0 = lds32(smem, v_addr<VB>(lo[t][0], i, lbV));
+          const uint32_t a1 = lds32(smem, v_addr<VB>(hi[t][0], i, lbV));
+          const uint32_t a2 = lds32(smem, v_addr<VB>(lo[t][1], i, lbV));
+          const uint32_t a3 = lds32(smem, v_addr<VB>(hi[t][1], i, lbV));
+          mma16816(acc[i], a0, a1, a2, a3, pb[t][0], pb[t][1]);
+        }
+
+      // Refill the stages this step used, with the next tiles in order.
+      __syncwarp();  // every lane is done reading them
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        if (have[t]) {
+          prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
+          pstage = pstage + 1 == S ? 0 : pstage + 1;
+        }
+    }
+
+    // 5. Merge the W warp states of the item (exact), write the partial.
+#pragma unroll
+    for (int o = 4; o <= 16; o *= 2)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) l[e] += __shfl_xor_sync(0xffffffffu, l[e], o);
+    if (gq == 0)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (2 * tq + e < g) {
+          sM[warp * kMaxGroup + 2 * tq + e] = m[e];
+          sL[warp * kMaxGroup + 2 * tq + e] = l[e];
+        }
+    for (int h0 = 0; h0 < g; h0 += kCombineHeads) {
+      if (h0 > 0) __syncthreads();  // the previous round's scratch reads are done
+      float* scr = sScratch + warp * kCombineHeads * D;
+      const int ha = 2 * tq - h0, hb = 2 * tq + 1 - h0;
+      const bool wa = ha >= 0 && ha < kCombineHeads && 2 * tq < g;
+      const bool wb = hb >= 0 && hb < kCombineHeads && 2 * tq + 1 < g;
+#pragma unroll
+      for (int i = 0; i < kSteps; ++i) {
+        const int d0 = gq * (D / 8) + 2 * i;  // O^T rows gq, gq + 8 of tile i: dims d0, d0 + 1
+        if (wa) *reinterpret_cast<float2*>(scr + ha * D + d0) = make_float2(acc[i][0], acc[i][2]);
+        if (wb) *reinterpret_cast<float2*>(scr + hb * D + d0) = make_float2(acc[i][1], acc[i][3]);
+      }
+      __syncthreads();  // (B) scratch, sM, sL
+      if (h0 == 0) {
+        if (int(threadIdx.x) < g) {
+          const int h = threadIdx.x;
+          float mx = kNegInf;
+          for (int w = 0; w < W; ++w) mx = fmaxf(mx, sM[w * kMaxGroup + h]);
+          float L = 0.0f;
+          for (int w = 0; w < W; ++w) {
+            const float mw = sM[w * kMaxGroup + h];
+            const float fw = mw == kNegInf ? 0.0f : exp2f(mw - mx);
+            sF[w * kMaxGroup + h] = fw;
+            L += fw * sL[w * kMaxGroup + h];
+          }
+          sInvL[h] = L > 0.0f ? 1.0f / L : 0.0f;
+          part_lse[row0 + size_t(h) * p.n_splits] = L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
+        }
+        __syncthreads();  // (C) sF, sInvL
+      }
+      const int nh = min(kCombineHeads, g - h0);
+      for (int idx = threadIdx.x; idx < nh * D; idx += C::kThreads) {
+        const int hl = idx / D, d = idx % D, h = h0 + hl;
+        float o = 0.0f;
+#pragma unroll 4
+        for (int w = 0; w < W; ++w)
+          o += sScratch[(w * kCombineHeads + hl) * D + d] * sF[w * kMaxGroup + h];
+        part_o[(row0 + size_t(h) * p.n_splits) * D + d] = o * sInvL[h];
+      }
+    }
+  }
+#if !(defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+  cp_async_wait<0>();  // sm_90: every bulk copy issued was waited for by its tile
+#endif
+}
+
+// ---- host side -----------------------------------------------------------------
+using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*);
+
+struct TcKernel {
+  KernelFn fn = nullptr;
+  int threads = 0, smem = 0, tile_tokens = 0;
+};
+
+template <int D, int KB, int VB>
+TcKernel tc_kernel() {
+  using C = Cfg<D, KB, VB>;
+  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kTileTok * C::kWarps};
+}
+
+template <int D>
+TcKernel tc_kernel_bits(int kb, int vb) {
+  if (kb == 3 && vb == 3) return tc_kernel<D, 3, 3>();
+  if (kb == 3 && vb == 4) return tc_kernel<D, 3, 4>();
+  if (kb == 4 && vb == 3) return tc_kernel<D, 4, 3>();
+  return tc_kernel<D, 4, 4>();
+}
+
+// The instantiation for a shape decode_tc_unsupported accepted, and its
+// index among the 12.
+TcKernel tc_kernel_for(int d, int kb, int vb) {
+  switch (d) {
+    case 64: return tc_kernel_bits<64>(kb, vb);
+    case 128: return tc_kernel_bits<128>(kb, vb);
+    default: return tc_kernel_bits<256>(kb, vb);
+  }
+}
+int tc_index(int d, int kb, int vb) {
+  return (d == 64 ? 0 : d == 128 ? 1 : 2) * 4 + (kb - 3) * 2 + (vb - 3);
+}
+int tc_slots(const DecodeAttentionParams& p);
+
+// Resident blocks the grid may hold at once (blocks per SM x SMs), per device
+// and instantiation, found once: plan and launch run every decode step, and
+// host time between the caller's events counts.
+constexpr int kMaxDevices = 64;
+std::atomic<int> g_slots[kMaxDevices][12];
+
+int tc_slots(const TcKernel& k, int index) {
+  int dev = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  std::atomic<int>* cached = dev < kMaxDevices ? &g_slots[dev][index] : nullptr;
+  if (cached != nullptr && cached->load(std::memory_order_relaxed) > 0)
+    return cached->load(std::memory_order_relaxed);
+  int n_sm = 0, per_sm = 0;
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
+  TQ_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
+  TQ_REQUIRE(per_sm >= 1, "GPU decode attention: the tensor-core kernel does not fit on an SM (",
+             k.smem, " bytes of shared memory, ", k.threads, " threads)");
+  const int slots = per_sm * n_sm;
+  if (cached != nullptr) cached->store(slots, std::memory_order_relaxed);
+  return slots;
+}
+
+int tc_cc_major() {
+  int dev = 0, major = 0;
+  TQ_CUDA_CHECK(cudaGetDevice(&dev));
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major;
+}
+
+int tc_slots(const DecodeAttentionParams& p) {
+  return tc_slots(tc_kernel_for(p.k.dim, p.k.bits, p.v.bits), tc_index(p.k.dim, p.k.bits, p.v.bits));
+}
+
+std::atomic<int> g_split_override{0};
+
+long round_up(long x, long m) { return (x + m - 1) / m * m; }
+
+// The smallest split the workspace allows: at most max(reference splits,
+// about two per resident block and KV head) splits per sequence.
+long tc_min_split(const DecodeAttentionParams& p, int slots) {
+  const long cap = long(p.max_pages_per_seq) * p.page_tokens;
+  const int unit = decode_tc_tile_tokens(p.k.dim);
+  const long ref = (p.max_pages_per_seq + p.split_pages - 1) / std::max(1, p.split_pages);
+  const long want = std::max(ref, (2L * slots + p.n_heads_kv - 1) / p.n_heads_kv);
+  return round_up(std::max<long>(unit, (cap + want - 1) / want), unit);
+}
+
+}  // namespace
+
+const char* decode_tc_unsupported(const DecodeShape& s) {
+  if (s.head_dim != 64 && s.head_dim != 128 && s.head_dim != 256)
+    return "head_dim is not 64, 128 or 256";
+  if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
+    return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
+  if (s.k_scale_f32 || s.v_scale_f32) return "f32 scales (sf=f32) are not handled";
+  if (s.group < 1 || s.group > kMaxGroup) return "GQA group is larger than 8";
+  if (s.page_tokens <= 0 || s.page_tokens % kTileTok != 0)
+    return "page_tokens is not a multiple of 16 (tiles of 16 tokens must not cross pages)";
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return "no CUDA device";
+  }
+  int major = 0, smem = 0;
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  TQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (major < 8) return "the device has no mma.sync f16 (compute capability < 8.0)";
+  if (smem < tc_kernel_for(s.head_dim, s.k_bits, s.v_bits).smem)
+    return "the device has too little shared memory per block for the tables and stages";
+  return nullptr;
+}
+
+void set_decode_tc_split_override(int split_tokens) { g_split_override = split_tokens; }
+
+int decode_tc_tile_tokens(int head_dim) { return kTileTok * warps_for(head_dim); }
+
+int decode_tc_max_splits(const DecodeAttentionParams& p) {
+  const long cap = long(p.max_pages_per_seq) * p.page_tokens;
+  const long s_min = tc_min_split(p, tc_slots(p));
+  return int((cap + s_min - 1) / s_min);
+}
+
+// Tokens per split: the multiple of the block's tile row (16 tokens per warp)
+// that minimises rounds x (split + one row of overhead), where rounds = items
+// over resident blocks for the current lengths; ties go to the longer split
+// (fewer partials for the merge).
+int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths) {
+  const int slots = tc_slots(p);
+  const long unit = decode_tc_tile_tokens(p.k.dim);
+  const long s_min = tc_min_split(p, slots);
+  if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
+    return int(std::max(s_min, round_up(forced, unit)));
+  long l_max = 0;
+  for (int s = 0; s < p.n_seqs; ++s) l_max = std::max<long>(l_max, host_lengths[s]);
+  long best = s_min;
+  double best_cost = INFINITY;
+  for (long split = s_min; split <= std::max(s_min, round_up(l_max, unit));) {
+    long items = 0;
+    for (int s = 0; s < p.n_seqs; ++s) items += (host_lengths[s] + split - 1) / split;
+    items *= p.n_heads_kv;
+    const long rounds = (items + slots - 1) / slots;
+    const double cost = double(rounds) * double(split + unit);
+    if (cost <= best_cost) {
+      best_cost = cost;
+      best = split;
+    }
+    const long k_units = split / unit;  // every step up to 64 rows, then ~1/16 apart
+    split += unit * std::max(1L, k_units / 16);
+  }
+  return int(best);
+}
+
+void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, float* partial_o,
+                                float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+  if (p.n_seqs == 0) return;
+  TQ_ASSERT(p.kernel == DecodeKernel::tensor_core && p.split_tokens > 0 &&
+            p.split_tokens % decode_tc_tile_tokens(p.k.dim) == 0);
+  const TcKernel k = tc_kernel_for(p.k.dim, p.k.bits, p.v.bits);
+  const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
+  const int grid = std::min(n_items, tc_slots(p));
+  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse);
+  TQ_CUDA_CHECK_LAUNCH();
+  // Overlap only where the sm_90 machine code runs (it has the trigger and the
+  // wait); JIT-compiled compute_80 code on a newer GPU has neither.
+  launch_decode_merge(p, partial_o, partial_lse, out, lse, stream, tc_cc_major() == 9);
+}
+
+}  // namespace tq::cuda

@@ -1,0 +1,94 @@
+// Internal: the quantize-append kernel of the GPU KV layer (mse_append.cu) and
+// what the host prepares for it. The CPU encoder (MseQuantizer::encode_one
+// over kernels_ref.cpp) is its specification: codes and scales bit-identical.
+//
+// Work comes in tiles: tokens [token0, token0 + n) x heads [h0, h0 + nh) of
+// the input, all in one page at consecutive slots, so that the records of one
+// head form one contiguous byte run (written with 16-byte stores). The host
+// cuts an append into tiles (append_tiles below); the kernel never needs the
+// page table.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "cuda/kernels.hpp"
+#include "turboquant/cuda.hpp"
+
+struct CUstream_st;
+
+namespace tq::cuda {
+
+// Status bit beside kStatusNonFinite / kStatusScaleOverflow (kernels.hpp):
+// an input component beyond the f16 range (|x| > 65504) while the layer rounds
+// its input to f16, which KvCache's f16 dense format refuses too.
+constexpr int kStatusDenseOverflow = 4;
+
+constexpr int kAppendThreads = 128;  // threads per block of the append kernel
+
+// Elements of one vector per thread (the FWHT runs in registers) and threads
+// per vector: head_dim 64 and 128 one thread, 256 two adjacent lanes.
+constexpr int append_elems_per_thread(int dim) { return dim < 128 ? dim : 128; }
+constexpr int append_rows_per_tile(int dim) {
+  return kAppendThreads / (dim / append_elems_per_thread(dim));
+}
+
+struct AppendTile {
+  int32_t token0;      // first token (row of the input's token axis)
+  int32_t page;        // physical page of all n tokens
+  uint16_t slot0, n;   // slots slot0 .. slot0 + n - 1 of that page
+  uint16_t h0, nh;     // heads h0 .. h0 + nh - 1; n * nh <= append_rows_per_tile(dim)
+};
+static_assert(sizeof(AppendTile) == 16, "AppendTile is uploaded as raw bytes");
+
+// How the kernel finds a code (the host picks per format, append_format()):
+//  - table1 / table2: the cell of v (v * 2^s rounded to an integer, clamped to
+//    [-16, 15]: one of 32 lanes) gives, by two or three warp shuffles, the
+//    number of boundaries in lower cells and the one or two boundaries in the
+//    cell; code = base + (b0 < v) [+ (b1 < v)]. Exact for any v because the
+//    cell map is monotone and the host computes each boundary's cell with the
+//    same float operations (see mse_append.cu).
+//  - binary: the CPU's binary search over the boundaries in shared memory
+//    (widths whose boundaries do not fit 32 cells: 6 bits and more; table2
+//    serves 5 bits).
+enum class AppendSearch : int { table1 = 0, table2 = 1, binary = 2 };
+
+// Everything the kernel needs of one format, passed by value as a kernel
+// parameter (constant bank: the signs are read with compile-time offsets).
+struct AppendFormat {
+  MseDeviceFormat f;                 // dim, bits, boundaries (device), post_scale, bytes
+  AppendSearch search = AppendSearch::binary;
+  float cell_scale = 1.0f;           // 2^s
+  float tab_b0[32], tab_b1[32];      // per lane: the cell's boundaries, ascending (+inf: none)
+  int32_t tab_base[32];              // per lane: boundaries in lower cells
+  uint32_t sign_f32[256];            // per element: 0 or 0x80000000 (the rotation's signs)
+  uint32_t sign_pair[128];           // per element pair 2p, 2p+1: bits 15 and 31
+};
+
+// The table of a format (host side, exact: see AppendSearch).
+AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& signs,
+                           const std::vector<float>& boundaries);
+
+struct AppendLaunch {
+  const void* x = nullptr;   // device [n_tokens, n_heads, dim] of dtype, 16-byte aligned
+  DType dtype = DType::f32;
+  DType round_to = DType::f16;  // each element rounded to this format first (f32: none)
+  int n_heads = 0;
+  const AppendTile* tiles = nullptr;  // device [n_tiles]
+  int n_tiles = 0;
+  PagedRegion region;
+  int* status = nullptr;     // device int, ORed with kStatus* bits
+};
+
+void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
+
+// Ordered after the append kernels of one append: writes the page-table
+// entries (index, page) unconditionally (entries past a sequence's pages are
+// never read) and the new lengths (seq, length) only when *status == 0, so a
+// refused append leaves the device lengths as they were without a host sync
+// in between.
+void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
+                          int* page_table, int* lengths, const int* status, CUstream_st* stream);
+
+}  // namespace tq::cuda

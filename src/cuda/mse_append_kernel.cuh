@@ -1,0 +1,579 @@
+// Internal: the quantize-append kernel (see mse_append.cu for what it
+// computes and how it is laid out). Included by one translation unit per
+// input type (mse_append_{f32,f16,bf16}.cu) so that the 117 instantiations
+// (head_dim x bits x search) compile in parallel; all of them with -fmad=false.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/mse_append.hpp"
+#include "turboquant/error.hpp"
+
+namespace tq::cuda {
+
+// Shared by the translation units (mse_append.cu).
+int append_sm_count();
+int append_blocks_per_sm(const void* kernel, int smem);
+
+namespace {
+
+
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kWarps = kAppendThreads / 32;
+// fma(v, 2^s, kMagic) = kMagic + round_to_nearest_even(v * 2^s) for
+// |v * 2^s| < 2^22: its bit pattern minus kMagicBits is that integer.
+constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+constexpr int kMagicBits = 0x4B400000;
+constexpr float kHalfMax = 65504.0f;
+constexpr float kHalfMinNormal = 6.103515625e-05f;  // 2^-14
+
+// fp32 -> binary16 bits, round to nearest even: src/util/half.cpp in integer
+// arithmetic, so the stored bits cannot depend on the device's conversion
+// instruction. (A first version stored the bytes of __float2half_rn(x) and on
+// the H200, CUDA 13.0, the low byte came out as trunc(x) while the PTX looked
+// right; cause not established.)
+__device__ unsigned float_to_half_bits(float f) {
+  const unsigned x = __float_as_uint(f);
+  const unsigned sign = (x >> 16) & 0x8000u;
+  const unsigned abs = x & 0x7fffffffu;
+  if (abs >= 0x7f800000u)  // inf or NaN
+    return abs > 0x7f800000u ? (sign | 0x7e00u | ((abs >> 13) & 0x3ffu)) : (sign | 0x7c00u);
+  if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                         // subnormal half or zero
+    if (abs < 0x33000000u) return sign;
+    const unsigned exp = abs >> 23;
+    const unsigned mant = (abs & 0x7fffffu) | 0x800000u;
+    const unsigned shift = 126 - exp;
+    const unsigned half_mant = mant >> shift;
+    const unsigned rem = mant & ((1u << shift) - 1);
+    const unsigned halfway = 1u << (shift - 1);
+    unsigned r = half_mant;
+    if (rem > halfway || (rem == halfway && (half_mant & 1u))) ++r;
+    return sign | r;
+  }
+  unsigned h = (abs - 0x38000000u) >> 13;
+  const unsigned rem = abs & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;
+  return sign | h;
+}
+
+// half_to_float(float_to_half(x)) of src/util/half.cpp for 2^-14 <= |x| <=
+// 65504 (the normal halves): the mantissa rounded to 10 bits, ties to even.
+__device__ __forceinline__ float round_f16_normal(float x) {
+  const unsigned u = __float_as_uint(x);
+  return __uint_as_float((u + 0xfffu + ((u >> 13) & 1u)) & 0xffffe000u);
+}
+// The same for |x| < 2^-14 (subnormal halves, multiples of 2^-24): 0.75 + |x|
+// lies in [0.5, 1) whose spacing is 2^-24, so one RNE addition rounds |x|
+// to that grid, ties to even (0.75 / 2^-24 is even), and the subtraction is
+// exact; the sign is put back (float_to_half keeps -0).
+__device__ __forceinline__ float round_f16_subnormal(float x) {
+  const float r = __fsub_rn(__fadd_rn(fabsf(x), 0.75f), 0.75f);
+  return __uint_as_float(__float_as_uint(r) | (__float_as_uint(x) & 0x80000000u));
+}
+// bf16_to_float(float_to_bf16(x)) for non-NaN x (NaN is refused before).
+__device__ __forceinline__ float round_bf16(float x) {
+  const unsigned u = __float_as_uint(x);
+  return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+struct Params {
+  const uint8_t* x;
+  const AppendTile* tiles;
+  int n_tiles;
+  int n_heads;
+  int round_to;  // DType
+  uint8_t* pool;
+  size_t page_bytes;
+  size_t region_offset;
+  int page_tokens;
+  int* status;
+  int out_offset;  // shared-memory offsets (bytes) of the record staging
+  int bnd_offset;  // and of the boundaries (binary search)
+  AppendFormat fmt;
+};
+
+template <int D, DType IN>
+struct Geo {
+  static constexpr int kSz = IN == DType::f32 ? 4 : 2;
+  static constexpr int kE = append_elems_per_thread(D);  // elements per thread
+  static constexpr int kV = D / kE;                      // threads per vector
+  static constexpr int kRows = kAppendThreads / kV;      // vectors per tile
+  static constexpr int kSlice = kE * kSz + 16;           // padded slice in shared memory
+  static constexpr int kChunksPerSlice = kE * kSz / 16;
+  static constexpr int kChunksPerRow = D * kSz / 16;
+  static_assert(kV == 1 || kV == 2, "one or two threads per vector");
+};
+
+// cp.async of a tile's rows into the per-thread slices (slice = row * V + q).
+// Thread t always copies the same 16-byte column k of a row (rows t / CPR,
+// + 128 / CPR, ...): addresses step by constants; a division only where a
+// tile takes part of the heads (n_heads above the tile's rows).
+template <int D, DType IN>
+__device__ __forceinline__ void issue_tile(const Params& p, const AppendTile& t, uint8_t* in) {
+  using G = Geo<D, IN>;
+  constexpr int kCpr = G::kChunksPerRow, kRowStep = kAppendThreads / kCpr;
+  constexpr int kIters = (G::kRows + kRowStep - 1) / kRowStep;
+  static_assert(kAppendThreads % kCpr == 0, "whole rows per pass");
+  const int rows = int(t.n) * t.nh;
+  const int k = threadIdx.x % kCpr, r0 = threadIdx.x / kCpr;
+  uint8_t* dst = in + (r0 * G::kV + k / G::kChunksPerSlice) * G::kSlice + (k % G::kChunksPerSlice) * 16;
+  if (t.nh == p.n_heads) {  // rows contiguous in the input
+    const uint8_t* src = p.x + (size_t(t.token0) * p.n_heads + r0) * (D * G::kSz) + k * 16;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i)
+      if (r0 + i * kRowStep < rows)
+        cp_async16(dst + i * kRowStep * G::kV * G::kSlice, src + size_t(i) * kRowStep * (D * G::kSz));
+  } else {
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int r = r0 + i * kRowStep;
+      if (r < rows) {
+        const size_t row = size_t(t.token0 + r / t.nh) * p.n_heads + t.h0 + r % t.nh;
+        cp_async16(dst + i * kRowStep * G::kV * G::kSlice, p.x + row * (D * G::kSz) + k * 16);
+      }
+    }
+  }
+  cp_async_commit();
+}
+
+// (b < v) as 0 or 1: the sign of fl(b - v). Exact for finite v and b that is
+// finite or +inf: with gradual underflow b - v rounds to 0 only when b == v,
+// and then to +0; b is never -0 (append_format stores a -0 boundary as +0).
+// One FADD and, with the add of the base, one LEA.HI.
+__device__ __forceinline__ unsigned lt01(float b, float v) {
+  return __float_as_uint(__fsub_rn(b, v)) >> 31;
+}
+
+// Code of v (see AppendSearch).
+template <int BITS, int MODE>
+__device__ __forceinline__ unsigned code_of(float v, float cell_scale, float tb0, float tb1,
+                                            int tbase, const float* sbnd) {
+  if constexpr (MODE == int(AppendSearch::binary)) {
+    int lo = 0;
+#pragma unroll
+    for (int k = BITS - 1; k >= 0; --k) {  // step 2^(BITS-1), ..., 1 over 2^BITS - 1 bounds
+      const int step = 1 << k;
+      if (sbnd[lo + step - 1] < v) lo += step;
+    }
+    return unsigned(lo);
+  } else {
+    const float t = __fmaf_rn(v, cell_scale, kMagic);
+    const int lane = __viaddmin_s32_relu(__float_as_int(t), 16 - kMagicBits, 31);
+    const float b0 = __shfl_sync(kFull, tb0, lane);
+    const unsigned base = unsigned(__shfl_sync(kFull, tbase, lane));
+    if constexpr (MODE == int(AppendSearch::table2)) {
+      const float b1 = __shfl_sync(kFull, tb1, lane);
+      return base + lt01(b0, v) + lt01(b1, v);
+    } else {
+      return base + lt01(b0, v);
+    }
+  }
+}
+
+// Codes of C consecutive elements (registers x[0..C)), packed as the CPU's
+// pack_ref packs them: stream bit k is bit k % BITS of code k / BITS, 32-bit
+// little-endian words. Fields do not overlap, so += is |=.
+template <int BITS, int MODE, int C>
+__device__ __forceinline__ void quantize_pack(const float* x, float post_scale, float mul,
+                                              float cell_scale, float tb0, float tb1, int tbase,
+                                              const float* sbnd, unsigned* words) {
+  static_assert(C * BITS % 32 == 0, "whole words per chunk");
+#pragma unroll
+  for (int w = 0; w < C * BITS / 32; ++w) words[w] = 0;
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const float y = __fmul_rn(x[i], post_scale);
+    const float v = __fmul_rn(y, mul);
+    const unsigned code = code_of<BITS, MODE>(v, cell_scale, tb0, tb1, tbase, sbnd);
+    const int pos = i * BITS, w = pos / 32, sh = pos % 32;
+    words[w] += code << sh;
+    if (sh + BITS > 32) words[w + 1] += code >> (32 - sh);
+  }
+}
+
+// Writes N words at a 2-byte aligned shared address (records are even-sized,
+// so only 2-byte alignment holds for every record).
+template <int N>
+__device__ __forceinline__ void store_words_u16(uint8_t* dst, const unsigned* words) {
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+#pragma unroll
+  for (int w = 0; w < N; ++w) {
+    d[2 * w] = static_cast<uint16_t>(words[w] & 0xffffu);
+    d[2 * w + 1] = static_cast<uint16_t>(words[w] >> 16);
+  }
+}
+
+// Resident blocks the register budget aims at: 3 (168 registers) where the
+// kernel fits that without spilling (16-bit input, table search; f16 input at
+// head_dim 256 does not), else 2 (255 registers). f32 input holds 2 blocks
+// per SM by shared memory anyway. (Checked with -Xptxas -v: no spills.)
+template <int D, DType IN, int MODE>
+constexpr int append_min_blocks() {
+  const bool table = MODE != int(AppendSearch::binary);
+  return table && (IN == DType::bf16 || (IN == DType::f16 && D <= 128)) ? 3 : 2;
+}
+
+template <int D, int BITS, DType IN, int MODE>
+__global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE>()))
+    mse_append_kernel(const __grid_constant__ Params p) {
+  using G = Geo<D, IN>;
+  constexpr int E = G::kE, V = G::kV;
+  constexpr int C = V == 1 ? E : E / 2;  // elements per packed chunk
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* const in_stage = smem;
+  uint8_t* const out_stage = smem + p.out_offset;
+  float* const sbnd = reinterpret_cast<float*>(smem + p.bnd_offset);
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int r = tid / V, q = tid % V;  // row of the tile, half of the vector
+  const AppendFormat& F = p.fmt;
+  const int rb = F.f.record_bytes;
+  if (MODE == int(AppendSearch::binary))
+    for (int i = tid; i < (1 << BITS) - 1; i += kAppendThreads) sbnd[i] = F.f.boundaries[i];
+  const float tb0 = F.tab_b0[lane], tb1 = F.tab_b1[lane];
+  const int tbase = F.tab_base[lane];
+
+  int ti = blockIdx.x;
+  if (ti < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti], in_stage);
+  for (; ti < p.n_tiles; ti += gridDim.x) {
+    const AppendTile t = p.tiles[ti];
+    const int n = t.n, nh = t.nh, rows = n * nh;
+    const bool valid = r < rows;
+    cp_async_wait_all();
+    __syncthreads();
+
+    // ---- this thread's slice: raw words, then floats with the signs -------
+    constexpr int kWords = E * G::kSz / 4;
+    unsigned raw[kWords];
+    {
+      const uint4* s = reinterpret_cast<const uint4*>(in_stage + tid * G::kSlice);
+#pragma unroll
+      for (int j = 0; j < kWords / 4; ++j) {
+        const uint4 u = s[j];
+        raw[4 * j] = u.x;
+        raw[4 * j + 1] = u.y;
+        raw[4 * j + 2] = u.z;
+        raw[4 * j + 3] = u.w;
+      }
+    }
+    __syncthreads();  // the slices are read: the next tile may land there
+    if (ti + int(gridDim.x) < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti + gridDim.x], in_stage);
+
+    // Sign flips commute with the roundings below (RNE is symmetric), so
+    // they are applied first, to the raw bits.
+    float x[E];
+    int st = 0;
+    if constexpr (IN == DType::f32) {
+      // NaN/Inf and (f16) values KvCache's dense encoder refuses are found
+      // before the rounding can hide them; |x| < 2^-14 rounds to the
+      // subnormal halves (rare: a second conversion variant).
+      const int rt = p.round_to;
+      bool tiny = false;
+      if (rt != int(DType::f32)) {
+        const float limit = rt == int(DType::f16) ? kHalfMax : 3.402823466e38f;
+        bool flag = false;
+        float mn = INFINITY;
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const float a = fabsf(__uint_as_float(raw[i]));
+          flag |= !(a <= limit);
+          mn = fminf(mn, a);
+        }
+        if (flag)
+#pragma unroll
+          for (int i = 0; i < E; ++i) {
+            const float a = fabsf(__uint_as_float(raw[i]));
+            if (!(a <= 3.402823466e38f)) st |= kStatusNonFinite;
+            else if (a > limit) st |= kStatusDenseOverflow;
+          }
+        tiny = rt == int(DType::f16) && __any_sync(kFull, mn < kHalfMinNormal);
+      }
+      auto convert = [&](int how) {  // 0 none, 1 f16 normal, 2 f16 any, 3 bf16
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const unsigned s = V == 1 || q == 0 ? F.sign_f32[i] : F.sign_f32[E + i];
+          float a = __uint_as_float(raw[i] ^ s);
+          if (how == 1) a = round_f16_normal(a);
+          else if (how == 2) a = fabsf(a) < kHalfMinNormal ? round_f16_subnormal(a) : round_f16_normal(a);
+          else if (how == 3) a = round_bf16(a);
+          x[i] = a;
+        }
+      };
+      if (rt == int(DType::f32)) convert(0);
+      else if (rt == int(DType::bf16)) convert(3);
+      else if (tiny) convert(2);
+      else convert(1);
+    } else {
+      // bf16 rounded to f16: exact but for |x| < 2^-14 (subnormal halves) and
+      // |x| > 65504 (refused, found from the norm below). Whether any element
+      // of the warp is that small is one bf16x2 min per pair; the fix runs
+      // only then (zeros take it too: rare in K/V).
+      bool tiny = false;
+      if (IN == DType::bf16 && p.round_to == int(DType::f16)) {
+        __nv_bfloat162 mn = __float2bfloat162_rn(1.0f);
+#pragma unroll
+        for (int j = 0; j < E / 2; ++j) {
+          __nv_bfloat162 h;
+          memcpy(&h, &raw[j], 4);
+          mn = __hmin2(mn, __habs2(h));
+        }
+        const float2 m = __bfloat1622float2(mn);
+        tiny = __any_sync(kFull, fminf(m.x, m.y) < kHalfMinNormal);
+      }
+      auto convert = [&](bool fix) {
+#pragma unroll
+        for (int j = 0; j < E / 2; ++j) {
+          const unsigned s = V == 1 || q == 0 ? F.sign_pair[j] : F.sign_pair[E / 2 + j];
+          const unsigned u = raw[j] ^ s;
+          float a, b;
+          if constexpr (IN == DType::bf16) {
+            a = __uint_as_float(u << 16);
+            b = __uint_as_float(u & 0xffff0000u);
+          } else {
+            __half2 h;
+            memcpy(&h, &u, 4);
+            const float2 f = __half22float2(h);
+            a = f.x;
+            b = f.y;
+          }
+          if (fix) {
+            if (fabsf(a) < kHalfMinNormal) a = round_f16_subnormal(a);
+            if (fabsf(b) < kHalfMinNormal) b = round_f16_subnormal(b);
+          }
+          x[2 * j] = a;
+          x[2 * j + 1] = b;
+        }
+      };
+      if (tiny) convert(true);
+      else convert(false);
+    }
+
+    // f16 input, bf16 layer format: round each value. A NaN stays a NaN (the
+    // rounding's carry could reach the sign bit of a NaN payload and make it
+    // -0), so that the norm refuses it; inf stays inf.
+    if (IN == DType::f16 && p.round_to == int(DType::bf16)) {
+#pragma unroll
+      for (int i = 0; i < E; ++i)
+        if (!isnan(x[i])) x[i] = round_bf16(x[i]);
+    }
+    const bool f16_from_bf16 = IN == DType::bf16 && p.round_to == int(DType::f16);
+
+    // ---- norm: 16 partial sums in index order, then the tree ----------------
+    float acc[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) acc[j] = __fmul_rn(x[j], x[j]);  // 0 + x^2 == x^2
+#pragma unroll
+    for (int m = 1; m < E / 16; ++m)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(x[16 * m + j], x[16 * m + j]));
+    if constexpr (V == 2) {
+      // Lane q = 1 holds elements 128.. : its partial sums continue those of
+      // lane q = 0 (the order of additions is the CPU's).
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        float a = __shfl_xor_sync(kFull, acc[j], 1);
+#pragma unroll
+        for (int m = 0; m < E / 16; ++m) a = __fadd_rn(a, __fmul_rn(x[16 * m + j], x[16 * m + j]));
+        acc[j] = a;  // meaningful on q = 1
+      }
+    }
+    // (Loops count up or down by one: nvcc does not unroll w /= 2, and an
+    // array indexed in a loop it does not unroll goes to local memory.)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 8]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 4]);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 2]);
+    acc[0] = __fadd_rn(acc[0], acc[1]);
+    float ss = acc[0];
+    if constexpr (V == 2) ss = __shfl_sync(kFull, ss, lane | 1);
+    if (f16_from_bf16 && !(ss < kHalfMax * kHalfMax)) {
+      // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): find
+      // out which (rare: needs a norm >= 65504).
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        if (!isfinite(x[i])) st |= kStatusNonFinite;
+        else if (fabsf(x[i]) > kHalfMax) st |= kStatusDenseOverflow;
+      }
+    }
+    const bool finite = isfinite(ss);
+    if (!finite) st |= kStatusNonFinite;
+    const float norm = __fsqrt_rn(ss);
+    const float mul = __fdiv_rn(1.0f, norm);
+    const unsigned keep = finite && norm != 0.0f ? ~0u : 0u;  // zero vector: codes 0
+
+    // ---- rotation: FWHT in registers -----------------------------------------
+#pragma unroll
+    for (int lh = 0; (1 << lh) < E; ++lh) {
+      const int h = 1 << lh;
+#pragma unroll
+      for (int p2 = 0; p2 < E / 2; ++p2) {  // butterfly p2: j = (p2 / h) * 2h + p2 % h
+        const int j = (p2 >> lh) * 2 * h + (p2 & (h - 1));
+        const float a = x[j], b = x[j + h];
+        x[j] = __fadd_rn(a, b);
+        x[j + h] = __fsub_rn(a, b);
+      }
+    }
+    if constexpr (V == 2) {
+      // Lane q holds elements 128q + rho. Swap element bit 7 (the lane) with
+      // bit 6 (done): lane q keeps its elements with bit 6 = q and takes the
+      // partner's; then x[rho] = element 64q + rho and x[64 + rho] = element
+      // 128 + 64q + rho, and the last stage (h = 128) pairs x[rho], x[64 + rho].
+#pragma unroll
+      for (int i = 0; i < E / 2; ++i) {
+        const float send = q ? x[i] : x[E / 2 + i];
+        const float recv = __shfl_xor_sync(kFull, send, 1);
+        if (q) x[i] = recv;
+        else x[E / 2 + i] = recv;
+      }
+#pragma unroll
+      for (int i = 0; i < E / 2; ++i) {
+        const float a = x[i], b = x[E / 2 + i];
+        x[i] = __fadd_rn(a, b);
+        x[E / 2 + i] = __fsub_rn(a, b);
+      }
+    }
+
+    // ---- codes, packed ------------------------------------------------------
+    constexpr int kChunkWords = C * BITS / 32;
+    unsigned words[V][kChunkWords];
+    const float ps = F.f.post_scale, cs = F.cell_scale;
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      quantize_pack<BITS, MODE, C>(x + c * C, ps, mul, cs, tb0, tb1, tbase, sbnd, words[c]);
+#pragma unroll
+      for (int w = 0; w < kChunkWords; ++w) words[c][w] &= keep;
+    }
+
+    // ---- records into the staging area, laid out like their destination ----
+    const int tl = valid ? r / nh : 0, hl = valid ? r % nh : 0;
+    const int run_stride = (n * rb + 31) & ~15;  // >= n * rb + the offset mod 16
+    auto dest = [&](int h) {  // first record of head h of the tile
+      return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
+             (size_t(t.h0 + h) * p.page_tokens + t.slot0) * rb;
+    };
+    if (valid) {
+      uint8_t* rec = out_stage + hl * run_stride + (reinterpret_cast<uintptr_t>(dest(hl)) & 15) + tl * rb;
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const int chunk = V == 1 ? 0 : 2 * c + q;  // which C-element chunk of the vector
+        store_words_u16<kChunkWords>(rec + chunk * (C * BITS / 8), words[c]);
+      }
+      if (q == 0) {
+        uint16_t* sp = reinterpret_cast<uint16_t*>(rec + F.f.code_bytes);
+        if (F.f.scale_f32) {
+          const unsigned u = __float_as_uint(norm);
+          sp[0] = static_cast<uint16_t>(u & 0xffffu);
+          sp[1] = static_cast<uint16_t>(u >> 16);
+        } else {
+          if (!(norm <= kHalfMax) && finite) st |= kStatusScaleOverflow;
+          sp[0] = static_cast<uint16_t>(float_to_half_bits(norm));
+        }
+      }
+      if (st) atomicOr(p.status, st);
+    }
+    __syncthreads();
+
+    // ---- out: per head one contiguous run of n records, 16-byte stores ------
+    for (int h = warp; h < nh; h += kWarps) {
+      uint8_t* const g = dest(h);
+      const int head = int(reinterpret_cast<uintptr_t>(g) & 15);
+      const int len = n * rb;
+      uint8_t* const g0 = g - head;  // 16-byte aligned
+      const uint8_t* const s0 = out_stage + h * run_stride;
+      const int n_chunks = (head + len + 15) / 16;
+      for (int j = lane; j < n_chunks; j += 32) {
+        const int lo = j == 0 ? head : 0, hi = min(16, head + len - 16 * j);
+        if (lo == 0 && hi == 16) {
+          *reinterpret_cast<uint4*>(g0 + 16 * j) = *reinterpret_cast<const uint4*>(s0 + 16 * j);
+        } else {
+          for (int b = lo; b < hi; b += 2)
+            *reinterpret_cast<uint16_t*>(g0 + 16 * j + b) = *reinterpret_cast<const uint16_t*>(s0 + 16 * j + b);
+        }
+      }
+    }
+  }
+}
+
+template <int D, int BITS, DType IN, int MODE>
+void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream) {
+  using G = Geo<D, IN>;
+  Params p;
+  p.x = static_cast<const uint8_t*>(a.x);
+  p.tiles = a.tiles;
+  p.n_tiles = a.n_tiles;
+  p.n_heads = a.n_heads;
+  p.round_to = int(a.round_to);
+  p.pool = a.region.pool;
+  p.page_bytes = a.region.page_bytes;
+  p.region_offset = a.region.region_offset;
+  p.page_tokens = a.region.page_tokens;
+  p.status = a.status;
+  const int in_bytes = kAppendThreads * G::kSlice;
+  const int heads = std::min(a.n_heads, G::kRows);
+  const int out_bytes = (G::kRows * fmt.f.record_bytes + 32 * heads + 15) & ~15;
+  p.out_offset = in_bytes;
+  p.bnd_offset = in_bytes + out_bytes;
+  const int smem = p.bnd_offset + (MODE == int(AppendSearch::binary) ? 256 * 4 : 0);
+  p.fmt = fmt;
+  const void* kernel = reinterpret_cast<const void*>(&mse_append_kernel<D, BITS, IN, MODE>);
+  const int grid = std::min(a.n_tiles, append_blocks_per_sm(kernel, smem) * append_sm_count());
+  mse_append_kernel<D, BITS, IN, MODE><<<grid, kAppendThreads, smem, stream>>>(p);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+// The search modes instantiated: table1 for 1-4 bits, table2 for 5, binary
+// for all (append_format picks; a table that does not fit falls back).
+template <int D, int BITS, DType IN>
+void launch_mode(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s) {
+  if constexpr (BITS <= 4)
+    if (fmt.search == AppendSearch::table1) return launch_typed<D, BITS, IN, int(AppendSearch::table1)>(a, fmt, s);
+  if constexpr (BITS == 5)
+    if (fmt.search == AppendSearch::table2) return launch_typed<D, BITS, IN, int(AppendSearch::table2)>(a, fmt, s);
+  launch_typed<D, BITS, IN, int(AppendSearch::binary)>(a, fmt, s);
+}
+
+template <int D, DType IN>
+void launch_bits(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s) {
+  switch (fmt.f.bits) {
+    case 1: return launch_mode<D, 1, IN>(a, fmt, s);
+    case 2: return launch_mode<D, 2, IN>(a, fmt, s);
+    case 3: return launch_mode<D, 3, IN>(a, fmt, s);
+    case 4: return launch_mode<D, 4, IN>(a, fmt, s);
+    case 5: return launch_mode<D, 5, IN>(a, fmt, s);
+    case 6: return launch_mode<D, 6, IN>(a, fmt, s);
+    case 7: return launch_mode<D, 7, IN>(a, fmt, s);
+    case 8: return launch_mode<D, 8, IN>(a, fmt, s);
+  }
+  TQ_ASSERT(false);
+}
+
+template <DType IN>
+void launch_dtype(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s) {
+  TQ_ASSERT(a.dtype == IN);
+  switch (fmt.f.dim) {
+    case 64: return launch_bits<64, IN>(a, fmt, s);
+    case 128: return launch_bits<128, IN>(a, fmt, s);
+    case 256: return launch_bits<256, IN>(a, fmt, s);
+  }
+  TQ_ASSERT(false);
+}
+
+}  // namespace
+}  // namespace tq::cuda
