@@ -12,6 +12,7 @@
 #   bash scripts/gpu_suite.sh            # the full grid, ~5-8 min on an H200 host
 #   bash scripts/gpu_suite.sh --quick    # fewer shapes
 # Environment: OUT, TQ_JOBS (default 16), TQ_GPU_BUILD (default /tmp/tq-gpu-build),
+# TQ_CUDA_ARCHS (e.g. 90-real: only sm_90 code, a faster build),
 # TQ_SUITE_BUDGET (seconds for the whole run, default 540: later steps shrink
 # their time limits to fit, the sanitizers last).
 set -uo pipefail
@@ -125,8 +126,10 @@ fi
 [[ -d $ROOT/build/gpu-deps ]] || say "note: no build/gpu-deps carried: CLI11 and nlohmann_json must be installed here"
 
 # ---- configure + build -------------------------------------------------------
+ARCH_ARGS=()
+[[ -n ${TQ_CUDA_ARCHS:-} ]] && ARCH_ARGS=("-DTQ_CUDA_ARCHS=$TQ_CUDA_ARCHS")
 step configure 120 "$BLOG" cmake -S "$ROOT" -B "$B" -G "$GEN" -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON \
-  -DTQ_BUILD_TESTS=ON -DTQ_BUILD_TOOLS=ON -DTQ_BUILD_BENCH=OFF "-DCMAKE_PREFIX_PATH=$PREFIX" &&
+  -DTQ_BUILD_TESTS=ON -DTQ_BUILD_TOOLS=ON -DTQ_BUILD_BENCH=OFF "-DCMAKE_PREFIX_PATH=$PREFIX" "${ARCH_ARGS[@]}" &&
   step build 330 "$BLOG" cmake --build "$B" -j "$JOBS" --target tq test_cuda test_cuda_dense
 if [[ ! -x $B/tools/tq/tq || ! -x $B/tests/test_cuda_dense ]]; then
   say "build failed: first errors:"

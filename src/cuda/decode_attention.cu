@@ -209,30 +209,88 @@ __global__ void __launch_bounds__(kThreads)
 
 // One block of D threads per (query head, sequence): merge the splits, then
 // the inverse V rotation R^T = D H / sqrt(D): FWHT, scale, signs.
+//
+// The partials are L2 hits, so at batch 1 the merge is bound by load
+// latency, not bandwidth: the split lse are spread over the block (one load
+// each) and part_o is read in batches of kMergeBatch independent loads per
+// thread. Each thread still sums its column in split order, so the result is
+// the serial merge's bit for bit (up to the sign of a zero).
+constexpr int kMergeTile = 256;  // splits whose weights sit in shared memory at once
+constexpr int kMergeBatch = 32;  // part_o loads in flight per thread
+
 template <int D>
 __global__ void __launch_bounds__(D)
     decode_merge_kernel(DecodeAttentionParams p, const float* __restrict__ part_o,
                         const float* __restrict__ part_lse, float* __restrict__ out,
                         float* __restrict__ lse) {
+  static_assert(D % 32 == 0 && kMergeTile % kMergeBatch == 0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the split kernel (sm_90): it may
   // start while that kernel runs; wait for its partials. A no-op otherwise.
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
   __shared__ float x[D];
+  __shared__ float s_w[kMergeTile];  // lse, then weights, of one tile of splits
+  __shared__ float s_red[D / 32];
   const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
   const int n_heads_q = p.n_heads_kv * p.group;
-  const size_t row = (size_t(seq) * n_heads_q + hq) * p.n_splits;
+  const int n = p.n_splits;
+  const size_t row = (size_t(seq) * n_heads_q + hq) * n;
+
+  // Max over all splits; the first tile's lse is kept for its weights.
   float mx = kNegInf;
-  for (int s = 0; s < p.n_splits; ++s) mx = fmaxf(mx, part_lse[row + s]);
+  for (int s = i; s < n; s += D) {
+    const float ls = part_lse[row + s];
+    mx = fmaxf(mx, ls);
+    if (s < kMergeTile) s_w[s] = ls;
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (i % 32 == 0) s_red[i / 32] = mx;
+  __syncthreads();
+  mx = kNegInf;
+#pragma unroll
+  for (int w = 0; w < D / 32; ++w) mx = fmaxf(mx, s_red[w]);
+
   float o = 0.0f, sum = 0.0f;
-  if (mx != kNegInf) {
-    for (int s = 0; s < p.n_splits; ++s) {
-      const float ls = part_lse[row + s];
-      if (ls == kNegInf) continue;
-      const float w = expf(ls - mx);
-      sum += w;
-      o += w * part_o[(row + s) * D + i];
+  if (mx != kNegInf) {  // the same for the whole block
+    for (int t0 = 0; t0 < n; t0 += kMergeTile) {
+      const int cnt = min(kMergeTile, n - t0);
+      if (t0 > 0) __syncthreads();  // the previous tile's weights are read
+      // Padding past cnt gets weight 0, so the batches below need no bound.
+      for (int k = i; k < kMergeTile; k += D) {
+        const float ls = k >= cnt ? kNegInf : t0 == 0 ? s_w[k] : part_lse[row + t0 + k];
+        s_w[k] = ls == kNegInf ? 0.0f : expf(ls - mx);
+      }
+      __syncthreads();
+      // Software pipelined: batch b + 1 is in flight while batch b is summed.
+      // With loads and uses in one basic block ptxas interleaves them and
+      // keeps only a few loads in flight. An empty split's part_o was never
+      // written: a zero weight skips the load.
+      const float* po = part_o + (row + t0) * D + i;
+      float v[kMergeBatch];
+#pragma unroll
+      for (int k = 0; k < kMergeBatch; ++k) v[k] = s_w[k] != 0.0f ? po[size_t(k) * D] : 0.0f;
+      for (int b = 0; b < cnt; b += kMergeBatch) {
+        float nv[kMergeBatch];
+        if (b + kMergeBatch < cnt) {
+#pragma unroll
+          for (int k = 0; k < kMergeBatch; ++k) {
+            const int s = b + kMergeBatch + k;
+            nv[k] = s_w[s] != 0.0f ? po[size_t(s) * D] : 0.0f;
+          }
+        }
+        // Unpredicated: a skipped split adds w = 0 and 0 * 0, which changes
+        // nothing (predicates would also cap the loads in flight).
+#pragma unroll
+        for (int k = 0; k < kMergeBatch; ++k) {
+          const float w = s_w[b + k];
+          sum += w;
+          o += w * v[k];
+        }
+#pragma unroll
+        for (int k = 0; k < kMergeBatch; ++k) v[k] = nv[k];
+      }
     }
     o /= sum;
   }

@@ -41,7 +41,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxHeadsPerBlock = 8;
 constexpr int kMaxSplits = 1024;       // bounds the merge kernel's shared memory
 constexpr int kMinSplitTokens = 128;   // a shorter split's merge traffic outweighs its parallelism
-constexpr int kMergeThreads = 256;
+constexpr int kMergeThreads = 512;
+constexpr int kMergeUnroll = 8;  // part_o loads in flight per merge thread
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
@@ -340,14 +341,30 @@ __global__ void __launch_bounds__(kMergeThreads)
   const int c = tid % kC, r = tid / kC;
   const float4* po = reinterpret_cast<const float4*>(part_o + row * n_splits * D);
   float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  for (int s = r; s < n_splits; s += kR) {
-    const float w = s_w[s];
-    if (w == 0.0f) continue;  // an empty split's output was never written
-    const float4 x = po[size_t(s) * kC + c];
+  auto add = [&a](float w, float4 x) {
     a.x = fmaf(w, x.x, a.x);
     a.y = fmaf(w, x.y, a.y);
     a.z = fmaf(w, x.z, a.z);
     a.w = fmaf(w, x.w, a.w);
+  };
+  // The partials are L2 hits and the rows few at batch 1: latency-bound, so
+  // kMergeUnroll independent loads go out before any is used. An empty
+  // split's output was never written: weight 0 skips its load.
+  int s = r;
+  for (; s + (kMergeUnroll - 1) * kR < n_splits; s += kMergeUnroll * kR) {
+    float w[kMergeUnroll];
+    float4 x[kMergeUnroll];
+#pragma unroll
+    for (int k = 0; k < kMergeUnroll; ++k) {
+      w[k] = s_w[s + k * kR];
+      x[k] = w[k] != 0.0f ? po[size_t(s + k * kR) * kC + c] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
+#pragma unroll
+    for (int k = 0; k < kMergeUnroll; ++k) add(w[k], x[k]);
+  }
+  for (; s < n_splits; s += kR) {
+    const float w = s_w[s];
+    if (w != 0.0f) add(w, po[size_t(s) * kC + c]);
   }
   s_part[r][c] = a;
   __syncthreads();
