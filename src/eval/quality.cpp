@@ -197,11 +197,12 @@ std::vector<EvalResult> evaluate_configs(const Model& model, const std::vector<i
     }
     bool upgraded = o.k_start == 0;
     for (int p0 = 0; p0 < n;) {
-      // Chunks end at k_start (the upgrade) and at first_pred (logits start).
+      // Chunks end at k_start (the upgrade). They do not end at first_pred:
+      // a first chunk of just the BOS would be all a calibrated format (hi=,
+      // per-head outlier channels) ever sees of the text.
       int p1 = std::min(n, p0 + o.chunk);
       if (!upgraded && p0 < o.k_start) p1 = std::min(p1, o.k_start);
-      if (p0 < first_pred) p1 = std::min(p1, first_pred);
-      const bool want = p0 >= first_pred;  // every position of this chunk predicts a scored target
+      const bool want = p1 > first_pred;  // some position of this chunk predicts a scored target
       const int m = p1 - p0;
       model.forward(ref_cache, ref_seq, ids.data() + p0, m, p0, ref_logits.data(), o.threads, want);
       for (size_t i = 0; i < P; ++i)
@@ -211,7 +212,7 @@ std::vector<EvalResult> evaluate_configs(const Model& model, const std::vector<i
         upgraded = true;
       }
       if (want)
-        for (int p = p0; p < p1 && p + 1 < n; ++p) {
+        for (int p = std::max(p0, first_pred); p < p1 && p + 1 < n; ++p) {
           const size_t row = size_t(p - p0) * V;
           for (size_t i = 0; i < P; ++i) stats[i].add(&ref_logits[row], &logits[i][row], V, ids[p + 1]);
         }
