@@ -579,18 +579,19 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       }
 
       // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_b, 2tq), (tok_b, 2tq + 1).
+      // A dead slot (past the split, or masked by the window) gets score
+      // -inf and so weight exactly 0 below; its record bytes are finite (the
+      // pool is zeroed at creation and only ever holds records), so no other
+      // use of `dead` is needed.
       const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
       float vsc[2], ymax[2] = {kNegInf, kNegInf};
-      bool dead[2] = {false, false};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int tok = r ? tok_b : tok_a;
         const float ks = lds_half(smem, kb + tok * C::kKRec + C::kKCode);
         vsc[r] = lds_half(smem, vb + tok * C::kVRec + C::kVCode);
-        if (!full) {
-          const int t = T0 + tok;
-          dead[r] = !(t < x.t1 && (t < p.n_sinks || t >= x.win_lo));
-        }
+        const int t = T0 + tok;
+        const bool dead = !full && !(t < x.t1 && (t < p.n_sinks || t >= x.win_lo));
         // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
         const float lv = lg2(fmaxf(vsc[r], 0x1p-25f));
 #pragma unroll
@@ -600,9 +601,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
             const float t = ex2(v * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
             v = p.softcap * kLog2e * (1.0f - 2.0f * rcp(t + 1.0f));
           }
-          v = dead[r] ? kNegInf : v;
+          v = dead ? kNegInf : v;
           s[2 * r + e] = v;
-          if (!dead[r]) ymax[e] = fmaxf(ymax[e], v + lv);
+          ymax[e] = fmaxf(ymax[e], v + lv);  // -inf for a dead slot
         }
       }
 #pragma unroll
@@ -630,9 +631,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float ee = ex2(s[2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25
+          const float ee = ex2(s[2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25; dead: 0
           l[e] += ee;
-          wv[2 * r + e] = dead[r] ? 0.0f : ee * vsc[r];  // <= 1; dead slots may hold garbage
+          wv[2 * r + e] = ee * vsc[r];  // <= 1
         }
       // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
       // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.

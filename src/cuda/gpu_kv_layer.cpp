@@ -371,6 +371,9 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
 
   m.pool = DeviceBuffer(size_t(m.cfg.max_pages) * m.page_bytes);
+  // Zeroed once: slots no token has reached yet still hold finite records,
+  // which the decode kernel relies on (a dead slot's weight is 0 * scale).
+  TQ_CUDA_CHECK(cudaMemset(m.pool.data(), 0, m.pool.size()));
   m.page_table = DeviceBuffer(size_t(cfg.max_seqs) * cfg.max_pages_per_seq * sizeof(int));
   TQ_CUDA_CHECK(cudaMemset(m.page_table.data(), 0, m.page_table.size()));
   m.lengths = DeviceBuffer(size_t(cfg.max_seqs) * sizeof(int));
