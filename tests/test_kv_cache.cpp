@@ -441,11 +441,14 @@ TEST(KvCacheOutliers, UpgradeChoosesThemFromTheDenseTokens) {
   EXPECT_TRUE(cache.outlier_channels(0, 0, false).empty());  // V has no channel split
 }
 
-// A sink-like first token (a huge value in channels of its own) must not
-// decide the channels: the sequence's first token is left out of the
-// samples when there are others, in append and in upgrade alike.
-TEST(KvCacheOutliers, TheSequencesFirstTokenDoesNotPickTheChannels) {
+// Every token the layer first compresses counts, the sequence's first too: a
+// BOS / attention-sink key with huge channels of its own gets those channels
+// at the higher width (it is the most attended key; dropping it from the
+// samples made Gemma-3's needle retrieval worse: docs/quality.md).
+TEST(KvCacheOutliers, ASinkTokensLargeChannelsAreChosen) {
   const int H = 2, d = 64;
+  std::vector<int> sink;
+  for (int i = 1; i < d; i += 8) sink.push_back(i);  // 8 channels, none of them planted
   for (int k_start : {0, 20}) {
     KvCacheConfig cfg = KvCacheConfig::from_preset("k=tq-mse:b=4,hi=8,hb=8/v=tq-mse:b=4", 1, H, d);
     cfg.k_start = k_start;
@@ -454,24 +457,11 @@ TEST(KvCacheOutliers, TheSequencesFirstTokenDoesNotPickTheChannels) {
     auto k = outlier_keys(32, H, d, 21);
     const auto v = kv_data(32, H, d, 22);
     for (int h = 0; h < H; ++h)
-      for (int i = 0; i < d; ++i) k[size_t(h) * d + i] = (i % 2 ? 1e4f : 0.0f);  // token 0 only
+      for (int c : sink) k[size_t(h) * d + c] = 1e4f;  // token 0 only
     cache.append(seq, 0, k.data(), v.data(), 32);
     ASSERT_TRUE(cache.is_compressed(seq, 0)) << k_start;
-    for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(0, h, true), planted(h, d)) << k_start;
+    for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(0, h, true), sink) << k_start;
   }
-  // A first append of one token has nothing else to go by: it calibrates on it.
-  KvCacheConfig cfg = KvCacheConfig::from_preset("k=tq-mse:b=4,hi=8,hb=8/v=tq-mse:b=4", 1, H, d);
-  KvCache cache(cfg);
-  const int seq = cache.add_sequence();
-  const auto k = outlier_keys(2, H, d, 23), v = kv_data(2, H, d, 24);
-  cache.append(seq, 0, k.data(), v.data(), 1);
-  std::vector<int> top(d);
-  for (int i = 0; i < d; ++i) top[i] = i;
-  std::partial_sort(top.begin(), top.begin() + 8, top.end(),
-                    [&](int a, int b) { return std::fabs(k[a]) > std::fabs(k[b]); });
-  top.resize(8);
-  std::sort(top.begin(), top.end());
-  EXPECT_EQ(cache.outlier_channels(0, 0, true), top);  // head 0's largest channels of that token
 }
 
 }  // namespace

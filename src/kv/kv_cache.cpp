@@ -133,7 +133,7 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
           vd.decode_one(dense_tmp.data(), vo);
         }
       }
-    impl_->calibrate_layer(layer, ks.data(), vs.data(), nc, /*skip_first=*/s.n_main == 0);
+    impl_->calibrate_layer(layer, ks.data(), vs.data(), nc);
   }
   const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
   const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();

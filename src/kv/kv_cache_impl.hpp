@@ -152,20 +152,11 @@ struct KvCache::Impl {
   }
   // Chooses each head's outlier channels from sample tokens (the first the
   // layer compresses) and builds its quantizers; once per layer, a no-op
-  // for formats without a channel split. k, v: [n, n_heads_kv, head_dim].
-  // skip_first: the samples start at the sequence's first token, which is
-  // left out when there are others (BOS / attention-sink keys are far from
-  // the rest and would pick their own channels).
-  void calibrate_layer(int layer, const float* k, const float* v, int n, bool skip_first) {
+  // for formats without a channel split. k, v: [n, n_heads_kv, head_dim]
+  void calibrate_layer(int layer, const float* k, const float* v, int n) {
     if (!needs_calibration() || is_calibrated(layer) || n <= 0) return;
     std::lock_guard lk(calib_mutex);
     if (is_calibrated(layer)) return;
-    if (skip_first && n > 1) {
-      const size_t row = size_t(cfg.n_heads_kv) * cfg.head_dim;
-      k += row;
-      v += row;
-      --n;
-    }
     const int H = cfg.n_heads_kv, d = cfg.head_dim;
     LayerFormats& L = layers[layer];
     std::vector<float> xs(size_t(n) * d);
@@ -243,7 +234,7 @@ struct KvCache::Impl {
           kd.decode_one(k_rec(s, dkb, h, t), &ks[(size_t(t) * H + h) * d]);
           vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), &vs[(size_t(t) * H + h) * d]);
         }
-      calibrate_layer(layer, ks.data(), vs.data(), nc, /*skip_first=*/true);
+      calibrate_layer(layer, ks.data(), vs.data(), nc);
     }
     const size_t kb = main_k(layer, true).bytes_per_vector(), vb = main_v(layer, true).bytes_per_vector();
     std::vector<uint8_t> krec(size_t(n) * H * kb), vrec(size_t(n) * H * vb);
