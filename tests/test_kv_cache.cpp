@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <thread>
 
@@ -461,6 +462,54 @@ TEST(KvCacheOutliers, ASinkTokensLargeChannelsAreChosen) {
     cache.append(seq, 0, k.data(), v.data(), 32);
     ASSERT_TRUE(cache.is_compressed(seq, 0)) << k_start;
     for (int h = 0; h < H; ++h) EXPECT_EQ(cache.outlier_channels(0, h, true), sink) << k_start;
+  }
+}
+
+// Records moved out of one cache and into another (the CPU side of a GPU
+// transfer) give bit-identical attention; every refusal leaves the target
+// unchanged.
+TEST(KvCacheRecords, ReadThenAppendIsBitIdenticalAndRefusalsLeaveTheCacheUnchanged) {
+  const int H = 2, d = 64, hq = 8;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("turbo4", 2, H, d);
+  cfg.page_tokens = 16;
+  KvCache a(cfg), b(cfg);
+  const int sa = a.add_sequence(), sb = b.add_sequence();
+  const int n = 37;
+  const auto k = kv_data(n, H, d, 31), v = kv_data(n, H, d, 32);
+  a.append(sa, 1, k.data(), v.data(), n);
+  const size_t kb = a.k_quantizer(1).bytes_per_vector(), vb = a.v_quantizer(1).bytes_per_vector();
+  std::vector<uint8_t> kr(size_t(n) * H * kb), vr(size_t(n) * H * vb);
+  a.read_records(sa, 1, 0, 20, kr.data(), vr.data());  // in two pieces, across a page boundary
+  a.read_records(sa, 1, 20, n - 20, kr.data() + size_t(20) * H * kb, vr.data() + size_t(20) * H * vb);
+  b.append_records(sb, 1, kr.data(), vr.data(), 20);
+  b.append_records(sb, 1, kr.data() + size_t(20) * H * kb, vr.data() + size_t(20) * H * vb, n - 20);
+  ASSERT_EQ(b.n_tokens(sb, 1), n);
+  const auto q = test::random_gaussian(size_t(hq) * d, 33);
+  std::vector<float> oa(q.size()), ob(q.size());
+  a.attend(sa, 1, q.data(), hq, {}, oa.data());
+  b.attend(sb, 1, q.data(), hq, {}, ob.data());
+  EXPECT_EQ(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(float)), 0);
+
+  // Refusals: out of range, a non-finite record, a windowed cache, a
+  // calibrated format, a dense layer.
+  std::vector<uint8_t> kr1(H * kb), vr1(H * vb);
+  EXPECT_THROW(a.read_records(sa, 1, 30, 8, kr.data(), vr.data()), Error);
+  EXPECT_THROW(a.read_records(sa, 0, 0, 1, kr1.data(), vr1.data()), Error);  // layer 0: no tokens
+  a.read_records(sa, 1, 0, 1, kr1.data(), vr1.data());
+  const uint16_t nan_half = 0x7e00;  // the fp16 scale follows the codes
+  std::memcpy(&vr1[vb - 2], &nan_half, 2);
+  EXPECT_THROW(b.append_records(sb, 1, kr1.data(), vr1.data(), 1), Error);
+  EXPECT_EQ(b.n_tokens(sb, 1), n);
+  b.attend(sb, 1, q.data(), hq, {}, ob.data());
+  EXPECT_EQ(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(float)), 0);
+  for (const char* bad : {"window", "out", "dense"}) {
+    KvCacheConfig c = KvCacheConfig::from_preset(std::string(bad) == "out" ? "turbo4-out" : "turbo4", 1, H, d);
+    if (std::string(bad) == "window") c.dense_window = 4;
+    if (std::string(bad) == "dense") c.k_start = 100;
+    KvCache x(c);
+    const int sx = x.add_sequence();
+    EXPECT_THROW(x.append_records(sx, 0, kr.data(), vr.data(), 1), Error) << bad;
+    EXPECT_EQ(x.n_tokens(sx, 0), 0) << bad;
   }
 }
 

@@ -148,6 +148,16 @@ class GpuKvLayer {
   // CPU cache). out: [page_bytes()] host memory; slots past n_tokens are unspecified.
   void download_page(int seq, int page, uint8_t* out) const;
 
+  // Already-encoded records in and out, host memory, in the layout of
+  // KvCache::read_records / append_records: k [n, n_heads_kv,
+  // k_record_bytes()], v likewise. The bytes are the same on both sides, so a
+  // KvCache layer (saved and loaded, say) moves to the GPU and back:
+  //   cache.read_records(seq, layer, 0, n, k, v);  gpu.append_records(s, k, v, n);
+  // append_records refuses a record whose scale is not finite (tq::Error, the
+  // sequence unchanged). Synchronous.
+  void append_records(int seq, const uint8_t* k, const uint8_t* v, int n_tokens);
+  void read_records(int seq, int t0, int n_tokens, uint8_t* k, uint8_t* v) const;
+
   // ---- Decode attention: plan / run ---------------------------------------
   // Workspace of attend() for n_heads_q query heads (a multiple of n_heads_kv).
   size_t workspace_bytes(int n_heads_q) const;

@@ -129,6 +129,18 @@ class KvCache {
   // checks against dense attention. k, v: [n_tokens, n_heads_kv, head_dim]
   void dequantize(int seq, int layer, float* k, float* v) const;
 
+  // Raw compressed records, e.g. to move a layer to or from a GPU KV layer
+  // (cuda.hpp: GpuKvLayer::append_records / read_records, same record bytes).
+  // k: [n, n_heads_kv, k_quantizer(layer).bytes_per_vector()], v likewise.
+  // read_records: tokens [t0, t0 + n) of a compressed layer of the sequence.
+  // append_records: appends them after the sequence's last token; needs a
+  // compressed layer, dense_window 0 and a format without calibrated outlier
+  // channels (its per-head quantizers would have to travel too). Every record
+  // is decoded first: a non-finite one is refused (tq::Error, the cache
+  // unchanged).
+  void read_records(int seq, int layer, int t0, int n, uint8_t* k, uint8_t* v) const;
+  void append_records(int seq, int layer, const uint8_t* k, const uint8_t* v, int n);
+
   KvMemoryReport memory() const;
   size_t bytes_allocated() const;  // what the page and window allocators really hold
 

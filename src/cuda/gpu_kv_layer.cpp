@@ -464,6 +464,105 @@ void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
                            m.page_bytes, cudaMemcpyDeviceToHost));
 }
 
+// Records <-> pages: per (page, head), a run of consecutive slots is one
+// contiguous range of the page's K (or V) region; the host side is
+// token-major [n, heads, record]. to_device: host -> pool, else pool -> host.
+static void copy_record_runs(const GpuKvLayer::Impl& m, int seq, int t0, int n, uint8_t* k,
+                             uint8_t* v, bool to_device) {
+  const int P = m.cfg.page_tokens, H = m.cfg.n_heads_kv;
+  std::vector<uint8_t> run;
+  for (int t = 0; t < n;) {
+    const int pos = t0 + t, slot = pos % P, take = std::min(n - t, P - slot);
+    uint8_t* page = m.pool.as<uint8_t>() + size_t(m.pages[seq][pos / P]) * m.page_bytes;
+    for (int key = 1; key >= 0; --key) {
+      const size_t rb = key ? m.hk.record_bytes : m.hv.record_bytes;
+      uint8_t* host = key ? k : v;
+      uint8_t* region = page + (key ? 0 : size_t(P) * H * m.hk.record_bytes);
+      run.resize(size_t(take) * rb);
+      for (int h = 0; h < H; ++h) {
+        uint8_t* dev = region + (size_t(h) * P + slot) * rb;
+        if (to_device) {
+          for (int i = 0; i < take; ++i)
+            std::memcpy(&run[size_t(i) * rb], host + (size_t(t + i) * H + h) * rb, rb);
+          TQ_CUDA_CHECK(cudaMemcpy(dev, run.data(), run.size(), cudaMemcpyHostToDevice));
+        } else {
+          TQ_CUDA_CHECK(cudaMemcpy(run.data(), dev, run.size(), cudaMemcpyDeviceToHost));
+          for (int i = 0; i < take; ++i)
+            std::memcpy(host + (size_t(t + i) * H + h) * rb, &run[size_t(i) * rb], rb);
+        }
+      }
+    }
+    t += take;
+  }
+}
+
+// A record decodes to finite values iff its scale is finite (any code is valid).
+static bool record_scale_finite(const uint8_t* rec, const HostFormat& f) {
+  if (f.scale_f32) {
+    float x;
+    std::memcpy(&x, rec + f.code_bytes, sizeof x);
+    return std::isfinite(x);
+  }
+  uint16_t h;
+  std::memcpy(&h, rec + f.code_bytes, sizeof h);
+  return (h & 0x7c00u) != 0x7c00u;  // exponent all ones: inf or NaN
+}
+
+void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int n) {
+  Impl& m = *impl_;
+  m.check_seq(seq);
+  TQ_REQUIRE(n >= 0, "GPU KV layer: append_records of ", n, " tokens");
+  if (n == 0) return;
+  TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append_records from a null pointer");
+  const int P = m.cfg.page_tokens, H = m.cfg.n_heads_kv;
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < H; ++h) {
+      TQ_REQUIRE(record_scale_finite(k + (size_t(t) * H + h) * m.hk.record_bytes, m.hk),
+                 "GPU KV layer: append_records: the K record of token ", t, " head ", h,
+                 " has a non-finite scale (refused; the sequence is unchanged)");
+      TQ_REQUIRE(record_scale_finite(v + (size_t(t) * H + h) * m.hv.record_bytes, m.hv),
+                 "GPU KV layer: append_records: the V record of token ", t, " head ", h,
+                 " has a non-finite scale (refused; the sequence is unchanged)");
+    }
+  const int need = (m.len[seq] + n + P - 1) / P;
+  TQ_REQUIRE(need <= m.cfg.max_pages_per_seq, "GPU KV layer: sequence ", seq, " would hold ",
+             m.len[seq] + n, " tokens, over its capacity of ", m.cfg.max_pages_per_seq * P,
+             " (max_pages_per_seq * page_tokens)");
+  const size_t old = m.pages[seq].size();
+  TQ_REQUIRE(size_t(need) - old <= m.free_pages.size(), "GPU KV layer: page pool exhausted (",
+             size_t(need) - old, " pages needed, ", m.free_pages.size(), " free)");
+  try {
+    while (m.pages[seq].size() < size_t(need)) {
+      m.pages[seq].push_back(m.free_pages.back());
+      m.free_pages.pop_back();
+    }
+    copy_record_runs(m, seq, m.len[seq], n, const_cast<uint8_t*>(k), const_cast<uint8_t*>(v), true);
+    if (m.pages[seq].size() > old)
+      TQ_CUDA_CHECK(cudaMemcpy(m.page_table.as<int>() + size_t(seq) * m.cfg.max_pages_per_seq + old,
+                               m.pages[seq].data() + old, (m.pages[seq].size() - old) * sizeof(int),
+                               cudaMemcpyHostToDevice));
+    const int len = m.len[seq] + n;
+    TQ_CUDA_CHECK(cudaMemcpy(m.lengths.as<int>() + seq, &len, sizeof(int), cudaMemcpyHostToDevice));
+    m.len[seq] = len;
+  } catch (...) {  // slots past len are unspecified: only the pages go back
+    while (m.pages[seq].size() > old) {
+      m.free_pages.push_back(m.pages[seq].back());
+      m.pages[seq].pop_back();
+    }
+    throw;
+  }
+}
+
+void GpuKvLayer::read_records(int seq, int t0, int n, uint8_t* k, uint8_t* v) const {
+  const Impl& m = *impl_;
+  m.check_seq(seq);
+  TQ_REQUIRE(t0 >= 0 && n >= 0 && int64_t(t0) + n <= m.len[seq], "GPU KV layer: read_records of tokens [",
+             t0, ", ", int64_t(t0) + n, ") of sequence ", seq, ", which holds ", m.len[seq]);
+  if (n == 0) return;
+  TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: read_records into a null pointer");
+  copy_record_runs(m, seq, t0, n, k, v, false);
+}
+
 // The attention parameters of this layer for n_heads_q query heads (without
 // the softmax options and the plan).
 static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const DeviceBuffer& pool,

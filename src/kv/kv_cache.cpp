@@ -360,6 +360,53 @@ void KvCache::dequantize(int seq, int layer, float* k, float* v) const {
     }
 }
 
+void KvCache::read_records(int seq, int layer, int t0, int n, uint8_t* k, uint8_t* v) const {
+  const SeqLayer& s = impl_->sl(seq, layer);
+  TQ_REQUIRE(s.compressed, "read_records: layer ", layer, " of sequence ", seq,
+             " is dense (not upgraded yet): it holds no compressed records");
+  TQ_REQUIRE(t0 >= 0 && n >= 0 && int64_t(t0) + n <= s.n_main, "read_records: tokens [", t0, ", ",
+             int64_t(t0) + n, ") of layer ", layer, " of sequence ", seq, ", which has ", s.n_main,
+             " compressed tokens");
+  if (n > 0) TQ_REQUIRE(k != nullptr && v != nullptr, "read_records: null output buffer");
+  const int H = cfg_.n_heads_kv;
+  const size_t kb = impl_->main_k(layer, true).bytes_per_vector();
+  const size_t vb = impl_->main_v(layer, true).bytes_per_vector();
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < H; ++h) {
+      std::memcpy(k + (size_t(t) * H + h) * kb, impl_->k_rec(s, kb, h, t0 + t), kb);
+      std::memcpy(v + (size_t(t) * H + h) * vb, impl_->v_rec(s, kb, vb, h, t0 + t), vb);
+    }
+}
+
+void KvCache::append_records(int seq, int layer, const uint8_t* k, const uint8_t* v, int n) {
+  SeqLayer& s = impl_->sl(seq, layer);
+  TQ_REQUIRE(n >= 0, "append_records: n must be >= 0, got ", n);
+  if (n == 0) return;
+  TQ_REQUIRE(k != nullptr && v != nullptr, "append_records: null input buffer");
+  TQ_REQUIRE(s.compressed, "append_records: layer ", layer, " of sequence ", seq,
+             " is dense (kept dense by policy, or waiting for k_start); records need a compressed layer");
+  TQ_REQUIRE(cfg_.dense_window == 0, "append_records: needs dense_window 0 (got ", cfg_.dense_window,
+             "): the newest tokens of a windowed cache are dense, not records");
+  TQ_REQUIRE(!impl_->needs_calibration(), "append_records: the formats ", to_string(cfg_.k_format),
+             " / ", to_string(cfg_.v_format),
+             " choose outlier channels per head; their records cannot be moved on their own");
+  const int H = cfg_.n_heads_kv, d = cfg_.head_dim;
+  const Quantizer& kq = impl_->main_k(layer, true);
+  const Quantizer& vq = impl_->main_v(layer, true);
+  const size_t kb = kq.bytes_per_vector(), vb = vq.bytes_per_vector();
+  std::vector<float> x(d);
+  for (int t = 0; t < n; ++t)
+    for (int h = 0; h < H; ++h)
+      for (int key = 1; key >= 0; --key) {
+        (key ? kq : vq).decode_one((key ? k : v) + (size_t(t) * H + h) * (key ? kb : vb), x.data());
+        for (int i = 0; i < d; ++i)
+          TQ_REQUIRE(std::isfinite(x[i]), "append_records: the ", key ? "K" : "V", " record of token ",
+                     t, " head ", h, " decodes to ", x[i], " at component ", i,
+                     " (refused; the cache is unchanged)");
+      }
+  impl_->commit_main(s, layer, k, v, n);
+}
+
 KvMemoryReport KvCache::memory() const {
   KvMemoryReport r;
   const int H = cfg_.n_heads_kv, P = cfg_.page_tokens, d = cfg_.head_dim;
