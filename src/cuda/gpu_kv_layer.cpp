@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
@@ -466,9 +467,11 @@ void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
 
 // Records <-> pages: per (page, head), a run of consecutive slots is one
 // contiguous range of the page's K (or V) region; the host side is
-// token-major [n, heads, record]. to_device: host -> pool, else pool -> host.
-static void copy_record_runs(const GpuKvLayer::Impl& m, int seq, int t0, int n, uint8_t* k,
-                             uint8_t* v, bool to_device) {
+// token-major [n, heads, record]. Host = const uint8_t*: host -> pool;
+// uint8_t*: pool -> host.
+template <class Host>
+static void copy_record_runs(const GpuKvLayer::Impl& m, int seq, int t0, int n, Host k, Host v) {
+  constexpr bool to_device = std::is_const_v<std::remove_pointer_t<Host>>;
   const int P = m.cfg.page_tokens, H = m.cfg.n_heads_kv;
   std::vector<uint8_t> run;
   for (int t = 0; t < n;) {
@@ -476,12 +479,12 @@ static void copy_record_runs(const GpuKvLayer::Impl& m, int seq, int t0, int n, 
     uint8_t* page = m.pool.as<uint8_t>() + size_t(m.pages[seq][pos / P]) * m.page_bytes;
     for (int key = 1; key >= 0; --key) {
       const size_t rb = key ? m.hk.record_bytes : m.hv.record_bytes;
-      uint8_t* host = key ? k : v;
+      Host host = key ? k : v;
       uint8_t* region = page + (key ? 0 : size_t(P) * H * m.hk.record_bytes);
       run.resize(size_t(take) * rb);
       for (int h = 0; h < H; ++h) {
         uint8_t* dev = region + (size_t(h) * P + slot) * rb;
-        if (to_device) {
+        if constexpr (to_device) {
           for (int i = 0; i < take; ++i)
             std::memcpy(&run[size_t(i) * rb], host + (size_t(t + i) * H + h) * rb, rb);
           TQ_CUDA_CHECK(cudaMemcpy(dev, run.data(), run.size(), cudaMemcpyHostToDevice));
@@ -536,7 +539,7 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
       m.pages[seq].push_back(m.free_pages.back());
       m.free_pages.pop_back();
     }
-    copy_record_runs(m, seq, m.len[seq], n, const_cast<uint8_t*>(k), const_cast<uint8_t*>(v), true);
+    copy_record_runs(m, seq, m.len[seq], n, k, v);
     if (m.pages[seq].size() > old)
       TQ_CUDA_CHECK(cudaMemcpy(m.page_table.as<int>() + size_t(seq) * m.cfg.max_pages_per_seq + old,
                                m.pages[seq].data() + old, (m.pages[seq].size() - old) * sizeof(int),
@@ -560,7 +563,7 @@ void GpuKvLayer::read_records(int seq, int t0, int n, uint8_t* k, uint8_t* v) co
              t0, ", ", int64_t(t0) + n, ") of sequence ", seq, ", which holds ", m.len[seq]);
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: read_records into a null pointer");
-  copy_record_runs(m, seq, t0, n, k, v, false);
+  copy_record_runs(m, seq, t0, n, k, v);
 }
 
 // The attention parameters of this layer for n_heads_q query heads (without
