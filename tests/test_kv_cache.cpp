@@ -49,14 +49,16 @@ struct Shape {
 TEST(KvCache, AttentionEqualsFp64OnDequantizedKVForEveryPreset) {
   for (const auto& preset : kv_presets())
     for (const Shape sh : {Shape{4, 1, 64}, Shape{8, 2, 128}, Shape{8, 8, 64}})
-      for (int window : {0, 5})
+      for (const auto [window, prefix] : {std::pair{0, 0}, std::pair{5, 0}, std::pair{0, 1}, std::pair{5, 3}})
         for (size_t n : {size_t(1), size_t(15), size_t(16), size_t(17), size_t(70)}) {
           SCOPED_TRACE(preset.name + " hq " + std::to_string(sh.hq) + " hkv " +
                        std::to_string(sh.hkv) + " d " + std::to_string(sh.d) + " window " +
-                       std::to_string(window) + " n " + std::to_string(n));
+                       std::to_string(window) + " prefix " + std::to_string(prefix) + " n " +
+                       std::to_string(n));
           KvCacheConfig cfg = KvCacheConfig::from_preset(preset.name, 2, sh.hkv, sh.d);
           cfg.page_tokens = 16;
           cfg.dense_window = window;
+          cfg.dense_prefix = prefix;
           KvCache cache(cfg);
           const int seq = cache.add_sequence();
           const std::vector<float> k = kv_data(n, sh.hkv, sh.d, n * 3 + 1);
@@ -107,11 +109,13 @@ TEST(KvCache, AttentionIsWithinTheDistortionBudgetOfTheOriginalKV) {
 }
 
 TEST(KvCache, WindowLongerThanSequenceAndPageBoundaries) {
+  for (int prefix : {0, 2, 40})
   for (int window : {0, 3, 16, 1000})
     for (int n : {15, 16, 17, 31, 32, 33}) {
       KvCacheConfig cfg = KvCacheConfig::from_preset("turbo3", 1, 2, 64);
       cfg.page_tokens = 16;
       cfg.dense_window = window;
+      cfg.dense_prefix = prefix;
       KvCache cache(cfg);
       const int seq = cache.add_sequence();
       const auto k = kv_data(n, 2, 64, 7), v = kv_data(n, 2, 64, 8);
@@ -119,29 +123,41 @@ TEST(KvCache, WindowLongerThanSequenceAndPageBoundaries) {
         cache.append(seq, 0, k.data() + t * 128, v.data() + t * 128, 1);
       std::vector<float> kd(k.size()), vd(v.size());
       cache.dequantize(seq, 0, kd.data(), vd.data());
-      // The newest min(window, n) tokens are dense: their error is fp16-small.
-      for (int t = std::max(0, n - window); t < n; ++t)
-        for (int i = 0; i < 128; ++i)
-          ASSERT_NEAR(kd[t * 128 + i], k[t * 128 + i], 1e-2 * std::fabs(k[t * 128 + i]) + 1e-3);
+      // The newest min(window, n) and the first min(prefix, n) tokens are
+      // dense: their error is fp16-small; the others carry 3-bit errors.
+      auto dense = [&](int t) { return t >= n - window || t < prefix; };
+      for (int t = 0; t < n; ++t) {
+        double err = 0, ref = 0;
+        for (int i = 0; i < 128; ++i) {
+          err += std::pow(kd[t * 128 + i] - k[t * 128 + i], 2);
+          ref += std::pow(k[t * 128 + i], 2);
+          if (dense(t)) ASSERT_NEAR(kd[t * 128 + i], k[t * 128 + i], 1e-2 * std::fabs(k[t * 128 + i]) + 1e-3);
+        }
+        if (!dense(t)) EXPECT_GT(err / ref, 1e-4) << "token " << t << " should be compressed";
+      }
       const auto q = test::random_gaussian(4 * 64, 9);
       std::vector<float> out(q.size());
       cache.attend(seq, 0, q.data(), 4, {}, out.data());
       const auto ref = dense_attention(q, 4, kd, vd, n, 2, 64, n - 1, {});
       EXPECT_LE(norm_err(out.data(), ref.data(), out.size()), 1e-5)
-          << "window " << window << " n " << n;
+          << "window " << window << " prefix " << prefix << " n " << n;
     }
 }
 
 TEST(KvCache, TrimThenAppendEqualsAFreshBuild) {
-  for (int window : {0, 8}) {
+  for (const auto [window, prefix, keep] :
+       {std::tuple{0, 0, 30}, std::tuple{8, 0, 45}, std::tuple{0, 4, 30}, std::tuple{8, 4, 45},
+        std::tuple{8, 4, 2}, std::tuple{0, 4, 4}}) {
+    SCOPED_TRACE("window " + std::to_string(window) + " prefix " + std::to_string(prefix) + " keep " +
+                 std::to_string(keep));
     KvCacheConfig cfg = KvCacheConfig::from_preset("paper_mse", 2, 2, 64);
     cfg.page_tokens = 16;
     cfg.dense_window = window;
+    cfg.dense_prefix = prefix;
     const int n = 50;
     const auto k = kv_data(n + 20, 2, 64, 1), v = kv_data(n + 20, 2, 64, 2);
-    // A: append 50, trim to 45 (inside the window when there is one), append 25 more.
-    // B: append the same 70 tokens fresh.
-    const int keep = window ? n - 5 : 30;
+    // A: append 50, trim to `keep` (inside the window, the pages or the
+    // prefix), append the rest. B: append the same 70 tokens fresh.
     KvCache a(cfg), b(cfg);
     const int sa = a.add_sequence(), sb = b.add_sequence();
     for (int l = 0; l < 2; ++l) {
@@ -158,7 +174,7 @@ TEST(KvCache, TrimThenAppendEqualsAFreshBuild) {
       std::vector<float> ka((n + 20) * 128), va(ka.size()), kb(ka.size()), vb(ka.size());
       a.dequantize(sa, l, ka.data(), va.data());
       b.dequantize(sb, l, kb.data(), vb.data());
-      EXPECT_EQ(ka, kb) << "window " << window;
+      EXPECT_EQ(ka, kb);
       EXPECT_EQ(va, vb);
     }
     EXPECT_EQ(a.bytes_allocated(), b.bytes_allocated());
@@ -170,6 +186,7 @@ TEST(KvCache, ReportedBytesEqualAllocatedBytes) {
     KvCacheConfig cfg = KvCacheConfig::from_preset(preset, 3, 2, 128);
     cfg.page_tokens = 32;
     cfg.dense_window = 10;
+    cfg.dense_prefix = 3;
     cfg.dense_layers = {2};
     KvCache cache(cfg);
     const int s1 = cache.add_sequence(), s2 = cache.add_sequence();
@@ -502,15 +519,43 @@ TEST(KvCacheRecords, ReadThenAppendIsBitIdenticalAndRefusalsLeaveTheCacheUnchang
   EXPECT_EQ(b.n_tokens(sb, 1), n);
   b.attend(sb, 1, q.data(), hq, {}, ob.data());
   EXPECT_EQ(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(float)), 0);
-  for (const char* bad : {"window", "out", "dense"}) {
+  for (const char* bad : {"window", "out", "dense", "prefix"}) {
     KvCacheConfig c = KvCacheConfig::from_preset(std::string(bad) == "out" ? "turbo4-out" : "turbo4", 1, H, d);
     if (std::string(bad) == "window") c.dense_window = 4;
+    if (std::string(bad) == "prefix") c.dense_prefix = 2;  // its first tokens must arrive dense
     if (std::string(bad) == "dense") c.k_start = 100;
     KvCache x(c);
     const int sx = x.add_sequence();
     EXPECT_THROW(x.append_records(sx, 0, kr.data(), vr.data(), 1), Error) << bad;
     EXPECT_EQ(x.n_tokens(sx, 0), 0) << bad;
   }
+}
+
+TEST(KvCacheRecords, ADensePrefixTravelsAsTokensAndTheRestAsRecords) {
+  // With a dense prefix of 3 the records start at token 3: B gets the first
+  // 3 tokens by append and the rest as A's records, and attends like A.
+  const int H = 2, d = 64, hq = 4, n = 21;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("turbo4", 1, H, d);
+  cfg.page_tokens = 8;
+  cfg.dense_prefix = 3;
+  KvCache a(cfg), b(cfg);
+  const int sa = a.add_sequence(), sb = b.add_sequence();
+  const auto k = kv_data(n, H, d, 41), v = kv_data(n, H, d, 42);
+  a.append(sa, 0, k.data(), v.data(), n);
+  const size_t kb = a.k_quantizer(0).bytes_per_vector(), vb = a.v_quantizer(0).bytes_per_vector();
+  std::vector<uint8_t> kr(size_t(n) * H * kb), vr(size_t(n) * H * vb);
+  EXPECT_THROW(a.read_records(sa, 0, 2, 1, kr.data(), vr.data()), Error);  // token 2 is dense
+  EXPECT_THROW(a.read_records(sa, 0, 3, n - 2, kr.data(), vr.data()), Error);
+  a.read_records(sa, 0, 3, n - 3, kr.data(), vr.data());
+  EXPECT_THROW(b.append_records(sb, 0, kr.data(), vr.data(), 1), Error);  // prefix not full yet
+  b.append(sb, 0, k.data(), v.data(), 3);
+  b.append_records(sb, 0, kr.data(), vr.data(), n - 3);
+  ASSERT_EQ(b.n_tokens(sb, 0), n);
+  const auto q = test::random_gaussian(size_t(hq) * d, 43);
+  std::vector<float> oa(q.size()), ob(q.size());
+  a.attend(sa, 0, q.data(), hq, {}, oa.data());
+  b.attend(sb, 0, q.data(), hq, {}, ob.data());
+  EXPECT_EQ(std::memcmp(oa.data(), ob.data(), oa.size() * sizeof(float)), 0);
 }
 
 }  // namespace

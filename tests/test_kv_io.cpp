@@ -159,6 +159,7 @@ KvCacheConfig io_config(const std::string& preset, int k_start, int head_dim = 6
   KvCacheConfig cfg = KvCacheConfig::from_preset(preset, 3, 2, head_dim);
   cfg.page_tokens = 8;
   cfg.dense_window = 3;
+  cfg.dense_prefix = 2;
   cfg.dense_layers = {2};
   cfg.k_start = k_start;
   cfg.seed = 12345;
@@ -256,6 +257,7 @@ SmallCase small_case(const TempDir& dir) {
   c.cfg = KvCacheConfig::from_preset("paper_prod", 2, 1, 32);
   c.cfg.page_tokens = 4;
   c.cfg.dense_window = 2;
+  c.cfg.dense_prefix = 1;
   KvCache a(c.cfg);
   a.add_sequence();
   a.add_sequence();
@@ -377,10 +379,11 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
   // has no channel split, so each is 0), then n_slots and slot 0.
   const size_t calib = 24 + le32(c.file, 8) + 8;
   const size_t body = calib + size_t(c.cfg.n_layers);
-  const size_t layer0 = body + 4 + 1;            // flags, 3 zero, n_main, win_start, win_count
+  const size_t layer0 = body + 4 + 1;  // flags, 3 zero, n_main, win_start, win_count, n_pre
   ASSERT_EQ(c.file[calib], 0u);
   ASSERT_EQ(le32(c.file, body), 3u);
-  ASSERT_EQ(le32(c.file, layer0 + 4), 5u);  // 7 tokens: 5 in pages, 2 in the window
+  ASSERT_EQ(le32(c.file, layer0 + 4), 4u);  // 7 tokens: 1 in the prefix, 4 in pages, 2 in the window
+  ASSERT_EQ(le32(c.file, layer0 + 16), 1u);
   struct Case {
     const char* expect;
     std::function<void(std::vector<uint8_t>&)> edit;
@@ -403,6 +406,11 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
       {"count 3", [&](auto& b) { put_le(b, layer0 + 12, 3, 4); }},
       {"window start 2", [&](auto& b) { put_le(b, layer0 + 8, 2, 4); }},
       {"(not allocated)", [&](auto& b) { b[layer0] &= uint8_t(~2); }},
+      {"dense prefix of 1 tokens (not allocated)", [&](auto& b) { b[layer0] &= uint8_t(~4); }},
+      {"dense prefix of 2 tokens (allocated) with dense_prefix 1", [&](auto& b) { put_le(b, layer0 + 16, 2, 4); }},
+      {"dense prefix of 0 tokens (allocated) with dense_prefix 1, 4 main",
+       [&](auto& b) { put_le(b, layer0 + 16, 0, 4); }},
+      {"config: key 'dense_prefix' missing", [&](auto& b) { set_config(b, "dense_prefix=", "dense_prefiy="); }},
       {"left over", [&](auto& b) { b.insert(b.end() - 8, uint8_t(0)); }},
       {"remain", [&](auto& b) { b.erase(b.end() - 9); }},
       {"config: head_dim='3x'", [&](auto& b) { set_config(b, "head_dim=32", "head_dim=3x"); }},
@@ -429,6 +437,49 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
   EXPECT_EQ(good, c.file);
 }
 
+TEST(KvIo, Version2FilesStillLoad) {
+  // A version 2 file is a version 3 file without the dense_prefix config line
+  // and without n_pre in each layer header. Made here from a version 3 file
+  // (one sequence, one layer without a channel split, no prefix) by removing
+  // both, then resealed: it loads into a cache with dense_prefix 0, and into
+  // one with a prefix not at all.
+  TempDir dir;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("paper_mse", 1, 2, 64);
+  cfg.page_tokens = 8;
+  cfg.dense_window = 3;
+  KvCache a(cfg);
+  a.add_sequence();
+  fill(a, 0, 0, 19, 5, 7);
+  a.save(dir.file("v3.tqkv"));
+  std::vector<uint8_t> f = read_bytes(dir.file("v3.tqkv"));
+  ASSERT_EQ(le32(f, 4), 3u);
+  const std::string line = "dense_prefix=0\n";
+  const std::string text(f.begin() + 24, f.begin() + 24 + le32(f, 8));
+  const size_t at = text.find(line);
+  ASSERT_NE(at, std::string::npos);
+  f.erase(f.begin() + 24 + at, f.begin() + 24 + at + line.size());
+  put_le(f, 8, text.size() - line.size(), 4);
+  put_le(f, 4, 2, 4);
+  const size_t layer0 = 24 + (text.size() - line.size()) + 8 + 1 + 4 + 1;  // calib flag, n_slots, live
+  ASSERT_EQ(le32(f, layer0 + 4), 16u);  // n_main (3 in the window)
+  ASSERT_EQ(le32(f, layer0 + 16), 0u);  // n_pre, gone in version 2
+  f.erase(f.begin() + layer0 + 16, f.begin() + layer0 + 20);
+  reseal(f);
+  write_bytes(dir.file("v2.tqkv"), f);
+  KvCache b(cfg);
+  b.load(dir.file("v2.tqkv"));
+  EXPECT_TRUE(same(snapshot(a), snapshot(b)));
+  KvCacheConfig with_prefix = cfg;
+  with_prefix.dense_prefix = 4;
+  KvCache c(with_prefix);
+  try {
+    c.load(dir.file("v2.tqkv"));
+    ADD_FAILURE() << "a version 2 file loaded into a cache with a dense prefix";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("dense_prefix file 0 vs cache 4"), std::string::npos) << e.what();
+  }
+}
+
 TEST(KvIo, ConfigMismatchNamesTheFieldAndLeavesTheCacheUnchanged) {
   TempDir dir;
   KvCacheConfig cfg = KvCacheConfig::from_preset("paper_mse", 2, 2, 64);
@@ -449,6 +500,7 @@ TEST(KvIo, ConfigMismatchNamesTheFieldAndLeavesTheCacheUnchanged) {
       {"head_dim file 64 vs cache 128", [](KvCacheConfig& c) { c.head_dim = 128; }},
       {"page_tokens", [](KvCacheConfig& c) { c.page_tokens = 16; }},
       {"dense_window", [](KvCacheConfig& c) { c.dense_window = 0; }},
+      {"dense_prefix file 0 vs cache 3", [](KvCacheConfig& c) { c.dense_prefix = 3; }},
       {"k_start", [](KvCacheConfig& c) { c.k_start = 4; }},
       {"seed", [](KvCacheConfig& c) { c.seed = 99; }},
       {"k_format file 'tq-mse:b=3' vs cache 'tq-mse:b=4'",
@@ -487,6 +539,7 @@ TEST(KvIo, ReadConfigRoundTrips) {
   cfg.dense_format = parse_format("bf16");
   cfg.page_tokens = 12;
   cfg.dense_window = 7;
+  cfg.dense_prefix = 5;
   cfg.dense_layers = {4, 0};
   cfg.k_start = 33;
   cfg.seed = 0xFEDCBA9876543210ull;
@@ -499,6 +552,7 @@ TEST(KvIo, ReadConfigRoundTrips) {
   EXPECT_EQ(r.head_dim, cfg.head_dim);
   EXPECT_EQ(r.page_tokens, cfg.page_tokens);
   EXPECT_EQ(r.dense_window, cfg.dense_window);
+  EXPECT_EQ(r.dense_prefix, cfg.dense_prefix);
   EXPECT_EQ(r.dense_layers, cfg.dense_layers);
   EXPECT_EQ(r.k_start, cfg.k_start);
   EXPECT_EQ(r.seed, cfg.seed);

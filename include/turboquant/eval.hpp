@@ -70,6 +70,7 @@ struct EvalOptions {
   int32_t bos = -1;         // >= 0: each window starts with this token
   std::string reference = "dense-f16";  // a dense preset: dense-f16, dense-bf16 or dense-f32
   int dense_window = 0;                 // applied to every preset's cache
+  int dense_prefix = 0;                 // first S tokens dense (attention sinks), every preset
   std::vector<int> dense_layers;        // applied to every preset's cache
   // Called after each chunk: positions run so far (all windows), and the total.
   std::function<void(size_t done, size_t total)> progress;

@@ -20,6 +20,7 @@ struct GenerateOptions {
   std::string preset = "dense-f16";  // KV cache preset (or k=SPEC/v=SPEC)
   int k_start = 0;                   // layers stay dense until they hold k_start tokens
   int dense_window = 0;
+  int dense_prefix = 0;  // first S tokens stay dense (attention sinks)
   std::vector<int> dense_layers;
   int max_tokens = 64;
   int prefill_batch = 64;            // tokens per forward call during prefill

@@ -9,10 +9,13 @@
 //   cache.attend(seq, layer, q, n_heads_q, params, out);  // q, out: [n_heads_q, head_dim]
 //
 // Storage of one (sequence, layer):
-//   [main pages: tokens 0 .. n_main-1][dense window: the newest <= W tokens]
+//   [dense prefix: the first <= S tokens][main pages: the next n_main tokens]
+//   [dense window: the newest <= W tokens]
 // Main pages hold the layer's compressed format, or the dense format while the
 // layer is dense (a layer kept dense by policy, or before its upgrade when
-// k_start > 0). The window holds the newest tokens in the dense format; a token
+// k_start > 0). The prefix keeps the sequence's first S tokens dense for good:
+// they are the attention sinks that most queries attend to most, so an error
+// in their keys moves every softmax. The window holds the newest tokens in the dense format; a token
 // that ages out of it is encoded into the pages. Pages never move once
 // written; trim() and clear() release them.
 //
@@ -54,6 +57,7 @@ struct KvCacheConfig {
   FormatSpec dense_format = parse_format("f16");  // dense layers, window, before upgrade
   int page_tokens = 256;
   int dense_window = 0;            // newest W tokens stay dense
+  int dense_prefix = 0;            // first S tokens of every sequence stay dense (sinks)
   std::vector<int> dense_layers;   // layer policy: these layers are never compressed
   int k_start = 0;                 // > 0: layers stay dense until they hold k_start tokens
   uint64_t seed = 0;
@@ -132,9 +136,11 @@ class KvCache {
   // Raw compressed records, e.g. to move a layer to or from a GPU KV layer
   // (cuda.hpp: GpuKvLayer::append_records / read_records, same record bytes).
   // k: [n, n_heads_kv, k_quantizer(layer).bytes_per_vector()], v likewise.
-  // read_records: tokens [t0, t0 + n) of a compressed layer of the sequence.
+  // read_records: tokens [t0, t0 + n) of a compressed layer of the sequence
+  // (compressed tokens only: not the dense prefix or window).
   // append_records: appends them after the sequence's last token; needs a
-  // compressed layer, dense_window 0 and a format without calibrated outlier
+  // compressed layer, dense_window 0, a full dense prefix (if any) and a
+  // format without calibrated outlier
   // channels (its per-head quantizers would have to travel too). Every record
   // is decoded first: a non-finite one is refused (tq::Error, the cache
   // unchanged).

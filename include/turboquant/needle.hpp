@@ -112,6 +112,7 @@ struct NeedleOptions {
   int chunk = 128;                           // prefill positions per forward call
   int threads = 1;
   int dense_window = 0;                      // applied to every preset's cache
+  int dense_prefix = 0;                      // first S tokens dense (attention sinks)
   std::vector<int> dense_layers;             // applied to every preset's cache
   // After each forward call: positions run so far (all presets), and the total.
   std::function<void(size_t done, size_t total)> progress;

@@ -187,6 +187,7 @@ namespace {
 KvCacheConfig needle_cache_config(const Model& model, const std::string& preset, const NeedleOptions& o) {
   KvCacheConfig cc = model.cache_config(preset);
   cc.dense_window = o.dense_window;
+  cc.dense_prefix = o.dense_prefix;
   cc.dense_layers = o.dense_layers;
   // As in evaluate(): the cache would upgrade inside the append that reaches
   // k_start, so that call would already attend compressed keys; the layers

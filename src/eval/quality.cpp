@@ -91,6 +91,7 @@ std::vector<Window> plan_windows(size_t n_text, size_t span, size_t stride) {
 KvCacheConfig preset_config(const Model& model, const std::string& preset, const EvalOptions& o) {
   KvCacheConfig cc = model.cache_config(preset);
   cc.dense_window = o.dense_window;
+  cc.dense_prefix = o.dense_prefix;
   cc.dense_layers = o.dense_layers;
   // The cache upgrades a layer inside the append that reaches k_start, so the
   // same forward call would already attend compressed keys. We want the

@@ -85,7 +85,7 @@ std::vector<int> KvCache::sequences() const {
 
 int KvCache::n_tokens(int seq, int layer) const {
   const SeqLayer& s = impl_->sl(seq, layer);
-  return s.n_main + s.win_count;
+  return s.n_pre + s.n_main + s.win_count;
 }
 
 bool KvCache::is_compressed(int seq, int layer) const { return impl_->sl(seq, layer).compressed; }
@@ -104,6 +104,21 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
   const size_t db = kd.bytes_per_vector();
+
+  // The sequence's first S tokens go to the dense prefix (while it is not
+  // full, the main region and the window are empty); the rest as below.
+  const int S = cfg_.dense_prefix;
+  const int pre_take = std::min(n, S - s.n_pre);
+  std::vector<uint8_t> kpre(size_t(pre_take) * H * db), vpre(size_t(pre_take) * H * db);
+  for (int t = 0; t < pre_take; ++t)
+    for (int h = 0; h < H; ++h) {
+      const size_t src = size_t(t) * row + size_t(h) * d;
+      kd.encode_one(k + src, &kpre[(size_t(t) * H + h) * db]);
+      vd.encode_one(v + src, &vpre[(size_t(t) * H + h) * db]);
+    }
+  k += size_t(pre_take) * row;
+  v += size_t(pre_take) * row;
+  n -= pre_take;
 
   // Tokens in arrival order: the old window, then the new ones. The oldest
   // (total - W) of them go to the main pages. Everything is encoded into
@@ -174,6 +189,17 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
     }
 
   // Commit.
+  if (pre_take > 0 && !s.pre_k.data()) {
+    s.pre_k = Buffer(size_t(S) * H * db, &impl_->allocated);
+    s.pre_v = Buffer(size_t(S) * H * db, &impl_->allocated);
+  }
+  for (int t = 0; t < pre_take; ++t) {
+    for (int h = 0; h < H; ++h) {
+      std::memcpy(impl_->pre_rec(s.pre_k, h, s.n_pre), &kpre[(size_t(t) * H + h) * db], db);
+      std::memcpy(impl_->pre_rec(s.pre_v, h, s.n_pre), &vpre[(size_t(t) * H + h) * db], db);
+    }
+    ++s.n_pre;
+  }
   impl_->commit_main(s, layer, krec.data(), vrec.data(), to_main);
   s.win_start += old_to_main;
   s.win_count -= old_to_main;
@@ -189,7 +215,7 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
     ++s.win_count;
   }
   if (W > 0) s.win_start %= W;
-  if (cfg_.k_start > 0 && !s.compressed && s.n_main + s.win_count >= cfg_.k_start)
+  if (cfg_.k_start > 0 && !s.compressed && s.n_pre + s.n_main + s.win_count >= cfg_.k_start)
     impl_->upgrade_layer(s, seq, layer);  // emits an "upgrade" event when events are on
 }
 
@@ -204,13 +230,18 @@ void KvCache::trim(int seq, int n_tokens) {
     for (const SeqLayer& s : sq.layers) bytes_before += Impl::layer_bytes(s);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     SeqLayer& s = sq.layers[l];
-    if (n_tokens >= s.n_main + s.win_count) continue;
-    if (n_tokens >= s.n_main) {
-      s.win_count = n_tokens - s.n_main;
-    } else {
-      s.n_main = n_tokens;
+    if (n_tokens >= s.n_pre + s.n_main + s.win_count) continue;
+    if (n_tokens >= s.n_pre + s.n_main) {
+      s.win_count = n_tokens - s.n_pre - s.n_main;
+    } else if (n_tokens >= s.n_pre) {
+      s.n_main = n_tokens - s.n_pre;
       s.win_count = 0;
-      s.pages.resize((n_tokens + cfg_.page_tokens - 1) / cfg_.page_tokens);
+      s.pages.resize((s.n_main + cfg_.page_tokens - 1) / cfg_.page_tokens);
+    } else {  // into the prefix: what follows it goes
+      s.n_pre = n_tokens;
+      s.n_main = 0;
+      s.win_count = 0;
+      s.pages.clear();
     }
     if (s.n_main + s.win_count == 0) {
       s.pages.clear();
@@ -218,12 +249,16 @@ void KvCache::trim(int seq, int n_tokens) {
       s.win_v = Buffer();
       s.win_start = 0;
     }
+    if (s.n_pre == 0) {
+      s.pre_k = Buffer();
+      s.pre_v = Buffer();
+    }
   }
   if (ev) {
     size_t bytes_after = 0, tokens = 0;
     for (const SeqLayer& s : sq.layers) {
       bytes_after += Impl::layer_bytes(s);
-      tokens += size_t(s.n_main) + s.win_count;
+      tokens += size_t(s.n_pre) + s.n_main + s.win_count;
     }
     impl_->emit("trim", seq, -1, tokens, bytes_before, bytes_after,
                 std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start)
@@ -243,7 +278,7 @@ int KvCache::upgrade(int k_start) {
     for (int l = 0; l < cfg_.n_layers; ++l) {
       SeqLayer& s = sq.layers[l];
       if (s.compressed || impl_->layers[l].dense_policy) continue;
-      if (s.n_main + s.win_count < k_start) continue;
+      if (s.n_pre + s.n_main + s.win_count < k_start) continue;
       impl_->upgrade_layer(s, id, l);  // emits an "upgrade" event when events are on
       ++converted;
     }
@@ -259,7 +294,7 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
   TQ_REQUIRE(n_heads_q >= H && n_heads_q % H == 0, "attend: n_heads_q ", n_heads_q,
              " must be a multiple of n_heads_kv ", H);
   const int g = n_heads_q / H;
-  const int total = s.n_main + s.win_count;
+  const int total = s.n_pre + s.n_main + s.win_count;
   if (q_pos < 0) q_pos = total - 1;
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
@@ -267,12 +302,14 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
   const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
   const size_t db = kd.bytes_per_vector();
 
-  // Split-KV: each task is (kv head, range of pages); the window is one more
-  // part per head. Parts are merged with merge_states.
+  // Split-KV: each task is (kv head, range of pages); the window and the
+  // prefix are one more part each per head. Parts are merged with
+  // merge_states. Main token i sits at position n_pre + i.
   const int n_pages = (s.n_main + P - 1) / P;
   const int want_tasks = std::max(1, threads <= 0 ? hardware_threads() : threads) * 2;
   const int splits = std::max(1, std::min(n_pages, (want_tasks + H - 1) / H));
-  const int parts = splits + 1;  // + window
+  const int parts = splits + 2;  // + window + prefix
+  const int pos0 = s.n_pre;
   std::vector<float> part_out(size_t(H) * parts * g * d);
   std::vector<float> part_lse(size_t(H) * parts * g, kEmptyLse);
 
@@ -295,9 +332,17 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
       for (int pg = p0; pg < p1; ++pg) {
         const int t0 = pg * P, n = std::min(P, s.n_main - t0);
         attend_records(kq, vq, qp.data(), g, impl_->k_rec(s, kb, h, t0), kb,
-                       impl_->v_rec(s, kb, vb, h, t0), vb, n, t0, q_pos, params, st);
+                       impl_->v_rec(s, kb, vb, h, t0), vb, n, pos0 + t0, q_pos, params, st);
       }
       st.finish(vq, po, pl);
+    } else if (part == splits + 1) {  // the dense prefix
+      std::vector<float> qp(size_t(g) * kd.query_floats());
+      kd.prepare_queries(qh, g, qp.data());
+      OnlineSoftmax st(g, vd.acc_floats());
+      if (s.n_pre > 0)
+        attend_records(kd, vd, qp.data(), g, impl_->pre_rec(s.pre_k, h, 0), db,
+                       impl_->pre_rec(s.pre_v, h, 0), db, s.n_pre, 0, q_pos, params, st);
+      st.finish(vd, po, pl);
     } else {
       std::vector<float> qp(size_t(g) * kd.query_floats());
       kd.prepare_queries(qh, g, qp.data());
@@ -309,7 +354,7 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
         const int idx = (s.win_start + done) % W;
         const int run = std::min(s.win_count - done, W - idx);
         attend_records(kd, vd, qp.data(), g, impl_->win_rec(s.win_k, h, idx), db,
-                       impl_->win_rec(s.win_v, h, idx), db, run, s.n_main + done, q_pos, params, st);
+                       impl_->win_rec(s.win_v, h, idx), db, run, pos0 + s.n_main + done, q_pos, params, st);
         done += run;
       }
       st.finish(vd, po, pl);
@@ -343,17 +388,21 @@ void KvCache::dequantize(int seq, int layer, float* k, float* v) const {
   const Quantizer& vd = *impl_->layers[layer].vd;
   const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
   const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
-  for (int t = 0; t < s.n_main + s.win_count; ++t)
+  for (int t = 0; t < s.n_pre + s.n_main + s.win_count; ++t)
     for (int h = 0; h < H; ++h) {
       const Quantizer& kq = impl_->main_k(layer, s.compressed, h);
       const Quantizer& vq = impl_->main_v(layer, s.compressed, h);
       float* ko = k + (size_t(t) * H + h) * d;
       float* vo = v + (size_t(t) * H + h) * d;
-      if (t < s.n_main) {
-        kq.decode_one(impl_->k_rec(s, kb, h, t), ko);
-        vq.decode_one(impl_->v_rec(s, kb, vb, h, t), vo);
+      const int i = t - s.n_pre;  // main index
+      if (i < 0) {
+        kd.decode_one(impl_->pre_rec(s.pre_k, h, t), ko);
+        vd.decode_one(impl_->pre_rec(s.pre_v, h, t), vo);
+      } else if (i < s.n_main) {
+        kq.decode_one(impl_->k_rec(s, kb, h, i), ko);
+        vq.decode_one(impl_->v_rec(s, kb, vb, h, i), vo);
       } else {
-        const int idx = s.win_start + (t - s.n_main);
+        const int idx = s.win_start + (i - s.n_main);
         kd.decode_one(impl_->win_rec(s.win_k, h, idx), ko);
         vd.decode_one(impl_->win_rec(s.win_v, h, idx), vo);
       }
@@ -364,9 +413,10 @@ void KvCache::read_records(int seq, int layer, int t0, int n, uint8_t* k, uint8_
   const SeqLayer& s = impl_->sl(seq, layer);
   TQ_REQUIRE(s.compressed, "read_records: layer ", layer, " of sequence ", seq,
              " is dense (not upgraded yet): it holds no compressed records");
-  TQ_REQUIRE(t0 >= 0 && n >= 0 && int64_t(t0) + n <= s.n_main, "read_records: tokens [", t0, ", ",
-             int64_t(t0) + n, ") of layer ", layer, " of sequence ", seq, ", which has ", s.n_main,
-             " compressed tokens");
+  TQ_REQUIRE(t0 >= s.n_pre && n >= 0 && int64_t(t0) + n <= int64_t(s.n_pre) + s.n_main,
+             "read_records: tokens [", t0, ", ", int64_t(t0) + n, ") of layer ", layer, " of sequence ",
+             seq, ", whose compressed tokens are [", s.n_pre, ", ", s.n_pre + s.n_main, ")");
+  t0 -= s.n_pre;  // main index
   if (n > 0) TQ_REQUIRE(k != nullptr && v != nullptr, "read_records: null output buffer");
   const int H = cfg_.n_heads_kv;
   const size_t kb = impl_->main_k(layer, true).bytes_per_vector();
@@ -387,6 +437,8 @@ void KvCache::append_records(int seq, int layer, const uint8_t* k, const uint8_t
              " is dense (kept dense by policy, or waiting for k_start); records need a compressed layer");
   TQ_REQUIRE(cfg_.dense_window == 0, "append_records: needs dense_window 0 (got ", cfg_.dense_window,
              "): the newest tokens of a windowed cache are dense, not records");
+  TQ_REQUIRE(s.n_pre == cfg_.dense_prefix, "append_records: the dense prefix holds ", s.n_pre, " of ",
+             cfg_.dense_prefix, " tokens; the first tokens of a sequence are dense, not records");
   TQ_REQUIRE(!impl_->needs_calibration(), "append_records: the formats ", to_string(cfg_.k_format),
              " / ", to_string(cfg_.v_format),
              " choose outlier channels per head; their records cannot be moved on their own");
@@ -415,7 +467,7 @@ KvMemoryReport KvCache::memory() const {
     if (!sq) continue;
     for (int l = 0; l < cfg_.n_layers; ++l) {
       const SeqLayer& s = sq->layers[l];
-      const size_t tokens = size_t(s.n_main) + s.win_count;
+      const size_t tokens = size_t(s.n_pre) + s.n_main + s.win_count;
       r.tokens += tokens;
       r.dense_equivalent += tokens * H * d * 2 * 2;  // bf16 K + V
       auto add = [&](KvMemory& m, size_t slots) {
@@ -435,6 +487,8 @@ KvMemoryReport KvCache::memory() const {
       const size_t db = bytes_per_vector(cfg_.dense_format, d);
       if (s.win_k.data()) r.allocated.dense += size_t(cfg_.dense_window) * H * db * 2;
       r.used.dense += size_t(s.win_count) * H * db * 2;
+      if (s.pre_k.data()) r.allocated.dense += size_t(cfg_.dense_prefix) * H * db * 2;
+      r.used.dense += size_t(s.n_pre) * H * db * 2;
     }
   }
   return r;

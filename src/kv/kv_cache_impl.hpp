@@ -57,6 +57,10 @@ class Buffer {
 
 
 struct SeqLayer {
+  // Dense prefix: the sequence's first n_pre <= S tokens, [head][slot S][db]
+  // for K and V. While n_pre < S the main region and the window are empty.
+  Buffer pre_k, pre_v;
+  int n_pre = 0;
   // Main region: pages of [K: head, slot, kb][V: head, slot, vb].
   std::vector<Buffer> pages;
   int n_main = 0;
@@ -108,7 +112,7 @@ struct KvCache::Impl {
             size_t bytes_after, double us);
   // Real bytes held by one (sequence, layer): its pages and window buffers.
   static size_t layer_bytes(const SeqLayer& s) {
-    size_t n = s.win_k.size() + s.win_v.size();
+    size_t n = s.win_k.size() + s.win_v.size() + s.pre_k.size() + s.pre_v.size();
     for (const Buffer& b : s.pages) n += b.size();
     return n;
   }
@@ -192,6 +196,9 @@ struct KvCache::Impl {
            (size_t(head) * P + token % P) * vb;
   }
   size_t db() const { return layers[0].kd->bytes_per_vector(); }
+  uint8_t* pre_rec(const Buffer& b, int head, int idx) const {
+    return b.data() + (size_t(head) * cfg.dense_prefix + idx) * db();
+  }
   uint8_t* win_rec(const Buffer& b, int head, int idx) const {
     const int W = cfg.dense_window;
     return b.data() + (size_t(head) * W + idx % W) * db();
@@ -254,7 +261,7 @@ struct KvCache::Impl {
     s.compressed = true;
     commit_main(s, layer, krec.data(), vrec.data(), n);
     if (ev)
-      emit("upgrade", seq_id, layer, size_t(s.n_main) + s.win_count, bytes_before, layer_bytes(s),
+      emit("upgrade", seq_id, layer, size_t(s.n_pre) + s.n_main + s.win_count, bytes_before, layer_bytes(s),
            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start)
                .count());
   }

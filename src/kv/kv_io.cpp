@@ -1,18 +1,19 @@
 // KvCache saved state (save, load, read_config) and events (upgrade, trim,
 // save and load as JSON lines to a caller-chosen sink).
 //
-// ---- The cache file, version 2 (also in docs/formats.md) -------------------
+// ---- The cache file, version 3 (also in docs/formats.md) -------------------
 // Little-endian throughout; no field depends on the machine or SIMD width.
 // Written to PATH.tmp.<pid>.<n>, synced, then renamed over PATH.
 //
 //   FileHeader (24 bytes)
-//     char[4] magic "TQKV" | u32 version = 2 | u32 header_len | u32 flags = 0
+//     char[4] magic "TQKV" | u32 version = 3 | u32 header_len | u32 flags = 0
 //     u64 file_size (the whole file, final checksum included)
 //   config text, header_len bytes: "key=value\n" lines, every key exactly once:
 //     preset, n_layers, n_heads_kv, head_dim, page_tokens, dense_window,
-//     k_start, seed, k_format, v_format, dense_format (spec strings, to_string
-//     of FormatSpec, which parse_format reads back exactly), dense_layers
-//     (comma-separated layer indices, possibly empty)
+//     dense_prefix (version 3; older files: 0), k_start, seed, k_format,
+//     v_format, dense_format (spec strings, to_string of FormatSpec, which
+//     parse_format reads back exactly), dense_layers (comma-separated layer
+//     indices, possibly empty)
 //   u64 header checksum: FNV-1a 64 of every byte before it (lets read_config
 //     check the config without reading the records)
 //   outlier channels (version 2), per layer 0 .. n_layers-1: u8 calibrated
@@ -24,11 +25,13 @@
 //   u32 n_slots: sequence ids 0 .. n_slots-1, removed ones included
 //   per slot: u8 live (0 = removed, 1 = present); a present sequence has, per
 //   layer 0 .. n_layers-1:
-//     LayerHeader (16 bytes)
+//     LayerHeader (20 bytes; 16 before version 3, without n_pre)
 //       u8 flags (bit 0: main region compressed, bit 1: window buffers
-//       allocated; other bits 0) | u8[3] zero | u32 n_main | u32 win_start |
-//       u32 win_count
-//     K records of main tokens 0 .. n_main-1, token-major: [n_main, n_heads_kv, kb]
+//       allocated, bit 2: prefix buffers allocated; other bits 0) | u8[3]
+//       zero | u32 n_main | u32 win_start | u32 win_count | u32 n_pre
+//     K records of the dense prefix (tokens 0 .. n_pre-1): [n_pre, n_heads_kv, db]
+//     V records of the dense prefix:                    [n_pre, n_heads_kv, db]
+//     K records of main tokens (n_pre ..), token-major: [n_main, n_heads_kv, kb]
 //     V records of main tokens:                            [n_main, n_heads_kv, vb]
 //     K records of the window, oldest token first:         [win_count, n_heads_kv, db]
 //     V records of the window:                             [win_count, n_heads_kv, db]
@@ -74,10 +77,10 @@ namespace tq {
 namespace {
 
 constexpr char kMagic[4] = {'T', 'Q', 'K', 'V'};
-constexpr uint32_t kVersion = 2;  // 1 is still read (no outlier-channel section)
+constexpr uint32_t kVersion = 3;  // 1 (no outlier channels) and 2 (no dense prefix) are still read
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull, kFnvPrime = 0x100000001b3ull;
 constexpr uint32_t kMaxHeaderLen = 1u << 20;  // config text is a few hundred bytes
-constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2;
+constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2, kFlagPrefix = 4;
 
 // The fixed part of the file; serialized field by field (little-endian), the
 // struct only pins the layout.
@@ -95,8 +98,9 @@ struct LayerHeader {
   uint8_t flags;
   uint8_t zero[3];
   uint32_t n_main, win_start, win_count;
+  uint32_t n_pre;  // version 3
 };
-static_assert(sizeof(LayerHeader) == 16);
+static_assert(sizeof(LayerHeader) == 20);
 
 uint64_t fnv1a(uint64_t h, const uint8_t* p, size_t n) {
   for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * kFnvPrime;
@@ -173,7 +177,8 @@ std::string config_text(const KvCacheConfig& c) {
   return "preset=" + c.preset + "\nn_layers=" + std::to_string(c.n_layers) +
          "\nn_heads_kv=" + std::to_string(c.n_heads_kv) + "\nhead_dim=" + std::to_string(c.head_dim) +
          "\npage_tokens=" + std::to_string(c.page_tokens) +
-         "\ndense_window=" + std::to_string(c.dense_window) + "\nk_start=" + std::to_string(c.k_start) +
+         "\ndense_window=" + std::to_string(c.dense_window) +
+         "\ndense_prefix=" + std::to_string(c.dense_prefix) + "\nk_start=" + std::to_string(c.k_start) +
          "\nseed=" + std::to_string(c.seed) + "\nk_format=" + to_string(c.k_format) +
          "\nv_format=" + to_string(c.v_format) + "\ndense_format=" + to_string(c.dense_format) +
          "\ndense_layers=" + layers + "\n";
@@ -205,11 +210,16 @@ void write_file(Out& o, const KvCache::Impl& impl, const std::string& text, uint
     if (!sq) continue;
     for (int l = 0; l < cfg.n_layers; ++l) {
       const SeqLayer& s = sq->layers[l];
-      o.u8(uint8_t((s.compressed ? kFlagCompressed : 0) | (s.win_k.data() ? kFlagWindow : 0)));
+      o.u8(uint8_t((s.compressed ? kFlagCompressed : 0) | (s.win_k.data() ? kFlagWindow : 0) |
+                   (s.pre_k.data() ? kFlagPrefix : 0)));
       o.u8(0), o.u8(0), o.u8(0);
       o.u32(uint32_t(s.n_main));
       o.u32(uint32_t(s.win_start));
       o.u32(uint32_t(s.win_count));
+      o.u32(uint32_t(s.n_pre));
+      for (const Buffer* b : {&s.pre_k, &s.pre_v})
+        for (int t = 0; t < s.n_pre; ++t)
+          for (int h = 0; h < H; ++h) o.put(impl.pre_rec(*b, h, t), db);
       const size_t kb = impl.main_k(l, s.compressed).bytes_per_vector();
       const size_t vb = impl.main_v(l, s.compressed).bytes_per_vector();
       for (int t = 0; t < s.n_main; ++t)
@@ -275,7 +285,7 @@ long long parse_int(const std::string& path, const std::string& key, const std::
   return x;
 }
 
-KvCacheConfig parse_config(const std::string& path, const std::string& text) {
+KvCacheConfig parse_config(const std::string& path, const std::string& text, uint32_t version) {
   std::map<std::string, std::string> kv;
   size_t pos = 0;
   while (pos < text.size()) {
@@ -288,18 +298,16 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text) {
     const std::string key = line.substr(0, eq);
     if (!kv.emplace(key, line.substr(eq + 1)).second) fail(path, "config: key '" + key + "' repeated");
   }
-  static const char* const kKeys[] = {"preset",      "n_layers",     "n_heads_kv", "head_dim",
-                                      "page_tokens", "dense_window", "k_start",    "seed",
-                                      "k_format",    "v_format",     "dense_format", "dense_layers"};
-  for (const char* k : kKeys)
-    if (!kv.count(k)) fail(path, std::string("config: key '") + k + "' missing");
-  if (kv.size() != std::size(kKeys))
-    for (const auto& entry : kv) {
-      const std::string& k = entry.first;  // (a structured binding cannot be captured in C++20)
-      if (std::find_if(std::begin(kKeys), std::end(kKeys), [&](const char* x) { return k == x; }) ==
-          std::end(kKeys))
-        fail(path, "config: unknown key '" + k + "'");
-    }
+  std::vector<std::string> keys = {"preset",   "n_layers", "n_heads_kv",   "head_dim",
+                                   "page_tokens", "dense_window", "k_start", "seed",
+                                   "k_format", "v_format", "dense_format", "dense_layers"};
+  if (version >= 3) keys.push_back("dense_prefix");
+  for (const std::string& k : keys)
+    if (!kv.count(k)) fail(path, "config: key '" + k + "' missing");
+  if (kv.size() != keys.size())
+    for (const auto& entry : kv)
+      if (std::find(keys.begin(), keys.end(), entry.first) == keys.end())
+        fail(path, "config: unknown key '" + entry.first + "'");
   KvCacheConfig c;
   c.preset = kv["preset"];
   c.n_layers = int(parse_int(path, "n_layers", kv["n_layers"], 1, 4096));
@@ -307,6 +315,7 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text) {
   c.head_dim = int(parse_int(path, "head_dim", kv["head_dim"], 1, 1 << 20));
   c.page_tokens = int(parse_int(path, "page_tokens", kv["page_tokens"], 1, 65536));
   c.dense_window = int(parse_int(path, "dense_window", kv["dense_window"], 0, INT32_MAX));
+  if (version >= 3) c.dense_prefix = int(parse_int(path, "dense_prefix", kv["dense_prefix"], 0, INT32_MAX));
   c.k_start = int(parse_int(path, "k_start", kv["k_start"], 0, INT32_MAX));
   {
     const std::string& v = kv["seed"];
@@ -348,8 +357,8 @@ Header parse_header(const std::string& path, const uint8_t* data, size_t avail, 
     fail(path, "file truncated at byte " + std::to_string(file_bytes) + " (expected at least " +
                    std::to_string(kFileHeaderBytes) + " header bytes)");
   const uint32_t version = get_u32(data + 4);
-  if (version != kVersion && version != 1)
-    fail(path, "unsupported version " + std::to_string(version) + " (this build reads versions 1 and " +
+  if (version < 1 || version > kVersion)
+    fail(path, "unsupported version " + std::to_string(version) + " (this build reads versions 1 to " +
                    std::to_string(kVersion) + ")");
   const uint32_t header_len = get_u32(data + 8), flags = get_u32(data + 12);
   if (flags != 0) fail(path, "unsupported header flags " + std::to_string(flags) + " (expected 0)");
@@ -376,7 +385,7 @@ Header parse_header(const std::string& path, const uint8_t* data, size_t avail, 
     fail(path, "header checksum mismatch (stored " + hex64(stored) + ", computed " + hex64(computed) +
                    "): the file is corrupted");
   h.cfg = parse_config(path, std::string(reinterpret_cast<const char*>(data) + kFileHeaderBytes,
-                                         header_len));
+                                         header_len), version);
   return h;
 }
 
@@ -412,6 +421,7 @@ std::string config_mismatch(const KvCacheConfig& f, const KvCacheConfig& c) {
   for (std::string m : {num("n_layers", f.n_layers, c.n_layers), num("n_heads_kv", f.n_heads_kv, c.n_heads_kv),
                         num("head_dim", f.head_dim, c.head_dim), num("page_tokens", f.page_tokens, c.page_tokens),
                         num("dense_window", f.dense_window, c.dense_window),
+                        num("dense_prefix", f.dense_prefix, c.dense_prefix),
                         num("k_start", f.k_start, c.k_start), num("seed", f.seed, c.seed)})
     if (!m.empty()) return m;
   for (auto [name, a, b] : {std::tuple{"k_format", &f.k_format, &c.k_format},
@@ -536,7 +546,7 @@ void KvCache::load(const std::string& path) {
 
   // Build the new sequences aside; they count against the cache's allocator
   // from the start, and release it again if anything below throws.
-  const int H = cfg_.n_heads_kv, W = cfg_.dense_window, P = cfg_.page_tokens;
+  const int H = cfg_.n_heads_kv, W = cfg_.dense_window, P = cfg_.page_tokens, S = cfg_.dense_prefix;
   const size_t db = impl_->db();
   Reader r(path, data.data(), end, h.body_offset);
   // Outlier channels: built aside, swapped in with the sequences.
@@ -592,8 +602,16 @@ void KvCache::load(const std::string& path) {
       const uint8_t* zero = r.take(3, "layer header");
       const uint32_t n_main = r.u32("n_main"), win_start = r.u32("win_start"),
                      win_count = r.u32("win_count");
-      if ((flags & ~(kFlagCompressed | kFlagWindow)) || zero[0] || zero[1] || zero[2])
+      const uint32_t n_pre = h.version >= 3 ? r.u32("n_pre") : 0;
+      if ((flags & ~(kFlagCompressed | kFlagWindow | kFlagPrefix)) || zero[0] || zero[1] || zero[2])
         fail(path, "corrupt: " + where + ": unknown layer flags");
+      const bool prefix = flags & kFlagPrefix;
+      if (n_pre > uint32_t(S) || (n_pre > 0 && !prefix) || (S == 0 && prefix) ||
+          (n_pre < uint32_t(S) && (n_main > 0 || win_count > 0)))
+        fail(path, "corrupt: " + where + ": dense prefix of " + std::to_string(n_pre) + " tokens" +
+                       (prefix ? " (allocated)" : " (not allocated)") + " with dense_prefix " +
+                       std::to_string(S) + ", " + std::to_string(n_main) + " main and " +
+                       std::to_string(win_count) + " window tokens");
       s.compressed = flags & kFlagCompressed;
       const bool window = flags & kFlagWindow;
       if (s.compressed && impl_->layers[l].dense_policy)
@@ -607,7 +625,8 @@ void KvCache::load(const std::string& path) {
       const size_t kb = impl_->main_k(l, s.compressed).bytes_per_vector();
       const size_t vb = impl_->main_v(l, s.compressed).bytes_per_vector();
       // Size check before any allocation: a corrupt count cannot ask for memory.
-      const size_t need = size_t(n_main) * H * (kb + vb) + size_t(win_count) * H * db * 2;
+      const size_t need =
+          size_t(n_main) * H * (kb + vb) + (size_t(win_count) + n_pre) * H * db * 2;
       if (need > r.remaining())
         fail(path, "corrupt: " + where + " needs " + std::to_string(need) + " record bytes at byte " +
                        std::to_string(r.pos()) + " but only " + std::to_string(r.remaining()) +
@@ -615,6 +634,15 @@ void KvCache::load(const std::string& path) {
       s.n_main = int(n_main);
       s.win_start = int(win_start);
       s.win_count = int(win_count);
+      s.n_pre = int(n_pre);
+      if (prefix) {
+        s.pre_k = Buffer(size_t(S) * H * db, &impl_->allocated);
+        s.pre_v = Buffer(size_t(S) * H * db, &impl_->allocated);
+      }
+      for (Buffer* b : {&s.pre_k, &s.pre_v})
+        for (int t = 0; t < s.n_pre; ++t)
+          for (int h2 = 0; h2 < H; ++h2)
+            std::memcpy(impl_->pre_rec(*b, h2, t), r.take(db, "prefix records"), db);
       for (int p = 0; p < (s.n_main + P - 1) / P; ++p)
         s.pages.emplace_back(impl_->page_bytes(kb, vb), &impl_->allocated);
       for (int t = 0; t < s.n_main; ++t)

@@ -73,6 +73,7 @@ void KvCacheConfig::validate() const {
   TQ_REQUIRE(page_tokens >= 1 && page_tokens <= 65536, "KV cache: page_tokens must be 1..65536, got ",
              page_tokens);
   TQ_REQUIRE(dense_window >= 0, "KV cache: dense_window must be >= 0, got ", dense_window);
+  TQ_REQUIRE(dense_prefix >= 0, "KV cache: dense_prefix must be >= 0, got ", dense_prefix);
   TQ_REQUIRE(k_start >= 0, "KV cache: k_start must be >= 0, got ", k_start);
   TQ_REQUIRE(is_dense(dense_format.method), "KV cache: dense_format must be f32, f16 or bf16, got ",
              to_string(dense_format));

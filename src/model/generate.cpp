@@ -40,6 +40,7 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::str
   KvCacheConfig cc = model.cache_config(o.preset);
   cc.k_start = o.k_start;
   cc.dense_window = o.dense_window;
+  cc.dense_prefix = o.dense_prefix;
   cc.dense_layers = o.dense_layers;
   cc.validate();
   KvCache cache(cc);

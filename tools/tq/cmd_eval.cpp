@@ -45,7 +45,8 @@ struct Args {
   std::string presets = "turbo4,paper_mse";
   std::string reference = "dense-f16";
   std::string dense_layers;
-  int ctx = 1024, stride = 0, k_start = 0, max_tokens = 0, threads = 0, chunk = 64, dense_window = 0;
+  int ctx = 1024, stride = 0, k_start = 0, max_tokens = 0, threads = 0, chunk = 64;
+  int dense_window = cli::kDefaultDenseWindow, dense_prefix = cli::kDefaultDensePrefix;
   bool json = false, allow_unsupported = false;
   // --needle
   bool per_layer = false;
@@ -103,6 +104,7 @@ int run_needle(const Args& a) {
   o.k_start = a.k_start;
   o.threads = a.threads > 0 ? a.threads : hardware_threads();
   o.dense_window = a.dense_window;
+  o.dense_prefix = a.dense_prefix;
   o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers);
   o.progress = progress_bar("positions");
   const bool chat = o.chat && tok.chat_format() != Tokenizer::ChatFormat::none;
@@ -111,9 +113,9 @@ int run_needle(const Args& a) {
   for (double d : o.depths) depths_s += (depths_s.empty() ? "" : ",") + std::to_string(int(d));
   if (!a.json)
     std::fprintf(stderr, "tq eval --needle: %s, %s filler, %s prompt, lengths %s, depths %s %%, %d trial(s), "
-                 "seed %llu, k_start %d, %d threads\n", c.name.c_str(), a.needle_filler.c_str(),
-                 chat ? "chat-template" : "plain", lengths_s.c_str(), depths_s.c_str(), o.trials,
-                 (unsigned long long)o.seed, o.k_start, o.threads);
+                 "seed %llu, k_start %d, dense window %d, dense prefix %d, %d threads\n", c.name.c_str(),
+                 a.needle_filler.c_str(), chat ? "chat-template" : "plain", lengths_s.c_str(), depths_s.c_str(),
+                 o.trials, (unsigned long long)o.seed, o.k_start, o.dense_window, o.dense_prefix, o.threads);
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<NeedleTrial> trials = needle_run(*model, tok, filler, presets, o);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -129,6 +131,8 @@ int run_needle(const Args& a) {
     j["seed"] = o.seed;
     j["trials"] = o.trials;
     j["k_start"] = o.k_start;
+    j["dense_window"] = o.dense_window;
+    j["dense_prefix"] = o.dense_prefix;
     j["lengths"] = o.lengths;
     j["depths"] = o.depths;
     j["seconds"] = secs;
@@ -201,13 +205,14 @@ int run(const Args& a) {
   o.bos = tok.add_bos_default() ? tok.bos_id() : -1;
   o.reference = a.reference;
   o.dense_window = a.dense_window;
+  o.dense_prefix = a.dense_prefix;
   o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers);
   o.progress = progress_bar("positions");
   const bool bar = bool(o.progress);
   if (!a.json)
-    std::fprintf(stderr, "tq eval: %s, %zu tokens of %s; ctx %d, stride %d, k_start %d, reference %s, %d threads\n",
-                 c.name.c_str(), ids.size(), text.source.c_str(), a.ctx, a.stride, a.k_start, a.reference.c_str(),
-                 o.threads);
+    std::fprintf(stderr, "tq eval: %s, %zu tokens of %s; ctx %d, stride %d, k_start %d, dense window %d, "
+                 "dense prefix %d, reference %s, %d threads\n", c.name.c_str(), ids.size(), text.source.c_str(),
+                 a.ctx, a.stride, a.k_start, a.dense_window, a.dense_prefix, a.reference.c_str(), o.threads);
   if (a.per_layer)
     TQ_REQUIRE(presets.size() == 1, "--per-layer takes one preset in --kv, got ", presets.size());
   const std::vector<EvalResult> rs = a.per_layer ? evaluate_per_layer(*model, ids, presets[0], o)
@@ -220,7 +225,7 @@ int run(const Args& a) {
       out.push_back({{"preset", r.preset}, {"ppl", r.ppl}, {"ppl_dense", r.ppl_dense},
                      {"ppl_delta_pct", r.ppl_delta_pct}, {"kl_mean", r.kl_mean}, {"kl_max", r.kl_max},
                      {"top1_agree", r.top1_agree}, {"kv_bytes", r.kv_bytes}, {"kv_bytes_dense", r.kv_bytes_dense},
-                     {"tokens", r.tokens}});
+                     {"tokens", r.tokens}, {"dense_window", a.dense_window}, {"dense_prefix", a.dense_prefix}});
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
@@ -230,8 +235,9 @@ int run(const Args& a) {
     std::printf("%-14s %9.4f %9.4f %+8.3f %10.6f %9.4f %7.4f %11zu %6.2fx\n", r.preset.c_str(), r.ppl, r.ppl_dense,
                 r.ppl_delta_pct, r.kl_mean, r.kl_max, r.top1_agree, r.kv_bytes,
                 double(r.kv_bytes_dense) / double(std::max<size_t>(r.kv_bytes, 1)));
-  std::printf("%zu scored tokens; dense reference %s, %zu KV bytes per window\n", rs.front().tokens,
-              a.reference.c_str(), rs.front().kv_bytes_dense);
+  std::printf("%zu scored tokens; dense reference %s, %zu KV bytes per window; every preset keeps the newest %d "
+              "and the first %d tokens dense\n", rs.front().tokens, a.reference.c_str(), rs.front().kv_bytes_dense,
+              a.dense_window, a.dense_prefix);
   return 0;
 }
 
@@ -286,8 +292,11 @@ Runner add_eval(CLI::App& app) {
       ->capture_default_str();
   sub->add_option("--chunk", a->chunk, "Positions per forward call")->check(CLI::Range(1, 4096))
       ->capture_default_str();
-  sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense in every preset")
-      ->check(CLI::Range(0, 1 << 30));
+  sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense in every preset (0 = none)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  sub->add_option("--dense-prefix", a->dense_prefix,
+                  "Keep the first S tokens (the attention sinks) dense in every preset (0 = none)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
   sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
   sub->add_flag("--json", a->json, "Print a JSON array, one object per preset (with --needle: one object)");
   sub->add_flag("--per-layer", a->per_layer,

@@ -17,7 +17,8 @@ struct Args {
   std::string prompt;
   bool chat = false;
   std::string preset = "dense-f16";
-  int k_start = 0, dense_window = 0, n = 64, threads = 1, top_k = 0;
+  int k_start = 0, dense_window = cli::kDefaultDenseWindow, dense_prefix = cli::kDefaultDensePrefix;
+  int n = 64, threads = 1, top_k = 0;
   std::string dense_layers;
   float temp = 0.0f, top_p = 1.0f;
   uint64_t seed = 0;
@@ -34,6 +35,7 @@ int run(const Args& a) {
   o.preset = a.preset;
   o.k_start = a.k_start;
   o.dense_window = a.dense_window;
+  o.dense_prefix = a.dense_prefix;
   o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, model->config().n_layers);
   o.max_tokens = a.n;
   o.chat = a.chat;
@@ -47,7 +49,8 @@ int run(const Args& a) {
                           {"preset", preset}, {"prompt_tokens", r.prompt_tokens.size()},
                           {"generated_tokens", r.tokens.size()}, {"text", r.text},
                           {"prefill_tok_s", pre}, {"decode_tok_s", dec}, {"kv_bytes", r.kv_bytes},
-                          {"kv_bytes_dense", r.kv_bytes_dense}};
+                          {"kv_bytes_dense", r.kv_bytes_dense}, {"dense_window", o.dense_window},
+                          {"dense_prefix", o.dense_prefix}};
   };
   auto summary = [&](const nlohmann::json& j) {
     std::printf("[%s, %s cache] prompt %d tokens at %.1f tok/s, generated %d at %.1f tok/s; KV %zu bytes vs %zu dense f16 (%.2fx smaller)\n",
@@ -80,6 +83,7 @@ int run(const Args& a) {
   ob.preset = a.compare;
   ob.k_start = 0;
   ob.dense_window = 0;
+  ob.dense_prefix = 0;
   ob.dense_layers.clear();
   const GenerateResult rb = generate(*model, tok, a.prompt, ob);
   const nlohmann::json jb = report(rb, a.compare);
@@ -116,7 +120,10 @@ Runner add_generate(CLI::App& app) {
   sub->add_option("--kv", a->preset, "KV cache preset (tq kv-presets) or k=SPEC/v=SPEC")->capture_default_str();
   sub->add_option("--k-start", a->k_start, "Keep layers dense until they hold N tokens, then compress")
       ->check(CLI::Range(0, 1 << 30));
-  sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense")->check(CLI::Range(0, 1 << 30));
+  sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense (0 = none)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  sub->add_option("--dense-prefix", a->dense_prefix, "Keep the first S tokens dense, the attention sinks (0 = none)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
   sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
   sub->add_option("-n,--n-tokens", a->n, "Tokens to generate")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   sub->add_option("--threads", a->threads, "Threads (0 = all cores)")->check(CLI::Range(0, 1024))->capture_default_str();

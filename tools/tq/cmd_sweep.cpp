@@ -37,6 +37,7 @@ struct Args {
   std::string out = "sweep";
   std::string plot_script, python = "python3";
   int ctx = 1024, max_tokens = 2048, threads = 0;
+  int dense_window = 0, dense_prefix = 0;  // the formats alone, unlike eval's defaults
   bool json = false, no_plot = false, allow_unsupported = false;
 };
 
@@ -134,11 +135,14 @@ int run(const Args& a) {
   o.ctx = a.ctx;
   o.threads = a.threads > 0 ? a.threads : hardware_threads();
   o.bos = tok.add_bos_default() ? tok.bos_id() : -1;
+  o.dense_window = a.dense_window;
+  o.dense_prefix = a.dense_prefix;
   o.progress = progress_bar("positions");
   const fs::path dir = a.out;
   fs::create_directories(dir);
-  std::fprintf(stderr, "tq sweep: %s, %zu tokens of %s; ctx %d, %zu presets + dense-f16, %d threads\n",
-               c.name.c_str(), ids.size(), text.source.c_str(), a.ctx, presets.size(), o.threads);
+  std::fprintf(stderr, "tq sweep: %s, %zu tokens of %s; ctx %d, dense window %d, dense prefix %d, %zu presets + "
+               "dense-f16, %d threads\n", c.name.c_str(), ids.size(), text.source.c_str(), a.ctx, a.dense_window,
+               a.dense_prefix, presets.size(), o.threads);
   const auto t0 = std::chrono::steady_clock::now();
   const std::vector<EvalResult> rs = evaluate(*model, ids, presets, o);
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -147,7 +151,8 @@ int run(const Args& a) {
   nlohmann::ordered_json out = nlohmann::ordered_json::array();
   std::ostringstream md;
   md << "`tq sweep -m " << a.model << " --ctx " << a.ctx << " --max-tokens " << a.max_tokens << " --text " << a.text
-     << "`: " << c.name << ", " << rs.front().tokens << " scored tokens, dense-f16 ppl "
+     << (a.dense_window ? " --dense-window " + std::to_string(a.dense_window) : std::string())
+     << (a.dense_prefix ? " --dense-prefix " + std::to_string(a.dense_prefix) : std::string()) << "`: " << c.name << ", " << rs.front().tokens << " scored tokens, dense-f16 ppl "
      << fmt("%.3f", rs.front().ppl_dense) << ", " << fmt("%.0f", secs) << " s.\n\n"
      << "| series | preset | K | V | bits/coord | ppl | Δppl % | KL mean | KL max | top-1 | KV bytes | vs dense f16 |\n"
      << "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
@@ -224,6 +229,12 @@ Runner add_sweep(CLI::App& app) {
   sub->add_option("--ctx", a->ctx, "Positions per window (BOS included)")->check(CLI::Range(2, 1 << 20))
       ->capture_default_str();
   sub->add_option("--max-tokens", a->max_tokens, "Use only the first T tokens of the text (0 = all)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  sub->add_option("--dense-window", a->dense_window,
+                  "Keep the newest W tokens dense (default 0: the formats alone, unlike tq eval)")
+      ->check(CLI::Range(0, 1 << 30))->capture_default_str();
+  sub->add_option("--dense-prefix", a->dense_prefix,
+                  "Keep the first S tokens dense (default 0: the formats alone, unlike tq eval)")
       ->check(CLI::Range(0, 1 << 30))->capture_default_str();
   sub->add_option("--out", a->out, "Output folder (created)")->capture_default_str();
   sub->add_option("--threads", a->threads, "Threads (0 = all cores)")->check(CLI::Range(0, 1024))
