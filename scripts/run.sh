@@ -22,8 +22,11 @@ cmake --build --preset release --target tq -j "$JOBS" >&2
 
 if (($# == 0)); then
   "$TQ" models pull smollm2-135m >&2
+  # --dense-window 0 --dense-prefix 0: compress every token. tq generate's
+  # defaults keep the newest 128 and the first 4 tokens dense (docs/quality.md),
+  # which would leave this 50-token run entirely dense.
   set -- generate -m smollm2-135m -p "The three most important inventions of the last century were" \
-    --kv paper_mse --compare dense-f16 -n 40 --threads 0
+    --kv paper_mse --compare dense-f16 -n 40 --threads 0 --dense-window 0 --dense-prefix 0
 fi
 echo "run.sh: $TQ $*" >&2
 exec "$TQ" "$@"
