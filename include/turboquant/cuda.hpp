@@ -94,6 +94,16 @@ struct GpuKvLayerConfig {
   // limit); f32: no rounding, records are kq/vq.encode_one of the input as
   // given. Set it to the KvCache's dense_format to get the KvCache's bytes.
   DType round_to = DType::f16;
+  // Dense tokens, as KvCacheConfig::dense_window / dense_prefix: the newest
+  // dense_window tokens of each sequence and its first dense_prefix tokens
+  // stay in f16 outside the pages (needs round_to f16, KvCache's default
+  // dense format) and attend() joins them through the merge; a token leaving
+  // the window is quantized into the pages from its f16 value, so the records
+  // are those of a KvCache with the same window and prefix. With either set,
+  // tokens arrive through append() (host memory); the device-memory appends
+  // and append_records refuse (not supported yet).
+  int dense_window = 0;
+  int dense_prefix = 0;
 };
 
 // One layer of a paged KV cache on the device. Page layout as on the CPU:
@@ -117,7 +127,7 @@ class GpuKvLayer {
 
   int add_sequence();   // ids 0, 1, 2, ...; throws past max_seqs
   int n_seqs() const;
-  int n_tokens(int seq) const;
+  int n_tokens(int seq) const;  // all of them: dense prefix + pages + dense window
   int n_pages(int seq) const;
 
   // Quantize-append of tokens at positions n_tokens(seq) ... Records are

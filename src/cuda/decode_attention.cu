@@ -122,7 +122,7 @@ __global__ void __launch_bounds__(kThreads)
   block_fwht<D>(qs, g, p.k.post_scale);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int q_pos = len - 1;
+  const int q_pos = len - 1 + p.window_tail;  // dense window tokens follow the pages
   const int* ptab = p.page_table + size_t(seq) * p.max_pages_per_seq;
   const size_t k_region = 0, v_region = p.v_region_offset;
   auto record = [&](int t, size_t region, int rec_bytes) {
@@ -297,9 +297,102 @@ __global__ void __launch_bounds__(D)
   x[i] = o;
   __syncthreads();
   block_fwht<D>(x, 1, p.v.post_scale);
-  out[(size_t(seq) * n_heads_q + hq) * D + i] = x[i] * p.v.signs[i];
-  if (lse != nullptr && i == 0)
-    lse[size_t(seq) * n_heads_q + hq] = mx == kNegInf ? kNegInf : mx + logf(sum);
+  float val = x[i] * p.v.signs[i];
+  float ls = mx == kNegInf ? kNegInf : mx + logf(sum);
+  if (p.dense_o != nullptr) {  // join the dense tokens' part (original domain)
+    const size_t r = size_t(seq) * n_heads_q + hq;
+    const float ld = p.dense_lse[r];
+    const float M = fmaxf(ls, ld);
+    if (M == kNegInf) {
+      val = 0.0f;
+    } else {
+      const float wc = ls == kNegInf ? 0.0f : expf(ls - M);
+      const float wd = ld == kNegInf ? 0.0f : expf(ld - M);
+      val = (wc * val + wd * p.dense_o[r * D + i]) / (wc + wd);
+      ls = M + logf(wc + wd);
+    }
+  }
+  out[(size_t(seq) * n_heads_q + hq) * D + i] = val;
+  if (lse != nullptr && i == 0) lse[size_t(seq) * n_heads_q + hq] = ls;
+}
+
+// The dense tokens (prefix + window ring, f16) of one (query head, sequence)
+// per block of D threads: warps score tokens (one token per warp at a time,
+// lanes over the dimensions), then an online softmax over chunks of
+// kDenseChunk tokens, thread i accumulating output coordinate i. Small (at
+// most prefix + window tokens), so plain fp32 CUDA-core code.
+constexpr int kDenseChunk = 128;
+
+template <int D>
+__global__ void __launch_bounds__(D)
+    decode_dense_part_kernel(DecodeAttentionParams p, DenseTokens dt, const float* __restrict__ q,
+                             float* __restrict__ out_o, float* __restrict__ out_lse) {
+  __shared__ float qs[D];
+  __shared__ float sc[kDenseChunk];
+  const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
+  const int n_heads_q = p.n_heads_kv * p.group, hkv = hq / p.group;
+  const int warp = i / 32, lane = i % 32;
+  const int n_pre = dt.state[seq * 3], win_start = dt.state[seq * 3 + 1], win_count = dt.state[seq * 3 + 2];
+  const int n_main = p.lengths[seq];
+  const int n = n_pre + win_count;
+  const int q_pos = n_pre + n_main + win_count - 1;
+  const int slots = dt.prefix_slots + dt.window_slots;
+  const size_t row = size_t(p.n_heads_kv) * D;
+  qs[i] = q[(size_t(seq) * n_heads_q + hq) * D + i];
+  float m = kNegInf, l = 0.0f, o = 0.0f;
+  __syncthreads();
+  for (int c0 = 0; c0 < n; c0 += kDenseChunk) {
+    const int cn = min(kDenseChunk, n - c0);
+    for (int j = warp; j < cn; j += D / 32) {
+      const int t = c0 + j;  // prefix tokens, then the window oldest first
+      const int slot = t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
+      const int pos = t < n_pre ? t : n_pre + n_main + (t - n_pre);
+      const bool live = pos < dt.sinks || p.window <= 0 || q_pos - pos < p.window;
+      const uint16_t* kr = dt.k + (size_t(seq) * slots + slot) * row + size_t(hkv) * D;
+      float s = 0.0f;
+      for (int e = lane; e < D; e += 32) s += qs[e] * __half2float(__ushort_as_half(kr[e]));
+#pragma unroll
+      for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (lane == 0) {
+        float logit = s * p.sm_scale;
+        if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
+        sc[j] = live ? logit : kNegInf;
+      }
+    }
+    __syncthreads();
+    float mx = kNegInf;
+    for (int j = lane; j < cn; j += 32) mx = fmaxf(mx, sc[j]);
+#pragma unroll
+    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    // every warp computes the same chunk max (all read all of sc)
+    const float m_new = fmaxf(m, mx);
+    if (m_new != kNegInf) {
+      const float cr = m == kNegInf ? 0.0f : expf(m - m_new);
+      l *= cr;
+      o *= cr;
+      for (int j = 0; j < cn; ++j) {
+        if (sc[j] == kNegInf) continue;
+        const float w = expf(sc[j] - m_new);
+        l += w;
+        const int t = c0 + j;
+        const int slot = t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
+        o += w * __half2float(__ushort_as_half(dt.v[(size_t(seq) * slots + slot) * row + size_t(hkv) * D + i]));
+      }
+      m = m_new;
+    }
+    __syncthreads();  // sc is rewritten by the next chunk
+  }
+  const size_t r = size_t(seq) * n_heads_q + hq;
+  out_o[r * D + i] = l > 0.0f ? o / l : 0.0f;
+  if (i == 0) out_lse[r] = l > 0.0f ? m + logf(l) : kNegInf;
+}
+
+template <int D>
+void launch_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
+                       float* out_o, float* out_lse, cudaStream_t stream) {
+  decode_dense_part_kernel<D><<<dim3(p.n_heads_kv * p.group, p.n_seqs), D, 0, stream>>>(p, dt, q, out_o,
+                                                                                        out_lse);
+  TQ_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
@@ -416,6 +509,17 @@ void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
     case 64: return launch_merge<64>(p, partial_o, partial_lse, out, lse, stream, overlap);
     case 128: return launch_merge<128>(p, partial_o, partial_lse, out, lse, stream, overlap);
     case 256: return launch_merge<256>(p, partial_o, partial_lse, out, lse, stream, overlap);
+  }
+  TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
+}
+
+void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
+                              float* out_o, float* out_lse, CUstream_st* stream) {
+  if (p.n_seqs == 0) return;
+  switch (p.k.dim) {
+    case 64: return launch_dense_part<64>(p, dt, q, out_o, out_lse, stream);
+    case 128: return launch_dense_part<128>(p, dt, q, out_o, out_lse, stream);
+    case 256: return launch_dense_part<256>(p, dt, q, out_o, out_lse, stream);
   }
   TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
 }

@@ -255,7 +255,8 @@ __device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) 
   x.t0 = x.split * p.split_tokens;
   x.t1 = min(len, x.t0 + p.split_tokens);
   x.n_tiles = x.t1 > x.t0 ? (x.t1 - x.t0 + kTileTok - 1) / kTileTok : 0;
-  x.win_lo = p.window > 0 ? len - p.window : INT_MIN;  // the query is at len - 1
+  // The query is at page index len - 1 + window_tail (dense tokens follow the pages).
+  x.win_lo = p.window > 0 ? len + p.window_tail - p.window : INT_MIN;
   return x;
 }
 

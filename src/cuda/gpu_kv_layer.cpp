@@ -14,6 +14,7 @@
 #include "turboquant/codebook.hpp"
 #include "turboquant/cuda.hpp"
 #include "turboquant/cuda_bench.hpp"
+#include "turboquant/half.hpp"
 
 namespace tq::cuda {
 
@@ -159,6 +160,26 @@ struct GpuKvLayer::Impl {
   std::vector<std::vector<int>> pages;  // per sequence
   std::vector<int> len;                 // per sequence
   std::vector<int> free_pages;          // stack
+  // Dense tokens (cfg.dense_prefix / dense_window): f16 rows [max_seqs,
+  // prefix slots + window slots, n_heads_kv, dim], prefix slots first; the
+  // window is a ring. dense_state: device [max_seqs, 3] {n_pre, win_start,
+  // win_count}, mirrored in `dense`.
+  struct DenseSeq {
+    int n_pre = 0, win_start = 0, win_count = 0;
+  };
+  DeviceBuffer dense_k, dense_v, dense_state;
+  std::vector<DenseSeq> dense;
+  bool has_dense() const { return cfg.dense_window > 0 || cfg.dense_prefix > 0; }
+  int dense_slots() const { return cfg.dense_prefix + cfg.dense_window; }
+  size_t dense_row_bytes() const { return size_t(cfg.n_heads_kv) * hk.dim * 2; }
+  uint8_t* dense_row(const DeviceBuffer& b, int seq, int slot) const {
+    return b.as<uint8_t>() + (size_t(seq) * dense_slots() + slot) * dense_row_bytes();
+  }
+  void require_no_dense(const char* what) const {
+    TQ_REQUIRE(!has_dense(), "GPU KV layer: ", what, " with dense_window ", cfg.dense_window,
+               " / dense_prefix ", cfg.dense_prefix,
+               " is not supported yet: append dense-windowed layers with append() from host memory");
+  }
 
   void check_seq(int seq) const {
     TQ_REQUIRE(seq >= 0 && seq < static_cast<int>(len.size()), "GPU KV layer: sequence ", seq,
@@ -322,6 +343,87 @@ struct GpuKvLayer::Impl {
       throw;
     }
   }
+
+  // append() of a layer with dense tokens, as KvCache::append: the first
+  // dense_prefix tokens of the sequence go to the prefix, the newest
+  // dense_window stay in the ring, and what leaves the ring (oldest first,
+  // then new tokens past the window) is quantized into the pages from its
+  // f16 value in ONE append_runs, the only step that can fail on the device:
+  // a refusal anywhere leaves the sequence unchanged.
+  // k, v: host [n, n_heads_kv, dim] of dtype.
+  void append_dense(int seq, const void* k, const void* v, int n, DType dtype) {
+    const int H = cfg.n_heads_kv, S = cfg.dense_prefix, W = cfg.dense_window;
+    const size_t row = size_t(H) * hk.dim, rb = dense_row_bytes();
+    // Every element rounded to f16 as KvCache's f16 dense format does; what
+    // it refuses is refused here, before anything changes.
+    std::vector<uint16_t> k16(size_t(n) * row), v16(k16.size());
+    for (int key = 1; key >= 0; --key) {
+      const void* src = key ? k : v;
+      uint16_t* dst = key ? k16.data() : v16.data();
+      for (size_t i = 0; i < k16.size(); ++i) {
+        float x;
+        if (dtype == DType::f32) x = static_cast<const float*>(src)[i];
+        else if (dtype == DType::f16) x = half_to_float(static_cast<const uint16_t*>(src)[i]);
+        else x = bf16_to_float(static_cast<const uint16_t*>(src)[i]);
+        TQ_REQUIRE(std::isfinite(x), "GPU KV layer: append refused: token ", i / row, " head ",
+                   (i % row) / hk.dim, " ", key ? "key" : "value", " component ", i % hk.dim, " is ", x,
+                   " (NaN/Inf; the sequence is unchanged)");
+        TQ_REQUIRE(std::fabs(x) <= 65504.0f, "GPU KV layer: append refused: token ", i / row, " ",
+                   key ? "key" : "value", " component ", x,
+                   " exceeds the f16 range of the dense tokens (|x| > 65504)");
+        dst[i] = float_to_half(x);
+      }
+    }
+    DenseSeq ds = dense[seq];
+    const int pre_take = std::min(n, S - ds.n_pre), rest = n - pre_take;
+    const int to_main = std::max(0, ds.win_count + rest - W);
+    const int old_to_main = std::min(to_main, ds.win_count), new_to_main = to_main - old_to_main;
+    const int new_to_win = rest - new_to_main;
+    if (to_main > 0) {
+      const size_t bytes = size_t(to_main) * rb;
+      ensure(staging, 2 * bytes);
+      uint8_t* sk = staging.as<uint8_t>();
+      uint8_t* sv = sk + bytes;
+      for (int i = 0; i < old_to_main;) {  // the ring's oldest tokens: at most two runs
+        const int slot = (ds.win_start + i) % W, run = std::min(old_to_main - i, W - slot);
+        TQ_CUDA_CHECK(cudaMemcpy(sk + size_t(i) * rb, dense_row(dense_k, seq, S + slot), run * rb,
+                                 cudaMemcpyDeviceToDevice));
+        TQ_CUDA_CHECK(cudaMemcpy(sv + size_t(i) * rb, dense_row(dense_v, seq, S + slot), run * rb,
+                                 cudaMemcpyDeviceToDevice));
+        i += run;
+      }
+      TQ_CUDA_CHECK(cudaMemcpy(sk + size_t(old_to_main) * rb, &k16[size_t(pre_take) * row],
+                               size_t(new_to_main) * rb, cudaMemcpyHostToDevice));
+      TQ_CUDA_CHECK(cudaMemcpy(sv + size_t(old_to_main) * rb, &v16[size_t(pre_take) * row],
+                               size_t(new_to_main) * rb, cudaMemcpyHostToDevice));
+      append_runs({{seq, to_main}}, sk, sv, DType::f16, nullptr);
+    }
+    // The dense slots (plain copies: nothing below refuses).
+    if (pre_take > 0) {
+      TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_k, seq, ds.n_pre), k16.data(), size_t(pre_take) * rb,
+                               cudaMemcpyHostToDevice));
+      TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_v, seq, ds.n_pre), v16.data(), size_t(pre_take) * rb,
+                               cudaMemcpyHostToDevice));
+      ds.n_pre += pre_take;
+    }
+    if (W > 0) {
+      ds.win_start = (ds.win_start + old_to_main) % W;
+      ds.win_count -= old_to_main;
+      const size_t first = size_t(pre_take + new_to_main);  // input row of the first new window token
+      for (int j = 0; j < new_to_win;) {
+        const int slot = (ds.win_start + ds.win_count) % W, run = std::min(new_to_win - j, W - slot);
+        TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_k, seq, S + slot), &k16[(first + j) * row], run * rb,
+                                 cudaMemcpyHostToDevice));
+        TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_v, seq, S + slot), &v16[(first + j) * row], run * rb,
+                                 cudaMemcpyHostToDevice));
+        ds.win_count += run;
+        j += run;
+      }
+    }
+    const int state[3] = {ds.n_pre, ds.win_start, ds.win_count};
+    TQ_CUDA_CHECK(cudaMemcpy(dense_state.as<int>() + 3 * seq, state, sizeof state, cudaMemcpyHostToDevice));
+    dense[seq] = ds;
+  }
 };
 
 GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLayerConfig& cfg)
@@ -339,6 +441,11 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
              cfg.max_pages_per_seq);
   TQ_REQUIRE(cfg.split_pages >= 1, "GPU KV layer: split_pages must be >= 1, got ", cfg.split_pages);
   TQ_REQUIRE(kq.dim() == vq.dim(), "GPU KV layer: K dim ", kq.dim(), " != V dim ", vq.dim());
+  TQ_REQUIRE(cfg.dense_window >= 0 && cfg.dense_prefix >= 0, "GPU KV layer: dense_window ",
+             cfg.dense_window, " and dense_prefix ", cfg.dense_prefix, " must be >= 0");
+  TQ_REQUIRE((cfg.dense_window == 0 && cfg.dense_prefix == 0) || cfg.round_to == DType::f16,
+             "GPU KV layer: dense_window / dense_prefix hold f16 tokens and need round_to f16 (got ",
+             to_string(cfg.round_to), ")");
   if (m.cfg.max_pages <= 0) m.cfg.max_pages = cfg.max_seqs * cfg.max_pages_per_seq;
   m.hk = host_format(kq, "K");
   m.hv = host_format(vq, "V");
@@ -380,6 +487,13 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   m.lengths = DeviceBuffer(size_t(cfg.max_seqs) * sizeof(int));
   TQ_CUDA_CHECK(cudaMemset(m.lengths.data(), 0, m.lengths.size()));
   for (int p = m.cfg.max_pages - 1; p >= 0; --p) m.free_pages.push_back(p);
+  if (m.has_dense()) {
+    const size_t bytes = size_t(cfg.max_seqs) * m.dense_slots() * m.dense_row_bytes();
+    m.dense_k = DeviceBuffer(bytes);
+    m.dense_v = DeviceBuffer(bytes);
+    m.dense_state = DeviceBuffer(size_t(cfg.max_seqs) * 3 * sizeof(int));
+    TQ_CUDA_CHECK(cudaMemset(m.dense_state.data(), 0, m.dense_state.size()));
+  }
 }
 
 GpuKvLayer::~GpuKvLayer() = default;
@@ -397,12 +511,14 @@ int GpuKvLayer::add_sequence() {
              m.cfg.max_seqs, " sequences");
   m.len.push_back(0);
   m.pages.emplace_back();
+  m.dense.emplace_back();
   return static_cast<int>(m.len.size()) - 1;
 }
 
 int GpuKvLayer::n_tokens(int seq) const {
   impl_->check_seq(seq);
-  return impl_->len[seq];
+  const Impl::DenseSeq& d = impl_->dense[seq];
+  return d.n_pre + impl_->len[seq] + d.win_count;
 }
 int GpuKvLayer::n_pages(int seq) const {
   impl_->check_seq(seq);
@@ -419,6 +535,8 @@ void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DTy
   TQ_REQUIRE(n_tokens >= 0, "GPU KV layer: append of ", n_tokens, " tokens");
   const size_t n = size_t(n_tokens) * m.cfg.n_heads_kv * m.hk.dim * dtype_bytes(dtype);
   if (n == 0) return;
+  TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append of ", n_tokens, " tokens from a null pointer");
+  if (m.has_dense()) return m.append_dense(seq, k, v, n_tokens, dtype);
   m.ensure(m.staging, 2 * n);  // cudaMalloc'd: aligned, so append_runs does not copy it again
   uint8_t* d = m.staging.as<uint8_t>();
   TQ_CUDA_CHECK(cudaMemcpy(d, k, n, cudaMemcpyHostToDevice));
@@ -428,11 +546,13 @@ void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DTy
 
 void GpuKvLayer::append_device(int seq, const float* k, const float* v, int n_tokens,
                                Stream stream) {
+  impl_->require_no_dense("append_device");
   impl_->append_runs({{seq, n_tokens}}, k, v, DType::f32, stream);
 }
 
 void GpuKvLayer::append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
                                Stream stream) {
+  impl_->require_no_dense("append_device");
   impl_->append_runs({{seq, n_tokens}}, k, v, dtype, stream);
 }
 
@@ -445,6 +565,7 @@ void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, con
 void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, const void* v,
                                      DType dtype, Stream stream) {
   TQ_REQUIRE(n >= 0, "GPU KV layer: batch of ", n, " sequences");
+  impl_->require_no_dense("append_batch_device");
   std::vector<std::pair<int, int>> runs;
   std::vector<char> seen(impl_->len.size(), 0);
   for (int i = 0; i < n; ++i) {
@@ -517,6 +638,7 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
   TQ_REQUIRE(n >= 0, "GPU KV layer: append_records of ", n, " tokens");
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append_records from a null pointer");
+  m.require_no_dense("append_records");
   const int P = m.cfg.page_tokens, H = m.cfg.n_heads_kv;
   for (int t = 0; t < n; ++t)
     for (int h = 0; h < H; ++h) {
@@ -559,11 +681,14 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
 void GpuKvLayer::read_records(int seq, int t0, int n, uint8_t* k, uint8_t* v) const {
   const Impl& m = *impl_;
   m.check_seq(seq);
-  TQ_REQUIRE(t0 >= 0 && n >= 0 && int64_t(t0) + n <= m.len[seq], "GPU KV layer: read_records of tokens [",
-             t0, ", ", int64_t(t0) + n, ") of sequence ", seq, ", which holds ", m.len[seq]);
+  // Token positions: the pages hold n_pre .. n_pre + len - 1.
+  const int n_pre = m.dense[seq].n_pre;
+  TQ_REQUIRE(t0 >= n_pre && n >= 0 && int64_t(t0) + n <= int64_t(n_pre) + m.len[seq],
+             "GPU KV layer: read_records of tokens [", t0, ", ", int64_t(t0) + n, ") of sequence ", seq,
+             ", whose compressed tokens are [", n_pre, ", ", n_pre + m.len[seq], ")");
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: read_records into a null pointer");
-  copy_record_runs(m, seq, t0, n, k, v);
+  copy_record_runs(m, seq, t0 - n_pre, n, k, v);
 }
 
 // The attention parameters of this layer for n_heads_q query heads (without
@@ -579,7 +704,9 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   // Room for the most splits either kernel may plan (decode_attention_tc.cu
   // splits finer than split_pages when few sequences would leave SMs idle).
   const int n_splits = decode_max_splits(layer_params(m, m.pool, n_heads_q));
-  return size_t(m.cfg.max_seqs) * n_heads_q * n_splits * (m.hk.dim + 1) * sizeof(float);
+  // + the dense tokens' part: [max_seqs, n_heads_q] outputs and lse.
+  const int parts = n_splits + (m.has_dense() ? 1 : 0);
+  return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float);
 }
 
 void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
@@ -604,6 +731,26 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   plan_decode_attention(p, m.len.data());
   float* part_o = static_cast<float*>(workspace);
   float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;
+  if (m.has_dense()) {
+    // The dense tokens first (their own small kernel), then the pages, whose
+    // positions start after the prefix and end a full window before the
+    // query (a sequence with pages has a full prefix and window: the layer
+    // has no trim); the merge joins both.
+    DenseTokens dt;
+    dt.k = m.dense_k.as<uint16_t>();
+    dt.v = m.dense_v.as<uint16_t>();
+    dt.state = m.dense_state.as<int>();
+    dt.prefix_slots = m.cfg.dense_prefix;
+    dt.window_slots = m.cfg.dense_window;
+    dt.sinks = params.n_sinks;
+    float* dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
+    float* dense_lse = dense_o + size_t(m.cfg.max_seqs) * n_heads_q * D;
+    launch_decode_dense_part(p, dt, q, dense_o, dense_lse, stream);
+    p.dense_o = dense_o;
+    p.dense_lse = dense_lse;
+    p.window_tail = m.cfg.dense_window;
+    p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
+  }
   launch_decode_attention(p, q, part_o, part_lse, out, lse, stream);
 }
 

@@ -99,6 +99,18 @@ struct DecodeAttentionParams {
   float softcap = 0.0f;
   int window = 0;
   int n_sinks = 0;
+  // Dense tokens outside the pages (GpuKvLayerConfig::dense_window /
+  // dense_prefix). The pages hold positions n_prefix .. n_prefix + len - 1
+  // and window_tail dense tokens follow them, so the query sits at position
+  // len - 1 + window_tail of the page index; n_sinks above is already
+  // counted in page indices (n_sinks - n_prefix).
+  int window_tail = 0;
+  // The dense tokens' attention (launch_decode_dense_part), in the original
+  // (unrotated) domain: [n_seqs, n_heads_q, dim] normalised outputs and
+  // [n_seqs, n_heads_q] lse; the merge adds it after its inverse rotation.
+  // nullptr: no dense part.
+  const float* dense_o = nullptr;
+  const float* dense_lse = nullptr;
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
   int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
@@ -133,6 +145,26 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
 void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
                          const float* partial_lse, float* out, float* lse, CUstream_st* stream,
                          bool overlap = false);
+
+// Attention of one query token per sequence over the dense tokens kept
+// outside the pages: the prefix (positions 0 .. n_pre - 1) and the window
+// ring (positions n_pre + lengths[s] .. , oldest first), both [max_seqs]
+// x [n_prefix_slots + window_slots] x [n_heads_kv, dim] f16 (raw bits) in
+// dk / dv, prefix slots first. state: device [max_seqs, 3] = {n_pre,
+// win_start, win_count}. Causal window / sinks / softcap from p (p.n_sinks
+// and p.window as given by the caller, in true positions: pass the
+// unshifted values in `sinks`). Writes out_o [n_seqs, n_heads_q, dim]
+// (normalised, original domain) and out_lse [n_seqs, n_heads_q] (-inf: no
+// visible dense token).
+struct DenseTokens {
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const int* state = nullptr;
+  int prefix_slots = 0, window_slots = 0;
+  int sinks = 0;  // attention sinks in true positions
+};
+void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
+                              float* out_o, float* out_lse, CUstream_st* stream);
 
 // Tensor-core kernel internals the planner needs (decode_attention_tc.cu).
 int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 16-token tile per warp)
