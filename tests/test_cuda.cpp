@@ -821,9 +821,11 @@ TEST(CudaAttention, MatchesKvCacheAttend) {
 
 // A dense window and prefix (GpuKvLayerConfig::dense_window / dense_prefix)
 // behave as KvCache's: the same records in the pages (bit for bit) for
-// tokens appended in pieces that wrap the ring, and the same attention
-// within 1e-3, sliding window, sinks and softcap included, on both decode
-// kernels; sequences still inside the prefix or the window have no pages.
+// tokens appended in pieces that wrap the ring, from host memory (append)
+// and from device memory (append_device for the prompt, append_batch_device
+// for decode steps of every sequence at once), and the same attention within
+// 1e-3, sliding window, sinks and softcap included, on both decode kernels;
+// sequences still inside the prefix or the window have no pages.
 TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
   TQ_SKIP_WITHOUT_GPU();
   struct Case {
@@ -855,30 +857,64 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
       cfg.dense_window = c.window;
       cfg.dense_prefix = c.prefix;
       cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+      cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // device appends
       const int H = cc.n_heads_kv, d = c.d, g = 4, hq = H * g;
       const size_t row = size_t(H) * d;
       const std::vector<int> lens = {2, 11, 45, 150};
+      std::vector<std::vector<float>> ks, vs;
       for (int s = 0; s < 4; ++s) {
         ASSERT_EQ(cache.add_sequence(), s);
         ASSERT_EQ(layer.add_sequence(), s);
-        const auto k = kv_data(size_t(lens[s] + 5) * H, d, 700 + s), v = kv_data(size_t(lens[s] + 5) * H, d, 800 + s);
-        // In pieces of 7, then the rest, then 5 decode tokens: the ring wraps.
+        ASSERT_EQ(dlayer.add_sequence(), s);
+        ks.push_back(kv_data(size_t(lens[s] + 5) * H, d, 700 + s));
+        vs.push_back(kv_data(size_t(lens[s] + 5) * H, d, 800 + s));
+        const auto& k = ks.back();
+        const auto& v = vs.back();
+        // In pieces of 7, then the rest (decode tokens follow below): the ring wraps.
         int t = 0;
-        for (int piece : {std::min(7, lens[s]), lens[s] - std::min(7, lens[s]), 1, 1, 1, 1, 1}) {
+        for (int piece : {std::min(7, lens[s]), lens[s] - std::min(7, lens[s])}) {
           cache.append(s, 0, k.data() + t * row, v.data() + t * row, piece);
           layer.append(s, k.data() + t * row, v.data() + t * row, piece);
+          if (piece > 0) {
+            cuda::DeviceBuffer dk(piece * row * 4), dv(piece * row * 4);
+            dk.upload(k.data() + t * row, piece * row * 4);
+            dv.upload(v.data() + t * row, piece * row * 4);
+            dlayer.append_device(s, dk.as<float>(), dv.as<float>(), piece);
+          }
           t += piece;
         }
+      }
+      // 5 decode steps, each one token for every sequence (batched on the device layer).
+      const std::vector<int> all = {0, 1, 2, 3};
+      cuda::DeviceBuffer bk(4 * row * 4), bv(4 * row * 4);
+      for (int step = 0; step < 5; ++step) {
+        std::vector<float> kb(4 * row), vb(4 * row);
+        for (int s = 0; s < 4; ++s) {
+          const size_t at = size_t(lens[s] + step) * row;
+          cache.append(s, 0, ks[s].data() + at, vs[s].data() + at, 1);
+          layer.append(s, ks[s].data() + at, vs[s].data() + at, 1);
+          std::copy(ks[s].begin() + at, ks[s].begin() + at + row, kb.begin() + s * row);
+          std::copy(vs[s].begin() + at, vs[s].begin() + at + row, vb.begin() + s * row);
+        }
+        bk.upload(kb.data(), kb.size() * 4);
+        bv.upload(vb.data(), vb.size() * 4);
+        dlayer.append_batch_device(all.data(), 4, bk.as<float>(), bv.as<float>());
+      }
+      for (int s = 0; s < 4; ++s) {
+        const int t = lens[s] + 5;
         ASSERT_EQ(layer.n_tokens(s), cache.n_tokens(s, 0));
+        ASSERT_EQ(dlayer.n_tokens(s), t);
         // The compressed tokens are the same records.
         const int n_pre = std::min(c.prefix, t), n_comp = std::max(0, t - c.prefix - c.window);
         if (n_comp > 0) {
           const size_t kb = cache.k_quantizer(0).bytes_per_vector(), vb = cache.v_quantizer(0).bytes_per_vector();
           std::vector<uint8_t> ck(size_t(n_comp) * H * kb), cv(size_t(n_comp) * H * vb), gk(ck.size()), gv(cv.size());
           cache.read_records(s, 0, n_pre, n_comp, ck.data(), cv.data());
-          layer.read_records(s, n_pre, n_comp, gk.data(), gv.data());
-          EXPECT_EQ(ck, gk) << "K records of sequence " << s;
-          EXPECT_EQ(cv, gv) << "V records of sequence " << s;
+          for (const cuda::GpuKvLayer* l : {&layer, &dlayer}) {
+            l->read_records(s, n_pre, n_comp, gk.data(), gv.data());
+            EXPECT_EQ(ck, gk) << "K records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
+            EXPECT_EQ(cv, gv) << "V records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
+          }
         }
       }
       const size_t nq = size_t(4) * hq * d;
@@ -891,10 +927,11 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
       AttentionParams capped;
       capped.softcap = 5.0f;
       capped.scale = 0.2f;
+      for (const cuda::GpuKvLayer* l : {&layer, &dlayer})
       for (const AttentionParams& ap : {AttentionParams{}, sliding, capped}) {
         std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()), lse(size_t(4) * hq);
         dout.upload(out.data(), nq * 4);
-        layer.attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
+        l->attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
         dout.download(out.data(), nq * 4);
         dlse.download(lse.data(), lse.size() * 4);
         for (int s = 0; s < 4; ++s) {
@@ -911,19 +948,29 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
   cuda::set_decode_kernel_override(cuda::DecodeKernel::automatic);
   std::printf("dense window and prefix: worst normalised error vs KvCache %.3g\n", worst);
 
-  // What is not supported yet refuses clearly.
+  // Refusals leave the sequence unchanged; records cannot enter a layer whose
+  // first and newest tokens are dense.
   KvCacheConfig cc = KvCacheConfig::from_preset("turbo4", 1, 1, 128);
   KvCache cache(cc);
   cuda::GpuKvLayerConfig cfg;
   cfg.dense_window = 4;
   cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
   layer.add_sequence();
-  cuda::DeviceBuffer buf(128 * 4);
-  EXPECT_THROW(layer.append_device(0, buf.as<float>(), buf.as<float>(), 1), Error);
-  std::vector<float> nan_row(128, 1.0f);
+  std::vector<float> ok_rows(3 * 128, 0.5f), nan_row(128, 1.0f), big_row(128, 1.0f);
   nan_row[7] = std::numeric_limits<float>::quiet_NaN();
-  EXPECT_THROW(layer.append(0, nan_row.data(), nan_row.data(), 1), Error);
-  EXPECT_EQ(layer.n_tokens(0), 0);
+  big_row[9] = 70000.0f;
+  layer.append(0, ok_rows.data(), ok_rows.data(), 3);
+  for (const auto* bad : {&nan_row, &big_row}) {
+    EXPECT_THROW(layer.append(0, bad->data(), bad->data(), 1), Error);
+    cuda::DeviceBuffer buf(128 * 4);
+    buf.upload(bad->data(), 128 * 4);
+    EXPECT_THROW(layer.append_device(0, buf.as<float>(), buf.as<float>(), 1), Error);
+    const int seq0 = 0;
+    EXPECT_THROW(layer.append_batch_device(&seq0, 1, buf.as<float>(), buf.as<float>()), Error);
+    EXPECT_EQ(layer.n_tokens(0), 3);
+  }
+  std::vector<uint8_t> rec(layer.k_record_bytes());
+  EXPECT_THROW(layer.append_records(0, rec.data(), rec.data(), 1), Error);
   cfg.round_to = cuda::DType::bf16;
   EXPECT_THROW(cuda::GpuKvLayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg), Error);
 }

@@ -167,8 +167,9 @@ struct GpuKvLayer::Impl {
   struct DenseSeq {
     int n_pre = 0, win_start = 0, win_count = 0;
   };
-  DeviceBuffer dense_k, dense_v, dense_state;
+  DeviceBuffer dense_k, dense_v, dense_state, dense_in;
   std::vector<DenseSeq> dense;
+  std::vector<int> state_host;  // [max_seqs, 3]: the source of dense_state's async uploads
   bool has_dense() const { return cfg.dense_window > 0 || cfg.dense_prefix > 0; }
   int dense_slots() const { return cfg.dense_prefix + cfg.dense_window; }
   size_t dense_row_bytes() const { return size_t(cfg.n_heads_kv) * hk.dim * 2; }
@@ -177,8 +178,8 @@ struct GpuKvLayer::Impl {
   }
   void require_no_dense(const char* what) const {
     TQ_REQUIRE(!has_dense(), "GPU KV layer: ", what, " with dense_window ", cfg.dense_window,
-               " / dense_prefix ", cfg.dense_prefix,
-               " is not supported yet: append dense-windowed layers with append() from host memory");
+               " / dense_prefix ", cfg.dense_prefix, " is not supported: the newest and first tokens of such a "
+               "layer are dense, not records");
   }
 
   void check_seq(int seq) const {
@@ -344,36 +345,65 @@ struct GpuKvLayer::Impl {
     }
   }
 
-  // append() of a layer with dense tokens, as KvCache::append: the first
-  // dense_prefix tokens of the sequence go to the prefix, the newest
-  // dense_window stay in the ring, and what leaves the ring (oldest first,
-  // then new tokens past the window) is quantized into the pages from its
-  // f16 value in ONE append_runs, the only step that can fail on the device:
-  // a refusal anywhere leaves the sequence unchanged.
-  // k, v: host [n, n_heads_kv, dim] of dtype.
-  void append_dense(int seq, const void* k, const void* v, int n, DType dtype) {
-    const int H = cfg.n_heads_kv, S = cfg.dense_prefix, W = cfg.dense_window;
-    const size_t row = size_t(H) * hk.dim, rb = dense_row_bytes();
-    // Every element rounded to f16 as KvCache's f16 dense format does; what
-    // it refuses is refused here, before anything changes.
-    std::vector<uint16_t> k16(size_t(n) * row), v16(k16.size());
-    for (int key = 1; key >= 0; --key) {
-      const void* src = key ? k : v;
-      uint16_t* dst = key ? k16.data() : v16.data();
-      for (size_t i = 0; i < k16.size(); ++i) {
-        float x;
-        if (dtype == DType::f32) x = static_cast<const float*>(src)[i];
-        else if (dtype == DType::f16) x = half_to_float(static_cast<const uint16_t*>(src)[i]);
-        else x = bf16_to_float(static_cast<const uint16_t*>(src)[i]);
-        TQ_REQUIRE(std::isfinite(x), "GPU KV layer: append refused: token ", i / row, " head ",
-                   (i % row) / hk.dim, " ", key ? "key" : "value", " component ", i % hk.dim, " is ", x,
-                   " (NaN/Inf; the sequence is unchanged)");
-        TQ_REQUIRE(std::fabs(x) <= 65504.0f, "GPU KV layer: append refused: token ", i / row, " ",
-                   key ? "key" : "value", " component ", x,
-                   " exceeds the f16 range of the dense tokens (|x| > 65504)");
-        dst[i] = float_to_half(x);
-      }
+  // Appended K/V (host or device, dtype) as f16 rows in dense_in: K rows
+  // [0, n), V rows [n, 2n). Every element is rounded as KvCache's f16 dense
+  // format rounds it, and what that refuses is refused here, before
+  // anything changes. Synchronous.
+  std::pair<uint8_t*, uint8_t*> to_f16_rows(const void* k, const void* v, int n, DType dtype,
+                                            bool host, cudaStream_t stream) {
+    const size_t row = size_t(cfg.n_heads_kv) * hk.dim, rb = dense_row_bytes(), elems = size_t(n) * row;
+    ensure(dense_in, 2 * size_t(n) * rb + 16);
+    uint8_t* dk = dense_in.as<uint8_t>() + 16;  // [status, pad] first
+    uint8_t* dv = dk + size_t(n) * rb;
+    int* status = dense_in.as<int>();
+    const void* sk = k;
+    const void* sv = v;
+    if (host) {  // the raw input goes up first (into staging), then the same kernel
+      const size_t in = elems * dtype_bytes(dtype);
+      ensure(staging, 2 * in);
+      TQ_CUDA_CHECK(cudaMemcpyAsync(staging.data(), k, in, cudaMemcpyHostToDevice, stream));
+      TQ_CUDA_CHECK(cudaMemcpyAsync(staging.as<uint8_t>() + in, v, in, cudaMemcpyHostToDevice, stream));
+      sk = staging.data();
+      sv = staging.as<uint8_t>() + in;
     }
+    TQ_CUDA_CHECK(cudaMemsetAsync(status, 0, sizeof(int), stream));
+    launch_to_f16_rows(sk, dtype, elems, reinterpret_cast<uint16_t*>(dk), status, stream);
+    launch_to_f16_rows(sv, dtype, elems, reinterpret_cast<uint16_t*>(dv), status, stream);
+    int st = 0;
+    TQ_CUDA_CHECK(cudaMemcpyAsync(&st, status, sizeof(int), cudaMemcpyDeviceToHost, stream));
+    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    TQ_REQUIRE(!(st & kStatusNonFinite),
+               "GPU KV layer: append refused: a key or value has a NaN/Inf component (the sequence is unchanged)");
+    TQ_REQUIRE(!(st & kStatusDenseOverflow),
+               "GPU KV layer: append refused: a key or value component exceeds the f16 range (|x| > 65504) "
+               "of the dense tokens (the sequence is unchanged)");
+    return {dk, dv};
+  }
+
+  void copy_rows(uint8_t* dst, const uint8_t* src, int rows, cudaStream_t stream) const {
+    if (rows > 0)
+      TQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, size_t(rows) * dense_row_bytes(), cudaMemcpyDeviceToDevice, stream));
+  }
+  void upload_state(int seq, const DenseSeq& ds, cudaStream_t stream) {
+    state_host[3 * seq] = ds.n_pre;
+    state_host[3 * seq + 1] = ds.win_start;
+    state_host[3 * seq + 2] = ds.win_count;
+    TQ_CUDA_CHECK(cudaMemcpyAsync(dense_state.as<int>() + 3 * seq, &state_host[3 * seq], 3 * sizeof(int),
+                                  cudaMemcpyHostToDevice, stream));
+  }
+
+  // Appends of a layer with dense tokens, as KvCache::append: a sequence's
+  // first dense_prefix tokens go to the prefix, its newest dense_window stay
+  // in the ring, and what leaves the ring (oldest first, then new tokens past
+  // the window) is quantized into the pages from its f16 row by ONE
+  // append_runs, the only step that can still refuse (an fp16 scale
+  // overflow): a refusal leaves every sequence unchanged.
+  // k, v: [n, n_heads_kv, dim] of dtype, host or device memory.
+  void append_dense(int seq, const void* k, const void* v, int n, DType dtype, bool host,
+                    cudaStream_t stream) {
+    const int S = cfg.dense_prefix, W = cfg.dense_window;
+    const size_t rb = dense_row_bytes();
+    const auto [k16, v16] = to_f16_rows(k, v, n, dtype, host, stream);
     DenseSeq ds = dense[seq];
     const int pre_take = std::min(n, S - ds.n_pre), rest = n - pre_take;
     const int to_main = std::max(0, ds.win_count + rest - W);
@@ -386,43 +416,84 @@ struct GpuKvLayer::Impl {
       uint8_t* sv = sk + bytes;
       for (int i = 0; i < old_to_main;) {  // the ring's oldest tokens: at most two runs
         const int slot = (ds.win_start + i) % W, run = std::min(old_to_main - i, W - slot);
-        TQ_CUDA_CHECK(cudaMemcpy(sk + size_t(i) * rb, dense_row(dense_k, seq, S + slot), run * rb,
-                                 cudaMemcpyDeviceToDevice));
-        TQ_CUDA_CHECK(cudaMemcpy(sv + size_t(i) * rb, dense_row(dense_v, seq, S + slot), run * rb,
-                                 cudaMemcpyDeviceToDevice));
+        copy_rows(sk + size_t(i) * rb, dense_row(dense_k, seq, S + slot), run, stream);
+        copy_rows(sv + size_t(i) * rb, dense_row(dense_v, seq, S + slot), run, stream);
         i += run;
       }
-      TQ_CUDA_CHECK(cudaMemcpy(sk + size_t(old_to_main) * rb, &k16[size_t(pre_take) * row],
-                               size_t(new_to_main) * rb, cudaMemcpyHostToDevice));
-      TQ_CUDA_CHECK(cudaMemcpy(sv + size_t(old_to_main) * rb, &v16[size_t(pre_take) * row],
-                               size_t(new_to_main) * rb, cudaMemcpyHostToDevice));
-      append_runs({{seq, to_main}}, sk, sv, DType::f16, nullptr);
+      copy_rows(sk + size_t(old_to_main) * rb, k16 + size_t(pre_take) * rb, new_to_main, stream);
+      copy_rows(sv + size_t(old_to_main) * rb, v16 + size_t(pre_take) * rb, new_to_main, stream);
+      append_runs({{seq, to_main}}, sk, sv, DType::f16, stream);
     }
     // The dense slots (plain copies: nothing below refuses).
-    if (pre_take > 0) {
-      TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_k, seq, ds.n_pre), k16.data(), size_t(pre_take) * rb,
-                               cudaMemcpyHostToDevice));
-      TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_v, seq, ds.n_pre), v16.data(), size_t(pre_take) * rb,
-                               cudaMemcpyHostToDevice));
-      ds.n_pre += pre_take;
-    }
+    copy_rows(dense_row(dense_k, seq, ds.n_pre), k16, pre_take, stream);
+    copy_rows(dense_row(dense_v, seq, ds.n_pre), v16, pre_take, stream);
+    ds.n_pre += pre_take;
     if (W > 0) {
       ds.win_start = (ds.win_start + old_to_main) % W;
       ds.win_count -= old_to_main;
-      const size_t first = size_t(pre_take + new_to_main);  // input row of the first new window token
+      const size_t first = size_t(pre_take + new_to_main);  // row of the first new window token
       for (int j = 0; j < new_to_win;) {
         const int slot = (ds.win_start + ds.win_count) % W, run = std::min(new_to_win - j, W - slot);
-        TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_k, seq, S + slot), &k16[(first + j) * row], run * rb,
-                                 cudaMemcpyHostToDevice));
-        TQ_CUDA_CHECK(cudaMemcpy(dense_row(dense_v, seq, S + slot), &v16[(first + j) * row], run * rb,
-                                 cudaMemcpyHostToDevice));
+        copy_rows(dense_row(dense_k, seq, S + slot), k16 + (first + j) * rb, run, stream);
+        copy_rows(dense_row(dense_v, seq, S + slot), v16 + (first + j) * rb, run, stream);
         ds.win_count += run;
         j += run;
       }
     }
-    const int state[3] = {ds.n_pre, ds.win_start, ds.win_count};
-    TQ_CUDA_CHECK(cudaMemcpy(dense_state.as<int>() + 3 * seq, state, sizeof state, cudaMemcpyHostToDevice));
+    upload_state(seq, ds, stream);
+    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
     dense[seq] = ds;
+  }
+
+  // One decode token for each of the sequences (distinct), device input:
+  // per sequence the prefix, the ring, or (ring full) the ring's oldest
+  // token to the pages and the new one into its slot.
+  void append_batch_dense(const int* seqs, int n, const void* k, const void* v, DType dtype,
+                          cudaStream_t stream) {
+    const int S = cfg.dense_prefix, W = cfg.dense_window;
+    const size_t rb = dense_row_bytes();
+    const auto [k16, v16] = to_f16_rows(k, v, n, dtype, false, stream);
+    ensure(staging, 2 * size_t(std::max(n, 1)) * rb);
+    uint8_t* sk = staging.as<uint8_t>();
+    uint8_t* sv = sk + size_t(n) * rb;
+    std::vector<std::pair<int, int>> runs;
+    std::vector<DenseSeq> next(n);
+    for (int i = 0; i < n; ++i) {  // the rows bound for the pages, in run order
+      const DenseSeq& ds = dense[seqs[i]];
+      const bool to_main = ds.n_pre >= S && ds.win_count >= W;
+      if (!to_main) continue;
+      const uint8_t* srck = W > 0 ? dense_row(dense_k, seqs[i], S + ds.win_start) : k16 + size_t(i) * rb;
+      const uint8_t* srcv = W > 0 ? dense_row(dense_v, seqs[i], S + ds.win_start) : v16 + size_t(i) * rb;
+      copy_rows(sk + runs.size() * rb, srck, 1, stream);
+      copy_rows(sv + runs.size() * rb, srcv, 1, stream);
+      runs.emplace_back(seqs[i], 1);
+    }
+    // append_runs reads the staging rows in the same order (row = position in runs).
+    if (!runs.empty()) append_runs(runs, sk, sv, DType::f16, stream);
+    for (int i = 0; i < n; ++i) {
+      const int s = seqs[i];
+      DenseSeq ds = dense[s];
+      int slot = -1;
+      if (ds.n_pre < S) {
+        slot = ds.n_pre++;
+      } else if (W > 0) {
+        if (ds.win_count < W) {
+          slot = S + (ds.win_start + ds.win_count) % W;
+          ++ds.win_count;
+        } else {  // the oldest went to the pages above; the new token takes its slot
+          slot = S + ds.win_start;
+          ds.win_start = (ds.win_start + 1) % W;
+        }
+      }
+      if (slot >= 0) {
+        copy_rows(dense_row(dense_k, s, slot), k16 + size_t(i) * rb, 1, stream);
+        copy_rows(dense_row(dense_v, s, slot), v16 + size_t(i) * rb, 1, stream);
+      }
+      upload_state(s, ds, stream);
+      next[i] = ds;
+    }
+    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (int i = 0; i < n; ++i) dense[seqs[i]] = next[i];
   }
 };
 
@@ -493,6 +564,7 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
     m.dense_v = DeviceBuffer(bytes);
     m.dense_state = DeviceBuffer(size_t(cfg.max_seqs) * 3 * sizeof(int));
     TQ_CUDA_CHECK(cudaMemset(m.dense_state.data(), 0, m.dense_state.size()));
+    m.state_host.assign(size_t(cfg.max_seqs) * 3, 0);
   }
 }
 
@@ -536,7 +608,7 @@ void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DTy
   const size_t n = size_t(n_tokens) * m.cfg.n_heads_kv * m.hk.dim * dtype_bytes(dtype);
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append of ", n_tokens, " tokens from a null pointer");
-  if (m.has_dense()) return m.append_dense(seq, k, v, n_tokens, dtype);
+  if (m.has_dense()) return m.append_dense(seq, k, v, n_tokens, dtype, true, nullptr);
   m.ensure(m.staging, 2 * n);  // cudaMalloc'd: aligned, so append_runs does not copy it again
   uint8_t* d = m.staging.as<uint8_t>();
   TQ_CUDA_CHECK(cudaMemcpy(d, k, n, cudaMemcpyHostToDevice));
@@ -546,14 +618,20 @@ void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DTy
 
 void GpuKvLayer::append_device(int seq, const float* k, const float* v, int n_tokens,
                                Stream stream) {
-  impl_->require_no_dense("append_device");
-  impl_->append_runs({{seq, n_tokens}}, k, v, DType::f32, stream);
+  append_device(seq, static_cast<const void*>(k), static_cast<const void*>(v), n_tokens, DType::f32, stream);
 }
 
 void GpuKvLayer::append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
                                Stream stream) {
-  impl_->require_no_dense("append_device");
-  impl_->append_runs({{seq, n_tokens}}, k, v, dtype, stream);
+  Impl& m = *impl_;
+  if (m.has_dense()) {
+    m.check_seq(seq);
+    TQ_REQUIRE(n_tokens >= 0, "GPU KV layer: append of ", n_tokens, " tokens");
+    if (n_tokens == 0) return;
+    TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append of ", n_tokens, " tokens from a null pointer");
+    return m.append_dense(seq, k, v, n_tokens, dtype, false, stream);
+  }
+  m.append_runs({{seq, n_tokens}}, k, v, dtype, stream);
 }
 
 void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, const float* v,
@@ -565,7 +643,6 @@ void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, con
 void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, const void* v,
                                      DType dtype, Stream stream) {
   TQ_REQUIRE(n >= 0, "GPU KV layer: batch of ", n, " sequences");
-  impl_->require_no_dense("append_batch_device");
   std::vector<std::pair<int, int>> runs;
   std::vector<char> seen(impl_->len.size(), 0);
   for (int i = 0; i < n; ++i) {
@@ -573,6 +650,11 @@ void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, cons
     TQ_REQUIRE(!seen[seqs[i]], "GPU KV layer: sequence ", seqs[i], " appears twice in a batch");
     seen[seqs[i]] = 1;
     runs.emplace_back(seqs[i], 1);
+  }
+  if (impl_->has_dense()) {
+    if (n == 0) return;
+    TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: batch append from a null pointer");
+    return impl_->append_batch_dense(seqs, n, k, v, dtype, stream);
   }
   impl_->append_runs(runs, k, v, dtype, stream);
 }

@@ -25,6 +25,12 @@ namespace tq::cuda {
 // its input to f16, which KvCache's f16 dense format refuses too.
 constexpr int kStatusDenseOverflow = 4;
 
+// src/cuda/dense_rows.cu: n elements of src (dtype) rounded to f16 bits as
+// src/util/half.cpp rounds them; ORs kStatusNonFinite / kStatusDenseOverflow
+// (|x| > 65504) into *status (device).
+void launch_to_f16_rows(const void* src, DType dtype, size_t n, uint16_t* dst, int* status,
+                        CUstream_st* stream);
+
 constexpr int kAppendThreads = 128;  // threads per block of the append kernel
 
 // Elements of one vector per thread (the FWHT runs in registers) and threads
