@@ -99,9 +99,9 @@ struct GpuKvLayerConfig {
   // stay in f16 outside the pages (needs round_to f16, KvCache's default
   // dense format) and attend() joins them through the merge; a token leaving
   // the window is quantized into the pages from its f16 value, so the records
-  // are those of a KvCache with the same window and prefix. With either set,
-  // tokens arrive through append() (host memory); the device-memory appends
-  // and append_records refuse (not supported yet).
+  // are those of a KvCache with the same window and prefix (every append
+  // path; append_records refuses: such a layer's first and newest tokens are
+  // dense, not records).
   int dense_window = 0;
   int dense_prefix = 0;
 };
