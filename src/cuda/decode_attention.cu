@@ -317,11 +317,14 @@ __global__ void __launch_bounds__(D)
 }
 
 // The dense tokens (prefix + window ring, f16) of one (query head, sequence)
-// per block of D threads: warps score tokens (one token per warp at a time,
-// lanes over the dimensions), then an online softmax over chunks of
-// kDenseChunk tokens, thread i accumulating output coordinate i. Small (at
-// most prefix + window tokens), so plain fp32 CUDA-core code.
-constexpr int kDenseChunk = 128;
+// per block of D threads, in chunks of kDenseChunk tokens: the chunk's K and
+// V rows are first staged in shared memory by all threads at once (many
+// independent loads in flight: a first version read V from global memory in
+// the accumulation loop, one dependent load per token, and cost ~70 us per
+// call at 132 tokens), then warps score tokens, then an online softmax with
+// thread i accumulating output coordinate i. At most prefix + window
+// tokens, so plain fp32 CUDA-core code.
+constexpr int kDenseChunk = 32;
 
 template <int D>
 __global__ void __launch_bounds__(D)
@@ -329,6 +332,7 @@ __global__ void __launch_bounds__(D)
                              float* __restrict__ out_o, float* __restrict__ out_lse) {
   __shared__ float qs[D];
   __shared__ float sc[kDenseChunk];
+  __shared__ uint16_t kst[kDenseChunk * D], vst[kDenseChunk * D];
   const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
   const int n_heads_q = p.n_heads_kv * p.group, hkv = hq / p.group;
   const int warp = i / 32, lane = i % 32;
@@ -338,19 +342,41 @@ __global__ void __launch_bounds__(D)
   const int q_pos = n_pre + n_main + win_count - 1;
   const int slots = dt.prefix_slots + dt.window_slots;
   const size_t row = size_t(p.n_heads_kv) * D;
+  // Token t of the dense part: prefix tokens, then the window oldest first.
+  auto slot_of = [&](int t) {
+    return t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
+  };
   qs[i] = q[(size_t(seq) * n_heads_q + hq) * D + i];
   float m = kNegInf, l = 0.0f, o = 0.0f;
-  __syncthreads();
   for (int c0 = 0; c0 < n; c0 += kDenseChunk) {
     const int cn = min(kDenseChunk, n - c0);
+    {
+      // All of the chunk's loads first (registers), then the shared stores:
+      // interleaved, the compiler cannot move a generic-pointer load past a
+      // shared store and each row would wait for the one before.
+      uint16_t kr[kDenseChunk], vr[kDenseChunk];
+#pragma unroll
+      for (int j = 0; j < kDenseChunk; ++j)
+        if (j < cn) {
+          const size_t base = (size_t(seq) * slots + slot_of(c0 + j)) * row + size_t(hkv) * D + i;
+          kr[j] = __ldg(dt.k + base);
+          vr[j] = __ldg(dt.v + base);
+        }
+#pragma unroll
+      for (int j = 0; j < kDenseChunk; ++j)
+        if (j < cn) {
+          kst[j * D + i] = kr[j];
+          vst[j * D + i] = vr[j];
+        }
+    }
+    __syncthreads();
     for (int j = warp; j < cn; j += D / 32) {
-      const int t = c0 + j;  // prefix tokens, then the window oldest first
-      const int slot = t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
+      const int t = c0 + j;
       const int pos = t < n_pre ? t : n_pre + n_main + (t - n_pre);
       const bool live = pos < dt.sinks || p.window <= 0 || q_pos - pos < p.window;
-      const uint16_t* kr = dt.k + (size_t(seq) * slots + slot) * row + size_t(hkv) * D;
       float s = 0.0f;
-      for (int e = lane; e < D; e += 32) s += qs[e] * __half2float(__ushort_as_half(kr[e]));
+#pragma unroll
+      for (int e = lane; e < D; e += 32) s += qs[e] * __half2float(__ushort_as_half(kst[j * D + e]));
 #pragma unroll
       for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
       if (lane == 0) {
@@ -360,11 +386,8 @@ __global__ void __launch_bounds__(D)
       }
     }
     __syncthreads();
-    float mx = kNegInf;
-    for (int j = lane; j < cn; j += 32) mx = fmaxf(mx, sc[j]);
-#pragma unroll
-    for (int off = 16; off >= 1; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    // every warp computes the same chunk max (all read all of sc)
+    float mx = kNegInf;  // every thread reads the whole chunk: the same max everywhere
+    for (int j = 0; j < cn; ++j) mx = fmaxf(mx, sc[j]);
     const float m_new = fmaxf(m, mx);
     if (m_new != kNegInf) {
       const float cr = m == kNegInf ? 0.0f : expf(m - m_new);
@@ -374,13 +397,11 @@ __global__ void __launch_bounds__(D)
         if (sc[j] == kNegInf) continue;
         const float w = expf(sc[j] - m_new);
         l += w;
-        const int t = c0 + j;
-        const int slot = t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
-        o += w * __half2float(__ushort_as_half(dt.v[(size_t(seq) * slots + slot) * row + size_t(hkv) * D + i]));
+        o += w * __half2float(__ushort_as_half(vst[j * D + i]));
       }
       m = m_new;
     }
-    __syncthreads();  // sc is rewritten by the next chunk
+    __syncthreads();  // the staging and sc are rewritten by the next chunk
   }
   const size_t r = size_t(seq) * n_heads_q + hq;
   out_o[r * D + i] = l > 0.0f ? o / l : 0.0f;

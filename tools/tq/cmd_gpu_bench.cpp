@@ -58,6 +58,7 @@ struct Args {
   int split_pages = 0;       // 0: enough splits to fill the device
   int append_tokens = 131072;
   int append_runs = 10;
+  int dense_window = 0, dense_prefix = 0;  // the layer's dense tokens (GpuKvLayerConfig)
   bool no_append = false;
   uint64_t seed = 1;
   bool json_out = false;
@@ -341,6 +342,8 @@ class Bench {
       cfg.page_tokens = P;
       cfg.max_seqs = batch;
       cfg.max_pages_per_seq = pages;
+      cfg.dense_window = a_.dense_window;
+      cfg.dense_prefix = a_.dense_prefix;
       if (a_.split_pages > 0) {
         cfg.split_pages = a_.split_pages;
       } else {  // about 4 blocks per SM across (split, kv head, sequence)
@@ -365,7 +368,11 @@ class Bench {
       r["record_bytes_per_token_head"] = rec;
       r["fill_s"] = fill_s;
       r["finite"] = all_finite(out, q_bytes / 4);
-      finish_row(r, ms, double(batch) * context * Hkv * rec + q_bytes);
+      r["dense_window"] = a_.dense_window;
+      r["dense_prefix"] = a_.dense_prefix;
+      // Dense tokens are read as f16 K and V rows (4 * D bytes per token and head).
+      const double n_dense = std::min<double>(context, a_.dense_window + a_.dense_prefix);
+      finish_row(r, ms, double(batch) * Hkv * ((context - n_dense) * rec + n_dense * 4.0 * D) + q_bytes);
       rows_.push_back(std::move(r));
     }
   }
@@ -527,6 +534,12 @@ Runner add_gpu_bench(CLI::App& app) {
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
   sub->add_flag("--no-append", a->no_append, "Skip the quantize-append timing");
+  sub->add_option("--dense-window", a->dense_window,
+                  "Newest tokens each compressed layer keeps dense (GpuKvLayerConfig::dense_window)")
+      ->check(CLI::Range(0, 1 << 20))->capture_default_str();
+  sub->add_option("--dense-prefix", a->dense_prefix,
+                  "First tokens each compressed layer keeps dense (GpuKvLayerConfig::dense_prefix)")
+      ->check(CLI::Range(0, 1 << 20))->capture_default_str();
   sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
   sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append)");
   sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
