@@ -308,7 +308,8 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
   const int n_pages = (s.n_main + P - 1) / P;
   const int want_tasks = std::max(1, threads <= 0 ? hardware_threads() : threads) * 2;
   const int splits = std::max(1, std::min(n_pages, (want_tasks + H - 1) / H));
-  const int parts = splits + 2;  // + window + prefix
+  // + window, + prefix only when it holds tokens (no empty task on the hot path)
+  const int parts = splits + 1 + (s.n_pre > 0 ? 1 : 0);
   const int pos0 = s.n_pre;
   std::vector<float> part_out(size_t(H) * parts * g * d);
   std::vector<float> part_lse(size_t(H) * parts * g, kEmptyLse);
@@ -339,9 +340,8 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
       std::vector<float> qp(size_t(g) * kd.query_floats());
       kd.prepare_queries(qh, g, qp.data());
       OnlineSoftmax st(g, vd.acc_floats());
-      if (s.n_pre > 0)
-        attend_records(kd, vd, qp.data(), g, impl_->pre_rec(s.pre_k, h, 0), db,
-                       impl_->pre_rec(s.pre_v, h, 0), db, s.n_pre, 0, q_pos, params, st);
+      attend_records(kd, vd, qp.data(), g, impl_->pre_rec(s.pre_k, h, 0), db,
+                     impl_->pre_rec(s.pre_v, h, 0), db, s.n_pre, 0, q_pos, params, st);
       st.finish(vd, po, pl);
     } else {
       std::vector<float> qp(size_t(g) * kd.query_floats());
