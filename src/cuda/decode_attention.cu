@@ -323,7 +323,9 @@ __global__ void __launch_bounds__(D)
 // the accumulation loop, one dependent load per token, and cost ~70 us per
 // call at 132 tokens), then warps score tokens, then an online softmax with
 // thread i accumulating output coordinate i. At most prefix + window
-// tokens, so plain fp32 CUDA-core code.
+// tokens, so plain fp32 CUDA-core code -- and still far too slow: ~51 us at
+// 132 tokens (ncu, docs/kernel-notes.md), latency-bound with one block per
+// query head walking its chunks serially; to be split over warps and blocks.
 constexpr int kDenseChunk = 32;
 
 template <int D>
