@@ -829,13 +829,18 @@ TEST(CudaAttention, MatchesKvCacheAttend) {
 TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
   TQ_SKIP_WITHOUT_GPU();
   struct Case {
-    int window, prefix, d;
+    int window, prefix, d, group;
   };
   double worst = 0;
-  for (const Case c : {Case{16, 4, 128}, Case{0, 3, 128}, Case{8, 0, 256}, Case{5, 2, 64}})
+  // The last two put the dense part over two token splits (64 tokens per
+  // block at d 128, 32 at d 256) and, at group 16 and d 256, two blocks of
+  // query heads.
+  for (const Case c : {Case{16, 4, 128, 4}, Case{0, 3, 128, 4}, Case{8, 0, 256, 4}, Case{5, 2, 64, 4},
+                       Case{40, 3, 256, 16}, Case{70, 4, 128, 8}})
     for (const auto kernel : {cuda::DecodeKernel::automatic, cuda::DecodeKernel::reference}) {
       SCOPED_TRACE("window " + std::to_string(c.window) + " prefix " + std::to_string(c.prefix) + " d " +
-                   std::to_string(c.d) + " kernel " + cuda::to_string(kernel));
+                   std::to_string(c.d) + " group " + std::to_string(c.group) + " kernel " +
+                   cuda::to_string(kernel));
       cuda::set_decode_kernel_override(kernel);
       KvCacheConfig cc;
       cc.n_layers = 1;
@@ -858,7 +863,7 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
       cfg.dense_prefix = c.prefix;
       cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
       cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // device appends
-      const int H = cc.n_heads_kv, d = c.d, g = 4, hq = H * g;
+      const int H = cc.n_heads_kv, d = c.d, g = c.group, hq = H * g;
       const size_t row = size_t(H) * d;
       const std::vector<int> lens = {2, 11, 45, 150};
       std::vector<std::vector<float>> ks, vs;

@@ -299,123 +299,28 @@ __global__ void __launch_bounds__(D)
   block_fwht<D>(x, 1, p.v.post_scale);
   float val = x[i] * p.v.signs[i];
   float ls = mx == kNegInf ? kNegInf : mx + logf(sum);
-  if (p.dense_o != nullptr) {  // join the dense tokens' part (original domain)
-    const size_t r = size_t(seq) * n_heads_q + hq;
-    const float ld = p.dense_lse[r];
-    const float M = fmaxf(ls, ld);
+  if (p.dense_o != nullptr) {  // join the dense tokens' splits (original domain)
+    const size_t r = (size_t(seq) * n_heads_q + hq) * p.dense_splits;
+    float M = ls;
+    for (int s = 0; s < p.dense_splits; ++s) M = fmaxf(M, p.dense_lse[r + s]);
     if (M == kNegInf) {
       val = 0.0f;
     } else {
-      const float wc = ls == kNegInf ? 0.0f : expf(ls - M);
-      const float wd = ld == kNegInf ? 0.0f : expf(ld - M);
-      val = (wc * val + wd * p.dense_o[r * D + i]) / (wc + wd);
-      ls = M + logf(wc + wd);
+      float w = ls == kNegInf ? 0.0f : expf(ls - M);
+      float acc = w * val, sum = w;
+      for (int s = 0; s < p.dense_splits; ++s) {
+        const float ld = p.dense_lse[r + s];
+        if (ld == kNegInf) continue;  // an empty split's output is 0, never NaN
+        w = expf(ld - M);
+        acc += w * p.dense_o[(r + s) * D + i];
+        sum += w;
+      }
+      val = acc / sum;
+      ls = M + logf(sum);
     }
   }
   out[(size_t(seq) * n_heads_q + hq) * D + i] = val;
   if (lse != nullptr && i == 0) lse[size_t(seq) * n_heads_q + hq] = ls;
-}
-
-// The dense tokens (prefix + window ring, f16) of one (query head, sequence)
-// per block of D threads, in chunks of kDenseChunk tokens: the chunk's K and
-// V rows are first staged in shared memory by all threads at once (many
-// independent loads in flight: a first version read V from global memory in
-// the accumulation loop, one dependent load per token, and cost ~70 us per
-// call at 132 tokens), then warps score tokens, then an online softmax with
-// thread i accumulating output coordinate i. At most prefix + window
-// tokens, so plain fp32 CUDA-core code -- and still far too slow: ~51 us at
-// 132 tokens (ncu, docs/kernel-notes.md), latency-bound with one block per
-// query head walking its chunks serially; to be split over warps and blocks.
-constexpr int kDenseChunk = 32;
-
-template <int D>
-__global__ void __launch_bounds__(D)
-    decode_dense_part_kernel(DecodeAttentionParams p, DenseTokens dt, const float* __restrict__ q,
-                             float* __restrict__ out_o, float* __restrict__ out_lse) {
-  __shared__ float qs[D];
-  __shared__ float sc[kDenseChunk];
-  __shared__ uint16_t kst[kDenseChunk * D], vst[kDenseChunk * D];
-  const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
-  const int n_heads_q = p.n_heads_kv * p.group, hkv = hq / p.group;
-  const int warp = i / 32, lane = i % 32;
-  const int n_pre = dt.state[seq * 3], win_start = dt.state[seq * 3 + 1], win_count = dt.state[seq * 3 + 2];
-  const int n_main = p.lengths[seq];
-  const int n = n_pre + win_count;
-  const int q_pos = n_pre + n_main + win_count - 1;
-  const int slots = dt.prefix_slots + dt.window_slots;
-  const size_t row = size_t(p.n_heads_kv) * D;
-  // Token t of the dense part: prefix tokens, then the window oldest first.
-  auto slot_of = [&](int t) {
-    return t < n_pre ? t : dt.prefix_slots + (win_start + (t - n_pre)) % dt.window_slots;
-  };
-  qs[i] = q[(size_t(seq) * n_heads_q + hq) * D + i];
-  float m = kNegInf, l = 0.0f, o = 0.0f;
-  for (int c0 = 0; c0 < n; c0 += kDenseChunk) {
-    const int cn = min(kDenseChunk, n - c0);
-    {
-      // All of the chunk's loads first (registers), then the shared stores:
-      // interleaved, the compiler cannot move a generic-pointer load past a
-      // shared store and each row would wait for the one before.
-      uint16_t kr[kDenseChunk], vr[kDenseChunk];
-#pragma unroll
-      for (int j = 0; j < kDenseChunk; ++j)
-        if (j < cn) {
-          const size_t base = (size_t(seq) * slots + slot_of(c0 + j)) * row + size_t(hkv) * D + i;
-          kr[j] = __ldg(dt.k + base);
-          vr[j] = __ldg(dt.v + base);
-        }
-#pragma unroll
-      for (int j = 0; j < kDenseChunk; ++j)
-        if (j < cn) {
-          kst[j * D + i] = kr[j];
-          vst[j * D + i] = vr[j];
-        }
-    }
-    __syncthreads();
-    for (int j = warp; j < cn; j += D / 32) {
-      const int t = c0 + j;
-      const int pos = t < n_pre ? t : n_pre + n_main + (t - n_pre);
-      const bool live = pos < dt.sinks || p.window <= 0 || q_pos - pos < p.window;
-      float s = 0.0f;
-#pragma unroll
-      for (int e = lane; e < D; e += 32) s += qs[e] * __half2float(__ushort_as_half(kst[j * D + e]));
-#pragma unroll
-      for (int off = 16; off >= 1; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-      if (lane == 0) {
-        float logit = s * p.sm_scale;
-        if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
-        sc[j] = live ? logit : kNegInf;
-      }
-    }
-    __syncthreads();
-    float mx = kNegInf;  // every thread reads the whole chunk: the same max everywhere
-    for (int j = 0; j < cn; ++j) mx = fmaxf(mx, sc[j]);
-    const float m_new = fmaxf(m, mx);
-    if (m_new != kNegInf) {
-      const float cr = m == kNegInf ? 0.0f : expf(m - m_new);
-      l *= cr;
-      o *= cr;
-      for (int j = 0; j < cn; ++j) {
-        if (sc[j] == kNegInf) continue;
-        const float w = expf(sc[j] - m_new);
-        l += w;
-        o += w * __half2float(__ushort_as_half(vst[j * D + i]));
-      }
-      m = m_new;
-    }
-    __syncthreads();  // the staging and sc are rewritten by the next chunk
-  }
-  const size_t r = size_t(seq) * n_heads_q + hq;
-  out_o[r * D + i] = l > 0.0f ? o / l : 0.0f;
-  if (i == 0) out_lse[r] = l > 0.0f ? m + logf(l) : kNegInf;
-}
-
-template <int D>
-void launch_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
-                       float* out_o, float* out_lse, cudaStream_t stream) {
-  decode_dense_part_kernel<D><<<dim3(p.n_heads_kv * p.group, p.n_seqs), D, 0, stream>>>(p, dt, q, out_o,
-                                                                                        out_lse);
-  TQ_CUDA_CHECK(cudaGetLastError());
 }
 
 template <int D>
@@ -532,17 +437,6 @@ void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
     case 64: return launch_merge<64>(p, partial_o, partial_lse, out, lse, stream, overlap);
     case 128: return launch_merge<128>(p, partial_o, partial_lse, out, lse, stream, overlap);
     case 256: return launch_merge<256>(p, partial_o, partial_lse, out, lse, stream, overlap);
-  }
-  TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
-}
-
-void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
-                              float* out_o, float* out_lse, CUstream_st* stream) {
-  if (p.n_seqs == 0) return;
-  switch (p.k.dim) {
-    case 64: return launch_dense_part<64>(p, dt, q, out_o, out_lse, stream);
-    case 128: return launch_dense_part<128>(p, dt, q, out_o, out_lse, stream);
-    case 256: return launch_dense_part<256>(p, dt, q, out_o, out_lse, stream);
   }
   TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
 }

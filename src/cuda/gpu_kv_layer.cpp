@@ -786,8 +786,9 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   // Room for the most splits either kernel may plan (decode_attention_tc.cu
   // splits finer than split_pages when few sequences would leave SMs idle).
   const int n_splits = decode_max_splits(layer_params(m, m.pool, n_heads_q));
-  // + the dense tokens' part: [max_seqs, n_heads_q] outputs and lse.
-  const int parts = n_splits + (m.has_dense() ? 1 : 0);
+  // + the dense tokens' splits: [max_seqs, n_heads_q, dense splits] outputs and lse.
+  const int parts =
+      n_splits + decode_dense_part_splits(m.hk.dim, m.cfg.dense_prefix + m.cfg.dense_window);
   return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float);
 }
 
@@ -825,8 +826,9 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
     dt.prefix_slots = m.cfg.dense_prefix;
     dt.window_slots = m.cfg.dense_window;
     dt.sinks = params.n_sinks;
+    p.dense_splits = decode_dense_part_splits(D, dt.prefix_slots + dt.window_slots);
     float* dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
-    float* dense_lse = dense_o + size_t(m.cfg.max_seqs) * n_heads_q * D;
+    float* dense_lse = dense_o + size_t(m.cfg.max_seqs) * n_heads_q * p.dense_splits * D;
     launch_decode_dense_part(p, dt, q, dense_o, dense_lse, stream);
     p.dense_o = dense_o;
     p.dense_lse = dense_lse;

@@ -109,8 +109,11 @@ struct DecodeAttentionParams {
   // (unrotated) domain: [n_seqs, n_heads_q, dim] normalised outputs and
   // [n_seqs, n_heads_q] lse; the merge adds it after its inverse rotation.
   // nullptr: no dense part.
+  // [n_seqs, n_heads_q, dense_splits, dim] and [n_seqs, n_heads_q,
+  // dense_splits] with dense_splits = decode_dense_part_splits(...).
   const float* dense_o = nullptr;
   const float* dense_lse = nullptr;
+  int dense_splits = 0;
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
   int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
@@ -153,9 +156,11 @@ void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
 // dk / dv, prefix slots first. state: device [max_seqs, 3] = {n_pre,
 // win_start, win_count}. Causal window / sinks / softcap from p (p.n_sinks
 // and p.window as given by the caller, in true positions: pass the
-// unshifted values in `sinks`). Writes out_o [n_seqs, n_heads_q, dim]
-// (normalised, original domain) and out_lse [n_seqs, n_heads_q] (-inf: no
-// visible dense token).
+// unshifted values in `sinks`). Splits the tokens over p.dense_splits
+// blocks (= decode_dense_part_splits(dim, prefix_slots + window_slots))
+// and writes out_o [n_seqs, n_heads_q, dense_splits, dim] (normalised,
+// original domain) and out_lse [n_seqs, n_heads_q, dense_splits] (-inf: no
+// visible dense token in that split).
 struct DenseTokens {
   const uint16_t* k = nullptr;
   const uint16_t* v = nullptr;
@@ -165,6 +170,8 @@ struct DenseTokens {
 };
 void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
                               float* out_o, float* out_lse, CUstream_st* stream);
+// Dense-part splits for head_dim and prefix + window slots (0: none).
+int decode_dense_part_splits(int head_dim, int dense_slots);
 
 // Tensor-core kernel internals the planner needs (decode_attention_tc.cu).
 int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 16-token tile per warp)
