@@ -302,6 +302,7 @@ __global__ void __launch_bounds__(D)
   if (p.dense_o != nullptr) {  // join the dense tokens' splits (original domain)
     const size_t r = (size_t(seq) * n_heads_q + hq) * p.dense_splits;
     float M = ls;
+#pragma unroll 4
     for (int s = 0; s < p.dense_splits; ++s) M = fmaxf(M, p.dense_lse[r + s]);
     if (M == kNegInf) {
       val = 0.0f;
@@ -357,6 +358,7 @@ void launch_ref(const DecodeAttentionParams& p, const float* q, float* part_o, f
   const dim3 grid(p.n_splits, p.n_heads_kv, p.n_seqs);
   decode_split_kernel<D><<<grid, kThreads, smem, stream>>>(p, q, part_o, part_lse);
   TQ_CUDA_CHECK_LAUNCH();
+  if (p.dense_o != nullptr) launch_decode_dense_part(p, q, stream, false);
   launch_merge<D>(p, part_o, part_lse, out, lse, stream, false);
 }
 

@@ -879,8 +879,12 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse);
   TQ_CUDA_CHECK_LAUNCH();
   // Overlap only where the sm_90 machine code runs (it has the trigger and the
-  // wait); JIT-compiled compute_80 code on a newer GPU has neither.
-  launch_decode_merge(p, partial_o, partial_lse, out, lse, stream, tc_cc_major() == 9);
+  // wait); JIT-compiled compute_80 code on a newer GPU has neither. The
+  // dense tokens' part, if any, sits between the two: it needs nothing of
+  // this kernel, so it runs on the SMs this one leaves free.
+  const bool overlap = tc_cc_major() == 9;
+  if (p.dense_o != nullptr) launch_decode_dense_part(p, q, stream, overlap);
+  launch_decode_merge(p, partial_o, partial_lse, out, lse, stream, overlap);
 }
 
 }  // namespace tq::cuda

@@ -57,8 +57,7 @@ __device__ __forceinline__ float2 half2_bits_to_float2(unsigned u) {
 
 template <int D>
 __global__ void __launch_bounds__(kThreads)
-    decode_dense_part_kernel(DecodeAttentionParams p, DenseTokens dt, const float* __restrict__ q,
-                             float* __restrict__ out_o, float* __restrict__ out_lse) {
+    decode_dense_part_kernel(DecodeAttentionParams p, const float* __restrict__ q) {
   constexpr int C = kChunk<D>, HB = kHeads<D>, kOut = HB * D / kThreads;
   // K rows padded by 16 bytes: a warp's threads read 16-byte pieces of 32
   // different rows at the same column, and the pad spreads them over the banks.
@@ -69,6 +68,14 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float sc[HB * C];  // logits, then weights
   __shared__ float s_m[HB], s_l[HB];
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the page kernel (sm_90): the
+  // merge may launch at once too; it waits on the device for this grid.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  const DenseTokens& dt = p.dense;
+  float* __restrict__ out_o = p.dense_o;
+  float* __restrict__ out_lse = p.dense_lse;
   const int n_hblocks = (p.group + HB - 1) / HB;
   const int hkv = blockIdx.x / n_hblocks, hb = blockIdx.x % n_hblocks;
   const int seq = blockIdx.y, split = blockIdx.z, n_splits = gridDim.z;
@@ -172,15 +179,33 @@ __global__ void __launch_bounds__(kThreads)
     out_o[r * D + d] = l > 0.0f ? (o0 + o1) / l : 0.0f;
     if (d == 0) out_lse[r] = l > 0.0f ? s_m[h] + logf(l) : kNegInf;
   }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge waits for this grid only: it must not finish before the page
+  // kernel's partials are written and visible (a no-op without a primary).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
 }
 
 template <int D>
-void launch_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
-                       float* out_o, float* out_lse, cudaStream_t stream) {
+void launch_dense_part(const DecodeAttentionParams& p, const float* q, cudaStream_t stream,
+                       bool overlap) {
   const int n_hblocks = (p.group + kHeads<D> - 1) / kHeads<D>;
-  const dim3 grid(p.n_heads_kv * n_hblocks, p.n_seqs, p.dense_splits);
-  decode_dense_part_kernel<D><<<grid, kThreads, 0, stream>>>(p, dt, q, out_o, out_lse);
-  TQ_CUDA_CHECK_LAUNCH();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.n_heads_kv * n_hblocks, p.n_seqs, p.dense_splits);
+  cfg.blockDim = dim3(kThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = overlap ? 1 : 0;
+  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_dense_part_kernel<D>, p, q);
+  if (e != cudaSuccess && overlap) {  // the overlap is an optimisation: retry as a plain launch
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    e = cudaLaunchKernelEx(&cfg, decode_dense_part_kernel<D>, p, q);
+  }
+  TQ_CUDA_CHECK(e);
 }
 
 }  // namespace
@@ -191,14 +216,15 @@ int decode_dense_part_splits(int head_dim, int dense_slots) {
   return (dense_slots + c - 1) / c;
 }
 
-void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
-                              float* out_o, float* out_lse, CUstream_st* stream) {
+void launch_decode_dense_part(const DecodeAttentionParams& p, const float* q, CUstream_st* stream,
+                              bool overlap) {
   if (p.n_seqs == 0) return;
-  TQ_ASSERT(p.dense_splits == decode_dense_part_splits(p.k.dim, dt.prefix_slots + dt.window_slots));
+  TQ_ASSERT(p.dense_o != nullptr && p.dense_lse != nullptr &&
+            p.dense_splits == decode_dense_part_splits(p.k.dim, p.dense.prefix_slots + p.dense.window_slots));
   switch (p.k.dim) {
-    case 64: return launch_dense_part<64>(p, dt, q, out_o, out_lse, stream);
-    case 128: return launch_dense_part<128>(p, dt, q, out_o, out_lse, stream);
-    case 256: return launch_dense_part<256>(p, dt, q, out_o, out_lse, stream);
+    case 64: return launch_dense_part<64>(p, q, stream, overlap);
+    case 128: return launch_dense_part<128>(p, q, stream, overlap);
+    case 256: return launch_dense_part<256>(p, q, stream, overlap);
   }
   TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
 }

@@ -815,11 +815,11 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   float* part_o = static_cast<float*>(workspace);
   float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;
   if (m.has_dense()) {
-    // The dense tokens first (their own small kernel), then the pages, whose
-    // positions start after the prefix and end a full window before the
-    // query (a sequence with pages has a full prefix and window: the layer
-    // has no trim); the merge joins both.
-    DenseTokens dt;
+    // The dense tokens have their own small kernel (launched with the page
+    // kernel's), the pages hold the positions after the prefix and end a
+    // full window before the query (a sequence with pages has a full prefix
+    // and window: the layer has no trim); the merge joins both.
+    DenseTokens& dt = p.dense;
     dt.k = m.dense_k.as<uint16_t>();
     dt.v = m.dense_v.as<uint16_t>();
     dt.state = m.dense_state.as<int>();
@@ -827,11 +827,8 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
     dt.window_slots = m.cfg.dense_window;
     dt.sinks = params.n_sinks;
     p.dense_splits = decode_dense_part_splits(D, dt.prefix_slots + dt.window_slots);
-    float* dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
-    float* dense_lse = dense_o + size_t(m.cfg.max_seqs) * n_heads_q * p.dense_splits * D;
-    launch_decode_dense_part(p, dt, q, dense_o, dense_lse, stream);
-    p.dense_o = dense_o;
-    p.dense_lse = dense_lse;
+    p.dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
+    p.dense_lse = p.dense_o + size_t(m.cfg.max_seqs) * n_heads_q * p.dense_splits * D;
     p.window_tail = m.cfg.dense_window;
     p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
   }

@@ -81,6 +81,26 @@ const char* decode_tc_unsupported(const DecodeShape& s);
 // The kernel plan_decode_attention picks for a shape (the override applied).
 DecodeKernel decode_kernel_for(const DecodeShape& s);
 
+// The dense tokens kept outside the pages of a layer: the prefix (positions
+// 0 .. n_pre - 1) and the window ring (positions n_pre + lengths[s] .. ,
+// oldest first), both [max_seqs] x [prefix_slots + window_slots] x
+// [n_heads_kv, dim] f16 (raw bits) in k / v, prefix slots first. state:
+// device [max_seqs, 3] = {n_pre, win_start, win_count}. Their attention
+// takes the causal window and softcap from DecodeAttentionParams and the
+// sinks from here, in true positions. It is split over dense_splits
+// blocks per (KV head, sequence) (= decode_dense_part_splits(dim,
+// prefix_slots + window_slots)) and writes DecodeAttentionParams::dense_o
+// [n_seqs, n_heads_q, dense_splits, dim] (normalised, original domain) and
+// dense_lse [n_seqs, n_heads_q, dense_splits] (-inf: no visible dense
+// token in that split).
+struct DenseTokens {
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const int* state = nullptr;
+  int prefix_slots = 0, window_slots = 0;
+  int sinks = 0;  // attention sinks in true positions
+};
+
 struct DecodeAttentionParams {
   MseDeviceFormat k, v;
   const uint8_t* pool = nullptr;
@@ -105,14 +125,12 @@ struct DecodeAttentionParams {
   // len - 1 + window_tail of the page index; n_sinks above is already
   // counted in page indices (n_sinks - n_prefix).
   int window_tail = 0;
-  // The dense tokens' attention (launch_decode_dense_part), in the original
-  // (unrotated) domain: [n_seqs, n_heads_q, dim] normalised outputs and
-  // [n_seqs, n_heads_q] lse; the merge adds it after its inverse rotation.
-  // nullptr: no dense part.
-  // [n_seqs, n_heads_q, dense_splits, dim] and [n_seqs, n_heads_q,
-  // dense_splits] with dense_splits = decode_dense_part_splits(...).
-  const float* dense_o = nullptr;
-  const float* dense_lse = nullptr;
+  // The dense tokens and their attention's partials (workspace; see
+  // DenseTokens), in the original (unrotated) domain: the merge adds them
+  // after its inverse rotation. dense_o nullptr: no dense part.
+  DenseTokens dense;
+  float* dense_o = nullptr;
+  float* dense_lse = nullptr;
   int dense_splits = 0;
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
@@ -149,27 +167,14 @@ void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
                          const float* partial_lse, float* out, float* lse, CUstream_st* stream,
                          bool overlap = false);
 
-// Attention of one query token per sequence over the dense tokens kept
-// outside the pages: the prefix (positions 0 .. n_pre - 1) and the window
-// ring (positions n_pre + lengths[s] .. , oldest first), both [max_seqs]
-// x [n_prefix_slots + window_slots] x [n_heads_kv, dim] f16 (raw bits) in
-// dk / dv, prefix slots first. state: device [max_seqs, 3] = {n_pre,
-// win_start, win_count}. Causal window / sinks / softcap from p (p.n_sinks
-// and p.window as given by the caller, in true positions: pass the
-// unshifted values in `sinks`). Splits the tokens over p.dense_splits
-// blocks (= decode_dense_part_splits(dim, prefix_slots + window_slots))
-// and writes out_o [n_seqs, n_heads_q, dense_splits, dim] (normalised,
-// original domain) and out_lse [n_seqs, n_heads_q, dense_splits] (-inf: no
-// visible dense token in that split).
-struct DenseTokens {
-  const uint16_t* k = nullptr;
-  const uint16_t* v = nullptr;
-  const int* state = nullptr;
-  int prefix_slots = 0, window_slots = 0;
-  int sinks = 0;  // attention sinks in true positions
-};
-void launch_decode_dense_part(const DecodeAttentionParams& p, const DenseTokens& dt, const float* q,
-                              float* out_o, float* out_lse, CUstream_st* stream);
+// The dense tokens' attention (launched by launch_decode_attention when
+// p.dense_o is set; see DenseTokens). overlap: launch as a programmatic
+// dependent (sm_90) of the page kernel before it, which must trigger it:
+// the dense part then runs on the SMs the page kernel leaves idle, and the
+// kernel waits for the page kernel at its end, so that the merge (its own
+// dependent) sees both.
+void launch_decode_dense_part(const DecodeAttentionParams& p, const float* q, CUstream_st* stream,
+                              bool overlap);
 // Dense-part splits for head_dim and prefix + window slots (0: none).
 int decode_dense_part_splits(int head_dim, int dense_slots);
 
