@@ -832,8 +832,8 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
     int window, prefix, d, group;
   };
   double worst = 0;
-  // The last two put the dense part over three token splits (32 tokens per
-  // block at d 128, 16 at d 256) and, at group 16 and d 256, two blocks of
+  // The last two put the dense part over two token splits (64 tokens per
+  // block at d 128, 32 at d 256) and, at group 16 and d 256, two blocks of
   // query heads.
   for (const Case c : {Case{16, 4, 128, 4}, Case{0, 3, 128, 4}, Case{8, 0, 256, 4}, Case{5, 2, 64, 4},
                        Case{40, 3, 256, 16}, Case{70, 4, 128, 8}})

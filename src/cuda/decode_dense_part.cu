@@ -35,12 +35,13 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr float kNegInf = -INFINITY;
 
-// Tokens per block: 8 KB of K and 8 KB of V rows in shared memory. Where
-// the page kernel fills every SM (batch 8) this part runs in its tail, and
-// 64-token blocks (at d 128) cost ~8 us there; 32-token blocks halve the
-// work per block and fit 4 blocks per SM.
+// Tokens per block: 16 KB of K and 16 KB of V rows in shared memory.
+// Measured against half of it (32 at d 128; H200, 128 + 4 dense tokens):
+// batch 1 got slower (Llama 1 x 32K +5.7 us over no dense tokens, against
+// +2.5 us here: more blocks for the few SMs the page kernel leaves free)
+// and batch 8 no faster (+7.1 against +8.2 us, Gemma +9.1 against +8.6).
 template <int D>
-constexpr int kChunk = 4096 / D;
+constexpr int kChunk = 8192 / D;
 // Query heads per block: outputs per thread <= kHeads * D / kThreads (8).
 template <int D>
 constexpr int kHeads = D == 64 ? 16 : 2048 / D;
