@@ -12,7 +12,8 @@
 // a pure read stream, both measured in the same process. Also timed: the
 // quantize-append of a 131072-token prefill block, from bf16 and from f32
 // input (kernels alone, and the whole append_device call), against one read
-// of the same block in bf16.
+// of the same block in bf16, and one decode step's append (one token for
+// each sequence of a batch, append_batch_device), wall time per call.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -184,7 +185,10 @@ class Bench {
     for (const Shape& s : shapes_)
       for (int b : batches_)
         for (int c : contexts_) run_shape(s, b, c);
-    if (!a_.no_append) run_append();
+    if (!a_.no_append) {
+      run_append();
+      run_decode_append();
+    }
 
     const json out(rows_);
     if (a_.json_out) std::printf("%s\n", out.dump(2).c_str());
@@ -495,6 +499,72 @@ class Bench {
     }
   }
 
+  // One decode step's append, as an engine does it every layer and step: one
+  // token for each of the batch's sequences (append_batch_device from f32
+  // device rows), on a layer filled with kDecodeFill tokens per sequence and
+  // the --dense-window / --dense-prefix of the attention runs. The call
+  // synchronises (status readback): wall time per call, median of
+  // max(20, --append-runs) calls after 3 warm-ups; independent of the context.
+  void run_decode_append() {
+    constexpr int kDecodeFill = 512;
+    const int R = std::max(20, a_.append_runs);
+    bool header = false;
+    for (const Shape& s : shapes_) {
+      const int Hkv = s.n_heads_kv, D = s.head_dim, P = a_.page_tokens;
+      for (int batch : batches_) {
+        const size_t row = size_t(Hkv) * D;
+        cuda::DeviceBuffer fk(kDecodeFill * row * 4), fv(kDecodeFill * row * 4), sk(batch * row * 4),
+            sv(batch * row * 4);
+        cb::fill_normal_f32(fk.as<float>(), kDecodeFill * row, a_.seed * 19 + 1, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_f32(fv.as<float>(), kDecodeFill * row, a_.seed * 19 + 2, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_f32(sk.as<float>(), batch * row, a_.seed * 19 + 3, 0.0f, 1.0f, nullptr);
+        cb::fill_normal_f32(sv.as<float>(), batch * row, a_.seed * 19 + 4, 0.0f, 1.0f, nullptr);
+        std::vector<int> seqs(batch);
+        for (const KvPreset& pr : presets_) {
+          if (gpu_unsupported(pr, D, Hkv)) continue;  // reported by the attention rows
+          auto kq = make_quantizer(pr.k_spec, D, a_.seed), vq = make_quantizer(pr.v_spec, D, a_.seed + 1);
+          cuda::GpuKvLayerConfig cfg;
+          cfg.n_heads_kv = Hkv;
+          cfg.page_tokens = P;
+          cfg.max_seqs = batch;
+          cfg.max_pages_per_seq = (kDecodeFill + R + 3 + P - 1) / P;
+          cfg.dense_window = a_.dense_window;
+          cfg.dense_prefix = a_.dense_prefix;
+          cuda::GpuKvLayer layer(*kq, *vq, cfg);
+          for (int b = 0; b < batch; ++b) {
+            seqs[b] = layer.add_sequence();
+            layer.append_device(seqs[b], fk.as<float>(), fv.as<float>(), kDecodeFill, nullptr);
+          }
+          auto step = [&] { layer.append_batch_device(seqs.data(), batch, sk.as<float>(), sv.as<float>(), nullptr); };
+          for (int i = 0; i < 3; ++i) step();
+          std::vector<double> wall;
+          for (int i = 0; i < R; ++i) {
+            cb::synchronize(nullptr);
+            const auto t0 = std::chrono::steady_clock::now();
+            step();
+            wall.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+          }
+          std::sort(wall.begin(), wall.end());
+          const double ms = wall[wall.size() / 2];
+          json r = {{"kind", "append_decode"}, {"shape", s.name}, {"batch", batch}, {"preset", pr.name},
+                    {"k_format", pr.k_spec}, {"v_format", pr.v_spec}, {"dense_window", a_.dense_window},
+                    {"dense_prefix", a_.dense_prefix}, {"fill_tokens", kDecodeFill}, {"runs", R},
+                    {"wall_ms", ms}, {"us_per_seq", 1000.0 * ms / batch}};
+          if (!a_.json_out) {
+            if (!header)
+              std::printf("decode-step append (append_batch_device, one token per sequence, dense %d + %d; "
+                          "wall time per call, median of %d)\n%-6s %5s %-11s %9s %10s\n",
+                          a_.dense_window, a_.dense_prefix, R, "shape", "batch", "preset", "wall_ms", "us/seq");
+            header = true;
+            std::printf("%-6s %5d %-11s %9.4f %10.2f\n", s.name.c_str(), batch, pr.name.c_str(), ms, 1000.0 * ms / batch);
+            std::fflush(stdout);
+          }
+          rows_.push_back(std::move(r));
+        }
+      }
+    }
+  }
+
   const Args& a_;
   std::vector<Shape> shapes_;
   std::vector<int> batches_, contexts_;
@@ -533,7 +603,7 @@ Runner add_gpu_bench(CLI::App& app) {
   sub->add_option("--append-runs", a->append_runs, "Timed append_device calls per preset and input type (median)")
       ->check(CLI::Range(1, 1000))
       ->capture_default_str();
-  sub->add_flag("--no-append", a->no_append, "Skip the quantize-append timing");
+  sub->add_flag("--no-append", a->no_append, "Skip the quantize-append timings (prefill block and decode step)");
   sub->add_option("--dense-window", a->dense_window,
                   "Newest tokens each compressed layer keeps dense (GpuKvLayerConfig::dense_window)")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
@@ -541,7 +611,7 @@ Runner add_gpu_bench(CLI::App& app) {
                   "First tokens each compressed layer keeps dense (GpuKvLayerConfig::dense_prefix)")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
   sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
-  sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append)");
+  sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append, append_decode)");
   sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
   sub->add_option("--sdpa", a->sdpa_file, "JSON of scripts/sdpa_bench.py: adds sdpa_ms and speedup_vs_sdpa");
   return [a] { return Bench(*a).run(); };
