@@ -978,6 +978,50 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
   EXPECT_THROW(layer.append_records(0, rec.data(), rec.data(), 1), Error);
   cfg.round_to = cuda::DType::bf16;
   EXPECT_THROW(cuda::GpuKvLayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg), Error);
+
+  // A batched decode append that fails late (sequence 0's aged ring token
+  // needs a second page, and it may hold one) changes no sequence: not the
+  // ring, the states, the pages or the lengths.
+  cuda::GpuKvLayerConfig small;
+  small.n_heads_kv = 1;
+  small.page_tokens = 16;
+  small.max_seqs = 2;
+  small.max_pages_per_seq = 1;
+  small.dense_window = 4;
+  small.dense_prefix = 1;
+  cuda::GpuKvLayer tight(cache.k_quantizer(0), cache.v_quantizer(0), small);
+  const auto kk = kv_data(21, 128, 41), vv = kv_data(21, 128, 42);
+  ASSERT_EQ(tight.add_sequence(), 0);
+  ASSERT_EQ(tight.add_sequence(), 1);
+  tight.append(0, kk.data(), vv.data(), 21);  // prefix 1, one full page, ring 4
+  tight.append(1, kk.data(), vv.data(), 5);   // prefix 1, ring 4
+  const int both[2] = {0, 1};
+  cuda::DeviceBuffer nk(2 * 128 * 4), nv(2 * 128 * 4), tqr(2 * 4 * 128 * 4), tout(2 * 4 * 128 * 4),
+      tws(tight.workspace_bytes(4));
+  const auto q4 = test::random_gaussian(2 * 4 * 128, 43);
+  nk.upload(kk.data(), 2 * 128 * 4);
+  nv.upload(vv.data(), 2 * 128 * 4);
+  tqr.upload(q4.data(), q4.size() * 4);
+  auto attend_now = [&] {
+    std::vector<float> o(q4.size());
+    tight.attend(tqr.as<float>(), 4, AttentionParams{}, tout.as<float>(), nullptr, tws.data(), tws.size());
+    tout.download(o.data(), o.size() * 4);
+    return o;
+  };
+  const std::vector<float> before = attend_now();
+  std::vector<uint8_t> rk(16 * tight.k_record_bytes()), rv(16 * tight.v_record_bytes());
+  tight.read_records(0, 1, 16, rk.data(), rv.data());
+  EXPECT_THROW(tight.append_batch_device(both, 2, nk.as<float>(), nv.as<float>()), Error);
+  EXPECT_EQ(tight.n_tokens(0), 21);
+  EXPECT_EQ(tight.n_tokens(1), 5);
+  EXPECT_EQ(attend_now(), before) << "a refused batched append changed the dense tokens or the pages";
+  std::vector<uint8_t> rk2(rk.size()), rv2(rv.size());
+  tight.read_records(0, 1, 16, rk2.data(), rv2.data());
+  EXPECT_EQ(rk, rk2);
+  EXPECT_EQ(rv, rv2);
+  // Sequence 1 alone still fits: its aged token takes its first page.
+  tight.append_batch_device(&both[1], 1, nk.as<float>(), nv.as<float>());
+  EXPECT_EQ(tight.n_tokens(1), 6);
 }
 
 // A cache saved on the CPU loads on the GPU and back: KvCache -> file ->

@@ -1,6 +1,7 @@
 // Dense tokens of the GPU KV layer (GpuKvLayerConfig::dense_window /
 // dense_prefix): appended K/V rounded to the f16 rows the layer keeps, with
-// what KvCache's f16 dense format refuses flagged in a status word.
+// what KvCache's f16 dense format refuses flagged in a status word; and the
+// row moves of a batched decode append, all in one launch.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -25,7 +26,29 @@ __global__ void to_f16_rows_kernel(const void* __restrict__ src, int dtype, size
   if (st) atomicOr(status, st);
 }
 
+// Block i moves copy i (16-byte pieces; none when dst_k is null); the
+// states ride along.
+__global__ void dense_row_copies_kernel(const DenseRowCopy* __restrict__ copies, size_t row_bytes,
+                                        const int* __restrict__ states, int* __restrict__ state) {
+  const DenseRowCopy c = copies[blockIdx.x];
+  const size_t n16 = c.dst_k != nullptr ? row_bytes / 16 : 0;
+  for (size_t j = threadIdx.x; j < n16; j += blockDim.x) {
+    reinterpret_cast<uint4*>(c.dst_k)[j] = reinterpret_cast<const uint4*>(c.src_k)[j];
+    reinterpret_cast<uint4*>(c.dst_v)[j] = reinterpret_cast<const uint4*>(c.src_v)[j];
+  }
+  if (states != nullptr && threadIdx.x < 3)
+    state[3 * states[4 * blockIdx.x] + threadIdx.x] = states[4 * blockIdx.x + 1 + threadIdx.x];
+}
+
 }  // namespace
+
+void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
+                             int* state, cudaStream_t stream) {
+  if (n == 0) return;
+  TQ_ASSERT(row_bytes % 16 == 0);
+  dense_row_copies_kernel<<<n, 128, 0, stream>>>(copies, row_bytes, states, state);
+  TQ_CUDA_CHECK(cudaGetLastError());
+}
 
 void launch_to_f16_rows(const void* src, DType dtype, size_t n, uint16_t* dst, int* status,
                         cudaStream_t stream) {

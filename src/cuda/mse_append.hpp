@@ -31,6 +31,20 @@ constexpr int kStatusDenseOverflow = 4;
 void launch_to_f16_rows(const void* src, DType dtype, size_t n, uint16_t* dst, int* status,
                         CUstream_st* stream);
 
+// One dense row move of a batched decode append (src/cuda/dense_rows.cu):
+// row_bytes from src_k to dst_k and from src_v to dst_v (16-byte aligned;
+// dst_k null: no copy).
+struct DenseRowCopy {
+  const uint8_t* src_k;
+  const uint8_t* src_v;
+  uint8_t* dst_k;
+  uint8_t* dst_v;
+};
+// copies: device [n]; one block per copy. states (device [n, 4] = {seq,
+// n_pre, win_start, win_count}) or null: also state[3 seq + j] = those.
+void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
+                             int* state, CUstream_st* stream);
+
 constexpr int kAppendThreads = 128;  // threads per block of the append kernel
 
 // Elements of one vector per thread (the FWHT runs in registers) and threads
