@@ -1019,9 +1019,35 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
   tight.read_records(0, 1, 16, rk2.data(), rv2.data());
   EXPECT_EQ(rk, rk2);
   EXPECT_EQ(rv, rv2);
+  // A NaN in the new token of a sequence whose aged token goes to the pages
+  // in the same call: the aged token's append succeeds on the device, and
+  // the rounding's flag still keeps everything uncommitted.
+  std::vector<float> nan_pair(2 * 128, 0.25f);
+  nan_pair[5] = std::numeric_limits<float>::quiet_NaN();  // row 0: sequence 1 (one_then_zero)
+  cuda::DeviceBuffer bad(2 * 128 * 4);
+  bad.upload(nan_pair.data(), nan_pair.size() * 4);
+  const int one_then_zero[2] = {1, 0};
+  small.max_pages_per_seq = 2;  // room for sequence 0 too, so only the NaN refuses
+  cuda::GpuKvLayer roomy(cache.k_quantizer(0), cache.v_quantizer(0), small);
+  ASSERT_EQ(roomy.add_sequence(), 0);
+  ASSERT_EQ(roomy.add_sequence(), 1);
+  roomy.append(0, kk.data(), vv.data(), 21);
+  roomy.append(1, kk.data(), vv.data(), 5);
+  EXPECT_THROW(roomy.append_batch_device(one_then_zero, 2, bad.as<float>(), bad.as<float>()), Error);
+  EXPECT_EQ(roomy.n_tokens(0), 21);
+  EXPECT_EQ(roomy.n_tokens(1), 5);
+  roomy.append_batch_device(both, 2, nk.as<float>(), nv.as<float>());  // and a clean step still works
+  EXPECT_EQ(roomy.n_tokens(0), 22);
+  EXPECT_EQ(roomy.n_tokens(1), 6);
+  std::vector<uint8_t> r1k(tight.k_record_bytes()), r1v(tight.v_record_bytes());
+  roomy.read_records(1, 1, 1, r1k.data(), r1v.data());  // sequence 1's first compressed token
   // Sequence 1 alone still fits: its aged token takes its first page.
   tight.append_batch_device(&both[1], 1, nk.as<float>(), nv.as<float>());
   EXPECT_EQ(tight.n_tokens(1), 6);
+  std::vector<uint8_t> t1k(r1k.size()), t1v(r1v.size());
+  tight.read_records(1, 1, 1, t1k.data(), t1v.data());
+  EXPECT_EQ(r1k, t1k) << "the same aged token, appended after a refused call, differs";
+  EXPECT_EQ(r1v, t1v);
 }
 
 // A cache saved on the CPU loads on the GPU and back: KvCache -> file ->

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -255,12 +256,55 @@ struct GpuKvLayer::Impl {
     return {sk, sk + n};
   }
 
+  // An append enqueued on the stream but not yet checked: its pages are
+  // allocated on the host, its lengths are committed on the device only if
+  // the status word stays 0 (and the extra status, if any).
+  struct RunsInFlight {
+    std::vector<std::pair<int, int>> runs;
+    std::vector<std::pair<int, size_t>> added;  // (seq, old page count) for the rollback
+    int* status = nullptr;                      // device; null: nothing was enqueued
+  };
+  void rollback(const RunsInFlight& f) {
+    for (auto it = f.added.rbegin(); it != f.added.rend(); ++it)
+      while (pages[it->first].size() > it->second) {
+        free_pages.push_back(pages[it->first].back());
+        pages[it->first].pop_back();
+      }
+  }
+  // The status word back on the host: the call's one synchronisation.
+  int read_status(const int* status, cudaStream_t stream) {
+    host_status.reserve(sizeof(int));
+    int* st = reinterpret_cast<int*>(host_status.data());
+    TQ_CUDA_CHECK(cudaMemcpyAsync(st, status, sizeof(int), cudaMemcpyDeviceToHost, stream));
+    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    return *st;
+  }
+
   // Appends tokens given as (sequence, count) runs; rows of k, v (device,
   // dtype) in that order. One upload (tiles, page-table entries, lengths,
   // the zeroed status word), the two append kernels, the commit kernel, one
   // status readback: a single synchronisation.
   void append_runs(const std::vector<std::pair<int, int>>& runs, const void* k, const void* v,
                    DType dtype, cudaStream_t stream) {
+    RunsInFlight f = enqueue_runs(runs, k, v, dtype, stream, nullptr);
+    if (f.status == nullptr) return;
+    int st = 0;
+    try {
+      st = read_status(f.status, stream);
+    } catch (...) {
+      rollback(f);
+      throw;
+    }
+    finish_runs(f, st);
+  }
+
+  // The append of append_runs up to the commit kernel, enqueued, without the
+  // readback. What the host can check (capacity, pages, null input) is
+  // refused here before anything is enqueued. extra_status (device, or
+  // null): flags of an earlier step of the same call, OR'd into the status
+  // by the commit kernel, so that they too keep the lengths uncommitted.
+  RunsInFlight enqueue_runs(const std::vector<std::pair<int, int>>& runs, const void* k, const void* v,
+                            DType dtype, cudaStream_t stream, const int* extra_status) {
     const int P = cfg.page_tokens;
     int total = 0;
     size_t need_new = 0;
@@ -274,18 +318,19 @@ struct GpuKvLayer::Impl {
       need_new += need - pages[s].size();
       total += n;
     }
-    if (total == 0) return;
+    RunsInFlight f;
+    if (total == 0) return f;
     TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append of ", total,
                " tokens from a null pointer");
     TQ_REQUIRE(need_new <= free_pages.size(), "GPU KV layer: page pool exhausted (", need_new,
                " pages needed, ", free_pages.size(), " free)");
-    std::vector<std::pair<int, size_t>> added;  // (seq, old page count) for the rollback
+    f.runs = runs;
     try {
       std::vector<AppendTile> tiles;
       std::vector<int> pt, lens;  // (index, value) pairs
       int row = 0;
       for (auto [s, n] : runs) {
-        added.emplace_back(s, pages[s].size());
+        f.added.emplace_back(s, pages[s].size());
         const size_t old = pages[s].size();
         while (pages[s].size() * P < size_t(len[s]) + n) {
           pages[s].push_back(free_pages.back());
@@ -306,7 +351,6 @@ struct GpuKvLayer::Impl {
       const size_t len_off = pt_off + pt.size() * sizeof(int);
       const size_t bytes = len_off + lens.size() * sizeof(int);
       host_upload.reserve(bytes);
-      host_status.reserve(sizeof(int));
       uint8_t* h = host_upload.data();
       std::memset(h, 0, tiles_off);
       std::memcpy(h + tiles_off, tiles.data(), tiles.size() * sizeof(AppendTile));
@@ -320,29 +364,32 @@ struct GpuKvLayer::Impl {
                      int(tiles.size()), status, stream);
       launch_append_commit(reinterpret_cast<const int*>(d + pt_off), int(pt.size() / 2),
                            reinterpret_cast<const int*>(d + len_off), int(lens.size() / 2),
-                           page_table.as<int>(), lengths.as<int>(), status, stream);
-      int* st = reinterpret_cast<int*>(host_status.data());
-      TQ_CUDA_CHECK(cudaMemcpyAsync(st, status, sizeof(int), cudaMemcpyDeviceToHost, stream));
-      TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
-      TQ_REQUIRE(!(*st & kStatusNonFinite),
-                 "GPU KV layer: append refused: a key or value has a NaN/Inf component or "
-                 "its squared norm overflows float");
-      TQ_REQUIRE(!(*st & kStatusDenseOverflow),
-                 "GPU KV layer: append refused: a key or value component exceeds the f16 range "
-                 "(|x| > 65504) of round_to f16 (KvCache's f16 dense format refuses it too); "
-                 "use round_to bf16 or f32");
-      TQ_REQUIRE(!(*st & kStatusScaleOverflow),
-                 "GPU KV layer: append refused: a scale does not fit fp16 (max 65504); use a "
-                 "format with sf=f32");
-      for (auto [s, n] : runs) len[s] += n;
-    } catch (...) {  // the sequences are left as they were (device lengths: see the commit kernel)
-      for (auto it = added.rbegin(); it != added.rend(); ++it)
-        while (pages[it->first].size() > it->second) {
-          free_pages.push_back(pages[it->first].back());
-          pages[it->first].pop_back();
-        }
+                           page_table.as<int>(), lengths.as<int>(), status, extra_status, stream);
+      f.status = status;
+    } catch (...) {  // the sequences are left as they were
+      rollback(f);
       throw;
     }
+    return f;
+  }
+
+  // The end of an enqueued append, given its status word read back: a
+  // refusal frees the pages it took (the device lengths were not committed)
+  // and throws; otherwise the host lengths follow the device's.
+  void finish_runs(const RunsInFlight& f, int st) {
+    if (st != 0) rollback(f);
+    TQ_REQUIRE(!(st & kStatusNonFinite),
+               "GPU KV layer: append refused: a key or value has a NaN/Inf component or "
+               "its squared norm overflows float");
+    TQ_REQUIRE(!(st & kStatusDenseOverflow),
+               "GPU KV layer: append refused: a key or value component exceeds the f16 range "
+               "(|x| > 65504) of round_to f16 (KvCache's f16 dense format refuses it too); "
+               "use round_to bf16 or f32");
+    TQ_REQUIRE(!(st & kStatusScaleOverflow),
+               "GPU KV layer: append refused: a scale does not fit fp16 (max 65504); use a "
+               "format with sf=f32");
+    TQ_ASSERT(st == 0);
+    for (auto [s, n] : f.runs) len[s] += n;
   }
 
   // Appended K/V (host or device, dtype) as f16 rows in dense_in: K rows
@@ -351,6 +398,22 @@ struct GpuKvLayer::Impl {
   // anything changes. Synchronous.
   std::pair<uint8_t*, uint8_t*> to_f16_rows(const void* k, const void* v, int n, DType dtype,
                                             bool host, cudaStream_t stream) {
+    const auto [dk, dv, status] = to_f16_rows_async(k, v, n, dtype, host, stream);
+    check_dense_status(read_status(status, stream));
+    return {dk, dv};
+  }
+  void check_dense_status(int st) const {
+    TQ_REQUIRE(!(st & kStatusNonFinite),
+               "GPU KV layer: append refused: a key or value has a NaN/Inf component (the sequence is unchanged)");
+    TQ_REQUIRE(!(st & kStatusDenseOverflow),
+               "GPU KV layer: append refused: a key or value component exceeds the f16 range (|x| > 65504) "
+               "of the dense tokens (the sequence is unchanged)");
+    TQ_ASSERT(st == 0);
+  }
+  // to_f16_rows without the check: the status word's device address comes
+  // back with the rows, for a later single readback.
+  std::tuple<uint8_t*, uint8_t*, int*> to_f16_rows_async(const void* k, const void* v, int n, DType dtype,
+                                                         bool host, cudaStream_t stream) {
     const size_t row = size_t(cfg.n_heads_kv) * hk.dim, rb = dense_row_bytes(), elems = size_t(n) * row;
     ensure(dense_in, 2 * size_t(n) * rb + 16);
     uint8_t* dk = dense_in.as<uint8_t>() + 16;  // [status, pad] first
@@ -369,15 +432,7 @@ struct GpuKvLayer::Impl {
     TQ_CUDA_CHECK(cudaMemsetAsync(status, 0, sizeof(int), stream));
     launch_to_f16_rows(sk, dtype, elems, reinterpret_cast<uint16_t*>(dk), status, stream);
     launch_to_f16_rows(sv, dtype, elems, reinterpret_cast<uint16_t*>(dv), status, stream);
-    int st = 0;
-    TQ_CUDA_CHECK(cudaMemcpyAsync(&st, status, sizeof(int), cudaMemcpyDeviceToHost, stream));
-    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
-    TQ_REQUIRE(!(st & kStatusNonFinite),
-               "GPU KV layer: append refused: a key or value has a NaN/Inf component (the sequence is unchanged)");
-    TQ_REQUIRE(!(st & kStatusDenseOverflow),
-               "GPU KV layer: append refused: a key or value component exceeds the f16 range (|x| > 65504) "
-               "of the dense tokens (the sequence is unchanged)");
-    return {dk, dv};
+    return {dk, dv, status};
   }
 
   void copy_rows(uint8_t* dst, const uint8_t* src, int rows, cudaStream_t stream) const {
@@ -452,7 +507,7 @@ struct GpuKvLayer::Impl {
                           cudaStream_t stream) {
     const int S = cfg.dense_prefix, W = cfg.dense_window;
     const size_t rb = dense_row_bytes();
-    const auto [k16, v16] = to_f16_rows(k, v, n, dtype, false, stream);
+    const auto [k16, v16, f16_status] = to_f16_rows_async(k, v, n, dtype, false, stream);
     ensure(staging, 2 * size_t(std::max(n, 1)) * rb);
     uint8_t* sk = staging.as<uint8_t>();
     uint8_t* sv = sk + size_t(n) * rb;
@@ -461,8 +516,9 @@ struct GpuKvLayer::Impl {
     // alone: ~5 small operations per sequence): `out` gathers the rows bound
     // for the pages (the ring's oldest, or the new token itself without a
     // window) into staging, in run order; `in` puts the new rows in their
-    // slots and writes the states. `in` runs after append_runs, the only
-    // step that can still refuse, so a refusal leaves every sequence as it was.
+    // slots and writes the states, on the device only if nothing was
+    // refused (the f16 rounding, the append), so a refusal leaves every
+    // sequence as it was. One status readback for the whole call.
     std::vector<DenseRowCopy> out, in;
     std::vector<int> states;
     std::vector<std::pair<int, int>> runs;
@@ -512,11 +568,26 @@ struct GpuKvLayer::Impl {
     TQ_CUDA_CHECK(cudaMemcpyAsync(upload_dense.data(), plan.data(), bytes, cudaMemcpyHostToDevice, stream));
     const auto* dev_copies = upload_dense.as<DenseRowCopy>();
     const auto* dev_states = reinterpret_cast<const int*>(upload_dense.as<uint8_t>() + (out.size() + in.size()) * cb);
-    launch_dense_row_copies(dev_copies, int(out.size()), rb, nullptr, nullptr, stream);
-    // append_runs reads the staging rows in the same order (row = position in runs).
-    if (!runs.empty()) append_runs(runs, sk, sv, DType::f16, stream);
-    launch_dense_row_copies(dev_copies + out.size(), int(in.size()), rb, dev_states, dense_state.as<int>(), stream);
-    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    launch_dense_row_copies(dev_copies, int(out.size()), rb, nullptr, nullptr, nullptr, stream);
+    // The append reads the staging rows in the same order (row = position in
+    // runs); the rounding's flags keep its lengths uncommitted too, and the
+    // rows and states go in only if the final status is clean. One readback.
+    RunsInFlight f = enqueue_runs(runs, sk, sv, DType::f16, stream, f16_status);
+    const int* final_status = f.status != nullptr ? f.status : f16_status;
+    int st = 0;
+    try {
+      launch_dense_row_copies(dev_copies + out.size(), int(in.size()), rb, dev_states, dense_state.as<int>(),
+                              final_status, stream);
+      st = read_status(final_status, stream);
+    } catch (...) {
+      rollback(f);
+      throw;
+    }
+    if (st & (kStatusNonFinite | kStatusDenseOverflow)) {  // the dense rows' wording
+      rollback(f);
+      check_dense_status(st);
+    }
+    if (f.status != nullptr) finish_runs(f, st);  // a scale overflow throws (pages given back)
     for (int i = 0; i < n; ++i) {
       dense[seqs[i]] = next[i];
       state_host[3 * seqs[i]] = next[i].n_pre;

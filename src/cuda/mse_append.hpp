@@ -42,8 +42,10 @@ struct DenseRowCopy {
 };
 // copies: device [n]; one block per copy. states (device [n, 4] = {seq,
 // n_pre, win_start, win_count}) or null: also state[3 seq + j] = those.
+// only_if_clean (device, or null): the copies and states are skipped when
+// it is non-zero.
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
-                             int* state, CUstream_st* stream);
+                             int* state, const int* only_if_clean, CUstream_st* stream);
 
 constexpr int kAppendThreads = 128;  // threads per block of the append kernel
 
@@ -108,7 +110,10 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
 // never read) and the new lengths (seq, length) only when *status == 0, so a
 // refused append leaves the device lengths as they were without a host sync
 // in between.
+// extra_status (or null) is OR'd into *status first: either non-zero keeps
+// the lengths uncommitted.
 void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
-                          int* page_table, int* lengths, const int* status, CUstream_st* stream);
+                          int* page_table, int* lengths, int* status, const int* extra_status,
+                          CUstream_st* stream);
 
 }  // namespace tq::cuda
