@@ -26,6 +26,7 @@
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/launch.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -327,22 +328,8 @@ __global__ void __launch_bounds__(D)
 template <int D>
 void launch_merge(const DecodeAttentionParams& p, const float* part_o, const float* part_lse,
                   float* out, float* lse, cudaStream_t stream, bool overlap) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.n_heads_kv * p.group, p.n_seqs);
-  cfg.blockDim = dim3(D);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = overlap ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_merge_kernel<D>, p, part_o, part_lse, out, lse);
-  if (e != cudaSuccess && overlap) {  // the overlap is an optimisation: retry as a plain launch
-    (void)cudaGetLastError();
-    cfg.numAttrs = 0;
-    e = cudaLaunchKernelEx(&cfg, decode_merge_kernel<D>, p, part_o, part_lse, out, lse);
-  }
-  TQ_CUDA_CHECK(e);
+  launch_maybe_dependent(decode_merge_kernel<D>, dim3(p.n_heads_kv * p.group, p.n_seqs), dim3(D), stream,
+                         overlap, p, part_o, part_lse, out, lse);
 }
 
 template <int D>

@@ -27,6 +27,7 @@
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
+#include "cuda/launch.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -194,22 +195,8 @@ template <int D>
 void launch_dense_part(const DecodeAttentionParams& p, const float* q, cudaStream_t stream,
                        bool overlap) {
   const int n_hblocks = (p.group + kHeads<D> - 1) / kHeads<D>;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(p.n_heads_kv * n_hblocks, p.n_seqs, p.dense_splits);
-  cfg.blockDim = dim3(kThreads);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = overlap ? 1 : 0;
-  cudaError_t e = cudaLaunchKernelEx(&cfg, decode_dense_part_kernel<D>, p, q);
-  if (e != cudaSuccess && overlap) {  // the overlap is an optimisation: retry as a plain launch
-    (void)cudaGetLastError();
-    cfg.numAttrs = 0;
-    e = cudaLaunchKernelEx(&cfg, decode_dense_part_kernel<D>, p, q);
-  }
-  TQ_CUDA_CHECK(e);
+  launch_maybe_dependent(decode_dense_part_kernel<D>, dim3(p.n_heads_kv * n_hblocks, p.n_seqs, p.dense_splits),
+                         dim3(kThreads), stream, overlap, p, q);
 }
 
 }  // namespace
