@@ -10,6 +10,8 @@ namespace tq {
 const std::vector<KvPreset>& kv_presets() {
   static const std::vector<KvPreset> presets = {
       {"paper_mse", "tq-mse:b=3", "tq-mse:b=4", "TurboQuant paper: K MSE 3 bits, V MSE 4 bits"},
+      {"paper_mse-out", "tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4",
+       "K MSE 3 bits, each head's largest 1/8 of channels at 6 bits (own rotation and scale); V MSE 4 bits"},
       {"paper_prod", "tq-prod:b=3", "tq-mse:b=4",
        "TurboQuant paper: K prod 3 bits in total (2-bit MSE + 1-bit QJL), V MSE 4 bits"},
       {"polarquant", "polar", "tq-mse:b=4", "K PolarQuant (4 levels, 4/2-bit angles), V MSE 4 bits"},

@@ -70,7 +70,7 @@ struct PresetArgs {
 int run_presets(const PresetArgs& a) {
   nlohmann::json out = nlohmann::json::array();
   if (!a.json)
-    std::printf("%-12s %-22s %-22s %5s %8s %8s %9s  %s\n", "preset", "K", "V", "dim", "K+V B",
+    std::printf("%-13s %-24s %-22s %5s %8s %8s %9s  %s\n", "preset", "K", "V", "dim", "K+V B",
                 "b/coord", "vs bf16", "description");
   for (const auto& p : kv_presets())
     for (int d : a.dims) {
@@ -90,7 +90,7 @@ int run_presets(const PresetArgs& a) {
                        {"bytes_per_token_per_head", bytes}, {"bits_per_coord", 4.0 * bytes / d},
                        {"ratio_vs_bf16", ratio}, {"description", p.description}});
       } else {
-        std::printf("%-12s %-22s %-22s %5d %8zu %8.3f %8.2fx  %s\n", p.name.c_str(), p.k_spec.c_str(),
+        std::printf("%-13s %-24s %-22s %5d %8zu %8.3f %8.2fx  %s\n", p.name.c_str(), p.k_spec.c_str(),
                     p.v_spec.c_str(), d, bytes, 4.0 * bytes / d, ratio, p.description.c_str());
       }
     }

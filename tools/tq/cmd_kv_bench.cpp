@@ -156,10 +156,10 @@ bool run_context(const Args& a, const std::vector<std::string>& presets, const s
     const int t_real = t <= 0 ? hardware_threads() : t;
     const double ms32 = time_step(*f32, a, q, t, o), ms16 = time_step(*f16, a, q, t, o);
     if (!a.json) {
-      std::printf("%-12s %8s %8s %8s %9s %10s %8s %10s %12s\n", "preset", "ctx", "threads", "B/token",
+      std::printf("%-13s %8s %8s %8s %9s %10s %8s %10s %12s\n", "preset", "ctx", "threads", "B/token",
                   "vs bf16", "ms/step", "speedup", "rel_err", "rel_err_dq");
       for (auto [d, ms] : {std::pair{&d32, ms32}, std::pair{&d16, ms16}})
-        std::printf("%-12s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s\n", d->preset.c_str(), a.context,
+        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s\n", d->preset.c_str(), a.context,
                     t_real, d->bytes_per_token, d->ratio, ms, ms16 / ms, "-", "-");
     }
     for (const Row& row : rows) {
@@ -172,7 +172,7 @@ bool run_context(const Args& a, const std::vector<std::string>& presets, const s
                        {"dense_f32_ms_per_step", ms32}, {"speedup", ms16 / ms},
                        {"rel_err", r.rel}, {"rel_err_dequant", r.rel_dq}});
       } else {
-        std::printf("%-12s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e\n", r.preset.c_str(), a.context,
+        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e\n", r.preset.c_str(), a.context,
                     t_real, r.bytes_per_token, r.ratio, ms, ms16 / ms, r.rel, r.rel_dq);
       }
     }
