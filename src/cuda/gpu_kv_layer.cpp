@@ -572,7 +572,13 @@ struct GpuKvLayer::Impl {
     // The append reads the staging rows in the same order (row = position in
     // runs); the rounding's flags keep its lengths uncommitted too, and the
     // rows and states go in only if the final status is clean. One readback.
-    RunsInFlight f = enqueue_runs(runs, sk, sv, DType::f16, stream, f16_status);
+    RunsInFlight f;
+    try {
+      f = enqueue_runs(runs, sk, sv, DType::f16, stream, f16_status);
+    } catch (...) {  // refused on the host: let the enqueued scratch work finish before the caller goes on
+      (void)cudaStreamSynchronize(stream);
+      throw;
+    }
     const int* final_status = f.status != nullptr ? f.status : f16_status;
     int st = 0;
     try {
