@@ -1413,6 +1413,11 @@ TEST(CudaAttention, RejectsBadShapes) {
   cfg.n_heads_kv = 2;
   EXPECT_THROW((void)cuda::GpuKvLayer(*prod, *vq, cfg), Error);
   EXPECT_THROW((void)cuda::GpuKvLayer(*odd, *odd, cfg), Error);
+  // Channel-split formats (fractional b, outlier channels) have no GPU path yet.
+  for (const char* split : {"tq-mse:b=2.5", "tq-mse:b=3,hi=12.5%,hb=6"}) {
+    auto sq = make_quantizer(split, 128, 1);
+    EXPECT_THROW((void)cuda::GpuKvLayer(*sq, *vq, cfg), Error) << split;
+  }
   cuda::GpuKvLayer layer(*kq, *vq, cfg);
   layer.add_sequence();
   cuda::DeviceBuffer ws(layer.workspace_bytes(4));

@@ -93,6 +93,9 @@ HostFormat host_format(const Quantizer& q, const char* which) {
   const FormatSpec& s = q.spec();
   const auto* mq = dynamic_cast<const quant::MseQuantizer*>(&q);
   const int d = q.dim();
+  TQ_REQUIRE(!(s.method == Method::mse && is_split(s)), "GPU KV layer: ", which, " format ", to_string(s),
+             " is not supported yet: channel-split formats (fractional b, or hi=N,hb=B outlier channels) "
+             "have no GPU path; use tq-mse with an integer b and no hi=");
   TQ_REQUIRE(mq != nullptr && s.method == Method::mse && s.bits == std::floor(s.bits),
              "GPU KV layer: ", which, " format ", to_string(s),
              " is not supported (expected tq-mse with an integer bit width)");
