@@ -147,7 +147,11 @@ class GpuKvLayer {
                      Stream stream = nullptr);
   void append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
                      Stream stream = nullptr);
-  // One decode token for each of n sequences seqs[0..n-1] (distinct).
+  // One decode token for each of n sequences seqs[0..n-1] (distinct): what
+  // an engine calls for every layer at every step. One status readback per
+  // call (one stream synchronisation), dense tokens or not; a refusal (NaN /
+  // Inf, f16 overflow of the dense rows, a full page budget) leaves every
+  // sequence of the batch unchanged.
   // k, v: device [n, n_heads_kv, head_dim]
   void append_batch_device(const int* seqs, int n, const float* k, const float* v,
                            Stream stream = nullptr);
