@@ -1404,6 +1404,150 @@ TEST(CudaAttentionTc, AwkwardNormsAndZeroVectors) {
   worst.print("tensor-core kernel, awkward norms");
 }
 
+// Channel-split formats (turbo2.5, turbo3.5, turbo4-out, paper_mse-out's
+// keys; split V too) on the GPU: with the KvCache's per-head outlier
+// channels, the records are the KvCache's bit for bit (host and device
+// appends, batched decode steps, dense window and prefix), and attention is
+// within 1e-3 of KvCache::attend, sliding window and softcap included. The
+// segments' dims cover one-round rotations (64, 32, 128) and two-round ones
+// (112, 56, 224: not powers of two), down to 8 channels.
+TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
+  TQ_SKIP_WITHOUT_GPU();
+  struct Case {
+    const char *k, *v;
+    int d, group, window, prefix;
+  };
+  double worst = 0;
+  for (const Case c : {Case{"tq-mse:b=2.5", "tq-mse:b=2.5", 128, 4, 0, 0},
+                       Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 64, 1, 0, 0},
+                       Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, 8, 16, 4},
+                       Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256, 4, 8, 2},
+                       Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=2.5,hi=32%", 64, 4, 0, 3},
+                       Case{"tq-mse:b=4", "tq-mse:b=2.5,sf=f32", 128, 2, 0, 0}}) {
+    SCOPED_TRACE(std::string("K ") + c.k + " V " + c.v + " d " + std::to_string(c.d) + " window " +
+                 std::to_string(c.window) + " prefix " + std::to_string(c.prefix));
+    KvCacheConfig cc;
+    cc.n_layers = 1;
+    cc.n_heads_kv = 2;
+    cc.head_dim = c.d;
+    cc.k_format = parse_format(c.k);
+    cc.v_format = parse_format(c.v);
+    cc.page_tokens = 16;
+    cc.dense_window = c.window;
+    cc.dense_prefix = c.prefix;
+    cc.seed = 51;
+    KvCache cache(cc);
+    const int H = cc.n_heads_kv, d = c.d, g = c.group, hq = H * g;
+    const size_t row = size_t(H) * d;
+    const std::vector<int> lens = {3, 40, 150};
+    const int steps = 3;
+    std::vector<std::vector<float>> ks, vs;
+    for (int s = 0; s < 3; ++s) {
+      ASSERT_EQ(cache.add_sequence(), s);
+      const size_t n = size_t(lens[s] + steps) * H;
+      // Sequence 1's keys: magnitudes from 1e-6 to 10, zero vectors, huge channels.
+      ks.push_back(s == 1 ? awkward_vectors(n, d, 900 + s) : kv_data(n, d, 900 + s));
+      vs.push_back(kv_data(n, d, 950 + s));
+      for (auto* a : {&ks.back(), &vs.back()})  // f16 values: the GPU's device appends get them exactly
+        for (float& x : *a) x = half_to_float(float_to_half(x));
+    }
+    // The CPU cache first, so that it has chosen its outlier channels.
+    for (int s = 0; s < 3; ++s) cache.append(s, 0, ks[s].data(), vs[s].data(), lens[s]);
+    for (int step = 0; step < steps; ++step)
+      for (int s = 0; s < 3; ++s) {
+        const size_t at = size_t(lens[s] + step) * row;
+        cache.append(s, 0, ks[s].data() + at, vs[s].data() + at, 1);
+      }
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = cc.page_tokens;
+    cfg.max_seqs = 3;
+    cfg.max_pages_per_seq = 12;
+    cfg.split_pages = 2;
+    cfg.dense_window = c.window;
+    cfg.dense_prefix = c.prefix;
+    for (int h = 0; h < H; ++h) {
+      if (is_split(cc.k_format)) cfg.k_hi_channels.push_back(cache.outlier_channels(0, h, true));
+      if (is_split(cc.v_format)) cfg.v_hi_channels.push_back(cache.outlier_channels(0, h, false));
+    }
+    cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // device appends
+    for (int s = 0; s < 3; ++s) {
+      ASSERT_EQ(layer.add_sequence(), s);
+      ASSERT_EQ(dlayer.add_sequence(), s);
+      const int first = std::min(7, lens[s]);
+      layer.append(s, ks[s].data(), vs[s].data(), first);
+      layer.append(s, ks[s].data() + first * row, vs[s].data() + first * row, lens[s] - first);
+      cuda::DeviceBuffer dk(lens[s] * row * 4), dv(lens[s] * row * 4);
+      dk.upload(ks[s].data(), lens[s] * row * 4);
+      dv.upload(vs[s].data(), lens[s] * row * 4);
+      dlayer.append_device(s, dk.as<float>(), dv.as<float>(), lens[s]);
+    }
+    const std::vector<int> all = {0, 1, 2};
+    cuda::DeviceBuffer bk(3 * row * 4), bv(3 * row * 4);
+    for (int step = 0; step < steps; ++step) {
+      std::vector<float> kb(3 * row), vb(3 * row);
+      for (int s = 0; s < 3; ++s) {
+        const size_t at = size_t(lens[s] + step) * row;
+        layer.append(s, ks[s].data() + at, vs[s].data() + at, 1);
+        std::copy(ks[s].begin() + at, ks[s].begin() + at + row, kb.begin() + s * row);
+        std::copy(vs[s].begin() + at, vs[s].begin() + at + row, vb.begin() + s * row);
+      }
+      bk.upload(kb.data(), kb.size() * 4);
+      bv.upload(vb.data(), vb.size() * 4);
+      dlayer.append_batch_device(all.data(), 3, bk.as<float>(), bv.as<float>());
+    }
+    for (int s = 0; s < 3; ++s) {
+      const int t = lens[s] + steps;
+      ASSERT_EQ(layer.n_tokens(s), t);
+      ASSERT_EQ(dlayer.n_tokens(s), t);
+      const int n_pre = std::min(c.prefix, t), n_comp = std::max(0, t - c.prefix - c.window);
+      if (n_comp == 0) continue;
+      const size_t kb = layer.k_record_bytes(), vb = layer.v_record_bytes();
+      ASSERT_EQ(kb, cache.k_quantizer(0).bytes_per_vector());
+      std::vector<uint8_t> ck(size_t(n_comp) * H * kb), cv(size_t(n_comp) * H * vb), gk(ck.size()), gv(cv.size());
+      cache.read_records(s, 0, n_pre, n_comp, ck.data(), cv.data());
+      for (const cuda::GpuKvLayer* l : {&layer, &dlayer}) {
+        l->read_records(s, n_pre, n_comp, gk.data(), gv.data());
+        EXPECT_EQ(ck, gk) << "K records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
+        EXPECT_EQ(cv, gv) << "V records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
+      }
+    }
+    const size_t nq = size_t(3) * hq * d;
+    const auto q = test::random_gaussian(nq, 61);
+    cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), dlse(size_t(3) * hq * 4), ws(layer.workspace_bytes(hq));
+    dq.upload(q.data(), nq * 4);
+    AttentionParams sliding;
+    sliding.window = 30;
+    sliding.n_sinks = 2;
+    AttentionParams capped;
+    capped.softcap = 5.0f;
+    for (const cuda::GpuKvLayer* l : {&layer, &dlayer})
+      for (const AttentionParams& ap : {AttentionParams{}, sliding, capped}) {
+        std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()), lse(size_t(3) * hq);
+        dout.upload(out.data(), nq * 4);
+        l->attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
+        dout.download(out.data(), nq * 4);
+        dlse.download(lse.data(), lse.size() * 4);
+        for (int s = 0; s < 3; ++s) {
+          std::vector<float> ref(size_t(hq) * d), ref_lse(hq);
+          cache.attend(s, 0, q.data() + size_t(s) * hq * d, hq, ap, ref.data(), ref_lse.data());
+          const double e = norm_err(out.data() + size_t(s) * hq * d, ref.data(), ref.size());
+          worst = std::max(worst, e);
+          EXPECT_LE(e, 1e-3) << "seq " << s << " window " << ap.window << " softcap " << ap.softcap;
+          for (int h = 0; h < hq; ++h)
+            EXPECT_NEAR(lse[size_t(s) * hq + h], ref_lse[h], 5e-3) << "seq " << s << " head " << h;
+        }
+      }
+    // A NaN is refused and changes nothing.
+    std::vector<float> bad(row, 0.5f);
+    bad[3] = std::numeric_limits<float>::quiet_NaN();
+    EXPECT_THROW(layer.append(2, bad.data(), bad.data(), 1), Error);
+    EXPECT_EQ(layer.n_tokens(2), lens[2] + steps);
+  }
+  std::printf("channel splits: worst normalised error vs KvCache %.3g\n", worst);
+}
+
 TEST(CudaAttention, RejectsBadShapes) {
   TQ_SKIP_WITHOUT_GPU();
   auto kq = make_quantizer("tq-mse:b=4", 128, 1), vq = make_quantizer("tq-mse:b=4", 128, 2);
@@ -1413,10 +1557,27 @@ TEST(CudaAttention, RejectsBadShapes) {
   cfg.n_heads_kv = 2;
   EXPECT_THROW((void)cuda::GpuKvLayer(*prod, *vq, cfg), Error);
   EXPECT_THROW((void)cuda::GpuKvLayer(*odd, *odd, cfg), Error);
-  // Channel-split formats (fractional b, outlier channels) have no GPU path yet.
-  for (const char* split : {"tq-mse:b=2.5", "tq-mse:b=3,hi=12.5%,hb=6"}) {
-    auto sq = make_quantizer(split, 128, 1);
-    EXPECT_THROW((void)cuda::GpuKvLayer(*sq, *vq, cfg), Error) << split;
+  // Channel lists that do not fit the format name what is wrong.
+  auto sq = make_quantizer("tq-mse:b=3,hi=12.5%,hb=6", 128, 1);  // 16 hi channels
+  std::vector<int> ok16(16), dup16(16, 3);
+  for (int i = 0; i < 16; ++i) ok16[i] = 100 + i;
+  std::vector<int> far16 = ok16;
+  far16[4] = 128;
+  for (const auto& bad : {std::vector<std::vector<int>>{ok16},  // one head of two
+                          std::vector<std::vector<int>>{ok16, std::vector<int>(15, 1)},
+                          std::vector<std::vector<int>>{ok16, dup16}, std::vector<std::vector<int>>{ok16, far16}}) {
+    cuda::GpuKvLayerConfig c = cfg;
+    c.k_hi_channels = bad;
+    EXPECT_THROW((void)cuda::GpuKvLayer(*sq, *vq, c), Error);
+  }
+  cuda::GpuKvLayerConfig not_split = cfg;
+  not_split.v_hi_channels = {ok16, ok16};
+  EXPECT_THROW((void)cuda::GpuKvLayer(*sq, *vq, not_split), Error) << "V tq-mse:b=4 has no split";
+  {
+    cuda::GpuKvLayerConfig c = cfg;
+    c.k_hi_channels = {ok16, ok16};
+    cuda::GpuKvLayer split_layer(*sq, *vq, c);
+    EXPECT_EQ(split_layer.k_record_bytes(), sq->bytes_per_vector());
   }
   cuda::GpuKvLayer layer(*kq, *vq, cfg);
   layer.add_sequence();

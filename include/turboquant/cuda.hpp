@@ -104,6 +104,14 @@ struct GpuKvLayerConfig {
   // dense, not records).
   int dense_window = 0;
   int dense_prefix = 0;
+  // Channel-split formats (fractional b, or hi=N,hb=B: turbo2.5, turbo3.5,
+  // turbo4-out, paper_mse-out): per KV head, the channels coded at the
+  // higher width, in the quantizer's order. KvCache chooses them per layer
+  // and head from the first tokens it compresses (KvCache::outlier_channels);
+  // pass those to get its records. Empty: every head uses the quantizer's
+  // own (QuantizerOptions::hi_channels, by default channels 0 .. hi-1).
+  // Such formats run on the reference decode kernel (kernels.hpp).
+  std::vector<std::vector<int>> k_hi_channels, v_hi_channels;
 };
 
 // One layer of a paged KV cache on the device. Page layout as on the CPU:
@@ -175,6 +183,10 @@ class GpuKvLayer {
   // ---- Decode attention: plan / run ---------------------------------------
   // Workspace of attend() for n_heads_q query heads (a multiple of n_heads_kv).
   size_t workspace_bytes(int n_heads_q) const;
+  // Which decode kernel attend() runs for n_heads_q query heads:
+  // "tensor_core", or "reference: <why the tensor-core kernel cannot>"
+  // (e.g. a channel-split format, another bit width, f32 scales).
+  std::string attend_kernel(int n_heads_q) const;
   // One query token per sequence 0..n_seqs()-1, at its last position (causal,
   // window, sinks and softcap from params). Never allocates; ordered on
   // `stream`. q, out: device [n_seqs(), n_heads_q, head_dim]; lse: device

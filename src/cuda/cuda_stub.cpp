@@ -51,6 +51,7 @@ void GpuKvLayer::download_page(int, int, uint8_t*) const { no_cuda(); }
 void GpuKvLayer::append_records(int, const uint8_t*, const uint8_t*, int) { no_cuda(); }
 void GpuKvLayer::read_records(int, int, int, uint8_t*, uint8_t*) const { no_cuda(); }
 size_t GpuKvLayer::workspace_bytes(int) const { no_cuda(); }
+std::string GpuKvLayer::attend_kernel(int) const { no_cuda(); }
 void GpuKvLayer::attend(const float*, int, const AttentionParams&, float*, float*, void*, size_t,
                         Stream) const { no_cuda(); }
 

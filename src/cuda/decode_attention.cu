@@ -27,6 +27,7 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
+#include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -47,6 +48,15 @@ __device__ __forceinline__ int code_at(const uint8_t* rec, int i, int bits) {
 __device__ __forceinline__ float scale_at(const uint8_t* rec, const MseDeviceFormat& f) {
   const uint8_t* p = rec + f.code_bytes;
   if (f.scale_f32)
+    return __uint_as_float(unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 |
+                           unsigned(p[3]) << 24);
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+}
+
+// The scale of a split record's sub-record.
+__device__ __forceinline__ float segment_scale(const uint8_t* rec, const SplitSegment& g) {
+  const uint8_t* p = rec + g.offset + g.code_bytes;
+  if (g.scale_f32)
     return __uint_as_float(unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 |
                            unsigned(p[3]) << 24);
   return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
@@ -77,12 +87,23 @@ __device__ __forceinline__ bool key_visible(int q, int k, int window, int n_sink
   return window <= 0 || q - k < window;
 }
 
-template <int D>
+// Centroid table entries a format needs in shared memory: 2^bits, or both
+// segments' tables back to back for a channel split.
+__host__ __device__ inline int centroid_slots(const MseDeviceFormat& f, const SplitFormat& sp) {
+  return sp.n_seg ? (1 << sp.seg[0].bits) + (1 << sp.seg[1].bits) : 1 << f.bits;
+}
+
+// SPLIT: K and / or V are channel-split formats (p.k_split / p.v_split):
+// the queries are gathered by the head's channels and rotated per segment,
+// a score is the sum of the segments' dot products times their scales, and
+// the values' weights take each segment's scale.
+template <int D, bool SPLIT>
 __global__ void __launch_bounds__(kThreads)
     decode_split_kernel(DecodeAttentionParams p, const float* __restrict__ q,
                         float* __restrict__ part_o, float* __restrict__ part_lse) {
   const int split = blockIdx.x, hkv = blockIdx.y, seq = blockIdx.z;
   const int g = p.group, n_heads_q = p.n_heads_kv * g;
+  const bool ksp = SPLIT && p.k_split.n_seg != 0, vsp = SPLIT && p.v_split.n_seg != 0;
   extern __shared__ float smem[];
   float* qs = smem;                 // [g, D] rotated queries
   float* acc = qs + g * D;          // [g, D]
@@ -90,9 +111,9 @@ __global__ void __launch_bounds__(kThreads)
   float* m = sc + g * kTile;        // [g]
   float* l = m + g;                 // [g]
   float* corr = l + g;              // [g]
-  float* kcent = corr + g;          // [2^kbits]
-  float* vcent = kcent + (1 << p.k.bits);  // [2^vbits]
-  float* vscale = vcent + (1 << p.v.bits);  // [kTile]
+  float* kcent = corr + g;          // [2^kbits] (split: both segments' tables)
+  float* vcent = kcent + centroid_slots(p.k, p.k_split);  // [2^vbits] (likewise)
+  float* vscale = vcent + centroid_slots(p.v, p.v_split);  // [kTile] (V split: [2, kTile], weights unscaled)
 
   const int len = p.lengths[seq];
   const int span = p.split_pages * p.page_tokens;
@@ -109,18 +130,40 @@ __global__ void __launch_bounds__(kThreads)
   }
 
   const float* qg = q + (size_t(seq) * n_heads_q + size_t(hkv) * g) * D;
-  for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) {
-    qs[idx] = qg[idx] * p.k.signs[idx % D];
-    acc[idx] = 0.0f;
+  if (ksp) {
+    const int* ch = p.k_split.channels + size_t(hkv) * D;
+    for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) qs[idx] = qg[(idx / D) * D + ch[idx % D]];
+    for (int c = threadIdx.x; c < (1 << p.k_split.seg[0].bits); c += blockDim.x)
+      kcent[c] = p.k_split.seg[0].centroids[c];
+    for (int c = threadIdx.x; c < (1 << p.k_split.seg[1].bits); c += blockDim.x)
+      kcent[(1 << p.k_split.seg[0].bits) + c] = p.k_split.seg[1].centroids[c];
+  } else {
+    for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) qs[idx] = qg[idx] * p.k.signs[idx % D];
+    for (int c = threadIdx.x; c < (1 << p.k.bits); c += blockDim.x) kcent[c] = p.k.centroids[c];
+  }
+  if (vsp) {
+    for (int c = threadIdx.x; c < (1 << p.v_split.seg[0].bits); c += blockDim.x)
+      vcent[c] = p.v_split.seg[0].centroids[c];
+    for (int c = threadIdx.x; c < (1 << p.v_split.seg[1].bits); c += blockDim.x)
+      vcent[(1 << p.v_split.seg[0].bits) + c] = p.v_split.seg[1].centroids[c];
+  } else {
+    for (int c = threadIdx.x; c < (1 << p.v.bits); c += blockDim.x) vcent[c] = p.v.centroids[c];
   }
   for (int h = threadIdx.x; h < g; h += blockDim.x) {
     m[h] = kNegInf;
     l[h] = 0.0f;
   }
-  for (int c = threadIdx.x; c < (1 << p.k.bits); c += blockDim.x) kcent[c] = p.k.centroids[c];
-  for (int c = threadIdx.x; c < (1 << p.v.bits); c += blockDim.x) vcent[c] = p.v.centroids[c];
   __syncthreads();
-  block_fwht<D>(qs, g, p.k.post_scale);
+  if (ksp) {
+    // Rotate each segment of the gathered queries (acc is the scratch, zeroed below).
+    const int n0 = p.k_split.seg[0].dim;
+    SegmentRotator{p.k_split.seg[0].rot, qs, acc, g, D}.forward();
+    SegmentRotator{p.k_split.seg[1].rot, qs + n0, acc + n0, g, D}.forward();
+  } else {
+    block_fwht<D>(qs, g, p.k.post_scale);
+  }
+  for (int idx = threadIdx.x; idx < g * D; idx += blockDim.x) acc[idx] = 0.0f;
+  __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int q_pos = len - 1 + p.window_tail;  // dense window tokens follow the pages
@@ -141,26 +184,69 @@ __global__ void __launch_bounds__(kThreads)
         if (lane < g) sc[lane * kTile + tt] = kNegInf;
         for (int h = 32 + lane; h < g; h += 32) sc[h * kTile + tt] = kNegInf;
         if (lane == 0) vscale[tt] = 0.0f;
+        if (vsp && lane == 0) vscale[kTile + tt] = 0.0f;
         continue;
       }
       const uint8_t* krec = record(t, k_region, p.k.record_bytes);
-      float c[D / 32];
+      if (ksp) {
+        // Coordinates below n0 are segment 0's: two partial dot products.
+        const SplitSegment& s0 = p.k_split.seg[0];
+        const SplitSegment& s1 = p.k_split.seg[1];
+        const int n0 = s0.dim, t1 = 1 << s0.bits;
+        float c[D / 32];
 #pragma unroll
-      for (int r = 0; r < D / 32; ++r) c[r] = kcent[code_at(krec, lane + 32 * r, p.k.bits)];
-      const float ks = scale_at(krec, p.k);
-      for (int h = 0; h < g; ++h) {
-        float s = 0.0f;
+        for (int r = 0; r < D / 32; ++r) {
+          const int i = lane + 32 * r;
+          c[r] = i < n0 ? kcent[code_at(krec + s0.offset, i, s0.bits)]
+                        : kcent[t1 + code_at(krec + s1.offset, i - n0, s1.bits)];
+        }
+        const float ks0 = segment_scale(krec, s0), ks1 = segment_scale(krec, s1);
+        for (int h = 0; h < g; ++h) {
+          float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
-        for (int r = 0; r < D / 32; ++r) s += qs[h * D + lane + 32 * r] * c[r];
+          for (int r = 0; r < D / 32; ++r) {
+            const float x = qs[h * D + lane + 32 * r] * c[r];
+            if (lane + 32 * r < n0) a0 += x;
+            else a1 += x;
+          }
 #pragma unroll
-        for (int o = 16; o >= 1; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) {
-          float logit = s * ks * p.sm_scale;
-          if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
-          sc[h * kTile + tt] = logit;
+          for (int o = 16; o >= 1; o /= 2) {
+            a0 += __shfl_xor_sync(0xffffffffu, a0, o);
+            a1 += __shfl_xor_sync(0xffffffffu, a1, o);
+          }
+          if (lane == 0) {
+            float logit = (a0 * ks0 + a1 * ks1) * p.sm_scale;
+            if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
+            sc[h * kTile + tt] = logit;
+          }
+        }
+      } else {
+        float c[D / 32];
+#pragma unroll
+        for (int r = 0; r < D / 32; ++r) c[r] = kcent[code_at(krec, lane + 32 * r, p.k.bits)];
+        const float ks = scale_at(krec, p.k);
+        for (int h = 0; h < g; ++h) {
+          float s = 0.0f;
+#pragma unroll
+          for (int r = 0; r < D / 32; ++r) s += qs[h * D + lane + 32 * r] * c[r];
+#pragma unroll
+          for (int o = 16; o >= 1; o /= 2) s += __shfl_xor_sync(0xffffffffu, s, o);
+          if (lane == 0) {
+            float logit = s * ks * p.sm_scale;
+            if (p.softcap > 0.0f) logit = p.softcap * tanhf(logit / p.softcap);
+            sc[h * kTile + tt] = logit;
+          }
         }
       }
-      if (lane == 0) vscale[tt] = scale_at(record(t, v_region, p.v.record_bytes), p.v);
+      if (lane == 0) {
+        const uint8_t* vrec = record(t, v_region, p.v.record_bytes);
+        if (vsp) {
+          vscale[tt] = segment_scale(vrec, p.v_split.seg[0]);
+          vscale[kTile + tt] = segment_scale(vrec, p.v_split.seg[1]);
+        } else {
+          vscale[tt] = scale_at(vrec, p.v);
+        }
+      }
     }
     __syncthreads();
     // 2. Online softmax, one thread per head.
@@ -179,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kTile; ++j) {
         const float w = s[j] == kNegInf ? 0.0f : expf(s[j] - m_new);
         sum += w;
-        s[j] = w * vscale[j];
+        s[j] = vsp ? w : w * vscale[j];  // a split's weights take each segment's scale below
       }
       l[h] = l[h] * cr + sum;
       m[h] = m_new;
@@ -190,6 +276,21 @@ __global__ void __launch_bounds__(kThreads)
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
       for (int h = 0; h < g; ++h) acc[h * D + i] *= corr[h];
       const int n = min(kTile, t1 - tile);
+      if (vsp) {
+        const SplitSegment& s0 = p.v_split.seg[0];
+        const SplitSegment& s1 = p.v_split.seg[1];
+        const bool hi = i < s0.dim;
+        const float* vs = vscale + (hi ? 0 : kTile);
+        for (int tt = 0; tt < n; ++tt) {
+          if (vs[tt] == 0.0f) continue;  // masked (or a zero sub-vector: adds nothing)
+          const uint8_t* vrec = record(tile + tt, v_region, p.v.record_bytes);
+          const float cv = hi ? vcent[code_at(vrec + s0.offset, i, s0.bits)]
+                              : vcent[(1 << s0.bits) + code_at(vrec + s1.offset, i - s0.dim, s1.bits)];
+          const float x = vs[tt] * cv;
+          for (int h = 0; h < g; ++h) acc[h * D + i] += sc[h * kTile + tt] * x;
+        }
+        continue;
+      }
       for (int tt = 0; tt < n; ++tt) {
         if (vscale[tt] == 0.0f) continue;  // masked (or a zero vector: adds nothing)
         const float cv = vcent[code_at(record(tile + tt, v_region, p.v.record_bytes), i, p.v.bits)];
@@ -219,7 +320,7 @@ __global__ void __launch_bounds__(kThreads)
 constexpr int kMergeTile = 256;  // splits whose weights sit in shared memory at once
 constexpr int kMergeBatch = 32;  // part_o loads in flight per thread
 
-template <int D>
+template <int D, bool SPLIT>
 __global__ void __launch_bounds__(D)
     decode_merge_kernel(DecodeAttentionParams p, const float* __restrict__ part_o,
                         const float* __restrict__ part_lse, float* __restrict__ out,
@@ -297,8 +398,21 @@ __global__ void __launch_bounds__(D)
   }
   x[i] = o;
   __syncthreads();
-  block_fwht<D>(x, 1, p.v.post_scale);
-  float val = x[i] * p.v.signs[i];
+  float val;
+  if (SPLIT && p.v_split.n_seg != 0) {
+    // Each segment's inverse rotation, then element j of [seg 0 | seg 1]
+    // goes back to its channel.
+    __shared__ float y[D];
+    const SplitFormat& f = p.v_split;
+    SegmentRotator{f.seg[0].rot, x, y, 1, D}.inverse();
+    SegmentRotator{f.seg[1].rot, x + f.seg[0].dim, y + f.seg[0].dim, 1, D}.inverse();
+    y[f.channels[size_t(hq / p.group) * D + i]] = x[i];
+    __syncthreads();
+    val = y[i];
+  } else {
+    block_fwht<D>(x, 1, p.v.post_scale);
+    val = x[i] * p.v.signs[i];
+  }
   float ls = mx == kNegInf ? kNegInf : mx + logf(sum);
   if (p.dense_o != nullptr) {  // join the dense tokens' splits (original domain)
     const size_t r = (size_t(seq) * n_heads_q + hq) * p.dense_splits;
@@ -328,23 +442,36 @@ __global__ void __launch_bounds__(D)
 template <int D>
 void launch_merge(const DecodeAttentionParams& p, const float* part_o, const float* part_lse,
                   float* out, float* lse, cudaStream_t stream, bool overlap) {
-  launch_maybe_dependent(decode_merge_kernel<D>, dim3(p.n_heads_kv * p.group, p.n_seqs), dim3(D), stream,
-                         overlap, p, part_o, part_lse, out, lse);
+  const dim3 grid(p.n_heads_kv * p.group, p.n_seqs);
+  if (p.v_split.n_seg != 0)
+    launch_maybe_dependent(decode_merge_kernel<D, true>, grid, dim3(D), stream, overlap, p, part_o, part_lse,
+                           out, lse);
+  else
+    launch_maybe_dependent(decode_merge_kernel<D, false>, grid, dim3(D), stream, overlap, p, part_o,
+                           part_lse, out, lse);
+}
+
+template <int D, bool SPLIT>
+void launch_split_kernel(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
+                         size_t smem, cudaStream_t stream) {
+  if (smem > 48 * 1024)
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(decode_split_kernel<D, SPLIT>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const dim3 grid(p.n_splits, p.n_heads_kv, p.n_seqs);
+  decode_split_kernel<D, SPLIT><<<grid, kThreads, smem, stream>>>(p, q, part_o, part_lse);
+  TQ_CUDA_CHECK_LAUNCH();
 }
 
 template <int D>
 void launch_ref(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
                 float* out, float* lse, cudaStream_t stream) {
   const int g = p.group;
+  const bool split = p.k_split.n_seg != 0 || p.v_split.n_seg != 0;
   const size_t smem =
-      sizeof(float) * (size_t(2 * g * D) + g * kTile + 3 * g + (1 << p.k.bits) +
-                       (1 << p.v.bits) + kTile);
-  if (smem > 48 * 1024)
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(decode_split_kernel<D>,
-                                       cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  const dim3 grid(p.n_splits, p.n_heads_kv, p.n_seqs);
-  decode_split_kernel<D><<<grid, kThreads, smem, stream>>>(p, q, part_o, part_lse);
-  TQ_CUDA_CHECK_LAUNCH();
+      sizeof(float) * (size_t(2 * g * D) + g * kTile + 3 * g + centroid_slots(p.k, p.k_split) +
+                       centroid_slots(p.v, p.v_split) + 2 * kTile);
+  if (split) launch_split_kernel<D, true>(p, q, part_o, part_lse, smem, stream);
+  else launch_split_kernel<D, false>(p, q, part_o, part_lse, smem, stream);
   if (p.dense_o != nullptr) launch_decode_dense_part(p, q, stream, false);
   launch_merge<D>(p, part_o, part_lse, out, lse, stream, false);
 }
@@ -378,6 +505,8 @@ DecodeShape decode_shape(const DecodeAttentionParams& p) {
   s.v_scale_f32 = p.v.scale_f32 != 0;
   s.group = p.group;
   s.page_tokens = p.page_tokens;
+  s.k_split = p.k_split.n_seg != 0;
+  s.v_split = p.v_split.n_seg != 0;
   return s;
 }
 

@@ -808,6 +808,8 @@ long tc_min_split(const DecodeAttentionParams& p, int slots) {
 const char* decode_tc_unsupported(const DecodeShape& s) {
   if (s.head_dim != 64 && s.head_dim != 128 && s.head_dim != 256)
     return "head_dim is not 64, 128 or 256";
+  if (s.k_split || s.v_split)
+    return "channel-split formats (fractional b, hi= outlier channels) run on the reference kernel";
   if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
     return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
   if (s.k_scale_f32 || s.v_scale_f32) return "f32 scales (sf=f32) are not handled";

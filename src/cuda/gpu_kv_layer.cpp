@@ -81,45 +81,178 @@ void DeviceBuffer::download(void* host, size_t bytes) const {
 // ---- GpuKvLayer ----------------------------------------------------------------
 namespace {
 
-// Host copy of what a format needs on the device, validated.
+// Host copy of what a format needs on the device, validated. A channel
+// split (split = true) has no codes of its own: its two segments and the
+// per-head channel table say everything, bits and code_bytes are 0.
+struct HostSegment {
+  int dim = 0, bits = 0, code_bytes = 0, offset = 0, scale_f32 = 0;
+  std::vector<float> signs1, signs2, boundaries, centroids;
+  std::vector<int> perm, blocks;
+};
 struct HostFormat {
   int dim, bits;
   std::vector<float> signs, boundaries, centroids;
   float post_scale;
   int code_bytes, scale_f32, record_bytes;
+  bool split = false;
+  HostSegment seg[2];
+  std::vector<int> channels;  // split: [n_heads_kv, dim] (SplitFormat::channels)
 };
 
-HostFormat host_format(const Quantizer& q, const char* which) {
-  const FormatSpec& s = q.spec();
-  const auto* mq = dynamic_cast<const quant::MseQuantizer*>(&q);
-  const int d = q.dim();
-  TQ_REQUIRE(!(s.method == Method::mse && is_split(s)), "GPU KV layer: ", which, " format ", to_string(s),
-             " is not supported yet: channel-split formats (fractional b, or hi=N,hb=B outlier channels) "
-             "have no GPU path; use tq-mse with an integer b and no hi=");
-  TQ_REQUIRE(mq != nullptr && s.method == Method::mse && s.bits == std::floor(s.bits),
-             "GPU KV layer: ", which, " format ", to_string(s),
-             " is not supported (expected tq-mse with an integer bit width)");
+void require_gpu_spec(const FormatSpec& s, const char* which) {
+  TQ_REQUIRE(s.method == Method::mse, "GPU KV layer: ", which, " format ", to_string(s),
+             " is not supported (expected tq-mse)");
   TQ_REQUIRE(s.scale == ScaleMode::norm, "GPU KV layer: ", which, " format ", to_string(s),
              ": only scale=norm is supported on the GPU");
   TQ_REQUIRE(s.rotation == RotationKind::hadamard, "GPU KV layer: ", which, " format ",
              to_string(s), ": only rot=hadamard is supported on the GPU");
+}
+
+// One segment of a split: an MseQuantizer over its channels, whose rotation
+// is Rotation's hadamard (one round for a power-of-two dim, two otherwise).
+HostSegment host_segment(const quant::MseQuantizer& q, int offset) {
+  HostSegment g;
+  g.dim = q.dim();
+  g.bits = static_cast<int>(q.spec().bits);
+  g.code_bytes = static_cast<int>(packed_bytes(g.dim, g.bits));
+  g.offset = offset;
+  g.scale_f32 = q.spec().scale_type == ScaleType::f32;
+  const auto& st = q.rotation().stages();
+  using Op = RotationStage::Op;
+  const bool one = st.size() == 2, two = st.size() == 5;
+  TQ_ASSERT((one || two) && st[0].op == Op::signs && st[1].op == Op::hadamard_blocks);
+  TQ_ASSERT(one || (st[2].op == Op::permute && st[3].op == Op::signs && st[4].op == Op::hadamard_blocks &&
+                    st[4].blocks == st[1].blocks));
+  TQ_ASSERT(st[1].blocks.size() <= size_t(kMaxRotationBlocks));
+  g.signs1 = st[0].signs;
+  g.blocks = st[1].blocks;
+  if (two) {
+    g.perm = st[2].perm;
+    g.signs2 = st[3].signs;
+  }
+  const Codebook& cb = sphere_codebook(q.spec().law, g.dim, g.bits);
+  g.boundaries = cb.boundaries;
+  g.centroids = cb.centroids;
+  return g;
+}
+
+// hi: per KV head, the channels at the higher width (GpuKvLayerConfig::
+// k_hi_channels / v_hi_channels); empty: the quantizer's own for every head.
+HostFormat host_format(const Quantizer& q, const char* which, int n_heads,
+                       const std::vector<std::vector<int>>& hi) {
+  const FormatSpec& s = q.spec();
+  const int d = q.dim();
+  require_gpu_spec(s, which);
   TQ_REQUIRE(d == 64 || d == 128 || d == 256, "GPU KV layer: head_dim ", d,
              " is not supported (expected 64, 128 or 256)");
+  HostFormat f;
+  f.dim = d;
+  f.post_scale = 1.0f / std::sqrt(static_cast<float>(d));  // as Rotation::run computes it
+  f.record_bytes = static_cast<int>(q.bytes_per_vector());
+  if (is_split(s)) {
+    const auto* sq = dynamic_cast<const quant::SplitQuantizer*>(&q);
+    TQ_ASSERT(sq != nullptr);
+    f.split = true;
+    f.bits = f.code_bytes = 0;
+    f.seg[0] = host_segment(sq->hi_part(), 0);
+    f.seg[1] = host_segment(sq->lo_part(), static_cast<int>(sq->hi_part().bytes_per_vector()));
+    f.scale_f32 = f.seg[0].scale_f32;
+    TQ_ASSERT(size_t(f.record_bytes) == sq->hi_part().bytes_per_vector() + sq->lo_part().bytes_per_vector());
+    TQ_REQUIRE(hi.empty() || int(hi.size()) == n_heads, "GPU KV layer: ", which, " hi channels given for ",
+               hi.size(), " heads, the layer has ", n_heads);
+    const int n_hi = f.seg[0].dim;
+    for (int h = 0; h < n_heads; ++h) {
+      const std::vector<int>& his = hi.empty() ? sq->hi_channels() : hi[h];
+      TQ_REQUIRE(int(his.size()) == n_hi, "GPU KV layer: ", which, " format ", to_string(s), " codes ", n_hi,
+                 " channels at higher precision, but ", his.size(), " were given for head ", h);
+      std::vector<char> taken(d, 0);
+      for (int c : his) {
+        TQ_REQUIRE(c >= 0 && c < d, "GPU KV layer: ", which, " hi channel ", c, " of head ", h,
+                   " is outside 0..", d - 1);
+        TQ_REQUIRE(!taken[c], "GPU KV layer: ", which, " hi channel ", c, " of head ", h, " is listed twice");
+        taken[c] = 1;
+        f.channels.push_back(c);
+      }
+      for (int c = 0; c < d; ++c)
+        if (!taken[c]) f.channels.push_back(c);
+    }
+    return f;
+  }
+  const auto* mq = dynamic_cast<const quant::MseQuantizer*>(&q);
+  TQ_REQUIRE(mq != nullptr && s.bits == std::floor(s.bits), "GPU KV layer: ", which, " format ", to_string(s),
+             " is not supported (expected tq-mse)");
+  TQ_REQUIRE(hi.empty(), "GPU KV layer: ", which, " hi channels were given, but format ", to_string(s),
+             " has no channel split");
   const auto& st = mq->rotation().stages();
   TQ_ASSERT(st.size() == 2 && st[0].op == RotationStage::Op::signs &&
             st[1].op == RotationStage::Op::hadamard_blocks && st[1].blocks.size() == 1);
-  HostFormat f;
-  f.dim = d;
   f.bits = static_cast<int>(s.bits);
   f.signs = st[0].signs;
   const Codebook& cb = sphere_codebook(s.law, d, f.bits);
   f.boundaries = cb.boundaries;
   f.centroids = cb.centroids;
-  f.post_scale = 1.0f / std::sqrt(static_cast<float>(d));  // as Rotation::run computes it
   f.code_bytes = static_cast<int>(packed_bytes(d, f.bits));
   f.scale_f32 = s.scale_type == ScaleType::f32;
-  f.record_bytes = static_cast<int>(q.bytes_per_vector());
   TQ_ASSERT(size_t(f.record_bytes) == f.code_bytes + scale_bytes(s.scale_type));
+  return f;
+}
+
+// The device view of a split's tables, uploaded into `buf` (floats and
+// ints as 4-byte words).
+SplitFormat upload_split(const HostFormat& h, DeviceBuffer& buf) {
+  SplitFormat f;
+  if (!h.split) return f;
+  std::vector<uint32_t> w;
+  auto put_f = [&](const std::vector<float>& a) {
+    const size_t at = w.size();
+    for (float x : a) {
+      uint32_t u;
+      std::memcpy(&u, &x, 4);
+      w.push_back(u);
+    }
+    return at;
+  };
+  auto put_i = [&](const std::vector<int>& a) {
+    const size_t at = w.size();
+    for (int x : a) w.push_back(static_cast<uint32_t>(x));
+    return at;
+  };
+  size_t o[2][6];
+  for (int s = 0; s < 2; ++s) {
+    const HostSegment& g = h.seg[s];
+    o[s][0] = put_f(g.signs1);
+    o[s][1] = put_f(g.signs2);
+    o[s][2] = put_i(g.perm);
+    o[s][3] = put_f(g.boundaries);
+    o[s][4] = put_f(g.centroids);
+  }
+  const size_t ch = put_i(h.channels);
+  buf = DeviceBuffer(w.size() * 4);
+  buf.upload(w.data(), w.size() * 4);
+  const float* fb = buf.as<float>();
+  const int* ib = buf.as<int>();
+  f.n_seg = 2;
+  f.channels = ib + ch;
+  for (int s = 0; s < 2; ++s) {
+    const HostSegment& g = h.seg[s];
+    SplitSegment& d = f.seg[s];
+    d.dim = g.dim;
+    d.bits = g.bits;
+    d.offset = g.offset;
+    d.code_bytes = g.code_bytes;
+    d.scale_f32 = g.scale_f32;
+    d.boundaries = fb + o[s][3];
+    d.centroids = fb + o[s][4];
+    d.rot.dim = g.dim;
+    d.rot.signs1 = fb + o[s][0];
+    d.rot.signs2 = g.perm.empty() ? nullptr : fb + o[s][1];
+    d.rot.perm = g.perm.empty() ? nullptr : ib + o[s][2];
+    d.rot.n_blocks = static_cast<int>(g.blocks.size());
+    for (size_t b = 0; b < g.blocks.size(); ++b) {
+      d.rot.blocks[b] = g.blocks[b];
+      d.rot.block_scale[b] = 1.0f / std::sqrt(static_cast<float>(g.blocks[b]));  // as Rotation::run
+    }
+  }
   return f;
 }
 
@@ -155,7 +288,9 @@ struct GpuKvLayer::Impl {
   GpuKvLayerConfig cfg;
   HostFormat hk, hv;
   MseDeviceFormat kf, vf;
-  AppendFormat ka, va;  // the append kernel's view of the formats
+  AppendFormat ka, va;  // the append kernel's view of the formats (not for a split)
+  SplitFormat ksf, vsf;  // channel splits (n_seg 0: none)
+  DeviceBuffer k_split_consts, v_split_consts;
   size_t page_bytes = 0;
   int n_splits = 0;
   DeviceBuffer consts, pool, page_table, lengths;
@@ -239,10 +374,12 @@ struct GpuKvLayer::Impl {
     a.status = status;
     a.x = k;
     a.region = region(false);
-    launch_mse_append_tiles(a, ka, stream);
+    if (hk.split) launch_split_append_tiles(a, ksf, hk.dim, hk.record_bytes, stream);
+    else launch_mse_append_tiles(a, ka, stream);
     a.x = v;
     a.region = region(true);
-    launch_mse_append_tiles(a, va, stream);
+    if (hv.split) launch_split_append_tiles(a, vsf, hv.dim, hv.record_bytes, stream);
+    else launch_mse_append_tiles(a, va, stream);
   }
 
   // Device input as the kernel needs it: 16-byte aligned (copied otherwise).
@@ -627,8 +764,8 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
              "GPU KV layer: dense_window / dense_prefix hold f16 tokens and need round_to f16 (got ",
              to_string(cfg.round_to), ")");
   if (m.cfg.max_pages <= 0) m.cfg.max_pages = cfg.max_seqs * cfg.max_pages_per_seq;
-  m.hk = host_format(kq, "K");
-  m.hv = host_format(vq, "V");
+  m.hk = host_format(kq, "K", cfg.n_heads_kv, cfg.k_hi_channels);
+  m.hv = host_format(vq, "V", cfg.n_heads_kv, cfg.v_hi_channels);
   m.page_bytes = size_t(cfg.page_tokens) * cfg.n_heads_kv * (m.hk.record_bytes + m.hv.record_bytes);
   m.n_splits = (cfg.max_pages_per_seq + cfg.split_pages - 1) / cfg.split_pages;
 
@@ -655,8 +792,10 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   };
   fill(m.hk, m.kf, off.data());
   fill(m.hv, m.vf, off.data() + 3);
-  m.ka = append_format(m.kf, m.hk.signs, m.hk.boundaries);
-  m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
+  if (!m.hk.split) m.ka = append_format(m.kf, m.hk.signs, m.hk.boundaries);
+  if (!m.hv.split) m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
+  m.ksf = upload_split(m.hk, m.k_split_consts);
+  m.vsf = upload_split(m.hv, m.v_split_consts);
 
   m.pool = DeviceBuffer(size_t(m.cfg.max_pages) * m.page_bytes);
   // Zeroed once: slots no token has reached yet still hold finite records,
@@ -812,15 +951,21 @@ static void copy_record_runs(const GpuKvLayer::Impl& m, int seq, int t0, int n, 
 }
 
 // A record decodes to finite values iff its scale is finite (any code is valid).
-static bool record_scale_finite(const uint8_t* rec, const HostFormat& f) {
-  if (f.scale_f32) {
+static bool scale_finite(const uint8_t* p, bool f32) {
+  if (f32) {
     float x;
-    std::memcpy(&x, rec + f.code_bytes, sizeof x);
+    std::memcpy(&x, p, sizeof x);
     return std::isfinite(x);
   }
   uint16_t h;
-  std::memcpy(&h, rec + f.code_bytes, sizeof h);
+  std::memcpy(&h, p, sizeof h);
   return (h & 0x7c00u) != 0x7c00u;  // exponent all ones: inf or NaN
+}
+static bool record_scale_finite(const uint8_t* rec, const HostFormat& f) {
+  if (f.split)  // both sub-records' scales
+    return scale_finite(rec + f.seg[0].offset + f.seg[0].code_bytes, f.seg[0].scale_f32) &&
+           scale_finite(rec + f.seg[1].offset + f.seg[1].code_bytes, f.seg[1].scale_f32);
+  return scale_finite(rec + f.code_bytes, f.scale_f32);
 }
 
 void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int n) {
@@ -901,6 +1046,16 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float);
 }
 
+std::string GpuKvLayer::attend_kernel(int n_heads_q) const {
+  const Impl& m = *impl_;
+  TQ_REQUIRE(n_heads_q >= m.cfg.n_heads_kv && n_heads_q % m.cfg.n_heads_kv == 0, "GPU attend: n_heads_q ",
+             n_heads_q, " is not a multiple of n_heads_kv ", m.cfg.n_heads_kv);
+  const DecodeShape s = decode_shape(layer_params(m, m.pool, n_heads_q));
+  if (decode_kernel_for(s) == DecodeKernel::tensor_core) return "tensor_core";
+  const char* why = decode_tc_unsupported(s);
+  return std::string("reference: ") + (why != nullptr ? why : "chosen by set_decode_kernel_override");
+}
+
 void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
                         float* lse, void* workspace, size_t ws_bytes, Stream stream) const {
   const Impl& m = *impl_;
@@ -949,6 +1104,8 @@ static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const Devic
   DecodeAttentionParams p;
   p.k = m.kf;
   p.v = m.vf;
+  p.k_split = m.ksf;
+  p.v_split = m.vsf;
   p.pool = pool.as<uint8_t>();
   p.page_bytes = m.page_bytes;
   p.v_region_offset = size_t(m.cfg.page_tokens) * m.cfg.n_heads_kv * m.hk.record_bytes;

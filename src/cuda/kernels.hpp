@@ -29,6 +29,41 @@ struct MseDeviceFormat {
   int record_bytes = 0;
 };
 
+// A channel-split tq-mse format (fractional b, or hi=N,hb=B outlier channels:
+// quant::SplitQuantizer) on the device. Each record is two tq-mse records
+// back to back, [hi sub-record][lo sub-record], each over its own channel
+// subset with its own rotation, codebook and scale; the device keeps the
+// CPU's bytes and layout. The rotation of a segment is Rotation's hadamard
+// for its dim: signs1, then normalised Hadamard blocks (largest first); a
+// dim that is not a power of two adds a second round: perm, signs2, blocks.
+constexpr int kMaxRotationBlocks = 8;  // power-of-two blocks of a dim < 256
+struct SegmentRotation {
+  int dim = 0;
+  const float* signs1 = nullptr;    // [dim], exactly +-1
+  const int* perm = nullptr;        // [dim] (y[i] = x[perm[i]]); null: one round
+  const float* signs2 = nullptr;    // [dim] (second round)
+  int n_blocks = 0;
+  int blocks[kMaxRotationBlocks] = {};
+  float block_scale[kMaxRotationBlocks] = {};  // 1.0f / sqrtf(block), as Rotation::run
+};
+struct SplitSegment {
+  int dim = 0, bits = 0;
+  int offset = 0;      // byte offset of the sub-record in the record
+  int code_bytes = 0;  // packed_bytes(dim, bits); the scale follows
+  int scale_f32 = 0;
+  const float* boundaries = nullptr;  // [2^bits - 1]
+  const float* centroids = nullptr;   // [2^bits]
+  SegmentRotation rot;
+};
+struct SplitFormat {
+  int n_seg = 0;  // 0: not a channel split; else 2
+  SplitSegment seg[2];  // the hi channels (the wider codes), then the rest
+  // device [n_heads_kv, dim]: per KV head, seg[0]'s channels in their order,
+  // then seg[1]'s (ascending): the channel whose value is element j of the
+  // [seg 0 | seg 1] vector.
+  const int* channels = nullptr;
+};
+
 // Where a page pool's records live: record (head h, token in page slot s) of
 // the region starting region_offset bytes into page p is at
 // pool + p * page_bytes + region_offset + (h * page_tokens + s) * record_bytes.
@@ -74,6 +109,7 @@ struct DecodeShape {
   bool k_scale_f32 = false, v_scale_f32 = false;
   int group = 0;        // n_heads_q / n_heads_kv
   int page_tokens = 0;
+  bool k_split = false, v_split = false;  // channel-split formats (reference kernel only)
 };
 // nullptr when the tensor-core kernel runs this shape on the current device;
 // otherwise a sentence saying why not (then automatic means reference).
@@ -102,7 +138,11 @@ struct DenseTokens {
 };
 
 struct DecodeAttentionParams {
+  // k / v: the formats; for a channel split (k_split.n_seg == 2) only
+  // dim, record_bytes and scale_f32 of k / v are meaningful and the
+  // segments say the rest.
   MseDeviceFormat k, v;
+  SplitFormat k_split, v_split;
   const uint8_t* pool = nullptr;
   size_t page_bytes = 0;
   size_t v_region_offset = 0;

@@ -105,6 +105,12 @@ struct AppendLaunch {
 
 void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
 
+// The same for a channel-split format (src/cuda/split_append.cu): the tiles,
+// input, rounding and status of `a`; records of record_bytes (both
+// sub-records) in a.region, head_dim dim.
+void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int dim, int record_bytes,
+                               CUstream_st* stream);
+
 // Ordered after the append kernels of one append: writes the page-table
 // entries (index, page) unconditionally (entries past a sequence's pages are
 // never read) and the new lengths (seq, length) only when *status == 0, so a

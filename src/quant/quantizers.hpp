@@ -72,6 +72,10 @@ class SplitQuantizer final : public Quantizer {
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   const std::vector<int>& hi_channels() const { return hi_; }
+  // The two tq-mse quantizers over the hi channels (the record's first
+  // sub-record) and over the rest (ascending; the second).
+  const MseQuantizer& hi_part() const { return *qhi_; }
+  const MseQuantizer& lo_part() const { return *qlo_; }
   // Domain: [hi channels rotated | lo channels rotated].
   void prepare_queries(const float* q, int g, float* qp) const override;
   void finish(const float* acc, int g, float* out) const override;

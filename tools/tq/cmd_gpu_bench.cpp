@@ -244,12 +244,14 @@ class Bench {
       vs_sdpa = fmt("%.2fx", it->second.ms / ms);
       sdpa_ms = fmt("%.4f", it->second.ms);
     }
+    // A compressed preset the tensor-core kernel cannot run says so.
+    const bool ref = r.contains("decode_kernel") && r["decode_kernel"].get<std::string>().rfind("reference", 0) == 0;
     if (!a_.json_out)
-      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s\n",
+      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s%s\n",
                   r["shape"].get<std::string>().c_str(), r["batch"].get<int>(), r["context"].get<int>(),
                   r["preset"].get<std::string>().c_str(), ms, bytes / 1e9, tb_s,
                   100 * tb_s / ceil_.copy_tb_s, 100 * tb_s / ceil_.read_tb_s, vs_dense.c_str(),
-                  vs_sdpa.c_str(), sdpa_ms.c_str());
+                  vs_sdpa.c_str(), sdpa_ms.c_str(), ref ? "  (reference kernel)" : "");
     std::fflush(stdout);
   }
 
@@ -368,6 +370,7 @@ class Bench {
           [&] { layer.attend(q.as<float>(), Hq, {}, out.as<float>(), nullptr, ws.data(), ws.size(), nullptr); },
           a_.runs, *flush_);
       r["split_pages"] = cfg.split_pages;
+      r["decode_kernel"] = layer.attend_kernel(Hq);
       r["page_tokens"] = P;
       r["record_bytes_per_token_head"] = rec;
       r["fill_s"] = fill_s;
