@@ -573,6 +573,119 @@ TEST(CudaAppend, RefusesNonFiniteAndOverflowLeavingSequenceUnchanged) {
 
 // bench::AppendKernels (the kernels alone, for tq gpu-bench) rewrites the
 // same records from the same input.
+// append_batch_device_async: decode steps without a readback give the same
+// layer as the synchronous calls; a refusal found on the device (a NaN)
+// drops that call and every later asynchronous one on the device (attention
+// unchanged), is thrown by check_appends() or by the next synchronous call,
+// and leaves the layer as it was before the refused call, ready for more.
+TEST(CudaAppend, AsyncBatchMatchesSyncAndRefusalIsStickyThenRecovered) {
+  TQ_SKIP_WITHOUT_GPU();
+  for (const int window : {0, 6}) {
+    SCOPED_TRACE("dense window " + std::to_string(window));
+    KvCacheConfig cc = KvCacheConfig::from_preset("turbo4", 1, 2, 128);
+    KvCache cache(cc);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = 2;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 3;
+    cfg.max_pages_per_seq = 8;
+    cfg.dense_window = window;
+    cfg.dense_prefix = window > 0 ? 2 : 0;
+    cuda::GpuKvLayer sync_layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    cuda::GpuKvLayer async_layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    const int H = 2, d = 128, hq = 8, steps = 40;
+    const size_t row = size_t(H) * d;
+    const std::vector<int> prompt = {5, 17, 30};
+    const auto k = kv_data(size_t(3) * (30 + steps) * H, d, 71), v = kv_data(size_t(3) * (30 + steps) * H, d, 72);
+    auto tok = [&](const std::vector<float>& x, int s, int t) { return x.data() + (size_t(s) * (30 + steps) + t) * row; };
+    for (cuda::GpuKvLayer* l : {&sync_layer, &async_layer})
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(l->add_sequence(), s);
+        l->append(s, tok(k, s, 0), tok(v, s, 0), prompt[s]);
+      }
+    const std::vector<int> all = {0, 1, 2};
+    cuda::DeviceBuffer bk(3 * row * 4), bv(3 * row * 4), nan_k(3 * row * 4);
+    auto upload_step = [&](int step, cuda::DeviceBuffer& dk, cuda::DeviceBuffer& dv) {
+      std::vector<float> kb(3 * row), vb(3 * row);
+      for (int s = 0; s < 3; ++s) {
+        std::copy(tok(k, s, prompt[s] + step), tok(k, s, prompt[s] + step) + row, kb.begin() + s * row);
+        std::copy(tok(v, s, prompt[s] + step), tok(v, s, prompt[s] + step) + row, vb.begin() + s * row);
+      }
+      dk.upload(kb.data(), kb.size() * 4);
+      dv.upload(vb.data(), vb.size() * 4);
+    };
+    const size_t nq = size_t(3) * hq * d;
+    const auto q = test::random_gaussian(nq, 73);
+    cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), ws(sync_layer.workspace_bytes(hq));
+    dq.upload(q.data(), nq * 4);
+    auto attend = [&](const cuda::GpuKvLayer& l) {
+      std::vector<float> o(nq);
+      l.attend(dq.as<float>(), hq, {}, dout.as<float>(), nullptr, ws.data(), ws.size());
+      dout.download(o.data(), nq * 4);
+      return o;
+    };
+    // Steps 0..19: synchronous on one layer, asynchronous (checked once) on the other.
+    for (int step = 0; step < 20; ++step) {
+      upload_step(step, bk, bv);
+      sync_layer.append_batch_device(all.data(), 3, bk.as<float>(), bv.as<float>());
+      async_layer.append_batch_device_async(all.data(), 3, bk.as<float>(), bv.as<float>());
+    }
+    async_layer.check_appends();
+    auto same_layers = [&](const char* when) {
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(async_layer.n_tokens(s), sync_layer.n_tokens(s)) << when;
+        const int n_pre = std::min(cfg.dense_prefix, sync_layer.n_tokens(s));
+        const int n_comp = sync_layer.n_tokens(s) - n_pre - std::min(window, sync_layer.n_tokens(s) - n_pre);
+        std::vector<uint8_t> ak(size_t(n_comp) * H * 66), av(ak.size()), sk(ak.size()), sv(ak.size());
+        async_layer.read_records(s, n_pre, n_comp, ak.data(), av.data());
+        sync_layer.read_records(s, n_pre, n_comp, sk.data(), sv.data());
+        EXPECT_EQ(ak, sk) << when << ": K records of sequence " << s;
+        EXPECT_EQ(av, sv) << when << ": V records of sequence " << s;
+      }
+      EXPECT_EQ(attend(async_layer), attend(sync_layer)) << when;
+    };
+    same_layers("after 20 asynchronous steps");
+    // Step 20 with a NaN in sequence 1's key, then two clean steps: all dropped.
+    const std::vector<float> before = attend(async_layer);
+    upload_step(20, bk, bv);
+    std::vector<float> kb(3 * row);
+    bk.download(kb.data(), kb.size() * 4);
+    kb[row + 9] = std::numeric_limits<float>::quiet_NaN();
+    nan_k.upload(kb.data(), kb.size() * 4);
+    async_layer.append_batch_device_async(all.data(), 3, nan_k.as<float>(), bv.as<float>());
+    for (int step = 20; step < 22; ++step) {
+      upload_step(step, bk, bv);
+      async_layer.append_batch_device_async(all.data(), 3, bk.as<float>(), bv.as<float>());
+    }
+    EXPECT_EQ(async_layer.n_tokens(0), prompt[0] + 23) << "unchecked: counted as appended";
+    {  // (the split plan follows the host's lengths, which count the dropped tokens: not bit for bit)
+      const std::vector<float> after = attend(async_layer);
+      EXPECT_LE(norm_err(after.data(), before.data(), nq), 1e-5) << "a refused asynchronous append changed the attention";
+    }
+    EXPECT_THROW(async_layer.check_appends(), Error);
+    for (int s = 0; s < 3; ++s) EXPECT_EQ(async_layer.n_tokens(s), prompt[s] + 20);
+    async_layer.check_appends();  // reported once
+    // A host-side refusal throws at once and changes nothing.
+    const std::vector<int> twice = {0, 0};
+    EXPECT_THROW(async_layer.append_batch_device_async(twice.data(), 2, bk.as<float>(), bv.as<float>()), Error);
+    // The same steps again (clean), the layer goes on and ends equal to the synchronous one.
+    for (int step = 20; step < steps; ++step) {
+      upload_step(step, bk, bv);
+      sync_layer.append_batch_device(all.data(), 3, bk.as<float>(), bv.as<float>());
+      async_layer.append_batch_device_async(all.data(), 3, bk.as<float>(), bv.as<float>());
+      if (step == 30) {
+        // A refusal met by a synchronous call: it throws the asynchronous
+        // error, the layer as before the refused call.
+        async_layer.append_batch_device_async(all.data(), 3, nan_k.as<float>(), bv.as<float>());
+        EXPECT_THROW(async_layer.append_batch_device(all.data(), 3, bk.as<float>(), bv.as<float>()), Error);
+        EXPECT_EQ(async_layer.n_tokens(2), sync_layer.n_tokens(2));
+      }
+    }
+    async_layer.check_appends();
+    same_layers("after the refusals and 20 more steps");
+  }
+}
+
 TEST(CudaAppend, KernelOnlyRewriteIsIdempotent) {
   TQ_SKIP_WITHOUT_GPU();
   const int H = 8, d = 128, n = 300;

@@ -165,6 +165,26 @@ class GpuKvLayer {
                            Stream stream = nullptr);
   void append_batch_device(const int* seqs, int n, const void* k, const void* v, DType dtype,
                            Stream stream = nullptr);
+  // The same without waiting for the device: nothing is read back, so an
+  // engine pays no synchronisation per layer and step. What the host can
+  // check (sequences, capacity, page pool, null input) still throws here,
+  // the layer unchanged. What only the device finds (NaN/Inf, f16 overflow,
+  // an fp16 scale overflow) is kept in an error word on the device: the
+  // refused call and every later asynchronous append of the layer are then
+  // dropped on the device (attend() keeps seeing what was there before),
+  // and the next check_appends() -- or any synchronous call of the layer:
+  // append*, append_records, read_records, download_page -- throws tq::Error
+  // after bringing the layer back to what it held before the refused call.
+  // Until then n_tokens() counts these tokens as appended. All asynchronous
+  // appends of a layer between two checks go on one stream (another stream
+  // checks first).
+  void append_batch_device_async(const int* seqs, int n, const float* k, const float* v,
+                                 Stream stream = nullptr);
+  void append_batch_device_async(const int* seqs, int n, const void* k, const void* v, DType dtype,
+                                 Stream stream = nullptr);
+  // Waits for the asynchronous appends and throws the refusal among them,
+  // if any (see above). Call it once per decode step, or less often.
+  void check_appends();
 
   // The bytes of page `page` of a sequence (to compare with, or load into, a
   // CPU cache). out: [page_bytes()] host memory; slots past n_tokens are unspecified.

@@ -44,6 +44,11 @@ void GpuKvLayer::append(int, const void*, const void*, int, DType) { no_cuda(); 
 void GpuKvLayer::append_device(int, const float*, const float*, int, Stream) { no_cuda(); }
 void GpuKvLayer::append_device(int, const void*, const void*, int, DType, Stream) { no_cuda(); }
 void GpuKvLayer::append_batch_device(const int*, int, const float*, const float*, Stream) { no_cuda(); }
+void GpuKvLayer::append_batch_device_async(const int*, int, const float*, const float*, Stream) { no_cuda(); }
+void GpuKvLayer::append_batch_device_async(const int*, int, const void*, const void*, DType, Stream) {
+  no_cuda();
+}
+void GpuKvLayer::check_appends() { no_cuda(); }
 void GpuKvLayer::append_batch_device(const int*, int, const void*, const void*, DType, Stream) {
   no_cuda();
 }

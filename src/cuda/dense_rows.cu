@@ -30,8 +30,10 @@ __global__ void to_f16_rows_kernel(const void* __restrict__ src, int dtype, size
 // states ride along.
 __global__ void dense_row_copies_kernel(const DenseRowCopy* __restrict__ copies, size_t row_bytes,
                                         const int* __restrict__ states, int* __restrict__ state,
-                                        const int* __restrict__ only_if_clean) {
-  if (only_if_clean != nullptr && *only_if_clean != 0) return;
+                                        const int* __restrict__ only_if_clean, int* sticky) {
+  const int st = only_if_clean != nullptr ? *only_if_clean : 0;
+  if (sticky != nullptr && st != 0 && blockIdx.x == 0 && threadIdx.x == 0) atomicOr(sticky, st);
+  if (st != 0 || (sticky != nullptr && *sticky != 0)) return;
   const DenseRowCopy c = copies[blockIdx.x];
   const size_t n16 = c.dst_k != nullptr ? row_bytes / 16 : 0;
   for (size_t j = threadIdx.x; j < n16; j += blockDim.x) {
@@ -45,10 +47,10 @@ __global__ void dense_row_copies_kernel(const DenseRowCopy* __restrict__ copies,
 }  // namespace
 
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
-                             int* state, const int* only_if_clean, cudaStream_t stream) {
+                             int* state, const int* only_if_clean, int* sticky, cudaStream_t stream) {
   if (n == 0) return;
   TQ_ASSERT(row_bytes % 16 == 0);
-  dense_row_copies_kernel<<<n, 128, 0, stream>>>(copies, row_bytes, states, state, only_if_clean);
+  dense_row_copies_kernel<<<n, 128, 0, stream>>>(copies, row_bytes, states, state, only_if_clean, sticky);
   TQ_CUDA_CHECK(cudaGetLastError());
 }
 

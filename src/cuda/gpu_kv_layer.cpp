@@ -295,7 +295,35 @@ struct GpuKvLayer::Impl {
   int n_splits = 0;
   DeviceBuffer consts, pool, page_table, lengths;
   DeviceBuffer staging, upload;  // append scratch, grown on demand
-  PinnedBuffer host_upload, host_status;
+  PinnedBuffer host_status;
+  // The append's uploads come from a ring of pinned buffers: an asynchronous
+  // append returns before its copy has run, so the next one must not
+  // overwrite that buffer (it waits on the copy of kUploadRing calls ago).
+  static constexpr int kUploadRing = 4;
+  PinnedBuffer upload_ring[kUploadRing];
+  cudaEvent_t upload_done[kUploadRing] = {};
+  int upload_next = 0;
+  uint8_t* upload_slot(size_t bytes, int& slot) {
+    slot = upload_next;
+    upload_next = (upload_next + 1) % kUploadRing;
+    if (upload_done[slot] == nullptr)
+      TQ_CUDA_CHECK(cudaEventCreateWithFlags(&upload_done[slot], cudaEventDisableTiming));
+    else
+      TQ_CUDA_CHECK(cudaEventSynchronize(upload_done[slot]));
+    upload_ring[slot].reserve(bytes);
+    return upload_ring[slot].data();
+  }
+  ~Impl() {
+    for (cudaEvent_t e : upload_done)
+      if (e != nullptr) (void)cudaEventDestroy(e);
+  }
+  // Asynchronous decode appends (append_batch_device_async): the host
+  // commits its bookkeeping at once; a refusal found on the device is OR'd
+  // into `sticky` (device int), which makes every later append of the layer
+  // a no-op on the device until settle() has brought the host back in line.
+  DeviceBuffer sticky;
+  bool async_unchecked = false;
+  cudaStream_t async_stream = nullptr;
   std::vector<std::vector<int>> pages;  // per sequence
   std::vector<int> len;                 // per sequence
   std::vector<int> free_pages;          // stack
@@ -490,8 +518,8 @@ struct GpuKvLayer::Impl {
       const size_t tiles_off = 16, pt_off = tiles_off + tiles.size() * sizeof(AppendTile);
       const size_t len_off = pt_off + pt.size() * sizeof(int);
       const size_t bytes = len_off + lens.size() * sizeof(int);
-      host_upload.reserve(bytes);
-      uint8_t* h = host_upload.data();
+      int slot = 0;
+      uint8_t* h = upload_slot(bytes, slot);
       std::memset(h, 0, tiles_off);
       std::memcpy(h + tiles_off, tiles.data(), tiles.size() * sizeof(AppendTile));
       std::memcpy(h + pt_off, pt.data(), pt.size() * sizeof(int));
@@ -499,12 +527,14 @@ struct GpuKvLayer::Impl {
       ensure(upload, bytes);
       uint8_t* d = upload.as<uint8_t>();
       TQ_CUDA_CHECK(cudaMemcpyAsync(d, h, bytes, cudaMemcpyHostToDevice, stream));
+      TQ_CUDA_CHECK(cudaEventRecord(upload_done[slot], stream));
       int* status = reinterpret_cast<int*>(d);
       launch_kernels(dk, dv, dtype, reinterpret_cast<const AppendTile*>(d + tiles_off),
                      int(tiles.size()), status, stream);
       launch_append_commit(reinterpret_cast<const int*>(d + pt_off), int(pt.size() / 2),
                            reinterpret_cast<const int*>(d + len_off), int(lens.size() / 2),
-                           page_table.as<int>(), lengths.as<int>(), status, extra_status, stream);
+                           page_table.as<int>(), lengths.as<int>(), status, extra_status, sticky.as<int>(),
+                           stream);
       f.status = status;
     } catch (...) {  // the sequences are left as they were
       rollback(f);
@@ -640,11 +670,64 @@ struct GpuKvLayer::Impl {
     dense[seq] = ds;
   }
 
+  // After a refused asynchronous append: the host's lengths, pages and
+  // dense states back to the device's (which never took the refused call
+  // or any later one), and the error word cleared.
+  void recover_from_device() {
+    std::vector<int> dl(cfg.max_seqs);
+    TQ_CUDA_CHECK(cudaMemcpy(dl.data(), lengths.data(), dl.size() * sizeof(int), cudaMemcpyDeviceToHost));
+    const int P = cfg.page_tokens;
+    for (size_t s = 0; s < len.size(); ++s) {
+      len[s] = dl[s];
+      const size_t keep = (size_t(len[s]) + P - 1) / P;
+      while (pages[s].size() > keep) {
+        free_pages.push_back(pages[s].back());
+        pages[s].pop_back();
+      }
+    }
+    if (has_dense()) {
+      TQ_CUDA_CHECK(cudaMemcpy(state_host.data(), dense_state.data(), state_host.size() * sizeof(int),
+                               cudaMemcpyDeviceToHost));
+      for (size_t s = 0; s < dense.size(); ++s)
+        dense[s] = {state_host[3 * s], state_host[3 * s + 1], state_host[3 * s + 2]};
+    }
+    TQ_CUDA_CHECK(cudaMemset(sticky.data(), 0, sizeof(int)));
+  }
+  // Waits for the asynchronous appends since the last check; if the device
+  // refused one, restores the layer (recover_from_device) and throws.
+  void settle() {
+    if (!async_unchecked) return;
+    TQ_CUDA_CHECK(cudaStreamSynchronize(async_stream));
+    int st = 0;
+    TQ_CUDA_CHECK(cudaMemcpy(&st, sticky.data(), sizeof(int), cudaMemcpyDeviceToHost));
+    async_unchecked = false;
+    if (st == 0) return;
+    recover_from_device();
+    const char* why = (st & kStatusNonFinite) ? "a key or value has a NaN/Inf component or its squared norm overflows float"
+                      : (st & kStatusDenseOverflow) ? "a key or value component exceeds the f16 range (|x| > 65504)"
+                                                    : "a scale does not fit fp16 (max 65504; use a format with sf=f32)";
+    TQ_THROW("GPU KV layer: an asynchronous append was refused (", why, "): that call and every later "
+             "asynchronous append of this layer were dropped; every sequence holds what it held before "
+             "that call (n_tokens() says how much)");
+  }
+  void append_async(const std::vector<std::pair<int, int>>& runs, const int* seqs, int n, const void* k,
+                    const void* v, DType dtype, cudaStream_t stream) {
+    if (async_unchecked && stream != async_stream) settle();  // one stream at a time
+    if (has_dense()) {
+      append_batch_dense(seqs, n, k, v, dtype, stream, true);
+    } else {
+      RunsInFlight f = enqueue_runs(runs, k, v, dtype, stream, nullptr);
+      if (f.status != nullptr) finish_runs(f, 0);
+    }
+    async_unchecked = true;
+    async_stream = stream;
+  }
+
   // One decode token for each of the sequences (distinct), device input:
   // per sequence the prefix, the ring, or (ring full) the ring's oldest
   // token to the pages and the new one into its slot.
   void append_batch_dense(const int* seqs, int n, const void* k, const void* v, DType dtype,
-                          cudaStream_t stream) {
+                          cudaStream_t stream, bool async) {
     const int S = cfg.dense_prefix, W = cfg.dense_window;
     const size_t rb = dense_row_bytes();
     const auto [k16, v16, f16_status] = to_f16_rows_async(k, v, n, dtype, false, stream);
@@ -708,7 +791,7 @@ struct GpuKvLayer::Impl {
     TQ_CUDA_CHECK(cudaMemcpyAsync(upload_dense.data(), plan.data(), bytes, cudaMemcpyHostToDevice, stream));
     const auto* dev_copies = upload_dense.as<DenseRowCopy>();
     const auto* dev_states = reinterpret_cast<const int*>(upload_dense.as<uint8_t>() + (out.size() + in.size()) * cb);
-    launch_dense_row_copies(dev_copies, int(out.size()), rb, nullptr, nullptr, nullptr, stream);
+    launch_dense_row_copies(dev_copies, int(out.size()), rb, nullptr, nullptr, nullptr, nullptr, stream);
     // The append reads the staging rows in the same order (row = position in
     // runs); the rounding's flags keep its lengths uncommitted too, and the
     // rows and states go in only if the final status is clean. One readback.
@@ -723,8 +806,8 @@ struct GpuKvLayer::Impl {
     int st = 0;
     try {
       launch_dense_row_copies(dev_copies + out.size(), int(in.size()), rb, dev_states, dense_state.as<int>(),
-                              final_status, stream);
-      st = read_status(final_status, stream);
+                              final_status, sticky.as<int>(), stream);
+      if (!async) st = read_status(final_status, stream);
     } catch (...) {
       rollback(f);
       throw;
@@ -805,6 +888,8 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   TQ_CUDA_CHECK(cudaMemset(m.page_table.data(), 0, m.page_table.size()));
   m.lengths = DeviceBuffer(size_t(cfg.max_seqs) * sizeof(int));
   TQ_CUDA_CHECK(cudaMemset(m.lengths.data(), 0, m.lengths.size()));
+  m.sticky = DeviceBuffer(sizeof(int));
+  TQ_CUDA_CHECK(cudaMemset(m.sticky.data(), 0, sizeof(int)));
   for (int p = m.cfg.max_pages - 1; p >= 0; --p) m.free_pages.push_back(p);
   if (m.has_dense()) {
     const size_t bytes = size_t(cfg.max_seqs) * m.dense_slots() * m.dense_row_bytes();
@@ -851,6 +936,7 @@ void GpuKvLayer::append(int seq, const float* k, const float* v, int n_tokens) {
 
 void GpuKvLayer::append(int seq, const void* k, const void* v, int n_tokens, DType dtype) {
   Impl& m = *impl_;
+  m.settle();
   m.check_seq(seq);
   TQ_REQUIRE(n_tokens >= 0, "GPU KV layer: append of ", n_tokens, " tokens");
   const size_t n = size_t(n_tokens) * m.cfg.n_heads_kv * m.hk.dim * dtype_bytes(dtype);
@@ -872,6 +958,7 @@ void GpuKvLayer::append_device(int seq, const float* k, const float* v, int n_to
 void GpuKvLayer::append_device(int seq, const void* k, const void* v, int n_tokens, DType dtype,
                                Stream stream) {
   Impl& m = *impl_;
+  m.settle();
   if (m.has_dense()) {
     m.check_seq(seq);
     TQ_REQUIRE(n_tokens >= 0, "GPU KV layer: append of ", n_tokens, " tokens");
@@ -888,26 +975,52 @@ void GpuKvLayer::append_batch_device(const int* seqs, int n, const float* k, con
                       DType::f32, stream);
 }
 
-void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, const void* v,
-                                     DType dtype, Stream stream) {
+// The (sequence, 1) runs of a batch of decode tokens, validated.
+static std::vector<std::pair<int, int>> batch_runs(const GpuKvLayer::Impl& m, const int* seqs, int n,
+                                                   const void* k, const void* v) {
   TQ_REQUIRE(n >= 0, "GPU KV layer: batch of ", n, " sequences");
   std::vector<std::pair<int, int>> runs;
-  std::vector<char> seen(impl_->len.size(), 0);
+  std::vector<char> seen(m.len.size(), 0);
   for (int i = 0; i < n; ++i) {
-    impl_->check_seq(seqs[i]);
+    m.check_seq(seqs[i]);
     TQ_REQUIRE(!seen[seqs[i]], "GPU KV layer: sequence ", seqs[i], " appears twice in a batch");
     seen[seqs[i]] = 1;
     runs.emplace_back(seqs[i], 1);
   }
-  if (impl_->has_dense()) {
-    if (n == 0) return;
-    TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: batch append from a null pointer");
-    return impl_->append_batch_dense(seqs, n, k, v, dtype, stream);
-  }
-  impl_->append_runs(runs, k, v, dtype, stream);
+  TQ_REQUIRE(n == 0 || (k != nullptr && v != nullptr), "GPU KV layer: batch append from a null pointer");
+  return runs;
 }
 
+void GpuKvLayer::append_batch_device(const int* seqs, int n, const void* k, const void* v,
+                                     DType dtype, Stream stream) {
+  Impl& m = *impl_;
+  m.settle();
+  const auto runs = batch_runs(m, seqs, n, k, v);
+  if (m.has_dense()) {
+    if (n == 0) return;
+    return m.append_batch_dense(seqs, n, k, v, dtype, stream, false);
+  }
+  m.append_runs(runs, k, v, dtype, stream);
+}
+
+void GpuKvLayer::append_batch_device_async(const int* seqs, int n, const float* k, const float* v,
+                                           Stream stream) {
+  append_batch_device_async(seqs, n, static_cast<const void*>(k), static_cast<const void*>(v),
+                            DType::f32, stream);
+}
+
+void GpuKvLayer::append_batch_device_async(const int* seqs, int n, const void* k, const void* v,
+                                           DType dtype, Stream stream) {
+  Impl& m = *impl_;
+  const auto runs = batch_runs(m, seqs, n, k, v);
+  if (n == 0) return;
+  m.append_async(runs, seqs, n, k, v, dtype, stream);
+}
+
+void GpuKvLayer::check_appends() { impl_->settle(); }
+
 void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
+  impl_->settle();  // the host's page list must be the device's
   const Impl& m = *impl_;
   m.check_seq(seq);
   TQ_REQUIRE(page >= 0 && page < static_cast<int>(m.pages[seq].size()), "GPU KV layer: page ",
@@ -970,6 +1083,7 @@ static bool record_scale_finite(const uint8_t* rec, const HostFormat& f) {
 
 void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int n) {
   Impl& m = *impl_;
+  m.settle();
   m.check_seq(seq);
   TQ_REQUIRE(n >= 0, "GPU KV layer: append_records of ", n, " tokens");
   if (n == 0) return;
@@ -1015,6 +1129,7 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
 }
 
 void GpuKvLayer::read_records(int seq, int t0, int n, uint8_t* k, uint8_t* v) const {
+  impl_->settle();  // the host's lengths must be the device's
   const Impl& m = *impl_;
   m.check_seq(seq);
   // Token positions: the pages hold n_pre .. n_pre + len - 1.

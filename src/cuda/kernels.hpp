@@ -79,8 +79,9 @@ struct PagedRegion {
 
 // Which decode-attention kernel runs (launch_decode_attention):
 //  - reference:   decode_attention.cu, CUDA cores, byte loads; every tq-mse
-//                 format and shape of the GPU layer. The specification the
-//                 fast kernel is tested against.
+//                 format and shape of the GPU layer, channel splits
+//                 included (the only kernel for those). The specification
+//                 the fast kernel is tested against.
 //  - tensor_core: decode_attention_tc.cu, codes staged by cp.async, decoded to
 //                 fp16 through shared-memory tables, QK and PV on mma.sync.
 //                 Supports K and V bits 3 or 4 with fp16 scales, head_dim 64 /

@@ -62,12 +62,16 @@ namespace {
 constexpr float kMagic = 12582912.0f;  // as mse_append_kernel.cuh
 
 __global__ void append_commit_kernel(const int* pt, int n_pt, const int* len, int n_len, int* page_table,
-                                     int* lengths, int* status, const int* extra_status) {
+                                     int* lengths, int* status, const int* extra_status, int* sticky) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  // Every thread decides from both words itself; thread 0's write of the
-  // union cannot change a decision (it only adds the extra flags).
-  const int st = *status | (extra_status != nullptr ? *extra_status : 0);
-  if (i == 0 && st != 0) *status = st;
+  // Every thread decides from the words itself; thread 0's writes of the
+  // union cannot change a decision (they only add flags to a word that
+  // already makes the decision "refused").
+  const int st = *status | (extra_status != nullptr ? *extra_status : 0) | (sticky != nullptr ? *sticky : 0);
+  if (i == 0 && st != 0) {
+    *status = st;
+    if (sticky != nullptr) atomicOr(sticky, st);
+  }
   if (i < n_pt) page_table[pt[2 * i]] = pt[2 * i + 1];
   if (i < n_len && st == 0) lengths[len[2 * i]] = len[2 * i + 1];
 }
@@ -179,11 +183,11 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
 
 void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
                           int* page_table, int* lengths, int* status, const int* extra_status,
-                          CUstream_st* stream) {
+                          int* sticky, CUstream_st* stream) {
   const int n = std::max(n_pt, n_len);
   if (n == 0) return;
   append_commit_kernel<<<(n + 255) / 256, 256, 0, stream>>>(pt_updates, n_pt, len_updates, n_len,
-                                                            page_table, lengths, status, extra_status);
+                                                            page_table, lengths, status, extra_status, sticky);
   TQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -43,9 +43,10 @@ struct DenseRowCopy {
 // copies: device [n]; one block per copy. states (device [n, 4] = {seq,
 // n_pre, win_start, win_count}) or null: also state[3 seq + j] = those.
 // only_if_clean (device, or null): the copies and states are skipped when
-// it is non-zero.
+// it, or *sticky (or null), is non-zero; a non-zero *only_if_clean is OR'd
+// into *sticky (see launch_append_commit).
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
-                             int* state, const int* only_if_clean, CUstream_st* stream);
+                             int* state, const int* only_if_clean, int* sticky, CUstream_st* stream);
 
 constexpr int kAppendThreads = 128;  // threads per block of the append kernel
 
@@ -117,9 +118,11 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
 // refused append leaves the device lengths as they were without a host sync
 // in between.
 // extra_status (or null) is OR'd into *status first: either non-zero keeps
-// the lengths uncommitted.
+// the lengths uncommitted. sticky (or null): the layer's error word of
+// asynchronous appends; non-zero also refuses, and a refusal is OR'd into it,
+// so that every later append is dropped until the host has seen it.
 void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
                           int* page_table, int* lengths, int* status, const int* extra_status,
-                          CUstream_st* stream);
+                          int* sticky, CUstream_st* stream);
 
 }  // namespace tq::cuda
