@@ -471,8 +471,10 @@ struct GpuKvLayer::Impl {
   // refused here before anything is enqueued. extra_status (device, or
   // null): flags of an earlier step of the same call, OR'd into the status
   // by the commit kernel, so that they too keep the lengths uncommitted.
+  // sticky: the layer's error word for an asynchronous append (null for a
+  // synchronous one, whose refusal the host reads and undoes itself).
   RunsInFlight enqueue_runs(const std::vector<std::pair<int, int>>& runs, const void* k, const void* v,
-                            DType dtype, cudaStream_t stream, const int* extra_status) {
+                            DType dtype, cudaStream_t stream, const int* extra_status, int* sticky_word = nullptr) {
     const int P = cfg.page_tokens;
     int total = 0;
     size_t need_new = 0;
@@ -533,8 +535,7 @@ struct GpuKvLayer::Impl {
                      int(tiles.size()), status, stream);
       launch_append_commit(reinterpret_cast<const int*>(d + pt_off), int(pt.size() / 2),
                            reinterpret_cast<const int*>(d + len_off), int(lens.size() / 2),
-                           page_table.as<int>(), lengths.as<int>(), status, extra_status, sticky.as<int>(),
-                           stream);
+                           page_table.as<int>(), lengths.as<int>(), status, extra_status, sticky_word, stream);
       f.status = status;
     } catch (...) {  // the sequences are left as they were
       rollback(f);
@@ -716,7 +717,7 @@ struct GpuKvLayer::Impl {
     if (has_dense()) {
       append_batch_dense(seqs, n, k, v, dtype, stream, true);
     } else {
-      RunsInFlight f = enqueue_runs(runs, k, v, dtype, stream, nullptr);
+      RunsInFlight f = enqueue_runs(runs, k, v, dtype, stream, nullptr, sticky.as<int>());
       if (f.status != nullptr) finish_runs(f, 0);
     }
     async_unchecked = true;
@@ -797,7 +798,7 @@ struct GpuKvLayer::Impl {
     // rows and states go in only if the final status is clean. One readback.
     RunsInFlight f;
     try {
-      f = enqueue_runs(runs, sk, sv, DType::f16, stream, f16_status);
+      f = enqueue_runs(runs, sk, sv, DType::f16, stream, f16_status, async ? sticky.as<int>() : nullptr);
     } catch (...) {  // refused on the host: let the enqueued scratch work finish before the caller goes on
       (void)cudaStreamSynchronize(stream);
       throw;
@@ -806,7 +807,7 @@ struct GpuKvLayer::Impl {
     int st = 0;
     try {
       launch_dense_row_copies(dev_copies + out.size(), int(in.size()), rb, dev_states, dense_state.as<int>(),
-                              final_status, sticky.as<int>(), stream);
+                              final_status, async ? sticky.as<int>() : nullptr, stream);
       if (!async) st = read_status(final_status, stream);
     } catch (...) {
       rollback(f);

@@ -7,8 +7,8 @@
 // (split_rotation.cuh, any dim), codes by the CPU's binary search, packed
 // little-endian into the sub-record, fp16 (or f32) norm after the codes.
 //
-// Correctness over speed: one block takes 8 vectors at a time in shared
-// memory, one thread per element or per packed byte. Every float operation
+// Correctness over speed: one block takes 4096 / dim vectors at a time in
+// shared memory, one thread per element or per packed byte. Every float operation
 // is an explicit round-to-nearest intrinsic (and the file is compiled with
 // -fmad=false), as in mse_append_kernel.cuh.
 #include <cuda_runtime.h>
@@ -24,9 +24,10 @@
 namespace tq::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kRows = 8;       // vectors per pass
+constexpr int kThreads = 256;
+constexpr int kElems = 4096;   // elements per pass: 4096 / dim vectors
 constexpr int kMaxDim = 256;
+constexpr int kMaxRows = kElems / 64;
 
 struct SplitAppendParams {
   const uint8_t* x;
@@ -64,13 +65,14 @@ __device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t
 }
 
 __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_constant__ SplitAppendParams p) {
-  __shared__ float xs[kRows * kMaxDim];
-  __shared__ float tmp[kRows * kMaxDim];
-  __shared__ uint8_t codes[kRows * kMaxDim];
-  __shared__ float part[kRows * 2 * 16];
-  __shared__ float nrm[kRows * 2];
-  __shared__ int rstat[kRows];
+  __shared__ float xs[kElems];
+  __shared__ float tmp[kElems];
+  __shared__ uint8_t codes[kElems];
+  __shared__ float part[kMaxRows * 2 * 16];
+  __shared__ float nrm[kMaxRows * 2];
+  __shared__ int rstat[kMaxRows];
   const int D = p.dim, n0 = p.f.seg[0].dim;
+  const int kRows = kElems / D;  // vectors per pass
   const int tid = threadIdx.x;
 
   for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
@@ -78,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
     const int rows = int(t.n) * t.nh;
     for (int r0 = 0; r0 < rows; r0 += kRows) {
       const int nr = min(kRows, rows - r0);
-      if (tid < kRows) rstat[tid] = 0;
+      for (int r = tid; r < kRows; r += kThreads) rstat[r] = 0;
       __syncthreads();
       // 1. The head's channels in [seg 0 | seg 1] order, rounded.
       for (int idx = tid; idx < nr * D; idx += kThreads) {
@@ -86,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
         const int token = t.token0 + row / t.nh, head = t.h0 + row % t.nh;
         const int c = p.f.channels[size_t(head) * D + j];
         int st = 0;
-        xs[r * kMaxDim + j] = load_rounded(p, (size_t(token) * p.n_heads + head) * D + c, st);
+        xs[r * D + j] = load_rounded(p, (size_t(token) * p.n_heads + head) * D + c, st);
         if (st) atomicOr(&rstat[r], st);
       }
       __syncthreads();
@@ -96,24 +98,24 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
         const int base = s ? n0 : 0, n = p.f.seg[s].dim;
         float acc = 0.0f;
         for (int i = lane; i < n; i += 16) {
-          const float v = xs[r * kMaxDim + base + i];
+          const float v = xs[r * D + base + i];
           acc = __fadd_rn(acc, __fmul_rn(v, v));
         }
         part[idx] = acc;
       }
       __syncthreads();
-      if (tid < nr * 2) {
-        float* a = part + tid * 16;
+      for (int x = tid; x < nr * 2; x += kThreads) {
+        float* a = part + x * 16;
         for (int w = 8; w >= 1; w /= 2)
           for (int i = 0; i < w; ++i) a[i] = __fadd_rn(a[i], a[i + w]);
-        if (!isfinite(a[0])) atomicOr(&rstat[tid / 2], kStatusNonFinite);
-        nrm[tid] = __fsqrt_rn(a[0]);
+        if (!isfinite(a[0])) atomicOr(&rstat[x / 2], kStatusNonFinite);
+        nrm[x] = __fsqrt_rn(a[0]);
       }
       __syncthreads();
       // 3. Each segment's rotation.
       for (int s = 0; s < 2; ++s) {
         const int base = s ? n0 : 0;
-        SegmentRotator{p.f.seg[s].rot, xs + base, tmp + base, nr, kMaxDim}.forward();
+        SegmentRotator{p.f.seg[s].rot, xs + base, tmp + base, nr, D}.forward();
       }
       // 4. Codes: #{boundaries < y / norm}, by the CPU's binary search; a zero
       // (or non-finite) norm gives codes 0.
@@ -123,18 +125,19 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
         const float norm = nrm[r * 2 + s];
         int lo = 0;
         if (norm != 0.0f && isfinite(norm)) {
-          const float v = __fmul_rn(xs[r * kMaxDim + j], __fdiv_rn(1.0f, norm));
+          const float v = __fmul_rn(xs[r * D + j], __fdiv_rn(1.0f, norm));
           for (int step = 1 << (g.bits - 1); step >= 1; step /= 2)
             if (g.boundaries[lo + step - 1] < v) lo += step;
         }
-        codes[r * kMaxDim + j] = static_cast<uint8_t>(lo);
+        codes[r * D + j] = static_cast<uint8_t>(lo);
       }
       __syncthreads();
       // 5. Packed bytes (pack_ref: stream bit k is bit k % b of code k / b),
       // then the scale, straight into the page.
-      constexpr int kMaxBytes = kMaxDim + 4;  // codes of 8 bits and an f32 scale
-      for (int idx = tid; idx < nr * 2 * kMaxBytes; idx += kThreads) {
-        const int r = idx / (2 * kMaxBytes), s = (idx / kMaxBytes) % 2, k = idx % kMaxBytes;
+      // Bytes of the longer sub-record, codes and an f32 scale at most.
+      const int nb = max(p.f.seg[0].code_bytes, p.f.seg[1].code_bytes) + 4;
+      for (int idx = tid; idx < nr * 2 * nb; idx += kThreads) {
+        const int r = idx / (2 * nb), s = (idx / nb) % 2, k = idx % nb;
         const SplitSegment& g = p.f.seg[s];
         const int scale_bytes = g.scale_f32 ? 4 : 2;
         if (k >= g.code_bytes + scale_bytes) continue;
@@ -147,7 +150,7 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
           unsigned v = 0;
           for (int i = i0; i <= i1; ++i) {
             const int sh = i * b - 8 * k;  // may be negative: the code started in the byte before
-            const unsigned c = codes[r * kMaxDim + base + i];
+            const unsigned c = codes[r * D + base + i];
             v |= sh >= 0 ? c << sh : c >> (-sh);
           }
           rec[k] = static_cast<uint8_t>(v & 0xffu);
@@ -164,7 +167,8 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
           rec[k] = static_cast<uint8_t>((bits >> (8 * sk)) & 0xffu);
         }
       }
-      if (tid < nr && rstat[tid] != 0) atomicOr(p.status, rstat[tid]);
+      for (int r = tid; r < nr; r += kThreads)
+        if (rstat[r] != 0) atomicOr(p.status, rstat[r]);
       __syncthreads();
     }
   }
@@ -191,6 +195,7 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   p.record_bytes = record_bytes;
   p.status = a.status;
   p.f = f;
+  TQ_ASSERT(dim >= 64 && kElems % dim == 0);
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
   split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
   TQ_CUDA_CHECK_LAUNCH();
