@@ -1584,7 +1584,13 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
       if (is_split(cc.v_format)) cfg.v_hi_channels.push_back(cache.outlier_channels(0, h, false));
     }
     cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
-    cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // device appends
+    // Device appends, and the layer chooses its outlier channels itself
+    // from the same first compressed tokens as the cache: the same records.
+    cuda::GpuKvLayerConfig auto_cfg = cfg;
+    auto_cfg.k_hi_channels.clear();
+    auto_cfg.v_hi_channels.clear();
+    auto_cfg.round_to = cuda::DType::f16;
+    cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), auto_cfg);
     for (int s = 0; s < 3; ++s) {
       ASSERT_EQ(layer.add_sequence(), s);
       ASSERT_EQ(dlayer.add_sequence(), s);
@@ -1652,6 +1658,31 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
             EXPECT_NEAR(lse[size_t(s) * hq + h], ref_lse[h], 5e-3) << "seq " << s << " head " << h;
         }
       }
+    // A first compressing append refused for a NaN chooses no channels: the
+    // next one chooses from its own tokens, as KvCache does.
+    // (1e30 under round_to f32: every value finite, so the channels are
+    // chosen, and then the squared norm overflows: the choice is undone.)
+    for (const auto& [poison, rt] : {std::pair{std::numeric_limits<float>::quiet_NaN(), cuda::DType::f16},
+                                     std::pair{1e30f, cuda::DType::f32}}) {
+      if (c.window != 0 || c.prefix != 0) break;
+      cuda::GpuKvLayerConfig pc = auto_cfg;
+      pc.round_to = rt;
+      cuda::GpuKvLayer fresh(cache.k_quantizer(0), cache.v_quantizer(0), pc);
+      cuda::GpuKvLayer poisoned(cache.k_quantizer(0), cache.v_quantizer(0), pc);
+      fresh.add_sequence();
+      poisoned.add_sequence();
+      std::vector<float> nan_k(ks[2].begin(), ks[2].begin() + 20 * row);
+      nan_k[5 * row + 3] = poison;
+      EXPECT_THROW(poisoned.append(0, nan_k.data(), vs[2].data(), 20), Error);
+      poisoned.append(0, ks[1].data(), vs[1].data(), 30);
+      fresh.append(0, ks[1].data(), vs[1].data(), 30);
+      const size_t kb = fresh.k_record_bytes(), vb = fresh.v_record_bytes();
+      std::vector<uint8_t> fk(30 * H * kb), fv(30 * H * vb), pk(fk.size()), pv(fv.size());
+      fresh.read_records(0, 0, 30, fk.data(), fv.data());
+      poisoned.read_records(0, 0, 30, pk.data(), pv.data());
+      EXPECT_EQ(fk, pk) << "a refused first append left its channel choice behind";
+      EXPECT_EQ(fv, pv);
+    }
     // A NaN is refused and changes nothing.
     std::vector<float> bad(row, 0.5f);
     bad[3] = std::numeric_limits<float>::quiet_NaN();

@@ -106,10 +106,11 @@ struct GpuKvLayerConfig {
   int dense_prefix = 0;
   // Channel-split formats (fractional b, or hi=N,hb=B: turbo2.5, turbo3.5,
   // turbo4-out, paper_mse-out): per KV head, the channels coded at the
-  // higher width, in the quantizer's order. KvCache chooses them per layer
-  // and head from the first tokens it compresses (KvCache::outlier_channels);
-  // pass those to get its records. Empty: every head uses the quantizer's
-  // own (QuantizerOptions::hi_channels, by default channels 0 .. hi-1).
+  // higher width (e.g. a loaded KvCache's KvCache::outlier_channels).
+  // Empty: the layer chooses them itself, per head, by KvCache's rule (the
+  // channels of largest mean square over the first tokens it compresses, up
+  // to 4096 of the first append that reaches the pages; one extra
+  // synchronisation, once), so that the same appends give KvCache's records.
   // Such formats run on the reference decode kernel (kernels.hpp).
   std::vector<std::vector<int>> k_hi_channels, v_hi_channels;
 };

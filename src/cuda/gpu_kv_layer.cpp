@@ -324,6 +324,76 @@ struct GpuKvLayer::Impl {
   DeviceBuffer sticky;
   bool async_unchecked = false;
   cudaStream_t async_stream = nullptr;
+
+  // Channel splits whose hi channels the caller did not give
+  // (GpuKvLayerConfig::k_hi_channels / v_hi_channels empty): chosen here per
+  // head, as KvCache chooses them, from the first tokens the layer
+  // compresses (up to 4096 of the first append that reaches the pages,
+  // rounded to the layer's format), once. A call that is then refused for
+  // its values (NaN/Inf, f16 range) undoes the choice, as KvCache never
+  // makes it for such a call.
+  static constexpr int kCalibrationTokens = 4096;  // KvCache's
+  bool k_auto = false, v_auto = false, calibrated = false;
+  std::vector<int> k_default_channels, v_default_channels;
+  bool needs_calibration() const { return (k_auto || v_auto) && !calibrated; }
+  // Rows [0, min(total, 4096)) of k, v (device, dtype; [total, H, D]).
+  // False (nothing chosen) when a value is one the append will refuse.
+  bool calibrate(const void* k, const void* v, DType dtype, int total, cudaStream_t stream) {
+    const int n = std::min(total, kCalibrationTokens), H = cfg.n_heads_kv, D = hk.dim;
+    const size_t elems = size_t(n) * H * D, bytes = elems * dtype_bytes(dtype);
+    std::vector<uint8_t> raw(2 * bytes);
+    TQ_CUDA_CHECK(cudaMemcpyAsync(raw.data(), k, bytes, cudaMemcpyDeviceToHost, stream));
+    TQ_CUDA_CHECK(cudaMemcpyAsync(raw.data() + bytes, v, bytes, cudaMemcpyDeviceToHost, stream));
+    TQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<float> x(2 * elems);
+    for (size_t i = 0; i < 2 * elems; ++i) {
+      float a;
+      if (dtype == DType::f32) {
+        std::memcpy(&a, raw.data() + 4 * i, 4);
+      } else {
+        uint16_t u;
+        std::memcpy(&u, raw.data() + 2 * i, 2);
+        a = dtype == DType::f16 ? half_to_float(u) : bf16_to_float(u);
+      }
+      if (!std::isfinite(a) || (cfg.round_to == DType::f16 && std::fabs(a) > 65504.0f)) return false;
+      if (cfg.round_to == DType::f16) a = half_to_float(float_to_half(a));
+      else if (cfg.round_to == DType::bf16) a = bf16_to_float(float_to_bf16(a));
+      x[i] = a;
+    }
+    std::vector<float> head(size_t(n) * D);
+    for (int key = 1; key >= 0; --key) {
+      if (!(key ? k_auto : v_auto)) continue;
+      HostFormat& f = key ? hk : hv;
+      const float* src = x.data() + (key ? 0 : elems);
+      f.channels.clear();
+      for (int h = 0; h < H; ++h) {
+        for (int t = 0; t < n; ++t)
+          std::memcpy(&head[size_t(t) * D], src + (size_t(t) * H + h) * D, sizeof(float) * D);
+        const std::vector<int> hi = select_outlier_channels(head.data(), size_t(n), D, f.seg[0].dim);
+        std::vector<char> taken(D, 0);
+        for (int c : hi) {
+          f.channels.push_back(c);
+          taken[c] = 1;
+        }
+        for (int c = 0; c < D; ++c)
+          if (!taken[c]) f.channels.push_back(c);
+      }
+      (key ? ksf : vsf) = upload_split(f, key ? k_split_consts : v_split_consts);
+    }
+    calibrated = true;
+    return true;
+  }
+  void uncalibrate() {
+    if (k_auto) {
+      hk.channels = k_default_channels;
+      ksf = upload_split(hk, k_split_consts);
+    }
+    if (v_auto) {
+      hv.channels = v_default_channels;
+      vsf = upload_split(hv, v_split_consts);
+    }
+    calibrated = false;
+  }
   std::vector<std::vector<int>> pages;  // per sequence
   std::vector<int> len;                 // per sequence
   std::vector<int> free_pages;          // stack
@@ -431,8 +501,10 @@ struct GpuKvLayer::Impl {
     std::vector<std::pair<int, int>> runs;
     std::vector<std::pair<int, size_t>> added;  // (seq, old page count) for the rollback
     int* status = nullptr;                      // device; null: nothing was enqueued
+    bool calibrated_now = false;                // this append chose the split channels
   };
   void rollback(const RunsInFlight& f) {
+    if (f.calibrated_now) uncalibrate();
     for (auto it = f.added.rbegin(); it != f.added.rend(); ++it)
       while (pages[it->first].size() > it->second) {
         free_pages.push_back(pages[it->first].back());
@@ -516,6 +588,7 @@ struct GpuKvLayer::Impl {
         row += n;
       }
       const auto [dk, dv] = aligned_input(k, v, total, dtype, stream);
+      if (needs_calibration()) f.calibrated_now = calibrate(dk, dv, dtype, total, stream);
       // [status, pad][tiles][page-table pairs][length pairs]
       const size_t tiles_off = 16, pt_off = tiles_off + tiles.size() * sizeof(AppendTile);
       const size_t len_off = pt_off + pt.size() * sizeof(int);
@@ -547,7 +620,10 @@ struct GpuKvLayer::Impl {
   // The end of an enqueued append, given its status word read back: a
   // refusal frees the pages it took (the device lengths were not committed)
   // and throws; otherwise the host lengths follow the device's.
-  void finish_runs(const RunsInFlight& f, int st) {
+  void finish_runs(RunsInFlight f, int st) {
+    // KvCache keeps its channel choice when only a scale overflows (it chose
+    // them before encoding); values it refuses up front never get that far.
+    if (st == kStatusScaleOverflow) f.calibrated_now = false;
     if (st != 0) rollback(f);
     TQ_REQUIRE(!(st & kStatusNonFinite),
                "GPU KV layer: append refused: a key or value has a NaN/Inf component or "
@@ -718,6 +794,11 @@ struct GpuKvLayer::Impl {
       append_batch_dense(seqs, n, k, v, dtype, stream, true);
     } else {
       RunsInFlight f = enqueue_runs(runs, k, v, dtype, stream, nullptr, sticky.as<int>());
+      // The call that chose the split channels waits for its status (once
+      // per layer): a refusal must undo the choice. The refusal itself is
+      // still reported by check_appends (the error word has it).
+      if (f.calibrated_now && read_status(f.status, stream) & (kStatusNonFinite | kStatusDenseOverflow))
+        uncalibrate();
       if (f.status != nullptr) finish_runs(f, 0);
     }
     async_unchecked = true;
@@ -808,10 +889,14 @@ struct GpuKvLayer::Impl {
     try {
       launch_dense_row_copies(dev_copies + out.size(), int(in.size()), rb, dev_states, dense_state.as<int>(),
                               final_status, async ? sticky.as<int>() : nullptr, stream);
-      if (!async) st = read_status(final_status, stream);
+      if (!async || f.calibrated_now) st = read_status(final_status, stream);
     } catch (...) {
       rollback(f);
       throw;
+    }
+    if (async) {  // the error word keeps a refusal for check_appends; only the channel choice is undone now
+      if (f.calibrated_now && (st & (kStatusNonFinite | kStatusDenseOverflow))) uncalibrate();
+      st = 0;
     }
     if (st & (kStatusNonFinite | kStatusDenseOverflow)) {  // the dense rows' wording
       rollback(f);
@@ -880,6 +965,10 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   if (!m.hv.split) m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
   m.ksf = upload_split(m.hk, m.k_split_consts);
   m.vsf = upload_split(m.hv, m.v_split_consts);
+  m.k_auto = m.hk.split && cfg.k_hi_channels.empty();
+  m.v_auto = m.hv.split && cfg.v_hi_channels.empty();
+  m.k_default_channels = m.hk.channels;
+  m.v_default_channels = m.hv.channels;
 
   m.pool = DeviceBuffer(size_t(m.cfg.max_pages) * m.page_bytes);
   // Zeroed once: slots no token has reached yet still hold finite records,
