@@ -932,6 +932,112 @@ TEST(CudaAttention, MatchesKvCacheAttend) {
   }
 }
 
+// Decode step `step` of every sequence s (token lens[s] + step of ks[s],
+// vs[s], rows of `row` floats) into device buffers bk, bv [n_seqs, row].
+void upload_decode_step(const std::vector<std::vector<float>>& ks, const std::vector<std::vector<float>>& vs,
+                        const std::vector<int>& lens, int step, size_t row, cuda::DeviceBuffer& bk,
+                        cuda::DeviceBuffer& bv) {
+  const size_t n = lens.size();
+  std::vector<float> kb(n * row), vb(n * row);
+  for (size_t s = 0; s < n; ++s) {
+    const size_t at = size_t(lens[s] + step) * row;
+    std::copy(ks[s].begin() + at, ks[s].begin() + at + row, kb.begin() + s * row);
+    std::copy(vs[s].begin() + at, vs[s].begin() + at + row, vb.begin() + s * row);
+  }
+  bk.upload(kb.data(), kb.size() * 4);
+  bv.upload(vb.data(), vb.size() * 4);
+}
+
+// The compressed tokens [n_pre, n_pre + n_comp) of sequence s: every layer
+// holds the cache's records, bit for bit (the second layer is the one
+// filled by device appends).
+void expect_cache_records(const KvCache& cache, int s, int n_pre, int n_comp,
+                          std::initializer_list<const cuda::GpuKvLayer*> layers) {
+  if (n_comp <= 0) return;
+  const int H = cache.config().n_heads_kv;
+  const size_t kb = cache.k_quantizer(0).bytes_per_vector(), vb = cache.v_quantizer(0).bytes_per_vector();
+  std::vector<uint8_t> ck(size_t(n_comp) * H * kb), cv(size_t(n_comp) * H * vb), gk(ck.size()), gv(cv.size());
+  cache.read_records(s, 0, n_pre, n_comp, ck.data(), cv.data());
+  int i = 0;
+  for (const cuda::GpuKvLayer* l : layers) {
+    ASSERT_EQ(l->k_record_bytes(), kb);
+    l->read_records(s, n_pre, n_comp, gk.data(), gv.data());
+    EXPECT_EQ(ck, gk) << "K records of sequence " << s << (i == 1 ? " (device appends)" : "");
+    EXPECT_EQ(cv, gv) << "V records of sequence " << s << (i == 1 ? " (device appends)" : "");
+    ++i;
+  }
+}
+
+// attend() of every layer for queries q [n_seqs, hq, d] under each of
+// params: within 1e-3 (normalised) of KvCache::attend, lse within 5e-3.
+// Returns the worst error.
+double expect_cache_attention(const KvCache& cache, int n_seqs, int hq, const std::vector<float>& q,
+                              std::initializer_list<const cuda::GpuKvLayer*> layers,
+                              const std::vector<AttentionParams>& params) {
+  const int d = cache.config().head_dim;
+  const size_t nq = size_t(n_seqs) * hq * d;
+  cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), dlse(size_t(n_seqs) * hq * 4),
+      ws((*layers.begin())->workspace_bytes(hq));
+  dq.upload(q.data(), nq * 4);
+  double worst = 0;
+  for (const cuda::GpuKvLayer* l : layers)
+    for (const AttentionParams& ap : params) {
+      std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()), lse(size_t(n_seqs) * hq);
+      dout.upload(out.data(), nq * 4);
+      l->attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
+      dout.download(out.data(), nq * 4);
+      dlse.download(lse.data(), lse.size() * 4);
+      for (int s = 0; s < n_seqs; ++s) {
+        std::vector<float> ref(size_t(hq) * d), ref_lse(hq);
+        cache.attend(s, 0, q.data() + size_t(s) * hq * d, hq, ap, ref.data(), ref_lse.data());
+        const double e = norm_err(out.data() + size_t(s) * hq * d, ref.data(), ref.size());
+        worst = std::max(worst, e);
+        EXPECT_LE(e, 1e-3) << "seq " << s << " window " << ap.window << " softcap " << ap.softcap;
+        for (int h = 0; h < hq; ++h)
+          EXPECT_NEAR(lse[size_t(s) * hq + h], ref_lse[h], 5e-3) << "seq " << s << " head " << h;
+      }
+    }
+  return worst;
+}
+
+// Plain attention, a sliding window of `window` with `sinks` sinks, and a
+// logit softcap of 5 (with an explicit scale where scale > 0).
+std::vector<AttentionParams> plain_sliding_capped(int window, int sinks, float scale) {
+  AttentionParams sliding;
+  sliding.window = window;
+  sliding.n_sinks = sinks;
+  AttentionParams capped;
+  capped.softcap = 5.0f;
+  capped.scale = scale;
+  return {AttentionParams{}, sliding, capped};
+}
+
+// Sequence s of every layer holds totals[s] tokens, the first `prefix` and
+// the newest `window` dense, and the rest are the cache's records.
+void expect_cache_layers(const KvCache& cache, const std::vector<int>& totals, int prefix, int window,
+                         std::initializer_list<const cuda::GpuKvLayer*> layers) {
+  for (size_t s = 0; s < totals.size(); ++s) {
+    const int t = totals[s];
+    for (const cuda::GpuKvLayer* l : layers) ASSERT_EQ(l->n_tokens(int(s)), t);
+    const int n_pre = std::min(prefix, t), n_comp = std::max(0, t - prefix - window);
+    expect_cache_records(cache, int(s), n_pre, n_comp, layers);
+  }
+}
+
+// A GPU layer configuration mirroring a KvCache's (heads, pages, dense
+// window and prefix), for max_seqs sequences of up to 12 pages, 2 pages per split.
+cuda::GpuKvLayerConfig layer_config_like(const KvCacheConfig& cc, int max_seqs) {
+  cuda::GpuKvLayerConfig cfg;
+  cfg.n_heads_kv = cc.n_heads_kv;
+  cfg.page_tokens = cc.page_tokens;
+  cfg.max_seqs = max_seqs;
+  cfg.max_pages_per_seq = 12;
+  cfg.split_pages = 2;
+  cfg.dense_window = cc.dense_window;
+  cfg.dense_prefix = cc.dense_prefix;
+  return cfg;
+}
+
 // A dense window and prefix (GpuKvLayerConfig::dense_window / dense_prefix)
 // behave as KvCache's: the same records in the pages (bit for bit) for
 // tokens appended in pieces that wrap the ring, from host memory (append)
@@ -966,14 +1072,7 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
       cc.dense_prefix = c.prefix;
       cc.seed = 21;
       KvCache cache(cc);
-      cuda::GpuKvLayerConfig cfg;
-      cfg.n_heads_kv = cc.n_heads_kv;
-      cfg.page_tokens = cc.page_tokens;
-      cfg.max_seqs = 4;
-      cfg.max_pages_per_seq = 12;
-      cfg.split_pages = 2;
-      cfg.dense_window = c.window;
-      cfg.dense_prefix = c.prefix;
+      const cuda::GpuKvLayerConfig cfg = layer_config_like(cc, 4);
       cuda::GpuKvLayer layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
       cuda::GpuKvLayer dlayer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // device appends
       const int H = cc.n_heads_kv, d = c.d, g = c.group, hq = H * g;
@@ -1006,62 +1105,22 @@ TEST(CudaWindow, DenseWindowAndPrefixMatchKvCache) {
       const std::vector<int> all = {0, 1, 2, 3};
       cuda::DeviceBuffer bk(4 * row * 4), bv(4 * row * 4);
       for (int step = 0; step < 5; ++step) {
-        std::vector<float> kb(4 * row), vb(4 * row);
         for (int s = 0; s < 4; ++s) {
           const size_t at = size_t(lens[s] + step) * row;
           cache.append(s, 0, ks[s].data() + at, vs[s].data() + at, 1);
           layer.append(s, ks[s].data() + at, vs[s].data() + at, 1);
-          std::copy(ks[s].begin() + at, ks[s].begin() + at + row, kb.begin() + s * row);
-          std::copy(vs[s].begin() + at, vs[s].begin() + at + row, vb.begin() + s * row);
         }
-        bk.upload(kb.data(), kb.size() * 4);
-        bv.upload(vb.data(), vb.size() * 4);
+        upload_decode_step(ks, vs, lens, step, row, bk, bv);
         dlayer.append_batch_device(all.data(), 4, bk.as<float>(), bv.as<float>());
       }
+      std::vector<int> totals;
       for (int s = 0; s < 4; ++s) {
-        const int t = lens[s] + 5;
-        ASSERT_EQ(layer.n_tokens(s), cache.n_tokens(s, 0));
-        ASSERT_EQ(dlayer.n_tokens(s), t);
-        // The compressed tokens are the same records.
-        const int n_pre = std::min(c.prefix, t), n_comp = std::max(0, t - c.prefix - c.window);
-        if (n_comp > 0) {
-          const size_t kb = cache.k_quantizer(0).bytes_per_vector(), vb = cache.v_quantizer(0).bytes_per_vector();
-          std::vector<uint8_t> ck(size_t(n_comp) * H * kb), cv(size_t(n_comp) * H * vb), gk(ck.size()), gv(cv.size());
-          cache.read_records(s, 0, n_pre, n_comp, ck.data(), cv.data());
-          for (const cuda::GpuKvLayer* l : {&layer, &dlayer}) {
-            l->read_records(s, n_pre, n_comp, gk.data(), gv.data());
-            EXPECT_EQ(ck, gk) << "K records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
-            EXPECT_EQ(cv, gv) << "V records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
-          }
-        }
+        totals.push_back(lens[s] + 5);
+        ASSERT_EQ(cache.n_tokens(s, 0), totals.back());
       }
-      const size_t nq = size_t(4) * hq * d;
-      const auto q = test::random_gaussian(nq, 31);
-      cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), dlse(size_t(4) * hq * 4), ws(layer.workspace_bytes(hq));
-      dq.upload(q.data(), nq * 4);
-      AttentionParams sliding;
-      sliding.window = 40;
-      sliding.n_sinks = 3;
-      AttentionParams capped;
-      capped.softcap = 5.0f;
-      capped.scale = 0.2f;
-      for (const cuda::GpuKvLayer* l : {&layer, &dlayer})
-      for (const AttentionParams& ap : {AttentionParams{}, sliding, capped}) {
-        std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()), lse(size_t(4) * hq);
-        dout.upload(out.data(), nq * 4);
-        l->attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
-        dout.download(out.data(), nq * 4);
-        dlse.download(lse.data(), lse.size() * 4);
-        for (int s = 0; s < 4; ++s) {
-          std::vector<float> ref(size_t(hq) * d), ref_lse(hq);
-          cache.attend(s, 0, q.data() + size_t(s) * hq * d, hq, ap, ref.data(), ref_lse.data());
-          const double e = norm_err(out.data() + size_t(s) * hq * d, ref.data(), ref.size());
-          worst = std::max(worst, e);
-          EXPECT_LE(e, 1e-3) << "seq " << s << " window param " << ap.window << " softcap " << ap.softcap;
-          for (int h = 0; h < hq; ++h)
-            EXPECT_NEAR(lse[size_t(s) * hq + h], ref_lse[h], 5e-3) << "seq " << s << " head " << h;
-        }
-      }
+      expect_cache_layers(cache, totals, c.prefix, c.window, {&layer, &dlayer});
+      worst = std::max(worst, expect_cache_attention(cache, 4, hq, test::random_gaussian(size_t(4) * hq * d, 31),
+                                                     {&layer, &dlayer}, plain_sliding_capped(40, 3, 0.2f)));
     }
   cuda::set_decode_kernel_override(cuda::DecodeKernel::automatic);
   std::printf("dense window and prefix: worst normalised error vs KvCache %.3g\n", worst);
@@ -1571,14 +1630,7 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
         const size_t at = size_t(lens[s] + step) * row;
         cache.append(s, 0, ks[s].data() + at, vs[s].data() + at, 1);
       }
-    cuda::GpuKvLayerConfig cfg;
-    cfg.n_heads_kv = H;
-    cfg.page_tokens = cc.page_tokens;
-    cfg.max_seqs = 3;
-    cfg.max_pages_per_seq = 12;
-    cfg.split_pages = 2;
-    cfg.dense_window = c.window;
-    cfg.dense_prefix = c.prefix;
+    cuda::GpuKvLayerConfig cfg = layer_config_like(cc, 3);
     for (int h = 0; h < H; ++h) {
       if (is_split(cc.k_format)) cfg.k_hi_channels.push_back(cache.outlier_channels(0, h, true));
       if (is_split(cc.v_format)) cfg.v_hi_channels.push_back(cache.outlier_channels(0, h, false));
@@ -1605,59 +1657,18 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
     const std::vector<int> all = {0, 1, 2};
     cuda::DeviceBuffer bk(3 * row * 4), bv(3 * row * 4);
     for (int step = 0; step < steps; ++step) {
-      std::vector<float> kb(3 * row), vb(3 * row);
       for (int s = 0; s < 3; ++s) {
         const size_t at = size_t(lens[s] + step) * row;
         layer.append(s, ks[s].data() + at, vs[s].data() + at, 1);
-        std::copy(ks[s].begin() + at, ks[s].begin() + at + row, kb.begin() + s * row);
-        std::copy(vs[s].begin() + at, vs[s].begin() + at + row, vb.begin() + s * row);
       }
-      bk.upload(kb.data(), kb.size() * 4);
-      bv.upload(vb.data(), vb.size() * 4);
+      upload_decode_step(ks, vs, lens, step, row, bk, bv);
       dlayer.append_batch_device(all.data(), 3, bk.as<float>(), bv.as<float>());
     }
-    for (int s = 0; s < 3; ++s) {
-      const int t = lens[s] + steps;
-      ASSERT_EQ(layer.n_tokens(s), t);
-      ASSERT_EQ(dlayer.n_tokens(s), t);
-      const int n_pre = std::min(c.prefix, t), n_comp = std::max(0, t - c.prefix - c.window);
-      if (n_comp == 0) continue;
-      const size_t kb = layer.k_record_bytes(), vb = layer.v_record_bytes();
-      ASSERT_EQ(kb, cache.k_quantizer(0).bytes_per_vector());
-      std::vector<uint8_t> ck(size_t(n_comp) * H * kb), cv(size_t(n_comp) * H * vb), gk(ck.size()), gv(cv.size());
-      cache.read_records(s, 0, n_pre, n_comp, ck.data(), cv.data());
-      for (const cuda::GpuKvLayer* l : {&layer, &dlayer}) {
-        l->read_records(s, n_pre, n_comp, gk.data(), gv.data());
-        EXPECT_EQ(ck, gk) << "K records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
-        EXPECT_EQ(cv, gv) << "V records of sequence " << s << (l == &dlayer ? " (device appends)" : "");
-      }
-    }
-    const size_t nq = size_t(3) * hq * d;
-    const auto q = test::random_gaussian(nq, 61);
-    cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), dlse(size_t(3) * hq * 4), ws(layer.workspace_bytes(hq));
-    dq.upload(q.data(), nq * 4);
-    AttentionParams sliding;
-    sliding.window = 30;
-    sliding.n_sinks = 2;
-    AttentionParams capped;
-    capped.softcap = 5.0f;
-    for (const cuda::GpuKvLayer* l : {&layer, &dlayer})
-      for (const AttentionParams& ap : {AttentionParams{}, sliding, capped}) {
-        std::vector<float> out(nq, std::numeric_limits<float>::quiet_NaN()), lse(size_t(3) * hq);
-        dout.upload(out.data(), nq * 4);
-        l->attend(dq.as<float>(), hq, ap, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size());
-        dout.download(out.data(), nq * 4);
-        dlse.download(lse.data(), lse.size() * 4);
-        for (int s = 0; s < 3; ++s) {
-          std::vector<float> ref(size_t(hq) * d), ref_lse(hq);
-          cache.attend(s, 0, q.data() + size_t(s) * hq * d, hq, ap, ref.data(), ref_lse.data());
-          const double e = norm_err(out.data() + size_t(s) * hq * d, ref.data(), ref.size());
-          worst = std::max(worst, e);
-          EXPECT_LE(e, 1e-3) << "seq " << s << " window " << ap.window << " softcap " << ap.softcap;
-          for (int h = 0; h < hq; ++h)
-            EXPECT_NEAR(lse[size_t(s) * hq + h], ref_lse[h], 5e-3) << "seq " << s << " head " << h;
-        }
-      }
+    std::vector<int> totals;
+    for (int s = 0; s < 3; ++s) totals.push_back(lens[s] + steps);
+    expect_cache_layers(cache, totals, c.prefix, c.window, {&layer, &dlayer});
+    worst = std::max(worst, expect_cache_attention(cache, 3, hq, test::random_gaussian(size_t(3) * hq * d, 61),
+                                                   {&layer, &dlayer}, plain_sliding_capped(30, 2, 0.0f)));
     // A first compressing append refused for a NaN chooses no channels: the
     // next one chooses from its own tokens, as KvCache does.
     // (1e30 under round_to f32: every value finite, so the channels are
