@@ -137,7 +137,8 @@ HostSegment host_segment(const quant::MseQuantizer& q, int offset) {
 }
 
 // hi: per KV head, the channels at the higher width (GpuKvLayerConfig::
-// k_hi_channels / v_hi_channels); empty: the quantizer's own for every head.
+// k_hi_channels / v_hi_channels); empty: the quantizer's own for every head,
+// a placeholder until the layer chooses them (Impl::calibrate).
 HostFormat host_format(const Quantizer& q, const char* which, int n_heads,
                        const std::vector<std::vector<int>>& hi) {
   const FormatSpec& s = q.spec();
