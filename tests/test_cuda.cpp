@@ -1667,6 +1667,22 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
     std::vector<int> totals;
     for (int s = 0; s < 3; ++s) totals.push_back(lens[s] + steps);
     expect_cache_layers(cache, totals, c.prefix, c.window, {&layer, &dlayer});
+    for (int h = 0; h < H; ++h)
+      for (const bool key : {true, false}) {
+        EXPECT_EQ(dlayer.hi_channels(h, key), cache.outlier_channels(0, h, key)) << "head " << h << " key " << key;
+        EXPECT_EQ(layer.hi_channels(h, key), cache.outlier_channels(0, h, key)) << "head " << h << " key " << key;
+      }
+    if (c.window == 0 && c.prefix == 0) {  // records carry no channels: an auto layer refuses them
+      std::vector<uint8_t> rk(layer.k_record_bytes() * H), rv(layer.v_record_bytes() * H);
+      layer.read_records(0, 0, 1, rk.data(), rv.data());
+      const int n0 = dlayer.n_tokens(0);
+      EXPECT_THROW(dlayer.append_records(0, rk.data(), rv.data(), 1), Error);
+      EXPECT_EQ(dlayer.n_tokens(0), n0);
+      cuda::GpuKvLayer given(cache.k_quantizer(0), cache.v_quantizer(0), cfg);  // channels given: accepted
+      given.add_sequence();
+      given.append_records(0, rk.data(), rv.data(), 1);
+      EXPECT_EQ(given.n_tokens(0), 1);
+    }
     worst = std::max(worst, expect_cache_attention(cache, 3, hq, test::random_gaussian(size_t(3) * hq * d, 61),
                                                    {&layer, &dlayer}, plain_sliding_capped(30, 2, 0.0f)));
     // A first compressing append refused for a NaN chooses no channels: the

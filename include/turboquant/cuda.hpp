@@ -186,6 +186,9 @@ class GpuKvLayer {
   // Waits for the asynchronous appends and throws the refusal among them,
   // if any (see above). Call it once per decode step, or less often.
   void check_appends();
+  // A channel-split format's hi channels of a KV head (K or V), as given or
+  // as the layer chose them; empty for other formats and while not chosen.
+  std::vector<int> hi_channels(int head, bool key) const;
 
   // The bytes of page `page` of a sequence (to compare with, or load into, a
   // CPU cache). out: [page_bytes()] host memory; slots past n_tokens are unspecified.

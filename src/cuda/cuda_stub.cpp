@@ -49,6 +49,7 @@ void GpuKvLayer::append_batch_device_async(const int*, int, const void*, const v
   no_cuda();
 }
 void GpuKvLayer::check_appends() { no_cuda(); }
+std::vector<int> GpuKvLayer::hi_channels(int, bool) const { no_cuda(); }
 void GpuKvLayer::append_batch_device(const int*, int, const void*, const void*, DType, Stream) {
   no_cuda();
 }

@@ -1110,6 +1110,16 @@ void GpuKvLayer::append_batch_device_async(const int* seqs, int n, const void* k
 
 void GpuKvLayer::check_appends() { impl_->settle(); }
 
+std::vector<int> GpuKvLayer::hi_channels(int head, bool key) const {
+  const Impl& m = *impl_;
+  TQ_REQUIRE(head >= 0 && head < m.cfg.n_heads_kv, "GPU KV layer: head ", head, " out of range (",
+             m.cfg.n_heads_kv, " KV heads)");
+  const HostFormat& f = key ? m.hk : m.hv;
+  if (!f.split || ((key ? m.k_auto : m.v_auto) && !m.calibrated)) return {};
+  const auto first = f.channels.begin() + size_t(head) * f.dim;
+  return std::vector<int>(first, first + f.seg[0].dim);
+}
+
 void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
   impl_->settle();  // the host's page list must be the device's
   const Impl& m = *impl_;
@@ -1180,6 +1190,12 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append_records from a null pointer");
   m.require_no_dense("append_records");
+  // Records carry no channel choice: a split layer must have been told the
+  // channels they were written with.
+  TQ_REQUIRE(!m.k_auto && !m.v_auto, "GPU KV layer: append_records into a layer with a channel-split ",
+             m.k_auto ? "K" : "V", " format whose hi channels were not given: set GpuKvLayerConfig::",
+             m.k_auto ? "k_hi_channels" : "v_hi_channels",
+             " to the channels the records were written with (e.g. KvCache::outlier_channels)");
   const int P = m.cfg.page_tokens, H = m.cfg.n_heads_kv;
   for (int t = 0; t < n; ++t)
     for (int h = 0; h < H; ++h) {
