@@ -45,21 +45,19 @@ __device__ __forceinline__ int code_at(const uint8_t* rec, int i, int bits) {
   return (v >> (bit & 7)) & ((1u << bits) - 1u);
 }
 
-__device__ __forceinline__ float scale_at(const uint8_t* rec, const MseDeviceFormat& f) {
-  const uint8_t* p = rec + f.code_bytes;
-  if (f.scale_f32)
+// A little-endian scale (fp16 or f32) at p, unaligned.
+__device__ __forceinline__ float scale_bytes_at(const uint8_t* p, int f32) {
+  if (f32)
     return __uint_as_float(unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 |
                            unsigned(p[3]) << 24);
   return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
 }
-
+__device__ __forceinline__ float scale_at(const uint8_t* rec, const MseDeviceFormat& f) {
+  return scale_bytes_at(rec + f.code_bytes, f.scale_f32);
+}
 // The scale of a split record's sub-record.
 __device__ __forceinline__ float segment_scale(const uint8_t* rec, const SplitSegment& g) {
-  const uint8_t* p = rec + g.offset + g.code_bytes;
-  if (g.scale_f32)
-    return __uint_as_float(unsigned(p[0]) | unsigned(p[1]) << 8 | unsigned(p[2]) << 16 |
-                           unsigned(p[3]) << 24);
-  return __half2float(__ushort_as_half(static_cast<unsigned short>(p[0] | (p[1] << 8))));
+  return scale_bytes_at(rec + g.offset + g.code_bytes, g.scale_f32);
 }
 
 // In-place normalised FWHT of `rows` vectors of length D in shared memory by

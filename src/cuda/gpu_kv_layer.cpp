@@ -136,6 +136,18 @@ HostSegment host_segment(const quant::MseQuantizer& q, int offset) {
   return g;
 }
 
+// One head's row of SplitFormat::channels: its hi channels in their order,
+// then the rest ascending (SplitQuantizer's lo order).
+void append_channel_row(std::vector<int>& table, const std::vector<int>& hi, int dim) {
+  std::vector<char> taken(dim, 0);
+  for (int c : hi) {
+    taken[c] = 1;
+    table.push_back(c);
+  }
+  for (int c = 0; c < dim; ++c)
+    if (!taken[c]) table.push_back(c);
+}
+
 // hi: per KV head, the channels at the higher width (GpuKvLayerConfig::
 // k_hi_channels / v_hi_channels); empty: the quantizer's own for every head,
 // a placeholder until the layer chooses them (Impl::calibrate).
@@ -172,10 +184,8 @@ HostFormat host_format(const Quantizer& q, const char* which, int n_heads,
                    " is outside 0..", d - 1);
         TQ_REQUIRE(!taken[c], "GPU KV layer: ", which, " hi channel ", c, " of head ", h, " is listed twice");
         taken[c] = 1;
-        f.channels.push_back(c);
       }
-      for (int c = 0; c < d; ++c)
-        if (!taken[c]) f.channels.push_back(c);
+      append_channel_row(f.channels, his, d);
     }
     return f;
   }
@@ -218,7 +228,7 @@ SplitFormat upload_split(const HostFormat& h, DeviceBuffer& buf) {
     for (int x : a) w.push_back(static_cast<uint32_t>(x));
     return at;
   };
-  size_t o[2][6];
+  size_t o[2][5];
   for (int s = 0; s < 2; ++s) {
     const HostSegment& g = h.seg[s];
     o[s][0] = put_f(g.signs1);
@@ -370,14 +380,7 @@ struct GpuKvLayer::Impl {
       for (int h = 0; h < H; ++h) {
         for (int t = 0; t < n; ++t)
           std::memcpy(&head[size_t(t) * D], src + (size_t(t) * H + h) * D, sizeof(float) * D);
-        const std::vector<int> hi = select_outlier_channels(head.data(), size_t(n), D, f.seg[0].dim);
-        std::vector<char> taken(D, 0);
-        for (int c : hi) {
-          f.channels.push_back(c);
-          taken[c] = 1;
-        }
-        for (int c = 0; c < D; ++c)
-          if (!taken[c]) f.channels.push_back(c);
+        append_channel_row(f.channels, select_outlier_channels(head.data(), size_t(n), D, f.seg[0].dim), D);
       }
       (key ? ksf : vsf) = upload_split(f, key ? k_split_consts : v_split_consts);
     }
