@@ -6,7 +6,9 @@
 #include <algorithm>
 #include <cstring>
 #include <cmath>
+#include <map>
 #include <thread>
+#include <tuple>
 
 #include "test_util.hpp"
 #include "turboquant/error.hpp"
@@ -209,6 +211,91 @@ TEST(KvCache, ReportedBytesEqualAllocatedBytes) {
     cache.clear();
     EXPECT_EQ(cache.bytes_allocated(), 0u);
     EXPECT_EQ(cache.memory().allocated.total(), 0u);
+  }
+}
+
+TEST(KvCache, LayerFormatsGiveEachLayerItsOwnFormat) {
+  // Layer 0 at 4 bits with outlier channels, the last layer with QJL keys,
+  // layer 1 in the cache's own turbo3; each attends on its own records.
+  const int H = 2, d = 64, hq = 8;
+  KvCacheConfig cfg = KvCacheConfig::from_preset("turbo3", 3, H, d);
+  cfg.page_tokens = 16;
+  cfg.dense_window = 5;
+  cfg.layer_formats = parse_layer_formats("0=turbo4-out+-1=paper_prod", 3);
+  ASSERT_EQ(cfg.layer_formats.size(), 2u);
+  EXPECT_EQ(to_string(cfg.k_format_of(0)), to_string(parse_format("tq-mse:b=4,hi=12.5%,hb=6")));
+  EXPECT_EQ(to_string(cfg.k_format_of(1)), to_string(parse_format("tq-mse:b=3")));
+  EXPECT_EQ(to_string(cfg.k_format_of(2)), to_string(parse_format("tq-prod:b=3")));
+  KvCache cache(cfg);
+  const int seq = cache.add_sequence();
+  const size_t n = 70;
+  const auto k = kv_data(n, H, d, 7), v = kv_data(n, H, d, 8);
+  const auto q = test::random_gaussian(size_t(hq) * d, 9);
+  size_t codes = 0;
+  for (int l = 0; l < 3; ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    cache.append(seq, l, k.data(), v.data(), int(n));
+    EXPECT_EQ(cache.k_quantizer(l).bytes_per_vector(), bytes_per_vector(cfg.k_format_of(l), d));
+    EXPECT_EQ(cache.v_quantizer(l).bytes_per_vector(), bytes_per_vector(cfg.v_format_of(l), d));
+    EXPECT_EQ(cache.outlier_channels(l, 1, true).size(), l == 0 ? 8u : 0u);
+    std::vector<float> kd(k.size()), vd(v.size()), out(q.size());
+    cache.dequantize(seq, l, kd.data(), vd.data());
+    cache.attend(seq, l, q.data(), hq, {}, out.data());
+    const auto ref = dense_attention(q, hq, kd, vd, n, H, d, int(n) - 1, {});
+    EXPECT_LE(norm_err(out.data(), ref.data(), out.size()), 1e-5);
+    codes += (n - 5) * H * (record_bytes(cfg.k_format_of(l), d).codes + record_bytes(cfg.v_format_of(l), d).codes);
+  }
+  EXPECT_EQ(cache.memory().used.codes, codes);
+  EXPECT_EQ(cache.memory().allocated.total(), cache.bytes_allocated());
+
+  // Bad policies name the bad part.
+  const std::map<std::string, std::vector<int>> named = {{"global", {1}}, {"none", {}}};
+  EXPECT_EQ(parse_layer_formats("global=turbo4", 3, named).at(0).layer, 1);
+  // The same policy inside a preset name.
+  const KvCacheConfig fp = KvCacheConfig::from_preset("turbo3+global=turbo4-out+0=turbo4", 3, H, d, named);
+  EXPECT_EQ(fp.preset, "turbo3+global=turbo4-out+0=turbo4");
+  EXPECT_EQ(layer_formats_text(fp.layer_formats),
+            "0=k=tq-mse:b=4/v=tq-mse:b=4+1=k=" + to_string(parse_format("tq-mse:b=4,hi=12.5%,hb=6")) +
+                "/v=tq-mse:b=4");
+  EXPECT_EQ(find_kv_preset("turbo3+global=turbo4-out").k_spec, "tq-mse:b=3");
+  for (const auto& [name, expect] : std::vector<std::pair<std::string, std::string>>{
+           {"turbo3+global=nope", "unknown KV preset 'nope'"},
+           {"turbo3+global", "part 'global' is not LAYERS=PRESET"},
+           {"nope+0=turbo4", "unknown KV preset 'nope'"}}) {
+    try {
+      find_kv_preset(name);
+      ADD_FAILURE() << name << ": accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << name << ": " << e.what();
+    }
+  }
+  for (const auto& [policy, expect] : std::vector<std::pair<std::string, std::string>>{
+           {"3=turbo4", "layer 3 is outside -3..2"},
+           {"-4=turbo4", "layer -4 is outside"},
+           {"0=turbo4+0,1=turbo3", "layer 0 is named twice"},
+           {"x=turbo4", "'x' is not a layer index or one of: global, none"},
+           {"none=turbo4", "this model has no 'none' layers"},
+           {"0=turbo9", "unknown KV preset 'turbo9'"},
+           {"0", "part '0' is not LAYERS=PRESET"},
+           {"0=turbo4+", "part '' is not LAYERS=PRESET"}}) {
+    try {
+      parse_layer_formats(policy, 3, named);
+      ADD_FAILURE() << policy << ": accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << policy << ": " << e.what();
+    }
+  }
+  for (const auto& [policy, dense, expect] : std::vector<std::tuple<std::string, std::vector<int>, std::string>>{
+           {"0=dense-f16", {}, "dense format"}, {"1=turbo4", {1}, "layer 1 is both in dense_layers"}}) {
+    KvCacheConfig bad = KvCacheConfig::from_preset("turbo3", 3, H, d);
+    bad.dense_layers = dense;
+    bad.layer_formats = parse_layer_formats(policy, 3);
+    try {
+      bad.validate();
+      ADD_FAILURE() << policy << ": accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(expect), std::string::npos) << policy << ": " << e.what();
+    }
   }
 }
 

@@ -437,12 +437,13 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
   EXPECT_EQ(good, c.file);
 }
 
-TEST(KvIo, Version2FilesStillLoad) {
-  // A version 2 file is a version 3 file without the dense_prefix config line
-  // and without n_pre in each layer header. Made here from a version 3 file
-  // (one sequence, one layer without a channel split, no prefix) by removing
-  // both, then resealed: it loads into a cache with dense_prefix 0, and into
-  // one with a prefix not at all.
+TEST(KvIo, Version2And3FilesStillLoad) {
+  // A version 3 file is a version 4 file without the layer_formats config
+  // line; a version 2 file also lacks the dense_prefix line and n_pre in each
+  // layer header. Made here from a version 4 file (one sequence, one layer
+  // without a channel split, no prefix) by removing them, then resealed: both
+  // load into a cache with dense_prefix 0, and a version 2 file into one with
+  // a prefix not at all.
   TempDir dir;
   KvCacheConfig cfg = KvCacheConfig::from_preset("paper_mse", 1, 2, 64);
   cfg.page_tokens = 8;
@@ -450,17 +451,28 @@ TEST(KvIo, Version2FilesStillLoad) {
   KvCache a(cfg);
   a.add_sequence();
   fill(a, 0, 0, 19, 5, 7);
-  a.save(dir.file("v3.tqkv"));
-  std::vector<uint8_t> f = read_bytes(dir.file("v3.tqkv"));
-  ASSERT_EQ(le32(f, 4), 3u);
-  const std::string line = "dense_prefix=0\n";
-  const std::string text(f.begin() + 24, f.begin() + 24 + le32(f, 8));
-  const size_t at = text.find(line);
-  ASSERT_NE(at, std::string::npos);
-  f.erase(f.begin() + 24 + at, f.begin() + 24 + at + line.size());
-  put_le(f, 8, text.size() - line.size(), 4);
+  a.save(dir.file("v4.tqkv"));
+  std::vector<uint8_t> f = read_bytes(dir.file("v4.tqkv"));
+  ASSERT_EQ(le32(f, 4), 4u);
+  auto drop_line = [&](const std::string& line) {
+    const std::string text(f.begin() + 24, f.begin() + 24 + le32(f, 8));
+    const size_t at = text.find(line);
+    ASSERT_NE(at, std::string::npos) << line;
+    f.erase(f.begin() + 24 + at, f.begin() + 24 + at + line.size());
+    put_le(f, 8, text.size() - line.size(), 4);
+  };
+  drop_line("layer_formats=\n");
+  put_le(f, 4, 3, 4);
+  reseal(f);
+  write_bytes(dir.file("v3.tqkv"), f);
+  {
+    KvCache b(cfg);
+    b.load(dir.file("v3.tqkv"));
+    EXPECT_TRUE(same(snapshot(a), snapshot(b)));
+  }
+  drop_line("dense_prefix=0\n");
   put_le(f, 4, 2, 4);
-  const size_t layer0 = 24 + (text.size() - line.size()) + 8 + 1 + 4 + 1;  // calib flag, n_slots, live
+  const size_t layer0 = 24 + le32(f, 8) + 8 + 1 + 4 + 1;  // calib flag, n_slots, live
   ASSERT_EQ(le32(f, layer0 + 4), 16u);  // n_main (3 in the window)
   ASSERT_EQ(le32(f, layer0 + 16), 0u);  // n_pre, gone in version 2
   f.erase(f.begin() + layer0 + 16, f.begin() + layer0 + 20);
@@ -477,6 +489,43 @@ TEST(KvIo, Version2FilesStillLoad) {
     ADD_FAILURE() << "a version 2 file loaded into a cache with a dense prefix";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("dense_prefix file 0 vs cache 4"), std::string::npos) << e.what();
+  }
+}
+
+TEST(KvIo, LayerFormatsTravelWithTheFile) {
+  // Layer 1 in its own format (a channel split: its outlier channels are
+  // chosen and saved per layer), layer 0 in the cache's; layer 2 dense.
+  TempDir dir;
+  KvCacheConfig cfg = io_config("turbo3", 0);
+  cfg.layer_formats = parse_layer_formats("1=turbo4-out", cfg.n_layers);
+  KvCache a(cfg);
+  populate(a);
+  EXPECT_NE(a.k_quantizer(0).bytes_per_vector(), a.k_quantizer(1).bytes_per_vector());
+  EXPECT_TRUE(a.outlier_channels(0, 0, true).empty());
+  EXPECT_EQ(a.outlier_channels(1, 0, true).size(), 8u);  // 1/8 of 64
+  const std::string path = dir.file("lf.tqkv");
+  a.save(path);
+  const KvCacheConfig r = KvCache::read_config(path);
+  EXPECT_EQ(layer_formats_text(r.layer_formats), "1=k=" + to_string(parse_format("tq-mse:b=4,hi=12.5%,hb=6")) +
+                                                     "/v=" + to_string(parse_format("tq-mse:b=4")));
+  KvCache b(r);
+  b.load(path);
+  EXPECT_TRUE(same(snapshot(a), snapshot(b)));
+  for (int h = 0; h < cfg.n_heads_kv; ++h)
+    EXPECT_EQ(a.outlier_channels(1, h, true), b.outlier_channels(1, h, true));
+  // Without the policy, or with another one, the file is refused by name.
+  for (const char* policy : {"", "1=turbo4", "0=turbo4-out"}) {
+    KvCacheConfig other = cfg;
+    other.layer_formats = parse_layer_formats(policy, cfg.n_layers);
+    KvCache c(other);
+    const Snapshot before = snapshot(c);
+    try {
+      c.load(path);
+      ADD_FAILURE() << "loaded with layer policy '" << policy << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("layer_formats file '1=k="), std::string::npos) << e.what();
+    }
+    EXPECT_TRUE(same(before, snapshot(c)));
   }
 }
 

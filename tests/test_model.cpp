@@ -96,6 +96,31 @@ TEST(Model, BatchedPrefillEqualsTokenByToken) {
   }
 }
 
+TEST(Model, LayerPolicyNamesResolveToTheModelsLayers) {
+  {
+    REQUIRE_MODEL(path, "gemma3-270m");  // every 6th layer attends globally
+    auto m = Model::load(path);
+    const KvCacheConfig c = m->cache_config("turbo3+global=turbo4-out");
+    std::vector<int> layers;
+    for (const auto& f : c.layer_formats) layers.push_back(f.layer);
+    EXPECT_EQ(layers, (std::vector<int>{5, 11, 17}));
+    EXPECT_EQ(to_string(c.k_format_of(5)), to_string(parse_format("tq-mse:b=4,hi=12.5%,hb=6")));
+    EXPECT_EQ(to_string(c.k_format_of(4)), "tq-mse:b=3");
+    EXPECT_EQ(m->cache_config("turbo3+local=turbo4").layer_formats.size(), 15u);
+  }
+  {
+    REQUIRE_MODEL(path, "smollm2-135m");  // no sliding window: every layer is global
+    auto m = Model::load(path);
+    EXPECT_EQ(m->cache_config("turbo3+global=turbo4").layer_formats.size(), size_t(m->config().n_layers));
+    try {
+      m->cache_config("turbo3+local=turbo4");
+      ADD_FAILURE() << "a policy on no layers was accepted";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("this model has no 'local' layers"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(Model, GreedyContinuationIsSane) {
   REQUIRE_MODEL(path, "smollm2-135m");
   auto m = Model::load(path);

@@ -25,6 +25,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -43,9 +44,19 @@ struct KvPreset {
 };
 // The named presets (paper_mse, paper_prod, polarquant, turbo4, ..., q4_0).
 const std::vector<KvPreset>& kv_presets();
-// A preset by name or alias, or "k=SPEC/v=SPEC" for any pair of formats.
-// Throws tq::Error listing the valid names.
+// A preset by name or alias, or "k=SPEC/v=SPEC" for any pair of formats,
+// optionally followed by a layer policy "+LAYERS=PRESET[+LAYERS=PRESET...]"
+// (parse_layer_formats; e.g. "turbo3+global=turbo4-out"); the returned
+// formats are the base preset's. Throws tq::Error listing the valid names.
 KvPreset find_kv_preset(std::string_view name);
+
+// Layer policy: a layer whose compressed K / V formats are not the cache's
+// k_format / v_format (e.g. Gemma 3's global-attention layers at 4 bits with
+// outlier channels while its sliding-window layers take 3 bits).
+struct KvLayerFormat {
+  int layer = 0;
+  FormatSpec k_format, v_format;
+};
 
 struct KvCacheConfig {
   int n_layers = 1;
@@ -59,13 +70,30 @@ struct KvCacheConfig {
   int dense_window = 0;            // newest W tokens stay dense
   int dense_prefix = 0;            // first S tokens of every sequence stay dense (sinks)
   std::vector<int> dense_layers;   // layer policy: these layers are never compressed
+  std::vector<KvLayerFormat> layer_formats;  // layer policy: these layers use their own formats
   int k_start = 0;                 // > 0: layers stay dense until they hold k_start tokens
   uint64_t seed = 0;
 
-  static KvCacheConfig from_preset(std::string_view preset, int n_layers, int n_heads_kv,
-                                   int head_dim);
+  // `named_layers` resolves names in a preset's layer policy (a model passes
+  // "global" and "local": its full-attention and sliding-window layers).
+  static KvCacheConfig from_preset(std::string_view preset, int n_layers, int n_heads_kv, int head_dim,
+                                   const std::map<std::string, std::vector<int>>& named_layers = {});
   void validate() const;  // throws tq::Error naming the bad field
+  // The compressed formats of a layer: its layer_formats entry, else k_format / v_format.
+  const FormatSpec& k_format_of(int layer) const;
+  const FormatSpec& v_format_of(int layer) const;
 };
+
+// A layer policy string, "LAYERS=PRESET[+LAYERS=PRESET...]": LAYERS is a comma
+// list of layer indices (negative: from the end) or a name of `named` (e.g.
+// "global" for a model's full-attention layers); PRESET a KV preset name or
+// k=SPEC/v=SPEC. A layer named twice is an error. Throws tq::Error naming the
+// bad part.
+std::vector<KvLayerFormat> parse_layer_formats(std::string_view policy, int n_layers,
+                                               const std::map<std::string, std::vector<int>>& named = {});
+// The policy back as text, "L=k=SPEC/v=SPEC" per layer in layer order, joined
+// by '+' (parse_layer_formats reads it back).
+std::string layer_formats_text(const std::vector<KvLayerFormat>& formats);
 
 // Bytes by component. `allocated` is what the cache holds in memory now
 // (whole pages and window buffers); `used` counts only the stored tokens.

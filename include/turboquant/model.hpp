@@ -62,7 +62,9 @@ class Model {
 
   const ModelConfig& config() const { return cfg_; }
   const gguf::File& file() const { return file_; }
-  // A cache config for this model's shape with a preset (or k=SPEC/v=SPEC).
+  // A cache config for this model's shape with a preset (or k=SPEC/v=SPEC),
+  // optionally with a layer policy naming "global" (full-attention) or
+  // "local" (sliding-window) layers, e.g. "turbo3+global=turbo4-out".
   KvCacheConfig cache_config(const std::string& preset) const;
 
   // Runs n tokens at positions pos .. pos+n-1 of sequence seq (appending

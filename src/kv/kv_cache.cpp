@@ -29,8 +29,8 @@ KvCache::KvCache(KvCacheConfig config) : cfg_(std::move(config)), impl_(new Impl
     QuantizerOptions ko, vo;
     ko.seed = derive_seed(cfg_.seed, uint64_t(2 * l));
     vo.seed = derive_seed(cfg_.seed, uint64_t(2 * l + 1));
-    L.kq = make_quantizer(cfg_.k_format, cfg_.head_dim, ko);
-    L.vq = make_quantizer(cfg_.v_format, cfg_.head_dim, vo);
+    L.kq = make_quantizer(cfg_.k_format_of(l), cfg_.head_dim, ko);
+    L.vq = make_quantizer(cfg_.v_format_of(l), cfg_.head_dim, vo);
     L.kd = make_quantizer(cfg_.dense_format, cfg_.head_dim, ko);
     L.vd = make_quantizer(cfg_.dense_format, cfg_.head_dim, vo);
     L.dense_policy = std::find(cfg_.dense_layers.begin(), cfg_.dense_layers.end(), l) !=
@@ -130,7 +130,7 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
   std::vector<uint8_t> dense_tmp(db);
   // A channel-split layer chooses its heads' outlier channels from the first
   // tokens it compresses: these, as they will be encoded (dense-rounded).
-  if (s.compressed && to_main > 0 && impl_->needs_calibration() && !impl_->is_calibrated(layer)) {
+  if (s.compressed && to_main > 0 && impl_->needs_calibration(layer) && !impl_->is_calibrated(layer)) {
     const int nc = std::min(to_main, kCalibrationTokens);
     std::vector<float> ks(size_t(nc) * row), vs(size_t(nc) * row);
     for (int t = 0; t < nc; ++t)
@@ -439,8 +439,8 @@ void KvCache::append_records(int seq, int layer, const uint8_t* k, const uint8_t
              "): the newest tokens of a windowed cache are dense, not records");
   TQ_REQUIRE(s.n_pre == cfg_.dense_prefix, "append_records: the dense prefix holds ", s.n_pre, " of ",
              cfg_.dense_prefix, " tokens; the first tokens of a sequence are dense, not records");
-  TQ_REQUIRE(!impl_->needs_calibration(), "append_records: the formats ", to_string(cfg_.k_format),
-             " / ", to_string(cfg_.v_format),
+  TQ_REQUIRE(!impl_->needs_calibration(layer), "append_records: the formats ",
+             to_string(cfg_.k_format_of(layer)), " / ", to_string(cfg_.v_format_of(layer)),
              " choose outlier channels per head; their records cannot be moved on their own");
   const int H = cfg_.n_heads_kv, d = cfg_.head_dim;
   const Quantizer& kq = impl_->main_k(layer, true);
@@ -472,7 +472,7 @@ KvMemoryReport KvCache::memory() const {
       r.dense_equivalent += tokens * H * d * 2 * 2;  // bf16 K + V
       auto add = [&](KvMemory& m, size_t slots) {
         if (s.compressed) {
-          for (const FormatSpec* f : {&cfg_.k_format, &cfg_.v_format}) {
+          for (const FormatSpec* f : {&cfg_.k_format_of(l), &cfg_.v_format_of(l)}) {
             const RecordBytes rb = record_bytes(*f, d);
             m.codes += slots * H * rb.codes;
             m.scales += slots * H * rb.scales;

@@ -135,7 +135,9 @@ struct KvCache::Impl {
   // Formats of the main region of a layer in its current mode, for one KV
   // head (channel-split formats have one quantizer per head once calibrated;
   // the record size never depends on the head).
-  bool needs_calibration() const { return is_split(cfg.k_format) || is_split(cfg.v_format); }
+  bool needs_calibration(int layer) const {
+    return is_split(cfg.k_format_of(layer)) || is_split(cfg.v_format_of(layer));
+  }
   bool is_calibrated(int layer) const { return calibrated[layer].load(std::memory_order_acquire); }
   const Quantizer& main_k(int layer, bool compressed, int head = 0) const {
     const LayerFormats& L = layers[layer];
@@ -152,20 +154,20 @@ struct KvCache::Impl {
     QuantizerOptions o;
     o.seed = derive_seed(cfg.seed, uint64_t(2 * layer + (key ? 0 : 1)));
     o.hi_channels = hi;
-    return make_quantizer(key ? cfg.k_format : cfg.v_format, cfg.head_dim, o);
+    return make_quantizer(key ? cfg.k_format_of(layer) : cfg.v_format_of(layer), cfg.head_dim, o);
   }
   // Chooses each head's outlier channels from sample tokens (the first the
   // layer compresses) and builds its quantizers; once per layer, a no-op
   // for formats without a channel split. k, v: [n, n_heads_kv, head_dim]
   void calibrate_layer(int layer, const float* k, const float* v, int n) {
-    if (!needs_calibration() || is_calibrated(layer) || n <= 0) return;
+    if (!needs_calibration(layer) || is_calibrated(layer) || n <= 0) return;
     std::lock_guard lk(calib_mutex);
     if (is_calibrated(layer)) return;
     const int H = cfg.n_heads_kv, d = cfg.head_dim;
     LayerFormats& L = layers[layer];
     std::vector<float> xs(size_t(n) * d);
     for (int key = 1; key >= 0; --key) {
-      const FormatSpec& f = key ? cfg.k_format : cfg.v_format;
+      const FormatSpec& f = key ? cfg.k_format_of(layer) : cfg.v_format_of(layer);
       if (!is_split(f)) continue;
       const int count = channel_split(f, d).hi_channels;
       auto& qs = key ? L.kq_head : L.vq_head;
@@ -233,7 +235,7 @@ struct KvCache::Impl {
     const Quantizer& vd = *layers[layer].vd;
     const int H = cfg.n_heads_kv, d = cfg.head_dim, n = s.n_main;
     const size_t dkb = kd.bytes_per_vector();
-    if (needs_calibration() && !is_calibrated(layer) && n > 0) {
+    if (needs_calibration(layer) && !is_calibrated(layer) && n > 0) {
       const int nc = std::min(n, kCalibrationTokens);
       std::vector<float> ks(size_t(nc) * H * d), vs(size_t(nc) * H * d);
       for (int t = 0; t < nc; ++t)

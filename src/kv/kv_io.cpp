@@ -1,19 +1,20 @@
 // KvCache saved state (save, load, read_config) and events (upgrade, trim,
 // save and load as JSON lines to a caller-chosen sink).
 //
-// ---- The cache file, version 3 (also in docs/formats.md) -------------------
+// ---- The cache file, version 4 (also in docs/formats.md) -------------------
 // Little-endian throughout; no field depends on the machine or SIMD width.
 // Written to PATH.tmp.<pid>.<n>, synced, then renamed over PATH.
 //
 //   FileHeader (24 bytes)
-//     char[4] magic "TQKV" | u32 version = 3 | u32 header_len | u32 flags = 0
+//     char[4] magic "TQKV" | u32 version = 4 | u32 header_len | u32 flags = 0
 //     u64 file_size (the whole file, final checksum included)
 //   config text, header_len bytes: "key=value\n" lines, every key exactly once:
 //     preset, n_layers, n_heads_kv, head_dim, page_tokens, dense_window,
 //     dense_prefix (version 3; older files: 0), k_start, seed, k_format,
 //     v_format, dense_format (spec strings, to_string of FormatSpec, which
 //     parse_format reads back exactly), dense_layers (comma-separated layer
-//     indices, possibly empty)
+//     indices, possibly empty), layer_formats (version 4; older files: none;
+//     layer_formats_text: "L=k=SPEC/v=SPEC" joined by '+', possibly empty)
 //   u64 header checksum: FNV-1a 64 of every byte before it (lets read_config
 //     check the config without reading the records)
 //   outlier channels (version 2), per layer 0 .. n_layers-1: u8 calibrated
@@ -37,7 +38,7 @@
 //     V records of the window:                             [win_count, n_heads_kv, db]
 //   u64 checksum: FNV-1a 64 of every byte before it
 //
-// kb, vb: bytes_per_vector of k_format / v_format when the layer is
+// kb, vb: bytes_per_vector of the layer's k_format_of / v_format_of when it is
 // compressed, else of dense_format; db: of dense_format. A record is the
 // format's whole record (format.hpp): codes, scales, QJL signs and residual
 // norms all travel inside it, so nothing of a format can be left out.
@@ -77,7 +78,7 @@ namespace tq {
 namespace {
 
 constexpr char kMagic[4] = {'T', 'Q', 'K', 'V'};
-constexpr uint32_t kVersion = 3;  // 1 (no outlier channels) and 2 (no dense prefix) are still read
+constexpr uint32_t kVersion = 4;  // 1 (no outlier channels), 2 (no dense prefix), 3 (no layer formats) are still read
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull, kFnvPrime = 0x100000001b3ull;
 constexpr uint32_t kMaxHeaderLen = 1u << 20;  // config text is a few hundred bytes
 constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2, kFlagPrefix = 4;
@@ -181,7 +182,7 @@ std::string config_text(const KvCacheConfig& c) {
          "\ndense_prefix=" + std::to_string(c.dense_prefix) + "\nk_start=" + std::to_string(c.k_start) +
          "\nseed=" + std::to_string(c.seed) + "\nk_format=" + to_string(c.k_format) +
          "\nv_format=" + to_string(c.v_format) + "\ndense_format=" + to_string(c.dense_format) +
-         "\ndense_layers=" + layers + "\n";
+         "\ndense_layers=" + layers + "\nlayer_formats=" + layer_formats_text(c.layer_formats) + "\n";
 }
 
 // The whole file; the caller holds the sequence lock (shared).
@@ -302,6 +303,7 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text, uin
                                    "page_tokens", "dense_window", "k_start", "seed",
                                    "k_format", "v_format", "dense_format", "dense_layers"};
   if (version >= 3) keys.push_back("dense_prefix");
+  if (version >= 4) keys.push_back("layer_formats");
   for (const std::string& k : keys)
     if (!kv.count(k)) fail(path, "config: key '" + k + "' missing");
   if (kv.size() != keys.size())
@@ -338,6 +340,13 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text, uin
     c.dense_layers.push_back(int(parse_int(path, "dense_layers", dl.substr(p, comma - p), 0, 4095)));
     p = comma + 1;
     if (comma + 1 == dl.size()) fail(path, "config: dense_layers ends with a comma");
+  }
+  if (version >= 4 && !kv["layer_formats"].empty()) {
+    try {
+      c.layer_formats = parse_layer_formats(kv["layer_formats"], c.n_layers);
+    } catch (const Error& e) {
+      fail(path, std::string("config: layer_formats: ") + e.what());
+    }
   }
   try {
     c.validate();
@@ -441,6 +450,11 @@ std::string config_mismatch(const KvCacheConfig& f, const KvCacheConfig& c) {
       return r + "]";
     };
     return "dense_layers file " + list(fl) + " vs cache " + list(cl);
+  }
+  const std::string flf = layer_formats_text(f.layer_formats), clf = layer_formats_text(c.layer_formats);
+  if (flf != clf) {
+    auto show = [](const std::string& t) { return t.empty() ? std::string("none") : "'" + t + "'"; };
+    return "layer_formats file " + show(flf) + " vs cache " + show(clf);
   }
   return {};
 }
@@ -568,7 +582,7 @@ void KvCache::load(const std::string& path) {
     c.on = on;
     if (!on) continue;
     for (int key = 1; key >= 0; --key) {
-      const FormatSpec& f = key ? cfg_.k_format : cfg_.v_format;
+      const FormatSpec& f = key ? cfg_.k_format_of(l) : cfg_.v_format_of(l);
       if (!is_split(f)) continue;
       const int count = channel_split(f, cfg_.head_dim).hi_channels;
       for (int hh = 0; hh < H; ++hh) {

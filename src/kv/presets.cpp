@@ -1,5 +1,6 @@
 // The named KV presets and the cache configuration checks.
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 
 #include "turboquant/error.hpp"
@@ -33,6 +34,24 @@ const std::vector<KvPreset>& kv_presets() {
 }
 
 KvPreset find_kv_preset(std::string_view name) {
+  // "BASE+LAYERS=PRESET+...": the base preset with a layer policy, resolved
+  // against the model's layers by KvCacheConfig::from_preset.
+  if (const size_t plus = name.find('+'); plus != std::string_view::npos) {
+    KvPreset p = find_kv_preset(name.substr(0, plus));
+    for (size_t pos = plus + 1; pos <= name.size();) {
+      size_t end = name.find('+', pos);
+      if (end == std::string_view::npos) end = name.size();
+      const std::string_view part = name.substr(pos, end - pos);
+      pos = end + 1;
+      const size_t eq = part.find('=');
+      TQ_REQUIRE(eq != std::string_view::npos && eq > 0 && eq + 1 < part.size(), "KV preset '", name,
+                 "': layer policy part '", part, "' is not LAYERS=PRESET");
+      find_kv_preset(part.substr(eq + 1));
+    }
+    p.description += " (layers: " + std::string(name.substr(plus + 1)) + ")";
+    p.name = std::string(name);
+    return p;
+  }
   std::string n(name);
   if (n == "paper_prod_qjl") n = "paper_prod";
   for (const auto& p : kv_presets())
@@ -53,7 +72,8 @@ KvPreset find_kv_preset(std::string_view name) {
 }
 
 KvCacheConfig KvCacheConfig::from_preset(std::string_view preset, int n_layers, int n_heads_kv,
-                                         int head_dim) {
+                                         int head_dim,
+                                         const std::map<std::string, std::vector<int>>& named_layers) {
   const KvPreset p = find_kv_preset(preset);
   KvCacheConfig c;
   c.n_layers = n_layers;
@@ -64,6 +84,8 @@ KvCacheConfig KvCacheConfig::from_preset(std::string_view preset, int n_layers, 
   c.v_format = parse_format(p.v_spec);
   // A dense preset keeps its own precision everywhere (window, dense layers).
   if (is_dense(c.k_format.method)) c.dense_format = c.k_format;
+  if (const size_t plus = preset.find('+'); plus != std::string_view::npos)
+    c.layer_formats = parse_layer_formats(preset.substr(plus + 1), n_layers, named_layers);
   c.validate();
   return c;
 }
@@ -84,6 +106,92 @@ void KvCacheConfig::validate() const {
   validate_format(k_format, head_dim);
   validate_format(v_format, head_dim);
   validate_format(dense_format, head_dim);
+  std::vector<int> seen;
+  for (const KvLayerFormat& f : layer_formats) {
+    TQ_REQUIRE(f.layer >= 0 && f.layer < n_layers, "KV cache: layer_formats names layer ", f.layer,
+               ", outside 0..", n_layers - 1);
+    TQ_REQUIRE(std::find(seen.begin(), seen.end(), f.layer) == seen.end(),
+               "KV cache: layer_formats names layer ", f.layer, " twice");
+    TQ_REQUIRE(std::find(dense_layers.begin(), dense_layers.end(), f.layer) == dense_layers.end(),
+               "KV cache: layer ", f.layer, " is both in dense_layers and in layer_formats");
+    seen.push_back(f.layer);
+    for (const FormatSpec* s : {&f.k_format, &f.v_format}) {
+      TQ_REQUIRE(!is_dense(s->method), "KV cache: layer_formats gives layer ", f.layer, " the dense format ",
+                 to_string(*s), " (keep it dense with dense_layers)");
+      validate_format(*s, head_dim);
+    }
+  }
+}
+
+const FormatSpec& KvCacheConfig::k_format_of(int layer) const {
+  for (const KvLayerFormat& f : layer_formats)
+    if (f.layer == layer) return f.k_format;
+  return k_format;
+}
+const FormatSpec& KvCacheConfig::v_format_of(int layer) const {
+  for (const KvLayerFormat& f : layer_formats)
+    if (f.layer == layer) return f.v_format;
+  return v_format;
+}
+
+std::vector<KvLayerFormat> parse_layer_formats(std::string_view policy, int n_layers,
+                                               const std::map<std::string, std::vector<int>>& named) {
+  std::vector<KvLayerFormat> out;
+  if (policy.empty()) return out;
+  size_t pos = 0;
+  while (pos <= policy.size()) {
+    size_t end = policy.find('+', pos);
+    if (end == std::string_view::npos) end = policy.size();
+    const std::string_view part = policy.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t eq = part.find('=');
+    TQ_REQUIRE(eq != std::string_view::npos && eq > 0 && eq + 1 < part.size(), "layer policy '", policy,
+               "': part '", part, "' is not LAYERS=PRESET");
+    const std::string layers(part.substr(0, eq));
+    const KvPreset preset = find_kv_preset(part.substr(eq + 1));
+    std::vector<int> idx;
+    if (auto it = named.find(layers); it != named.end()) {
+      idx = it->second;
+      TQ_REQUIRE(!idx.empty(), "layer policy '", policy, "': this model has no '", layers, "' layers");
+    } else {
+      for (size_t p = 0; p <= layers.size();) {
+        size_t comma = layers.find(',', p);
+        if (comma == std::string::npos) comma = layers.size();
+        const std::string tok = layers.substr(p, comma - p);
+        p = comma + 1;
+        int v = 0;
+        const auto r = std::from_chars(tok.data(), tok.data() + tok.size(), v);
+        std::string names;
+        for (const auto& n : named) names += (names.empty() ? "" : ", ") + n.first;
+        TQ_REQUIRE(!tok.empty() && r.ec == std::errc() && r.ptr == tok.data() + tok.size(), "layer policy '",
+                   policy, "': '", tok, "' is not a layer index", names.empty() ? "" : " or one of: ", names);
+        TQ_REQUIRE(v >= -n_layers && v < n_layers, "layer policy '", policy, "': layer ", v,
+                   " is outside ", -n_layers, "..", n_layers - 1);
+        idx.push_back(v < 0 ? v + n_layers : v);
+      }
+    }
+    for (int l : idx) {
+      for (const KvLayerFormat& f : out)
+        TQ_REQUIRE(f.layer != l, "layer policy '", policy, "': layer ", l, " is named twice");
+      out.push_back({l, parse_format(preset.k_spec), parse_format(preset.v_spec)});
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.layer < b.layer; });
+  return out;
+}
+
+std::string layer_formats_text(const std::vector<KvLayerFormat>& formats) {
+  std::vector<const KvLayerFormat*> by_layer;
+  for (const KvLayerFormat& f : formats) by_layer.push_back(&f);
+  std::sort(by_layer.begin(), by_layer.end(), [](auto* a, auto* b) { return a->layer < b->layer; });
+  std::string s;
+  for (const KvLayerFormat* p : by_layer) {
+    const KvLayerFormat& f = *p;
+    if (!s.empty()) s += '+';
+    s.append(std::to_string(f.layer)).append("=k=").append(to_string(f.k_format));
+    s.append("/v=").append(to_string(f.v_format));
+  }
+  return s;
 }
 
 }  // namespace tq

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <map>
 
 #include "turboquant/error.hpp"
 #include "turboquant/parallel.hpp"
@@ -168,7 +169,9 @@ std::unique_ptr<Model> Model::load(const std::string& path, bool allow_unsupport
 }
 
 KvCacheConfig Model::cache_config(const std::string& preset) const {
-  return KvCacheConfig::from_preset(preset, cfg_.n_layers, cfg_.n_heads_kv, cfg_.head_dim);
+  std::map<std::string, std::vector<int>> named = {{"global", {}}, {"local", {}}};
+  for (int l = 0; l < cfg_.n_layers; ++l) named[cfg_.layer_local[l] ? "local" : "global"].push_back(l);
+  return KvCacheConfig::from_preset(preset, cfg_.n_layers, cfg_.n_heads_kv, cfg_.head_dim, named);
 }
 
 void Model::forward(KvCache& cache, int seq, const int32_t* tokens, int n, int pos, float* logits,

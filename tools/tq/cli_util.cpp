@@ -19,8 +19,10 @@ std::vector<std::string> split_list(const std::string& s) {
 std::vector<std::string> split_presets(const std::string& s) {
   std::vector<std::string> out;
   for (const auto& piece : split_list(s)) {
-    bool starts = out.empty() || piece.rfind("k=", 0) == 0 || piece == "paper_prod_qjl";
-    for (const auto& p : kv_presets()) starts = starts || piece == p.name;
+    // A layer policy follows its base preset: "turbo3+global=turbo4-out".
+    const std::string base = piece.substr(0, piece.find('+'));
+    bool starts = out.empty() || base.rfind("k=", 0) == 0 || base == "paper_prod_qjl";
+    for (const auto& p : kv_presets()) starts = starts || base == p.name;
     if (starts) out.push_back(piece);
     else out.back() += "," + piece;
   }

@@ -275,7 +275,9 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--text", a->text,
                   "Text file, or 'prose' (the book in Debian package cfi-en) or 'code' (nlohmann-json3-dev headers)")
       ->capture_default_str();
-  sub->add_option("--kv", a->presets, "Comma list of KV presets (tq kv-presets) or k=SPEC/v=SPEC")
+  sub->add_option("--kv", a->presets, "Comma list of KV presets (tq kv-presets) or k=SPEC/v=SPEC, each optionally with a layer policy "
+                  "+LAYERS=PRESET (LAYERS: comma list of indices, negative from the end, or 'global' / 'local' for "
+                  "full-attention / sliding-window layers), e.g. turbo3+global=turbo4-out")
       ->capture_default_str();
   sub->add_option("--ref", a->reference, "Dense reference: dense-f16, dense-bf16 or dense-f32")
       ->check(CLI::IsMember({"dense-f16", "dense-bf16", "dense-f32"}))

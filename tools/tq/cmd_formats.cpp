@@ -95,6 +95,10 @@ int run_presets(const PresetArgs& a) {
       }
     }
   if (a.json) std::printf("%s\n", out.dump(2).c_str());
+  else
+    std::printf("\nAny preset (or k=SPEC/v=SPEC) takes a layer policy: PRESET+LAYERS=PRESET[+...], LAYERS a comma "
+                "list of layer indices (negative: from the end) or 'global' / 'local' (a model's full-attention / "
+                "sliding-window layers); e.g. turbo3+global=turbo4-out.\n");
   return 0;
 }
 

@@ -117,7 +117,8 @@ Runner add_generate(CLI::App& app) {
   sub->add_option("-m,--model", a->model, "Model name (tq models list) or GGUF path")->capture_default_str();
   sub->add_option("-p,--prompt", a->prompt, "Prompt text")->required();
   sub->add_flag("--chat", a->chat, "Wrap the prompt in the model's chat template");
-  sub->add_option("--kv", a->preset, "KV cache preset (tq kv-presets) or k=SPEC/v=SPEC")->capture_default_str();
+  sub->add_option("--kv", a->preset, "KV cache preset (tq kv-presets) or k=SPEC/v=SPEC, optionally with a layer policy "
+                  "+LAYERS=PRESET (e.g. turbo3+global=turbo4-out: the full-attention layers in turbo4-out)")->capture_default_str();
   sub->add_option("--k-start", a->k_start, "Keep layers dense until they hold N tokens, then compress")
       ->check(CLI::Range(0, 1 << 30));
   sub->add_option("--dense-window", a->dense_window, "Keep the newest W tokens dense (0 = none)")

@@ -157,8 +157,12 @@ class Bench {
     contexts_ = parse_int_list("--context", a_.contexts);
     for (int b : batches_) TQ_REQUIRE(b >= 1 && b <= 4096, "--batch: ", b, " is outside 1..4096");
     for (int c : contexts_) TQ_REQUIRE(c >= 1 && c <= (1 << 24), "--context: ", c, " is outside 1..16777216");
-    for (const auto& p : split_presets(a_.presets))
+    for (const auto& p : split_presets(a_.presets)) {
+      // One layer per run: a layer policy would have nothing to choose from.
+      TQ_REQUIRE(p.find('+') == std::string::npos, "--preset '", p,
+                 "': gpu-bench times one layer, so a layer policy (+LAYERS=PRESET) does not apply");
       if (p != kDense) presets_.push_back(find_kv_preset(p));  // unknown names fail here
+    }
     if (!a_.sdpa_file.empty()) sdpa_ = load_sdpa(a_.sdpa_file);
     // Arguments first: a bad flag is reported the same with or without a GPU.
     TQ_REQUIRE(cb::built_with_cuda(),
