@@ -33,21 +33,37 @@ const std::vector<KvPreset>& kv_presets() {
   return presets;
 }
 
+namespace {
+
+// The parts of a layer policy "LAYERS=PRESET+LAYERS=PRESET...", each checked
+// for its shape and its preset name.
+struct PolicyPart {
+  std::string layers;
+  KvPreset preset;
+};
+std::vector<PolicyPart> policy_parts(std::string_view policy) {
+  std::vector<PolicyPart> out;
+  for (size_t pos = 0; pos <= policy.size();) {
+    size_t end = policy.find('+', pos);
+    if (end == std::string_view::npos) end = policy.size();
+    const std::string_view part = policy.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t eq = part.find('=');
+    TQ_REQUIRE(eq != std::string_view::npos && eq > 0 && eq + 1 < part.size(), "layer policy '", policy,
+               "': part '", part, "' is not LAYERS=PRESET");
+    out.push_back({std::string(part.substr(0, eq)), find_kv_preset(part.substr(eq + 1))});
+  }
+  return out;
+}
+
+}  // namespace
+
 KvPreset find_kv_preset(std::string_view name) {
   // "BASE+LAYERS=PRESET+...": the base preset with a layer policy, resolved
   // against the model's layers by KvCacheConfig::from_preset.
   if (const size_t plus = name.find('+'); plus != std::string_view::npos) {
     KvPreset p = find_kv_preset(name.substr(0, plus));
-    for (size_t pos = plus + 1; pos <= name.size();) {
-      size_t end = name.find('+', pos);
-      if (end == std::string_view::npos) end = name.size();
-      const std::string_view part = name.substr(pos, end - pos);
-      pos = end + 1;
-      const size_t eq = part.find('=');
-      TQ_REQUIRE(eq != std::string_view::npos && eq > 0 && eq + 1 < part.size(), "KV preset '", name,
-                 "': layer policy part '", part, "' is not LAYERS=PRESET");
-      find_kv_preset(part.substr(eq + 1));
-    }
+    policy_parts(name.substr(plus + 1));  // checks each part's shape and preset
     p.description += " (layers: " + std::string(name.substr(plus + 1)) + ")";
     p.name = std::string(name);
     return p;
@@ -138,17 +154,7 @@ std::vector<KvLayerFormat> parse_layer_formats(std::string_view policy, int n_la
                                                const std::map<std::string, std::vector<int>>& named) {
   std::vector<KvLayerFormat> out;
   if (policy.empty()) return out;
-  size_t pos = 0;
-  while (pos <= policy.size()) {
-    size_t end = policy.find('+', pos);
-    if (end == std::string_view::npos) end = policy.size();
-    const std::string_view part = policy.substr(pos, end - pos);
-    pos = end + 1;
-    const size_t eq = part.find('=');
-    TQ_REQUIRE(eq != std::string_view::npos && eq > 0 && eq + 1 < part.size(), "layer policy '", policy,
-               "': part '", part, "' is not LAYERS=PRESET");
-    const std::string layers(part.substr(0, eq));
-    const KvPreset preset = find_kv_preset(part.substr(eq + 1));
+  for (const auto& [layers, preset] : policy_parts(policy)) {
     std::vector<int> idx;
     if (auto it = named.find(layers); it != named.end()) {
       idx = it->second;
