@@ -156,22 +156,24 @@ int run_needle(const Args& a) {
     return 0;
   }
   // Accuracy per preset and length, then per depth.
-  std::printf("%-14s", "preset");
+  int w = 14;  // preset column: a layer policy makes long names
+  for (const auto& p : presets) w = std::max(w, int(p.size()));
+  std::printf("%-*s", w, "preset");
   for (int L : o.lengths) std::printf(" %14d", L);
   std::printf("\n");
   for (const auto& p : presets) {
-    std::printf("%-14s", p.c_str());
+    std::printf("%-*s", w, p.c_str());
     for (int L : o.lengths)
       for (const auto& cell : cells)
         if (cell.preset == p && cell.length == L) std::printf(" %14s", pct(cell.correct, cell.total).c_str());
     std::printf("\n");
   }
-  std::printf("\nby depth (%%):\n%-14s %6s", "preset", "length");
+  std::printf("\nby depth (%%):\n%-*s %6s", w, "preset", "length");
   for (double d : o.depths) std::printf(" %10.0f", d);
   std::printf("\n");
   for (const auto& p : presets)
     for (int L : o.lengths) {
-      std::printf("%-14s %6d", p.c_str(), L);
+      std::printf("%-*s %6d", w, p.c_str(), L);
       for (double d : o.depths)
         for (const auto& cell : by_depth)
           if (cell.preset == p && cell.length == L && cell.depth == d)
@@ -229,10 +231,12 @@ int run(const Args& a) {
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
-  std::printf("%-14s %9s %9s %8s %10s %9s %7s %11s %7s\n", "preset", "ppl", "ppl_dense", "dppl%", "KL mean",
+  int w = 14;  // preset column: a layer policy makes long names
+  for (const auto& r : rs) w = std::max(w, int(r.preset.size()));
+  std::printf("%-*s %9s %9s %8s %10s %9s %7s %11s %7s\n", w, "preset", "ppl", "ppl_dense", "dppl%", "KL mean",
               "KL max", "top1", "KV bytes", "ratio");
   for (const auto& r : rs)
-    std::printf("%-14s %9.4f %9.4f %+8.3f %10.6f %9.4f %7.4f %11zu %6.2fx\n", r.preset.c_str(), r.ppl, r.ppl_dense,
+    std::printf("%-*s %9.4f %9.4f %+8.3f %10.6f %9.4f %7.4f %11zu %6.2fx\n", w, r.preset.c_str(), r.ppl, r.ppl_dense,
                 r.ppl_delta_pct, r.kl_mean, r.kl_max, r.top1_agree, r.kv_bytes,
                 double(r.kv_bytes_dense) / double(std::max<size_t>(r.kv_bytes, 1)));
   std::printf("%zu scored tokens; dense reference %s, %zu KV bytes per window; every preset keeps the newest %d "
