@@ -18,17 +18,21 @@
 //
 // Layout of the work (issue 5: the append must run near the speed of one read
 // of its input):
-//  - a block of 128 threads takes tiles of up to 128 vectors (n tokens x nh
-//    heads of one page, AppendTile) in a persistent loop; a tile's input is
-//    one contiguous run of rows when nh == n_heads, brought into shared
-//    memory by cp.async (16-byte, coalesced), each thread's slice padded by
-//    16 bytes so that the 16-byte shared reads of 8 lanes hit 32 banks;
-//  - one thread per vector for head_dim 64 and 128, two adjacent lanes for
-//    256 (128 elements each). The vector lives in registers: signs are an xor
-//    of the sign bit (constant bank), the norm's 16 partial sums are 16
-//    registers in the canonical order, the FWHT's stages are in-register
-//    butterflies (head_dim 256: one exchange of half the elements between
-//    the two lanes, then the last stage in registers);
+//  - a block of 128 threads (256 for head_dim 128) takes tiles of up to 128
+//    vectors (64 for head_dim 256; n tokens x nh heads of one page,
+//    AppendTile) in a persistent loop; a tile's input is one contiguous run
+//    of rows when nh == n_heads, brought into shared memory by cp.async
+//    (16-byte, coalesced), each thread's slice padded by 16 bytes so that the
+//    16-byte shared reads of 8 lanes hit 32 banks;
+//  - one thread per vector for head_dim 64, two adjacent lanes for 128 and
+//    256 (half the elements each: one thread per d-128 vector unrolls to so
+//    much code that its warps stall on instruction fetch). The vector lives
+//    in registers: signs are an xor of the sign bit (constant bank; shared
+//    memory with two lanes a vector), the norm's 16 partial sums are 16
+//    registers in the canonical order (the second lane continues the
+//    first's), the FWHT's stages are in-register butterflies and the last
+//    one pairs the two lanes (a shuffle and one fma(+-1, own, partner's)
+//    per element);
 //  - codes come from a 32-cell table held one cell per lane and read by warp
 //    shuffles (AppendSearch in mse_append.hpp; the binary search in shared
 //    memory for 6 bits and more), packed into 32-bit words at compile-time
@@ -94,7 +98,7 @@ int append_sm_count() {
 // kernel's dynamic shared-memory limit is raised once, to the device's
 // opt-in maximum (a cap, not a reservation: occupancy follows each launch's
 // own size), so that layers of different record sizes can share a kernel.
-int append_blocks_per_sm(const void* kernel, int smem) {
+int append_blocks_per_sm(const void* kernel, int smem, int threads) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, int> cache;
   static std::map<const void*, bool> raised;
@@ -111,7 +115,7 @@ int append_blocks_per_sm(const void* kernel, int smem) {
     raised[kernel] = true;
   }
   int nb = 0;
-  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, kAppendThreads, smem));
+  TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, threads, smem));
   TQ_REQUIRE(nb >= 1, "GPU KV layer: the append kernel does not fit an SM with ", smem,
              " bytes of shared memory");
   cache[{kernel, smem}] = nb;

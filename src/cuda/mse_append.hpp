@@ -48,13 +48,16 @@ struct DenseRowCopy {
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
                              int* state, const int* only_if_clean, int* sticky, CUstream_st* stream);
 
-constexpr int kAppendThreads = 128;  // threads per block of the append kernel
-
-// Elements of one vector per thread (the FWHT runs in registers) and threads
-// per vector: head_dim 64 and 128 one thread, 256 two adjacent lanes.
-constexpr int append_elems_per_thread(int dim) { return dim < 128 ? dim : 128; }
+// Elements of one vector per thread (the FWHT runs in registers), threads per
+// vector and threads per block: head_dim 64 one thread a vector, 128 and 256
+// two adjacent lanes. (One thread per d-128 vector unrolls to ~66 KB of hot
+// code, which stalls its warps on instruction fetch: docs/kernel-notes.md,
+// append v3.) head_dim 128 runs 256-thread blocks so that a tile still holds
+// 128 vectors (fewer tiles for the host to cut and upload).
+constexpr int append_elems_per_thread(int dim) { return dim <= 64 ? dim : dim / 2; }
+constexpr int append_threads(int dim) { return dim == 128 ? 256 : 128; }
 constexpr int append_rows_per_tile(int dim) {
-  return kAppendThreads / (dim / append_elems_per_thread(dim));
+  return append_threads(dim) / (dim / append_elems_per_thread(dim));
 }
 
 struct AppendTile {

@@ -20,13 +20,12 @@ namespace tq::cuda {
 
 // Shared by the translation units (mse_append.cu).
 int append_sm_count();
-int append_blocks_per_sm(const void* kernel, int smem);
+int append_blocks_per_sm(const void* kernel, int smem, int threads);
 
 namespace {
 
 
 constexpr unsigned kFull = 0xffffffffu;
-constexpr int kWarps = kAppendThreads / 32;
 // fma(v, 2^s, kMagic) = kMagic + round_to_nearest_even(v * 2^s) for
 // |v * 2^s| < 2^22: its bit pattern minus kMagicBits is that integer.
 constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
@@ -104,6 +103,7 @@ struct Params {
   int* status;
   int out_offset;  // shared-memory offsets (bytes) of the record staging
   int bnd_offset;  // and of the boundaries (binary search)
+  int sign_offset;  // and of the rotation's signs, per half vector (two threads a vector)
   AppendFormat fmt;
 };
 
@@ -112,10 +112,17 @@ struct Geo {
   static constexpr int kSz = IN == DType::f32 ? 4 : 2;
   static constexpr int kE = append_elems_per_thread(D);  // elements per thread
   static constexpr int kV = D / kE;                      // threads per vector
-  static constexpr int kRows = kAppendThreads / kV;      // vectors per tile
+  static constexpr int kThreads = append_threads(D);     // threads per block
+  static constexpr int kWarps = kThreads / 32;
+  static constexpr int kRows = kThreads / kV;            // vectors per tile
   static constexpr int kSlice = kE * kSz + 16;           // padded slice in shared memory
   static constexpr int kChunksPerSlice = kE * kSz / 16;
   static constexpr int kChunksPerRow = D * kSz / 16;
+  // Sign words of one half vector in shared memory (two threads a vector: the
+  // half is the lane's, so a constant-bank index would be a register, i.e. an
+  // LDC per word): f32 input one word per element, else one per pair; + 16
+  // bytes so that the two halves' 16-byte reads fall in different banks.
+  static constexpr int kSignHalfBytes = (IN == DType::f32 ? kE : kE / 2) * 4 + 16;
   static_assert(kV == 1 || kV == 2, "one or two threads per vector");
 };
 
@@ -126,9 +133,9 @@ struct Geo {
 template <int D, DType IN>
 __device__ __forceinline__ void issue_tile(const Params& p, const AppendTile& t, uint8_t* in) {
   using G = Geo<D, IN>;
-  constexpr int kCpr = G::kChunksPerRow, kRowStep = kAppendThreads / kCpr;
+  constexpr int kCpr = G::kChunksPerRow, kRowStep = G::kThreads / kCpr;
   constexpr int kIters = (G::kRows + kRowStep - 1) / kRowStep;
-  static_assert(kAppendThreads % kCpr == 0, "whole rows per pass");
+  static_assert(G::kThreads % kCpr == 0, "whole rows per pass");
   const int rows = int(t.n) * t.nh;
   const int k = threadIdx.x % kCpr, r0 = threadIdx.x / kCpr;
   uint8_t* dst = in + (r0 * G::kV + k / G::kChunksPerSlice) * G::kSlice + (k % G::kChunksPerSlice) * 16;
@@ -218,22 +225,25 @@ __device__ __forceinline__ void store_words_u16(uint8_t* dst, const unsigned* wo
   }
 }
 
-// Resident blocks the register budget aims at: 3 (168 registers) where the
-// kernel fits that without spilling (16-bit input, table search; f16 input at
-// head_dim 256 does not), else 2 (255 registers). f32 input holds 2 blocks
-// per SM by shared memory anyway. (Checked with -Xptxas -v: no spills.)
+// Resident blocks the register budget aims at. head_dim 128 (256-thread
+// blocks, 64 elements a thread, table search): 2 (128 registers; f16 input
+// spills 16 bytes there, on its bf16-rounding path). Otherwise 3 (168
+// registers) where the kernel fits that without spilling (16-bit input, table
+// search; f16 input at head_dim 256 does not), else 2 (255 registers).
+// (Checked with -Xptxas -v.)
 template <int D, DType IN, int MODE>
 constexpr int append_min_blocks() {
   const bool table = MODE != int(AppendSearch::binary);
+  if (D == 128 && table) return 2;
   return table && (IN == DType::bf16 || (IN == DType::f16 && D <= 128)) ? 3 : 2;
 }
 
 template <int D, int BITS, DType IN, int MODE>
-__global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE>()))
+__global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, MODE>()))
     mse_append_kernel(const __grid_constant__ Params p) {
   using G = Geo<D, IN>;
   constexpr int E = G::kE, V = G::kV;
-  constexpr int C = V == 1 ? E : E / 2;  // elements per packed chunk
+  constexpr int C = E;  // elements per packed chunk: a thread packs its own elements
   extern __shared__ __align__(16) uint8_t smem[];
   uint8_t* const in_stage = smem;
   uint8_t* const out_stage = smem + p.out_offset;
@@ -244,7 +254,17 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
   const AppendFormat& F = p.fmt;
   const int rb = F.f.record_bytes;
   if (MODE == int(AppendSearch::binary))
-    for (int i = tid; i < (1 << BITS) - 1; i += kAppendThreads) sbnd[i] = F.f.boundaries[i];
+    for (int i = tid; i < (1 << BITS) - 1; i += G::kThreads) sbnd[i] = F.f.boundaries[i];
+  // This lane's half of the signs (read after the first tile's barrier).
+  const unsigned* const ssign = reinterpret_cast<const unsigned*>(smem + p.sign_offset + q * G::kSignHalfBytes);
+  if constexpr (V == 2) {
+    constexpr int kHalfWords = (G::kSignHalfBytes - 16) / 4;
+    for (int i = tid; i < 2 * kHalfWords; i += G::kThreads) {
+      const int h = i / kHalfWords, k = i % kHalfWords;
+      *reinterpret_cast<unsigned*>(smem + p.sign_offset + h * G::kSignHalfBytes + 4 * k) =
+          IN == DType::f32 ? F.sign_f32[i] : F.sign_pair[i];
+    }
+  }
   const float tb0 = F.tab_b0[lane], tb1 = F.tab_b1[lane];
   const int tbase = F.tab_base[lane];
 
@@ -306,7 +326,7 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
       auto convert = [&](int how) {  // 0 none, 1 f16 normal, 2 f16 any, 3 bf16
 #pragma unroll
         for (int i = 0; i < E; ++i) {
-          const unsigned s = V == 1 || q == 0 ? F.sign_f32[i] : F.sign_f32[E + i];
+          const unsigned s = V == 1 ? F.sign_f32[i] : ssign[i];
           float a = __uint_as_float(raw[i] ^ s);
           if (how == 1) a = round_f16_normal(a);
           else if (how == 2) a = fabsf(a) < kHalfMinNormal ? round_f16_subnormal(a) : round_f16_normal(a);
@@ -338,7 +358,7 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
       auto convert = [&](bool fix) {
 #pragma unroll
         for (int j = 0; j < E / 2; ++j) {
-          const unsigned s = V == 1 || q == 0 ? F.sign_pair[j] : F.sign_pair[E / 2 + j];
+          const unsigned s = V == 1 ? F.sign_pair[j] : ssign[j];
           const unsigned u = raw[j] ^ s;
           float a, b;
           if constexpr (IN == DType::bf16) {
@@ -382,7 +402,7 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
 #pragma unroll
       for (int j = 0; j < 16; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(x[16 * m + j], x[16 * m + j]));
     if constexpr (V == 2) {
-      // Lane q = 1 holds elements 128.. : its partial sums continue those of
+      // Lane q = 1 holds elements E.. : its partial sums continue those of
       // lane q = 0 (the order of additions is the CPU's).
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
@@ -431,35 +451,22 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
       }
     }
     if constexpr (V == 2) {
-      // Lane q holds elements 128q + rho. Swap element bit 7 (the lane) with
-      // bit 6 (done): lane q keeps its elements with bit 6 = q and takes the
-      // partner's; then x[rho] = element 64q + rho and x[64 + rho] = element
-      // 128 + 64q + rho, and the last stage (h = 128) pairs x[rho], x[64 + rho].
+      // Lane q holds elements Eq + rho; the last stage (h = E) pairs element
+      // rho (lane 0: a) with E + rho (lane 1: b): a + b on lane 0, a - b on
+      // lane 1, each as fma(+-1, own, partner's): +-own is exact, so the one
+      // rounding is the CPU's (signed zeros included).
+      const float sgn = q ? -1.0f : 1.0f;
 #pragma unroll
-      for (int i = 0; i < E / 2; ++i) {
-        const float send = q ? x[i] : x[E / 2 + i];
-        const float recv = __shfl_xor_sync(kFull, send, 1);
-        if (q) x[i] = recv;
-        else x[E / 2 + i] = recv;
-      }
-#pragma unroll
-      for (int i = 0; i < E / 2; ++i) {
-        const float a = x[i], b = x[E / 2 + i];
-        x[i] = __fadd_rn(a, b);
-        x[E / 2 + i] = __fsub_rn(a, b);
-      }
+      for (int i = 0; i < E; ++i) x[i] = __fmaf_rn(sgn, x[i], __shfl_xor_sync(kFull, x[i], 1));
     }
 
     // ---- codes, packed ------------------------------------------------------
     constexpr int kChunkWords = C * BITS / 32;
-    unsigned words[V][kChunkWords];
+    unsigned words[kChunkWords];
     const float ps = F.f.post_scale, cs = F.cell_scale;
+    quantize_pack<BITS, MODE, C>(x, ps, mul, cs, tb0, tb1, tbase, sbnd, words);
 #pragma unroll
-    for (int c = 0; c < V; ++c) {
-      quantize_pack<BITS, MODE, C>(x + c * C, ps, mul, cs, tb0, tb1, tbase, sbnd, words[c]);
-#pragma unroll
-      for (int w = 0; w < kChunkWords; ++w) words[c][w] &= keep;
-    }
+    for (int w = 0; w < kChunkWords; ++w) words[w] &= keep;
 
     // ---- records into the staging area, laid out like their destination ----
     const int tl = valid ? r / nh : 0, hl = valid ? r % nh : 0;
@@ -470,11 +477,7 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
     };
     if (valid) {
       uint8_t* rec = out_stage + hl * run_stride + (reinterpret_cast<uintptr_t>(dest(hl)) & 15) + tl * rb;
-#pragma unroll
-      for (int c = 0; c < V; ++c) {
-        const int chunk = V == 1 ? 0 : 2 * c + q;  // which C-element chunk of the vector
-        store_words_u16<kChunkWords>(rec + chunk * (C * BITS / 8), words[c]);
-      }
+      store_words_u16<kChunkWords>(rec + q * (C * BITS / 8), words);  // elements Eq ..
       if (q == 0) {
         uint16_t* sp = reinterpret_cast<uint16_t*>(rec + F.f.code_bytes);
         if (F.f.scale_f32) {
@@ -491,7 +494,7 @@ __global__ void __launch_bounds__(kAppendThreads, (append_min_blocks<D, IN, MODE
     __syncthreads();
 
     // ---- out: per head one contiguous run of n records, 16-byte stores ------
-    for (int h = warp; h < nh; h += kWarps) {
+    for (int h = warp; h < nh; h += G::kWarps) {
       uint8_t* const g = dest(h);
       const int head = int(reinterpret_cast<uintptr_t>(g) & 15);
       const int len = n * rb;
@@ -525,16 +528,17 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
   p.region_offset = a.region.region_offset;
   p.page_tokens = a.region.page_tokens;
   p.status = a.status;
-  const int in_bytes = kAppendThreads * G::kSlice;
+  const int in_bytes = G::kThreads * G::kSlice;
   const int heads = std::min(a.n_heads, G::kRows);
   const int out_bytes = (G::kRows * fmt.f.record_bytes + 32 * heads + 15) & ~15;
   p.out_offset = in_bytes;
   p.bnd_offset = in_bytes + out_bytes;
-  const int smem = p.bnd_offset + (MODE == int(AppendSearch::binary) ? 256 * 4 : 0);
+  p.sign_offset = p.bnd_offset + (MODE == int(AppendSearch::binary) ? 256 * 4 : 0);
+  const int smem = p.sign_offset + (G::kV == 2 ? 2 * G::kSignHalfBytes : 0);
   p.fmt = fmt;
   const void* kernel = reinterpret_cast<const void*>(&mse_append_kernel<D, BITS, IN, MODE>);
-  const int grid = std::min(a.n_tiles, append_blocks_per_sm(kernel, smem) * append_sm_count());
-  mse_append_kernel<D, BITS, IN, MODE><<<grid, kAppendThreads, smem, stream>>>(p);
+  const int grid = std::min(a.n_tiles, append_blocks_per_sm(kernel, smem, G::kThreads) * append_sm_count());
+  mse_append_kernel<D, BITS, IN, MODE><<<grid, G::kThreads, smem, stream>>>(p);
   TQ_CUDA_CHECK_LAUNCH();
 }
 
