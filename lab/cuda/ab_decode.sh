@@ -8,26 +8,17 @@
 # 32K and 128K, turbo4 / paper_mse / turbo3, --no-append --runs 30). Prints
 # the smaller round median of each case for A and B and their ratio; raw JSON
 # in $OUT/ab.json (at most a few files: the device returns a limited number).
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-B=${TQ_GPU_BUILD:-/tmp/tq-gpu-build}
-OUT=${OUT:-./gpu-out}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PATCH=${PATCH:-lab/cuda/ab.patch}
 ROUNDS=${ROUNDS:-2}
 read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
-mkdir -p "$OUT"
-t0=$(date +%s)
 [[ -s $PATCH ]] || { echo "no patch $PATCH"; exit 1; }
-cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON -DTQ_BUILD_TESTS=ON -DTQ_BUILD_TOOLS=ON \
-  -DTQ_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -DTQ_CUDA_ARCHS=90-real >"$OUT/build.log" 2>&1 || exit 1
-cmake --build "$B" -j16 --target tq test_cuda >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+lab_configure && lab_build tq test_cuda || exit 1
 cp "$B/tools/tq/tq" /tmp/tq_B
 echo "B built at $(( $(date +%s) - t0 )) s"
-timeout 200 "$B/tests/test_cuda" >"$OUT/test_cuda.log" 2>&1
-echo "test_cuda (B) rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/test_cuda.log" | tr '\n' ' ')"
-grep -E "^\[  FAILED" "$OUT/test_cuda.log" | head
+lab_test_cuda
 patch -R -p1 <"$PATCH" >/dev/null || { echo "patch -R failed"; exit 1; }
-cmake --build "$B" -j16 --target tq >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; patch -p1 <"$PATCH"; exit 1; }
+lab_build tq || { patch -p1 <"$PATCH"; exit 1; }
 cp "$B/tools/tq/tq" /tmp/tq_A
 patch -p1 <"$PATCH" >/dev/null
 echo "A built at $(( $(date +%s) - t0 )) s"

@@ -6,18 +6,10 @@
 # the first bf16-input launch, for docs/kernel-notes.md; before that the GPU
 # tests and a plain timing. Output in $OUT. NO_BUILD=1 reuses a warm
 # machine's build, NO_TEST=1 skips the tests.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-B=${TQ_GPU_BUILD:-/tmp/tq-gpu-build}
-OUT=${OUT:-./gpu-out}
-mkdir -p "$OUT"
-t0=$(date +%s)
-[[ -n ${NO_BUILD:-} ]] || { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON -DTQ_BUILD_TESTS=ON -DTQ_BUILD_TOOLS=ON \
-  -DTQ_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -DTQ_CUDA_ARCHS=90-real >"$OUT/build.log" 2>&1 &&
-  cmake --build "$B" -j16 --target tq test_cuda >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+[[ -n ${NO_BUILD:-} ]] || { lab_configure && lab_build tq test_cuda || exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
-[[ -n ${NO_TEST:-} ]] || { timeout 300 "$B/tests/test_cuda" >"$OUT/test_cuda.log" 2>&1
-  echo "test_cuda rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/test_cuda.log" | tr '\n' ' ')"; }
+[[ -n ${NO_TEST:-} ]] || lab_test_cuda
 # Plain timing (no profiler): prefill append of 131,072 tokens, kernels and API.
 timeout 200 "$B/tools/tq/tq" gpu-bench --shape llama --batch 1 --context 4096 --preset turbo4,paper_mse,turbo3 \
   --runs 20 --append-runs 10 --json-file "$OUT/append_bench.json" 2>&1 | grep -A12 '^append' | grep -v decode

@@ -3,18 +3,10 @@
 # ncu warp-stall breakdowns (cycles per issued instruction, by reason) of one
 # tensor-core decode launch, Llama turbo4 at 8 x 32K and 1 x 32K, for
 # docs/kernel-notes.md. Output in $OUT.
-set -uo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
-B=${TQ_GPU_BUILD:-/tmp/tq-gpu-build}
-OUT=${OUT:-./gpu-out}
-mkdir -p "$OUT"
-t0=$(date +%s)
-[[ -n ${NO_BUILD:-} ]] || { cmake -S . -B "$B" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON -DTQ_BUILD_TESTS=ON -DTQ_BUILD_TOOLS=ON \
-  -DTQ_BUILD_BENCH=OFF -DCMAKE_PREFIX_PATH="$PWD/build/gpu-deps" -DTQ_CUDA_ARCHS=90-real >"$OUT/build.log" 2>&1 &&
-  cmake --build "$B" -j16 --target tq test_cuda >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }; }
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+[[ -n ${NO_BUILD:-} ]] || { lab_configure && lab_build tq test_cuda || exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
-[[ -n ${NO_BUILD:-} ]] || timeout 200 "$B/tests/test_cuda" >"$OUT/test_cuda.log" 2>&1
-echo "test_cuda rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/test_cuda.log" | tr '\n' ' ')"
+[[ -n ${NO_BUILD:-} ]] || lab_test_cuda
 METRICS=$(printf '%s,' \
   smsp__issue_active.avg.pct_of_peak_sustained_active smsp__warps_eligible.avg.per_cycle_active \
   smsp__warps_active.avg.per_cycle_active gpu__time_duration.sum \
