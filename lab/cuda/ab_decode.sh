@@ -3,30 +3,37 @@
 # it is; A is the tree with $PATCH (default lab/cuda/ab.patch, made by
 # `git diff -- <files> > lab/cuda/ab.patch` before the call) reversed. Both
 # are built in one build directory (only the patched files recompile),
-# test_cuda runs on B, then `tq gpu-bench` runs A and B alternately
+# test_cuda runs on B (NO_TEST=1: not built, not run), then `tq gpu-bench` runs A and B alternately
 # ($ROUNDS rounds; $BENCH_ARGS, default the Llama shape at batch 1 and 8 x
 # 32K and 128K, turbo4 / paper_mse / turbo3, --no-append --runs 30). Prints
 # the smaller round median of each case for A and B and their ratio; raw JSON
 # in $OUT/ab.json (at most a few files: the device returns a limited number).
+# Prefill-append rows (kernel times) are included when BENCH_ARGS has no --no-append.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PATCH=${PATCH:-lab/cuda/ab.patch}
 ROUNDS=${ROUNDS:-2}
 read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
 [[ -s $PATCH ]] || { echo "no patch $PATCH"; exit 1; }
-lab_configure && lab_build tq test_cuda || exit 1
+if [[ -n ${NO_TEST:-} ]]; then lab_configure && lab_build tq || exit 1  # B's tests ran in an earlier call
+else lab_configure && lab_build tq test_cuda || exit 1; fi
 cp "$B/tools/tq/tq" /tmp/tq_B
 echo "B built at $(( $(date +%s) - t0 )) s"
-lab_test_cuda
+[[ -n ${NO_TEST:-} ]] || lab_test_cuda
 patch -R -p1 <"$PATCH" >/dev/null || { echo "patch -R failed"; exit 1; }
 lab_build tq || { patch -p1 <"$PATCH"; exit 1; }
 cp "$B/tools/tq/tq" /tmp/tq_A
 patch -p1 <"$PATCH" >/dev/null
 echo "A built at $(( $(date +%s) - t0 )) s"
 rm -rf /tmp/ab && mkdir -p /tmp/ab
+# $BENCH_ARGS2 (optional): a second gpu-bench argument set per round (e.g. the
+# prefill append of the other shape: the append times the first --shape).
+read -r -a ARGS2 <<<"${BENCH_ARGS2:-}"
 for r in $(seq "$ROUNDS"); do
   for v in A B; do
     timeout 200 /tmp/tq_$v gpu-bench "${ARGS[@]}" --json-file /tmp/ab/${v}_$r.json >/dev/null 2>/tmp/ab/${v}_$r.err ||
       { echo "$v round $r failed"; tail -3 /tmp/ab/${v}_$r.err; }
+    [[ ${#ARGS2[@]} -eq 0 ]] || timeout 200 /tmp/tq_$v gpu-bench "${ARGS2[@]}" --json-file /tmp/ab/${v}_${r}b.json \
+      >/dev/null 2>/tmp/ab/${v}_${r}b.err || { echo "$v round $r (BENCH_ARGS2) failed"; tail -3 /tmp/ab/${v}_${r}b.err; }
   done
 done
 python3 - "$OUT/ab.json" <<'PY'
@@ -39,11 +46,13 @@ for f in sorted(glob.glob("/tmp/ab/*.json")):
     raw[f.split("/")[-1]] = rows
     for r in rows:
         if r.get("kind") == "attend":
-            t[(r["shape"], r["preset"], r["batch"], r["context"], v)].append(r["ms"])
+            t[(r["shape"], r["preset"], str(r["batch"]), r["context"], v)].append(r["ms"])
+        elif r.get("kind") == "append" and r.get("kernel_ms") is not None:
+            t[(r["shape"], r["preset"] + "/" + r["input"], "append", r["tokens"], v)].append(r["kernel_ms"])
 json.dump(raw, open(sys.argv[1], "w"))
-print("shape  preset      batch context    A ms      B ms    B/A")
+print("shape  preset      batch context    A ms      B ms    B/A   (append rows: kernels, batch = 'append', context = tokens)")
 for k in sorted({k[:4] for k in t}):
     a, b = min(t.get(k + ("A",), [float("nan")])), min(t.get(k + ("B",), [float("nan")]))
-    print(f"{k[0]:6s} {k[1]:10s} {k[2]:5d} {k[3]:7d}  {a:8.4f}  {b:8.4f}  {b / a:5.3f}")
+    print(f"{k[0]:6s} {k[1]:10s} {k[2]!s:>5} {k[3]:7d}  {a:8.4f}  {b:8.4f}  {b / a:5.3f}")
 PY
 echo "total $(( $(date +%s) - t0 )) s"

@@ -10,7 +10,7 @@
 // every visible token and the queries) over that time, reported as a share of
 // a device-to-device copy (read + write counted, as REFERENCE.md does) and of
 // a pure read stream, both measured in the same process. Also timed: the
-// quantize-append of a 131072-token prefill block, from bf16 and from f32
+// quantize-append of a 131072-token prefill block (the first --shape), from bf16 and from f32
 // input (kernels alone, and the whole append_device call), against one read
 // of the same block in bf16, and one decode step's append (one token for
 // each sequence of a batch, append_batch_device), wall time per call.
@@ -394,7 +394,7 @@ class Bench {
     return std::all_of(h.begin(), h.end(), [](float x) { return std::isfinite(x); });
   }
 
-  // Quantize-append of one prefill block (one sequence, Llama shape) against
+  // Quantize-append of one prefill block (one sequence, the first --shape) against
   // one read of the same block in bf16 (the engine's K and V), from bf16 input
   // (what engines hold) and from f32, with the layer's default rounding to
   // f16 (KvCache's dense format). Two times each: the kernels alone
@@ -402,7 +402,7 @@ class Bench {
   // append_device call (tile list, one upload, kernels, status readback and
   // its stream synchronisation; events and wall time, median of --append-runs).
   void run_append() {
-    const Shape s = kShapes[0];
+    const Shape s = shapes_.front();
     const int T = a_.append_tokens, Hkv = s.n_heads_kv, D = s.head_dim, R = a_.append_runs;
     const size_t n = size_t(T) * Hkv * D;
     info("gpu-bench: quantize-append of %d tokens (%s shape)", T, s.name.c_str());
@@ -620,7 +620,7 @@ Runner add_gpu_bench(CLI::App& app) {
   sub->add_option("--split-pages", a->split_pages, "Pages per split-KV part (0 = fill the device)")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
-  sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append")
+  sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append (one sequence of the first --shape)")
       ->check(CLI::Range(1, 1 << 22))
       ->capture_default_str();
   sub->add_option("--append-runs", a->append_runs, "Timed append_device calls per preset and input type (median)")
