@@ -73,6 +73,15 @@ std::string pct(int correct, int total) {
   return b;
 }
 
+// Width of a table's preset column: at least 14, wider for long names (a
+// layer policy makes long ones). name(row) gives a row's preset.
+template <class Rows, class Name>
+int preset_column_width(const Rows& rows, Name name) {
+  int w = 14;
+  for (const auto& r : rows) w = std::max(w, int(name(r).size()));
+  return w;
+}
+
 int run_needle(const Args& a) {
   std::vector<std::string> presets = split_presets(a.presets);
   TQ_REQUIRE(!presets.empty(), "--kv: no preset given (e.g. --kv turbo4,paper_mse)");
@@ -156,8 +165,7 @@ int run_needle(const Args& a) {
     return 0;
   }
   // Accuracy per preset and length, then per depth.
-  int w = 14;  // preset column: a layer policy makes long names
-  for (const auto& p : presets) w = std::max(w, int(p.size()));
+  const int w = preset_column_width(presets, [](const std::string& p) -> const std::string& { return p; });
   std::printf("%-*s", w, "preset");
   for (int L : o.lengths) std::printf(" %14d", L);
   std::printf("\n");
@@ -231,8 +239,7 @@ int run(const Args& a) {
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
-  int w = 14;  // preset column: a layer policy makes long names
-  for (const auto& r : rs) w = std::max(w, int(r.preset.size()));
+  const int w = preset_column_width(rs, [](const auto& r) -> const std::string& { return r.preset; });
   std::printf("%-*s %9s %9s %8s %10s %9s %7s %11s %7s\n", w, "preset", "ppl", "ppl_dense", "dppl%", "KL mean",
               "KL max", "top1", "KV bytes", "ratio");
   for (const auto& r : rs)

@@ -10,10 +10,11 @@
 // every visible token and the queries) over that time, reported as a share of
 // a device-to-device copy (read + write counted, as REFERENCE.md does) and of
 // a pure read stream, both measured in the same process. Also timed: the
-// quantize-append of a 131072-token prefill block (the first --shape), from bf16 and from f32
-// input (kernels alone, and the whole append_device call), against one read
-// of the same block in bf16, and one decode step's append (one token for
-// each sequence of a batch, append_batch_device), wall time per call.
+// quantize-append of a 131072-token prefill block of the first --shape, from
+// bf16 and from f32 input (kernels alone, and the whole append_device call),
+// against one read of the same block in bf16, and one decode step's append
+// (one token for each sequence of a batch, append_batch_device), wall time
+// per call.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -394,8 +395,8 @@ class Bench {
     return std::all_of(h.begin(), h.end(), [](float x) { return std::isfinite(x); });
   }
 
-  // Quantize-append of one prefill block (one sequence, the first --shape) against
-  // one read of the same block in bf16 (the engine's K and V), from bf16 input
+  // Quantize-append of one prefill block (one sequence of the first --shape)
+  // against one read of the same block in bf16 (the engine's K and V), from bf16 input
   // (what engines hold) and from f32, with the layer's default rounding to
   // f16 (KvCache's dense format). Two times each: the kernels alone
   // (bench::AppendKernels, median of --runs, L2 flushed) and the whole
