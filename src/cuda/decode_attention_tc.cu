@@ -352,7 +352,7 @@ struct Producer {
     }
     const uint32_t t = uint32_t(x.t0 + kTileTok * k), pi = pdiv.div(t);
     row = x.hkv * p.page_tokens + int(t - pi * pdiv.d);
-    page = p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi];
+    page = __shfl_sync(0xffffffffu, p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi], 0);
   }
   // Copies the next tile into the stage at shared address sdst. sm_90: lane 0
   // starts two bulk copies completing on the stage's mbarrier `bar` (nothing
@@ -410,7 +410,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   float* sQs = sF + W * kMaxGroup;                                     // [8]
   float* sInvL = sQs + kMaxGroup;                                      // [8]
 
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // The warp index through a shuffle from lane 0: the compiler then knows it
+  // is warp-uniform, and so is the producer state derived from it.
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x >> 5), 0), lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
   const int g = p.group, n_heads_q = p.n_heads_kv * g;
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
