@@ -1412,7 +1412,8 @@ TEST(CudaAttentionTc, KernelSelection) {
 }
 
 // Every supported width pair, head_dim and GQA group; a mixed batch with odd
-// lengths, page boundaries +-1 (16-token pages), an empty and a long
+// lengths, page boundaries +-1 (16- and 48-token pages: tile pairs inside a
+// page and across two), an empty and a long
 // sequence; softcap + window + sinks, an explicit scale, a window that skips
 // whole tiles. The tensor-core kernel with its planned splits and with the
 // smallest split (many items per block, empty ones among them).
@@ -1420,54 +1421,57 @@ TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
   TQ_SKIP_WITHOUT_GPU();
   if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
     GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
-  const int H = 2, P = 16;
-  const std::vector<int> lens = {1, 0, 2, 15, 16, 17, 31, 33, 255, 256, 257, 4097};
-  const AttnCase cases[] = {{"plain", {}},
-                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
-                            {"scale", {0.05f, 0.0f, 0, 0}},
-                            {"window 300", {0.0f, 0.0f, 300, 0}}};
-  Worst worst;
-  for (int d : {64, 128, 256})
-    for (const auto [kbits, vbits] : {std::pair{4, 4}, std::pair{3, 3}, std::pair{3, 4},
-                                      std::pair{4, 3}})
-      for (int g : {1, 4, 8}) {
-        const int hq = H * g;
-        const uint64_t seed = 500 + d * 7 + kbits * 3 + vbits + g * 11;
-        const std::string kspec = "tq-mse:b=" + std::to_string(kbits);
-        const std::string vspec = "tq-mse:b=" + std::to_string(vbits);
-        auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer(vspec, d, seed + 1);
-        cuda::GpuKvLayerConfig cfg;
-        cfg.n_heads_kv = H;
-        cfg.page_tokens = P;
-        cfg.max_seqs = int(lens.size());
-        cfg.max_pages_per_seq = (4097 + P - 1) / P;
-        cfg.split_pages = 4;
-        cuda::GpuKvLayer layer(*kq, *vq, cfg);
-        std::vector<HostSeq> host;
-        for (size_t s = 0; s < lens.size(); ++s) {
-          layer.add_sequence();
-          auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
-          auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
-          layer.append(int(s), k.data(), v.data(), lens[s]);
-          host.push_back(download_seq(layer, int(s)));
-        }
-        const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
-        cuda::DeviceBuffer dq(q.size() * 4);
-        dq.upload(q.data(), q.size() * 4);
-        for (const auto& c : cases) {
-          const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
-          const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params);
-          for (int split : {0, 1}) {
-            SCOPED_TRACE(kspec + " / " + vspec + " d " + std::to_string(d) + " g " +
-                         std::to_string(g) + " " + c.name + (split ? " smallest split" : "") +
-                         " seed " + std::to_string(seed));
-            const AttnOut tc =
-                run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
-            check_tc(host, hq, d, tc, cpu, ref, worst);
+  const int H = 2;
+  // 48-token pages: tile pairs (32 tokens) inside a page and across two.
+  for (const int P : {16, 48}) {
+    const std::vector<int> lens = {1, 0, 2, 15, 16, 17, 31, 33, 47, 49, 255, 256, 257, 4097};
+    const AttnCase cases[] = {{"plain", {}},
+                              {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
+                              {"scale", {0.05f, 0.0f, 0, 0}},
+                              {"window 300", {0.0f, 0.0f, 300, 0}}};
+    Worst worst;
+    for (int d : {64, 128, 256})
+      for (const auto [kbits, vbits] : {std::pair{4, 4}, std::pair{3, 3}, std::pair{3, 4},
+                                        std::pair{4, 3}})
+        for (int g : {1, 4, 8}) {
+          const int hq = H * g;
+          const uint64_t seed = 500 + d * 7 + kbits * 3 + vbits + g * 11;
+          const std::string kspec = "tq-mse:b=" + std::to_string(kbits);
+          const std::string vspec = "tq-mse:b=" + std::to_string(vbits);
+          auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer(vspec, d, seed + 1);
+          cuda::GpuKvLayerConfig cfg;
+          cfg.n_heads_kv = H;
+          cfg.page_tokens = P;
+          cfg.max_seqs = int(lens.size());
+          cfg.max_pages_per_seq = (4097 + P - 1) / P;
+          cfg.split_pages = 4;
+          cuda::GpuKvLayer layer(*kq, *vq, cfg);
+          std::vector<HostSeq> host;
+          for (size_t s = 0; s < lens.size(); ++s) {
+            layer.add_sequence();
+            auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
+            auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
+            layer.append(int(s), k.data(), v.data(), lens[s]);
+            host.push_back(download_seq(layer, int(s)));
+          }
+          const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
+          cuda::DeviceBuffer dq(q.size() * 4);
+          dq.upload(q.data(), q.size() * 4);
+          for (const auto& c : cases) {
+            const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+            const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params);
+            for (int split : {0, 1}) {
+              SCOPED_TRACE(kspec + " / " + vspec + " d " + std::to_string(d) + " g " +
+                           std::to_string(g) + " " + c.name + (split ? " smallest split" : "") +
+                           " seed " + std::to_string(seed) + " page " + std::to_string(P));
+              const AttnOut tc =
+                  run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
+              check_tc(host, hq, d, tc, cpu, ref, worst);
+            }
           }
         }
-      }
-  worst.print("tensor-core kernel, 16-token pages");
+    worst.print(("tensor-core kernel, " + std::to_string(P) + "-token pages").c_str());
+  }
 }
 
 // The shapes at 256-token pages: Llama (Hq 32 / Hkv 8 / d 128) and

@@ -9,14 +9,17 @@
 //    memory). Work items are (split, sequence, KV head), split-major, taken
 //    round robin; a split is split_tokens tokens (planned on the host so the
 //    items fill the SMs evenly) and yields one partial (o, lse) per query head.
-//  - Inside an item every warp takes 16-token tiles warp, warp + W, ... and
-//    runs its own copy pipeline over them (sm_90: bulk copies by one lane on
-//    per-stage mbarriers; older GPUs: cp.async; kStages deep, crossing into the
-//    block's next item), its own online softmax and its own accumulators: no
-//    block barrier in the token loop. At the end of an item the W warp states
-//    are merged exactly in shared memory (3 barriers).
+//  - Inside an item every warp takes pairs of adjacent 16-token tiles (pair
+//    k = tiles 2k, 2k + 1; k = warp, warp + W, ...) and runs its own copy
+//    pipeline over them (sm_90: bulk copies by one lane on per-stage
+//    mbarriers; older GPUs: cp.async; two stages of one pair each, crossing
+//    into the block's next item), its own online softmax and its own
+//    accumulators: no block barrier in the token loop. At the end of an item
+//    the W warp states are merged exactly in shared memory (3+ barriers).
 //  - A tile is one contiguous run of 16 K records and one of 16 V records of
-//    one head in one page (page_tokens % 16 == 0), copied verbatim.
+//    one head in one page (page_tokens % 16 == 0), copied verbatim; a pair is
+//    one run of 32 of each (two runs where a page size that is an odd
+//    multiple of 16 puts the second tile on the next page).
 //
 // Decoding codes to fp16: a table of half2 per code PAIR in shared memory
 // (256 entries for 4-bit codes, 64 for 3-bit), 32 copies side by side so that
@@ -61,8 +64,8 @@ namespace tq::cuda {
 namespace {
 
 constexpr int kTileTok = 16;       // tokens per warp tile (one PV k step)
+constexpr int kPairTok = 2 * kTileTok;  // tokens per copy: a warp's two adjacent tiles
 constexpr int kMaxGroup = 8;       // query heads per KV head (the mma's N)
-constexpr int kCombineHeads = 4;   // heads merged per round at the end of an item
 constexpr int kSmemLimit = 227 * 1024;  // opt-in shared memory per block on sm_90
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -81,17 +84,22 @@ struct Cfg {
   static constexpr int kVSeg = D * VB / 64;  // PV: code bytes of one lane (D/8 dims of a token)
   static constexpr int kVSegW = (kVSeg + 3) / 4;
   static constexpr int kTableBytes = 256 << (2 * (KB > VB ? KB : VB));
-  // One stage: 16 K records, 16 V records (both runs multiples of 16 bytes),
-  // 16 bytes of slack for the aligned over-read of the last code segment.
-  static constexpr int kStageBytes = kTileTok * (kKRec + kVRec) + 16;
-  static constexpr int kScratchBytes = kWarps * kCombineHeads * D * 4;
+  // One stage holds a pair of tiles: 32 K records, then 32 V records (each
+  // tile's run a multiple of 16 bytes), then 16 bytes of slack for the
+  // aligned over-read of the last code segment.
+  static constexpr int kStageBytes = kPairTok * (kKRec + kVRec) + 16;
   static constexpr int kQBytes = kMaxGroup * D * 2;
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup);
-  static constexpr int kBarBytes = 8 * kWarps * 4;  // one mbarrier per warp and stage (<= 4)
-  static constexpr int kFixedBytes = kTableBytes + kScratchBytes + kQBytes + kSmallBytes + kBarBytes;
-  static constexpr int kStagesFit = (kSmemLimit - kFixedBytes) / (kWarps * kStageBytes);
-  static constexpr int kStages = kStagesFit < 4 ? kStagesFit : 4;
+  static constexpr int kBarBytes = 8 * kWarps * 2;  // one mbarrier per warp and stage (2)
+  // Heads merged per round at the end of an item ([kWarps][heads][D] fp32
+  // scratch): 4, or 2 where 4 would leave room for fewer than two stages.
+  static constexpr int fixed_bytes(int heads) {
+    return kTableBytes + kWarps * heads * D * 4 + kQBytes + kSmallBytes + kBarBytes;
+  }
+  static constexpr int kCombineHeads = fixed_bytes(4) + 2 * kWarps * kStageBytes <= kSmemLimit ? 4 : 2;
+  static constexpr int kScratchBytes = kWarps * kCombineHeads * D * 4;
+  static constexpr int kStages = 2;
   static constexpr int kStageOff = kTableBytes;  // the table at 0: LDS [reg + base]
   static constexpr int kScratchOff = kStageOff + kWarps * kStages * kStageBytes;
   static constexpr int kQOff = kScratchOff + kScratchBytes;
@@ -99,9 +107,9 @@ struct Cfg {
   static constexpr int kBarOff = kSmallOff + kSmallBytes;  // [kWarps][kStages] mbarriers
   static constexpr int kSmemBytes = kBarOff + kBarBytes;
   static_assert(kBarOff % 8 == 0);
-  static_assert(kStages >= 2, "shared memory too small for a two-stage pipeline");
-  static_assert(kStageBytes % 16 == 0 && kKRec % 2 == 0, "cp.async needs 16-byte runs");
-  static_assert(kSmemBytes <= kSmemLimit);
+  static_assert(kTileTok * kKRec % 16 == 0 && kTileTok * kVRec % 16 == 0 && kStageBytes % 16 == 0,
+                "bulk copies need 16-byte runs");
+  static_assert(kSmemBytes <= kSmemLimit, "shared memory too small for two stages");
 };
 
 // ---- small PTX helpers ---------------------------------------------------------
@@ -260,9 +268,14 @@ __device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) 
   return x;
 }
 
-// Does tile [T0, T0 + 16) hold a visible key (a sink or inside the window)?
-__device__ __forceinline__ bool tile_live(const Item& x, int T0, int n_sinks) {
-  return T0 < n_sinks || T0 + kTileTok - 1 >= x.win_lo;
+// Does [T0, T0 + n) hold a visible key (a sink or inside the window)?
+__device__ __forceinline__ bool tokens_live(const Item& x, int T0, int n, int n_sinks) {
+  return T0 < n_sinks || T0 + n - 1 >= x.win_lo;
+}
+// Pair k of an item: tiles 2k and 2k + 1 (the second may be past the item).
+__device__ __forceinline__ int pair_tiles(const Item& x, int k) { return min(2, x.n_tiles - 2 * k); }
+__device__ __forceinline__ bool pair_live(const Item& x, int k, int n_sinks) {
+  return tokens_live(x, x.t0 + kPairTok * k, kTileTok * pair_tiles(x, k), n_sinks);
 }
 
 
@@ -315,13 +328,18 @@ struct FastDiv {
   }
 };
 
-// The loads of one warp: the tiles of the block's items that this warp
-// computes, in the same order, kStages - 1 ahead of the computation. The page
-// of the next tile is read one tile early so that its latency is hidden.
+// The loads of one warp: the tile pairs of the block's items that this warp
+// computes, in the same order, one pair ahead of the computation. A pair is
+// the warp's two adjacent tiles (tiles 2k, 2k + 1 of an item for k = warp,
+// warp + W, ...), so one copy per K and V run moves 32 records: half the
+// producer work of a copy per tile. The page of the next pair is read one
+// pair early so that its latency is hidden.
 template <class C>
 struct Producer {
-  int it, k, page, row;  // row: head * page_tokens + slot of the tile's first record
-  bool done;
+  int it, k, page, row;  // row: head * page_tokens + slot of the pair's first record
+  int page2, row2;       // the second tile's, where it starts on the next page
+  int n_tok;             // records per run: 16 or 32
+  bool done, split;      // split: the second tile is on another page
   Item x;
   FastDiv pdiv;
 
@@ -341,8 +359,8 @@ struct Producer {
         done = true;
         return;
       }
-      if (k < x.n_tiles) {
-        if (tile_live(x, x.t0 + kTileTok * k, p.n_sinks)) break;
+      if (2 * k < x.n_tiles) {
+        if (pair_live(x, k, p.n_sinks)) break;
         k += C::kWarps;
         continue;
       }
@@ -350,41 +368,66 @@ struct Producer {
       if (it < n_items) x = item_at(p, it);
       k = warp;
     }
-    const uint32_t t = uint32_t(x.t0 + kTileTok * k), pi = pdiv.div(t);
-    row = x.hkv * p.page_tokens + int(t - pi * pdiv.d);
-    page = __shfl_sync(0xffffffffu, p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi], 0);
+    const uint32_t t = uint32_t(x.t0 + kPairTok * k), pi = pdiv.div(t), slot = t - pi * pdiv.d;
+    const int* pt = p.page_table + size_t(x.seq) * p.max_pages_per_seq + pi;
+    row = x.hkv * p.page_tokens + int(slot);
+    page = __shfl_sync(0xffffffffu, pt[0], 0);
+    n_tok = kTileTok * pair_tiles(x, k);
+    // Pairs start at multiples of 32 tokens, so only a page size that is an
+    // odd multiple of 16 puts a pair's second tile on the next page.
+    split = n_tok == kPairTok && slot + kTileTok == pdiv.d;
+    if (split) {
+      page2 = __shfl_sync(0xffffffffu, pt[1], 0);
+      row2 = x.hkv * p.page_tokens;
+    }
   }
-  // Copies the next tile into the stage at shared address sdst. sm_90: lane 0
-  // starts two bulk copies completing on the stage's mbarrier `bar` (nothing
-  // past the last tile: the consumer never waits for more tiles than were
-  // issued). Older GPUs: per-lane cp.async, always one group committed (empty
-  // past the last tile), so group i is tile i.
+  // Copies the next pair into the stage at shared address sdst (K records at
+  // 0, V records at 32 kKRec). sm_90: lane 0 starts the bulk copies
+  // completing on the stage's mbarrier `bar` (nothing past the last pair: the
+  // consumer never waits for more pairs than were issued). Older GPUs:
+  // per-lane cp.async, always one group committed (empty past the last pair),
+  // so group i is pair i.
   __device__ void issue(const DecodeAttentionParams& p, int n_items, int warp, int lane,
                         uint32_t sdst, uint32_t bar) {
+    constexpr uint32_t kVDst = kPairTok * C::kKRec;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (done) return;
     if (lane == 0) {
       const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
-      mbar_expect_tx(bar, kTileTok * (C::kKRec + C::kVRec));
-      bulk_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
-      bulk_g2s(sdst + kTileTok * C::kKRec, pg + p.v_region_offset + size_t(row) * C::kVRec,
-               kTileTok * C::kVRec, bar);
+      mbar_expect_tx(bar, uint32_t(n_tok) * (C::kKRec + C::kVRec));
+      if (!split) {
+        bulk_g2s(sdst, pg + size_t(row) * C::kKRec, uint32_t(n_tok) * C::kKRec, bar);
+        bulk_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, uint32_t(n_tok) * C::kVRec,
+                 bar);
+      } else {
+        const uint8_t* pg2 = p.pool + size_t(page2) * p.page_bytes;
+        bulk_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
+        bulk_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, kTileTok * C::kVRec, bar);
+        bulk_g2s(sdst + kTileTok * C::kKRec, pg2 + size_t(row2) * C::kKRec, kTileTok * C::kKRec, bar);
+        bulk_g2s(sdst + kVDst + kTileTok * C::kVRec, pg2 + p.v_region_offset + size_t(row2) * C::kVRec,
+                 kTileTok * C::kVRec, bar);
+      }
     }
     advance(p, n_items, warp);
 #else
     (void)bar;
     if (!done) {
-      // 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
-      const uint8_t* pg = p.pool + size_t(page) * p.page_bytes + 16 * lane;
-      const uint8_t* gk = pg + size_t(row) * C::kKRec;
-      const uint8_t* gv = pg + p.v_region_offset + size_t(row) * C::kVRec;
-      const uint32_t sk = sdst + 16 * lane, sv = sk + 16 * C::kKRec;
+      // Per tile j, 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
+      for (int j = 0; j < n_tok / kTileTok; ++j) {
+        const int pj = j == 1 && split ? page2 : page;
+        const int rj = j == 1 ? (split ? row2 : row + kTileTok) : row;
+        const uint8_t* pg = p.pool + size_t(pj) * p.page_bytes + 16 * lane;
+        const uint8_t* gk = pg + size_t(rj) * C::kKRec;
+        const uint8_t* gv = pg + p.v_region_offset + size_t(rj) * C::kVRec;
+        const uint32_t sk = sdst + j * kTileTok * C::kKRec + 16 * lane;
+        const uint32_t sv = sdst + kVDst + j * kTileTok * C::kVRec + 16 * lane;
 #pragma unroll
-      for (int i = 0; i < (C::kKRec + 31) / 32; ++i)
-        if (lane + 32 * i < C::kKRec) cp_async16(sk + 512 * i, gk + 512 * i);
+        for (int i = 0; i < (C::kKRec + 31) / 32; ++i)
+          if (lane + 32 * i < C::kKRec) cp_async16(sk + 512 * i, gk + 512 * i);
 #pragma unroll
-      for (int i = 0; i < (C::kVRec + 31) / 32; ++i)
-        if (lane + 32 * i < C::kVRec) cp_async16(sv + 512 * i, gv + 512 * i);
+        for (int i = 0; i < (C::kVRec + 31) / 32; ++i)
+          if (lane + 32 * i < C::kVRec) cp_async16(sv + 512 * i, gv + 512 * i);
+      }
     }
     cp_async_commit();
     if (!done) advance(p, n_items, warp);
@@ -548,10 +591,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     // The two tokens of this lane in QK (S^T rows gq, gq + 8).
     const int tok_a = (gq >> 1) + 4 * (gq & 1), tok_b = tok_a + 8;
 
-    // 4. The warp's tiles.
-    for (int kt = warp; kt < x.n_tiles; kt += W) {
-      const int T0 = x.t0 + kTileTok * kt;
-      if (!tile_live(x, T0, p.n_sinks)) continue;
+    // 4. The warp's tile pairs: tiles 2kp and 2kp + 1 for kp = warp, warp + W, ...
+    for (int kp = warp; 2 * kp < x.n_tiles; kp += W) {
+      if (!pair_live(x, kp, p.n_sinks)) continue;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       mbar_wait(bar_at(cstage), cphase);
 #else
@@ -560,107 +602,115 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       __syncwarp();  // this stage is in (every lane); every lane is done with the previous one
       prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
       pstage = pstage + 1 == S ? 0 : pstage + 1;
-      const uint32_t kb = stage_off(cstage), vb = kb + kTileTok * C::kKRec;
+      const uint32_t pair_kb = stage_off(cstage);
       cstage = cstage + 1 == S ? 0 : cstage + 1;
       cphase ^= cstage == 0 ? 1u : 0u;
+      const int n_pt = pair_tiles(x, kp);
+#pragma unroll 1
+      for (int j = 0; j < n_pt; ++j) {
+        const int T0 = x.t0 + kPairTok * kp + kTileTok * j;
+        if (!tokens_live(x, T0, kTileTok, p.n_sinks)) continue;  // the dead half of a live pair
+        const uint32_t kb = pair_kb + j * (kTileTok * C::kKRec);
+        const uint32_t vb = pair_kb + kPairTok * C::kKRec + j * (kTileTok * C::kVRec);
 
-      // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
-      // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
-      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      {
-        uint32_t wa[C::kKSegW], wb[C::kKSegW];
-        load_seg(smem, kb + tok_a * C::kKRec + tq * C::kKSeg, wa);
-        load_seg(smem, kb + tok_b * C::kKRec + tq * C::kKSeg, wb);
+        // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
+        // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        {
+          uint32_t wa[C::kKSegW], wb[C::kKSegW];
+          load_seg(smem, kb + tok_a * C::kKRec + tq * C::kKSeg, wa);
+          load_seg(smem, kb + tok_b * C::kKRec + tq * C::kKSeg, wb);
 #pragma unroll
-        for (int j = 0; j < kSteps; ++j) {
-          const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
-          const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
-          const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
-          const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
-          mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
-        }
-      }
-
-      // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_b, 2tq), (tok_b, 2tq + 1).
-      // A dead slot (past the split, or masked by the window) gets score
-      // -inf and so weight exactly 0 below; its record bytes are finite (the
-      // pool is zeroed at creation and only ever holds records), so no other
-      // use of `dead` is needed.
-      const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
-      float vsc[2], ymax[2] = {kNegInf, kNegInf};
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int tok = r ? tok_b : tok_a;
-        const float ks = lds_half(smem, kb + tok * C::kKRec + C::kKCode);
-        vsc[r] = lds_half(smem, vb + tok * C::kVRec + C::kVCode);
-        const int t = T0 + tok;
-        const bool dead = !full && !(t < x.t1 && (t < p.n_sinks || t >= x.win_lo));
-        // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
-        const float lv = lg2(fmaxf(vsc[r], 0x1p-25f));
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          float v = s[2 * r + e] * (ks * kmul[e]);
-          if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
-            const float t = ex2(v * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
-            v = p.softcap * kLog2e * (1.0f - 2.0f * rcp(t + 1.0f));
+          for (int j = 0; j < kSteps; ++j) {
+            const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
+            const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
+            const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
+            const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
+            mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
           }
-          v = dead ? kNegInf : v;
-          s[2 * r + e] = v;
-          ymax[e] = fmaxf(ymax[e], v + lv);  // -inf for a dead slot
         }
-      }
+
+        // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_b, 2tq), (tok_b, 2tq + 1).
+        // A dead slot (past the split, or masked by the window) gets score
+        // -inf and so weight exactly 0 below; its record bytes are finite (the
+        // pool is zeroed at creation and only ever holds records), so no other
+        // use of `dead` is needed.
+        const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
+        float vsc[2], ymax[2] = {kNegInf, kNegInf};
 #pragma unroll
-      for (int o = 4; o <= 16; o *= 2)
+        for (int r = 0; r < 2; ++r) {
+          const int tok = r ? tok_b : tok_a;
+          const float ks = lds_half(smem, kb + tok * C::kKRec + C::kKCode);
+          vsc[r] = lds_half(smem, vb + tok * C::kVRec + C::kVCode);
+          const int t = T0 + tok;
+          const bool dead = !full && !(t < x.t1 && (t < p.n_sinks || t >= x.win_lo));
+          // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
+          const float lv = lg2(fmaxf(vsc[r], 0x1p-25f));
 #pragma unroll
-        for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], __shfl_xor_sync(0xffffffffu, ymax[e], o));
-      const float mn0 = fmaxf(m[0], ymax[0]), mn1 = fmaxf(m[1], ymax[1]);
-      if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {  // exact: skipped when no max moved
-        const float c0 = mn0 > m[0] ? ex2(m[0] - mn0) : 1.0f;
-        const float c1 = mn1 > m[1] ? ex2(m[1] - mn1) : 1.0f;
-        l[0] *= c0;
-        l[1] *= c1;
+          for (int e = 0; e < 2; ++e) {
+            float v = s[2 * r + e] * (ks * kmul[e]);
+            if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
+              const float t = ex2(v * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
+              v = p.softcap * kLog2e * (1.0f - 2.0f * rcp(t + 1.0f));
+            }
+            v = dead ? kNegInf : v;
+            s[2 * r + e] = v;
+            ymax[e] = fmaxf(ymax[e], v + lv);  // -inf for a dead slot
+          }
+        }
+#pragma unroll
+        for (int o = 4; o <= 16; o *= 2)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], __shfl_xor_sync(0xffffffffu, ymax[e], o));
+        const float mn0 = fmaxf(m[0], ymax[0]), mn1 = fmaxf(m[1], ymax[1]);
+        if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {  // exact: skipped when no max moved
+          const float c0 = mn0 > m[0] ? ex2(m[0] - mn0) : 1.0f;
+          const float c1 = mn1 > m[1] ? ex2(m[1] - mn1) : 1.0f;
+          l[0] *= c0;
+          l[1] *= c1;
+#pragma unroll
+          for (int i = 0; i < kSteps; ++i) {
+            acc[i][0] *= c0;
+            acc[i][1] *= c1;
+            acc[i][2] *= c0;
+            acc[i][3] *= c1;
+          }
+          m[0] = mn0;
+          m[1] = mn1;
+        }
+        float wv[4];
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float ee = ex2(s[2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25; dead: 0
+            l[e] += ee;
+            wv[2 * r + e] = ee * vsc[r];  // <= 1
+          }
+        // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
+        // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.
+        const uint32_t pb0 = movmatrix_trans(pack_half2(wv[0], wv[1]));
+        const uint32_t pb1 = movmatrix_trans(pack_half2(wv[2], wv[3]));
+
+        // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
+        // (k slot 2tq + e + 8f).
+        uint32_t lo[2][kPW], hi[2][kPW];
+#pragma unroll
+        for (int f = 0; f < 2; ++f) {
+          uint32_t xw[C::kVSegW], yw[C::kVSegW];
+          load_seg(smem, vb + (tq + 8 * f) * C::kVRec + gq * C::kVSeg, xw);
+          load_seg(smem, vb + (tq + 4 + 8 * f) * C::kVRec + gq * C::kVSeg, yw);
+          v_pairs<VB>(xw, yw, lo[f], hi[f]);
+        }
 #pragma unroll
         for (int i = 0; i < kSteps; ++i) {
-          acc[i][0] *= c0;
-          acc[i][1] *= c1;
-          acc[i][2] *= c0;
-          acc[i][3] *= c1;
+          const uint32_t a0 = lds32(smem, v_addr<VB>(lo[0], i, lbV));
+          const uint32_t a1 = lds32(smem, v_addr<VB>(hi[0], i, lbV));
+          const uint32_t a2 = lds32(smem, v_addr<VB>(lo[1], i, lbV));
+          const uint32_t a3 = lds32(smem, v_addr<VB>(hi[1], i, lbV));
+          mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
         }
-        m[0] = mn0;
-        m[1] = mn1;
-      }
-      float wv[4];
-#pragma unroll
-      for (int r = 0; r < 2; ++r)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float ee = ex2(s[2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25; dead: 0
-          l[e] += ee;
-          wv[2 * r + e] = ee * vsc[r];  // <= 1
-        }
-      // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
-      // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.
-      const uint32_t pb0 = movmatrix_trans(pack_half2(wv[0], wv[1]));
-      const uint32_t pb1 = movmatrix_trans(pack_half2(wv[2], wv[3]));
-
-      // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
-      // (k slot 2tq + e + 8f).
-      uint32_t lo[2][kPW], hi[2][kPW];
-#pragma unroll
-      for (int f = 0; f < 2; ++f) {
-        uint32_t xw[C::kVSegW], yw[C::kVSegW];
-        load_seg(smem, vb + (tq + 8 * f) * C::kVRec + gq * C::kVSeg, xw);
-        load_seg(smem, vb + (tq + 4 + 8 * f) * C::kVRec + gq * C::kVSeg, yw);
-        v_pairs<VB>(xw, yw, lo[f], hi[f]);
-      }
-#pragma unroll
-      for (int i = 0; i < kSteps; ++i) {
-        const uint32_t a0 = lds32(smem, v_addr<VB>(lo[0], i, lbV));
-        const uint32_t a1 = lds32(smem, v_addr<VB>(hi[0], i, lbV));
-        const uint32_t a2 = lds32(smem, v_addr<VB>(lo[1], i, lbV));
-        const uint32_t a3 = lds32(smem, v_addr<VB>(hi[1], i, lbV));
-        mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
-      }
+      }  // tile j of the pair
     }
 
     // 5. Merge the W warp states of the item (exact), write the partial.
@@ -675,12 +725,12 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           sM[warp * kMaxGroup + 2 * tq + e] = m[e];
           sL[warp * kMaxGroup + 2 * tq + e] = l[e];
         }
-    for (int h0 = 0; h0 < g; h0 += kCombineHeads) {
+    for (int h0 = 0; h0 < g; h0 += C::kCombineHeads) {
       if (h0 > 0) __syncthreads();  // the previous round's scratch reads are done
-      float* scr = sScratch + warp * kCombineHeads * D;
+      float* scr = sScratch + warp * C::kCombineHeads * D;
       const int ha = 2 * tq - h0, hb = 2 * tq + 1 - h0;
-      const bool wa = ha >= 0 && ha < kCombineHeads && 2 * tq < g;
-      const bool wb = hb >= 0 && hb < kCombineHeads && 2 * tq + 1 < g;
+      const bool wa = ha >= 0 && ha < C::kCombineHeads && 2 * tq < g;
+      const bool wb = hb >= 0 && hb < C::kCombineHeads && 2 * tq + 1 < g;
 #pragma unroll
       for (int i = 0; i < kSteps; ++i) {
         const int d0 = gq * (D / 8) + 2 * i;  // O^T rows gq, gq + 8 of tile i: dims d0, d0 + 1
@@ -705,13 +755,13 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         }
         __syncthreads();  // (C) sF, sInvL
       }
-      const int nh = min(kCombineHeads, g - h0);
+      const int nh = min(C::kCombineHeads, g - h0);
       for (int idx = threadIdx.x; idx < nh * D; idx += C::kThreads) {
         const int hl = idx / D, d = idx % D, h = h0 + hl;
         float o = 0.0f;
 #pragma unroll 4
         for (int w = 0; w < W; ++w)
-          o += sScratch[(w * kCombineHeads + hl) * D + d] * sF[w * kMaxGroup + h];
+          o += sScratch[(w * C::kCombineHeads + hl) * D + d] * sF[w * kMaxGroup + h];
         part_o[(row0 + size_t(h) * p.n_splits) * D + d] = o * sInvL[h];
       }
     }
@@ -732,7 +782,7 @@ struct TcKernel {
 template <int D, int KB, int VB>
 TcKernel tc_kernel() {
   using C = Cfg<D, KB, VB>;
-  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kTileTok * C::kWarps};
+  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
 template <int D>
@@ -834,7 +884,7 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
 
 void set_decode_tc_split_override(int split_tokens) { g_split_override = split_tokens; }
 
-int decode_tc_tile_tokens(int head_dim) { return kTileTok * warps_for(head_dim); }
+int decode_tc_tile_tokens(int head_dim) { return kPairTok * warps_for(head_dim); }
 
 int decode_tc_max_splits(const DecodeAttentionParams& p) {
   const long cap = long(p.max_pages_per_seq) * p.page_tokens;

@@ -220,7 +220,7 @@ void launch_decode_dense_part(const DecodeAttentionParams& p, const float* q, CU
 int decode_dense_part_splits(int head_dim, int dense_slots);
 
 // Tensor-core kernel internals the planner needs (decode_attention_tc.cu).
-int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 16-token tile per warp)
+int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 32-token tile pair per warp)
 int decode_tc_max_splits(const DecodeAttentionParams& p);
 int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths);
 
