@@ -9,7 +9,7 @@ echo "build $(( $(date +%s) - t0 )) s"
 [[ -n ${NO_BUILD:-} ]] || lab_test_cuda
 METRICS=$(printf '%s,' \
   smsp__issue_active.avg.pct_of_peak_sustained_active smsp__warps_eligible.avg.per_cycle_active \
-  smsp__warps_active.avg.per_cycle_active gpu__time_duration.sum \
+  smsp__warps_active.avg.per_cycle_active gpu__time_duration.sum smsp__inst_executed.sum \
   smsp__average_warps_issue_stalled_{barrier,branch_resolving,dispatch_stall,drain,imc_miss,lg_throttle,long_scoreboard,math_pipe_throttle,membar,mio_throttle,misc,no_instruction,not_selected,selected,short_scoreboard,sleeping,tex_throttle,wait}_per_issue_active.ratio)
 for batch in 8 1; do
   timeout 150 ncu --clock-control none -k regex:decode_tc_kernel --launch-skip 3 --launch-count 1 \
