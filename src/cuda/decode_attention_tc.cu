@@ -486,14 +486,19 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
   {
-    uint32_t* tab = reinterpret_cast<uint32_t*>(smem);
-    for (int wi = threadIdx.x; wi < C::kTableBytes / 4; wi += C::kThreads) {
-      const int e = wi >> 6, side = (wi >> 5) & 1;
+    // One thread per (entry, side): its 32 lane copies as 8 16-byte stores,
+    // started at chunk `lane % 8` so that a warp's stores spread over all banks.
+    constexpr int kEntries = C::kTableBytes / 256;
+    for (int i = threadIdx.x; i < 2 * kEntries; i += C::kThreads) {
+      const int e = i >> 1, side = i & 1;
       const int bits = side ? VB : KB;
       const float* cb = side ? p.v.centroids : p.k.centroids;
       uint32_t val = 0;
       if (e < (1 << (2 * bits))) val = pack_half2(cb[e & ((1 << bits) - 1)], cb[e >> bits]);
-      tab[wi] = val;
+      uint4* dst = reinterpret_cast<uint4*>(smem + e * 256 + side * 128);
+      const uint4 v4 = make_uint4(val, val, val, val);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
     }
   }
 
