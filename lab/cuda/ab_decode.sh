@@ -23,6 +23,11 @@ patch -R -p1 <"$PATCH" >/dev/null || { echo "patch -R failed"; exit 1; }
 lab_build tq || { patch -p1 <"$PATCH"; exit 1; }
 cp "$B/tools/tq/tq" /tmp/tq_A
 patch -p1 <"$PATCH" >/dev/null
+# The build directory now holds A's objects: make B's sources newer, so that a
+# later build there (e.g. scripts/gpu_suite.sh in the same call or on the same
+# warm machine) rebuilds B. Without this, one suite run benchmarked A's build.
+sleep 1
+grep -E '^\+\+\+ b/' "$PATCH" | sed 's|^+++ b/||' | xargs -r touch
 echo "A built at $(( $(date +%s) - t0 )) s"
 rm -rf /tmp/ab && mkdir -p /tmp/ab
 # $BENCH_ARGS2 (optional): a second gpu-bench argument set per round (e.g. the
