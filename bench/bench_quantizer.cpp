@@ -63,6 +63,41 @@ void BM_dequantize(benchmark::State& state, tq::SimdLevel level, const char* spe
   state.SetItemsProcessed(state.iterations() * kBatch);
 }
 
+// Attention on records (Quantizer::score / accumulate, GQA group of 4 query
+// heads): records/s over kBatch records; the decode-step kernels kv-bench runs.
+void BM_score(benchmark::State& state, tq::SimdLevel level, const char* spec, int dim) {
+  std::unique_ptr<tq::Quantizer> q;
+  setup(state, level, spec, dim, q);
+  if (!q) return;
+  constexpr int g = 4;
+  const std::vector<float> x = gaussian(kBatch * dim, 2), qv = gaussian(g * dim, 3);
+  std::vector<uint8_t> rec(kBatch * q->bytes_per_vector());
+  q->encode(x, rec);
+  std::vector<float> qp(g * q->query_floats()), scores(g * kBatch);
+  q->prepare_queries(qv.data(), g, qp.data());
+  for (auto _ : state) {
+    q->score(qp.data(), g, rec.data(), q->bytes_per_vector(), kBatch, scores.data());
+    benchmark::DoNotOptimize(scores.data());
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+}
+
+void BM_accumulate(benchmark::State& state, tq::SimdLevel level, const char* spec, int dim) {
+  std::unique_ptr<tq::Quantizer> q;
+  setup(state, level, spec, dim, q);
+  if (!q) return;
+  constexpr int g = 4;
+  const std::vector<float> x = gaussian(kBatch * dim, 2), w = gaussian(g * kBatch, 4);
+  std::vector<uint8_t> rec(kBatch * q->bytes_per_vector());
+  q->encode(x, rec);
+  std::vector<float> acc(g * q->acc_floats());
+  for (auto _ : state) {
+    q->accumulate(w.data(), g, rec.data(), q->bytes_per_vector(), kBatch, acc.data());
+    benchmark::DoNotOptimize(acc.data());
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+}
+
 }  // namespace
 
 // Names use the spec strings (the project's one configuration language).
@@ -83,3 +118,10 @@ BENCHMARK_CAPTURE(BM_quantize, tq_prod_b3_d128_best, tq::best_simd_level(), "tq-
 BENCHMARK_CAPTURE(BM_dequantize, tq_prod_b3_d128_best, tq::best_simd_level(), "tq-prod:b=3", 128);
 BENCHMARK_CAPTURE(BM_quantize, polar_d128_best, tq::best_simd_level(), "polar", 128);
 BENCHMARK_CAPTURE(BM_dequantize, polar_d128_best, tq::best_simd_level(), "polar", 128);
+BENCHMARK_CAPTURE(BM_score, polar_d128_scalar, tq::SimdLevel::scalar, "polar", 128);
+BENCHMARK_CAPTURE(BM_score, polar_d128_avx512, tq::SimdLevel::avx512, "polar", 128);
+BENCHMARK_CAPTURE(BM_accumulate, polar_d128_avx512, tq::SimdLevel::avx512, "polar", 128);
+BENCHMARK_CAPTURE(BM_score, tq_mse_b4_d128_avx512, tq::SimdLevel::avx512, "tq-mse:b=4", 128);
+BENCHMARK_CAPTURE(BM_accumulate, tq_mse_b4_d128_avx512, tq::SimdLevel::avx512, "tq-mse:b=4", 128);
+BENCHMARK_CAPTURE(BM_score, f16_d128_avx512, tq::SimdLevel::avx512, "f16", 128);
+BENCHMARK_CAPTURE(BM_score, f32_d128_avx512, tq::SimdLevel::avx512, "f32", 128);

@@ -10,11 +10,13 @@
 // kind. Buffers are exactly sized, so AddressSanitizer catches overreads.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/attn_kernels.hpp"
@@ -455,6 +457,70 @@ TEST(AttnKernels, SoftmaxChunkMatchesReference) {
           }
         }
       }
+}
+
+// decode_polar is bit-identical across tables (each output one fp32 product).
+// Random records (any code bits are valid codes; radii random finite halves
+// including subnormals and zeros), random cos/sin tables, every level count
+// a dim allows up to 5, angle widths 1..4 (the SIMD path) and 5 / 8 (its
+// reference fallback), strides equal to the record size (odd: misaligned
+// records) and padded; exactly sized buffers (AddressSanitizer: no overread).
+TEST(AttnKernels, DecodePolarMatchesReferenceBitForBit) {
+  Rng rng(test_seed() + 77);
+  const AttnKernels& ref = attn_kernels_ref();
+  ASSERT_NE(ref.decode_polar, nullptr);
+  int cases = 0;
+  for (int d : {16, 32, 64, 128, 256})
+    for (int levels = 1; levels <= 5 && (d >> levels) >= 1; ++levels)
+      for (const auto [b1, b] : {std::pair{4, 2}, std::pair{1, 1}, std::pair{3, 3}, std::pair{2, 4},
+                                  std::pair{5, 2}, std::pair{4, 8}})
+        for (size_t n : {size_t(1), size_t(3), size_t(33)}) {
+          PolarLayout L;
+          L.dim = d;
+          L.levels = levels;
+          size_t off = 0;
+          std::vector<std::vector<float>> tabs;
+          for (int l = 0; l < levels; ++l) {
+            L.bits[l] = l == 0 ? b1 : b;
+            L.level_offset[l] = off;
+            off += packed(d >> (l + 1), L.bits[l]);
+            tabs.push_back(gaussian(rng, size_t(1) << L.bits[l]));
+            tabs.push_back(gaussian(rng, size_t(1) << L.bits[l]));
+          }
+          for (int l = 0; l < levels; ++l) {
+            L.cos[l] = tabs[2 * l].data();
+            L.sin[l] = tabs[2 * l + 1].data();
+          }
+          L.radii_offset = off;
+          const size_t rec_bytes = off + 2 * size_t(d >> levels);
+          for (size_t stride : {rec_bytes, rec_bytes + 5}) {
+            std::vector<uint8_t> recs((n - 1) * stride + rec_bytes);
+            for (auto& byte : recs) byte = static_cast<uint8_t>(rng.next_u64());
+            for (size_t j = 0; j < n; ++j)
+              for (int i = 0; i < d >> levels; ++i) {
+                const int kind = static_cast<int>(rng.next_u64() % 8);
+                const float r = kind == 0 ? 0.0f : kind == 1 ? 3e-6f : static_cast<float>(std::fabs(rng.gaussian()));
+                const uint16_t h = float_to_half(r);
+                recs[j * stride + off + 2 * i] = static_cast<uint8_t>(h);
+                recs[j * stride + off + 2 * i + 1] = static_cast<uint8_t>(h >> 8);
+              }
+            std::vector<float> want(n * d), got(n * d);
+            ref.decode_polar(L, recs.data(), stride, n, want.data());
+            for (const AttnKernels* k : simd_tables()) {
+              if (k->decode_polar == nullptr) continue;
+              std::fill(got.begin(), got.end(), -1.0f);
+              k->decode_polar(L, recs.data(), stride, n, got.data());
+              for (size_t i = 0; i < got.size(); ++i)
+                ASSERT_EQ(std::memcmp(&got[i], &want[i], sizeof(float)), 0)
+                    << to_string(k->level) << " d " << d << " levels " << levels << " b1 " << b1
+                    << " b " << b << " n " << n << " stride " << stride << " value " << i << ": "
+                    << got[i] << " vs " << want[i] << " (seed " << test_seed() << ")";
+              ++cases;
+            }
+          }
+        }
+  if (simd_tables().empty()) GTEST_SKIP() << "no SIMD table on this CPU/build: the reference only";
+  EXPECT_GT(cases, 0);
 }
 
 TEST(AttnKernels, TablesReportTheirLevel) {

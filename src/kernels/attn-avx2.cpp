@@ -389,7 +389,8 @@ constexpr AttnKernels kAttnAvx2{SimdLevel::avx2,       score_codes_avx2,
                                 accumulate_codes_avx2,  score_dense_avx2,
                                 accumulate_dense_avx2,  nullptr,
                                 nullptr,                nullptr,
-                                nullptr,                softmax_chunk_avx2};
+                                nullptr,                softmax_chunk_avx2,
+                                nullptr};
 
 }  // namespace
 

@@ -638,18 +638,98 @@ void softmax_chunk_avx512(float* s, int g, size_t n, float scale, float* m, floa
   }
 }
 
+// PolarQuant decode, one record at a time, 16 angles of a level per step:
+// their codes from one masked load of <= 8 bytes (bits <= 4: 16 codes fit in
+// 64 bits), spread to dword lanes by two variable 64-bit shifts (even and odd
+// codes) and a blend, cos and sin by vpermps on one-zmm tables, the two
+// products, then interleaved into (r cos, r sin) pairs. Masks cover levels of
+// fewer than 16 angles, so nothing past a record's bytes is read. Other
+// widths (bits > 4) and dims above 1024 take the reference.
+constexpr int kPolarMaxDim = 1024;
+
+void decode_polar_avx512(const PolarLayout& L, const uint8_t* recs, size_t stride, size_t n,
+                         float* out) {
+  const int d = L.dim;
+  bool simd = d <= kPolarMaxDim;
+  for (int l = 0; l < L.levels; ++l) simd = simd && L.bits[l] <= 4;
+  if (!simd) return attn_kernels_ref().decode_polar(L, recs, stride, n, out);
+  __m512 cos_t[kMaxPolarLevels], sin_t[kMaxPolarLevels];
+  __m512i shift_even[kMaxPolarLevels], shift_odd[kMaxPolarLevels], code_mask[kMaxPolarLevels];
+  for (int l = 0; l < L.levels; ++l) {
+    const int b = L.bits[l];
+    const __mmask16 tk = static_cast<__mmask16>((1u << (1 << b)) - 1);
+    cos_t[l] = _mm512_maskz_loadu_ps(tk, L.cos[l]);
+    sin_t[l] = _mm512_maskz_loadu_ps(tk, L.sin[l]);
+    shift_even[l] = _mm512_set_epi64(14 * b, 12 * b, 10 * b, 8 * b, 6 * b, 4 * b, 2 * b, 0);
+    shift_odd[l] = _mm512_set_epi64(15 * b, 13 * b, 11 * b, 9 * b, 7 * b, 5 * b, 3 * b, b);
+    code_mask[l] = _mm512_set1_epi32((1 << b) - 1);
+  }
+  const __m512i pair_lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i pair_hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  // Levels hand their values over through these buffers with whole-zmm stores
+  // and loads at the same 64-byte offsets, so each load is forwarded from its
+  // store (a masked store or load there costs a store-forwarding stall per
+  // level on Zen 4); lanes past a level's end hold junk that no lane reads.
+  alignas(64) float buf_a[kPolarMaxDim / 2 + 32], buf_b[kPolarMaxDim / 2 + 32];
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    float* cur = buf_a;
+    float* nxt = buf_b;
+    const int n_radii = d >> L.levels;
+    for (int i0 = 0; i0 < n_radii; i0 += 16) {
+      const int cnt = n_radii - i0 < 16 ? n_radii - i0 : 16;
+      const __mmask16 km = static_cast<__mmask16>((1u << cnt) - 1);
+      const __m256i h = _mm256_maskz_loadu_epi16(km, rec + L.radii_offset + 2 * size_t(i0));
+      _mm512_store_ps(cur + i0, _mm512_cvtph_ps(h));
+    }
+    for (int l = L.levels; l >= 1; --l) {
+      const int m = d >> l, b = L.bits[l - 1], li = l - 1;
+      const uint8_t* codes = rec + L.level_offset[li];
+      float* o = l == 1 ? out + j * size_t(d) : nxt;
+      for (int i0 = 0; i0 < m; i0 += 16) {
+        const int cnt = m - i0 < 16 ? m - i0 : 16;
+        const int n_bytes = (cnt * b + 7) / 8;  // <= 8; i0 * b is a multiple of 16 bits
+        const __m128i raw = _mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << n_bytes) - 1),
+                                                 codes + size_t(i0) * b / 8);
+        const __m512i w = _mm512_broadcastq_epi64(raw);
+        const __m512i even = _mm512_srlv_epi64(w, shift_even[li]);
+        const __m512i odd = _mm512_slli_epi64(_mm512_srlv_epi64(w, shift_odd[li]), 32);
+        const __m512i idx = _mm512_and_si512(_mm512_mask_blend_epi32(0xAAAA, even, odd), code_mask[li]);
+        const __m512 r = _mm512_load_ps(cur + i0);
+        const __m512 rc = _mm512_mul_ps(r, _mm512_permutexvar_ps(idx, cos_t[li]));
+        const __m512 rs = _mm512_mul_ps(r, _mm512_permutexvar_ps(idx, sin_t[li]));
+        const __m512 lo = _mm512_permutex2var_ps(rc, pair_lo, rs);
+        const __m512 hi = _mm512_permutex2var_ps(rc, pair_hi, rs);
+        if (cnt == 16 || l > 1) {  // an intermediate level may write junk past its end
+          _mm512_storeu_ps(o + 2 * i0, lo);
+          _mm512_storeu_ps(o + 2 * i0 + 16, hi);
+        } else {  // the output's last 2 cnt < 32 values
+          const int k = 2 * cnt;
+          _mm512_mask_storeu_ps(o + 2 * i0, static_cast<__mmask16>(k >= 16 ? 0xFFFFu : (1u << k) - 1), lo);
+          if (k > 16) _mm512_mask_storeu_ps(o + 2 * i0 + 16, static_cast<__mmask16>((1u << (k - 16)) - 1), hi);
+        }
+      }
+      float* t = cur;
+      cur = nxt;
+      nxt = t;
+    }
+  }
+}
+
 // Constant-initialised: no code from this file runs before the CPU check.
 constexpr AttnKernels kAttnAvx512{SimdLevel::avx512,             score_codes_avx512<false>,
                                   accumulate_codes_avx512<false>, score_dense_avx512,
                                   accumulate_dense_avx512,        score_blocks_avx512,
                                   accumulate_blocks_avx512,       score_signs_avx512,
-                                  accumulate_signs_avx512,        softmax_chunk_avx512};
+                                  accumulate_signs_avx512,        softmax_chunk_avx512,
+                                  decode_polar_avx512};
 // The same with the VBMI code decoder (bits <= 4), picked when the CPU has it.
 constexpr AttnKernels kAttnAvx512Vbmi{SimdLevel::avx512,            score_codes_avx512<true>,
                                       accumulate_codes_avx512<true>, score_dense_avx512,
                                       accumulate_dense_avx512,       score_blocks_avx512,
                                       accumulate_blocks_avx512,      score_signs_avx512,
-                                      accumulate_signs_avx512,       softmax_chunk_avx512};
+                                      accumulate_signs_avx512,       softmax_chunk_avx512,
+                                      decode_polar_avx512};
 
 }  // namespace
 

@@ -23,6 +23,24 @@
 
 namespace tq::kernels {
 
+// Where a PolarQuant record keeps its parts (quant/polar.cpp): the angle codes
+// of level l (1..levels; dim >> l of them, bits[l - 1] bits each, a tight
+// little-endian bitstream) at level_offset[l - 1], then dim >> levels fp16
+// radii at radii_offset. Decoding walks the levels down: the n values of level
+// l (its radii; level `levels` starts from the stored ones) become 2n values,
+// out[2i] = r_i * cos[l - 1][code_i] and out[2i + 1] = r_i * sin[l - 1][code_i],
+// each a single fp32 product; level 1's 2n = dim values are the vector in the
+// rotated domain.
+constexpr int kMaxPolarLevels = 12;
+struct PolarLayout {
+  int dim = 0, levels = 0;
+  int bits[kMaxPolarLevels] = {};
+  size_t level_offset[kMaxPolarLevels] = {};
+  size_t radii_offset = 0;
+  const float* cos[kMaxPolarLevels] = {};  // [2^bits[l]] per level
+  const float* sin[kMaxPolarLevels] = {};
+};
+
 struct AttnKernels {
   SimdLevel level;
 
@@ -69,6 +87,10 @@ struct AttnKernels {
   // the factor the caller applies to its accumulator. SIMD paths use a polynomial
   // exp (relative error < 1e-6) instead of libm's.
   void (*softmax_chunk)(float* s, int g, size_t n, float scale, float* m, float* l, float* corr);
+  // PolarQuant records to rotated-domain vectors: out[j * dim + i]. Unlike the
+  // kernels above this one IS bit-identical across levels (each output is one
+  // product of the same two floats). out: [n, dim]
+  void (*decode_polar)(const PolarLayout& L, const uint8_t* recs, size_t stride, size_t n, float* out);
 };
 
 const AttnKernels& attn_kernels_ref();

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
+#include <vector>
 
 #include "kernels/attn_kernels.hpp"
 #include "turboquant/error.hpp"
@@ -173,13 +175,46 @@ void softmax_chunk_ref(float* s, int g, size_t n, float scale, float* m, float* 
   }
 }
 
+void decode_polar_ref(const PolarLayout& L, const uint8_t* recs, size_t stride, size_t n, float* out) {
+  const int d = L.dim;
+  // Each level's values (at most d / 2 before level 1): on the stack for the
+  // usual dims, so that decoding one record allocates nothing.
+  constexpr int kStack = 512;
+  float sa[kStack], sb[kStack];
+  std::vector<float> va, vb;
+  if (d / 2 > kStack) {
+    va.resize(size_t(d) / 2);
+    vb.resize(size_t(d) / 2);
+  }
+  for (size_t j = 0; j < n; ++j) {
+    const uint8_t* rec = recs + j * stride;
+    float* cur = d / 2 > kStack ? va.data() : sa;
+    float* nxt = d / 2 > kStack ? vb.data() : sb;
+    for (int i = 0; i < d >> L.levels; ++i)
+      cur[i] = half_to_float(static_cast<uint16_t>(rec[L.radii_offset + 2 * i] |
+                                                   rec[L.radii_offset + 2 * i + 1] << 8));
+    for (int l = L.levels; l >= 1; --l) {
+      const uint8_t* codes = rec + L.level_offset[l - 1];
+      const float* cs = L.cos[l - 1];
+      const float* sn = L.sin[l - 1];
+      float* o = l == 1 ? out + j * size_t(d) : nxt;
+      for (int i = 0; i < d >> l; ++i) {
+        const unsigned c = code_at(codes, i, L.bits[l - 1]);
+        o[2 * i] = cur[i] * cs[c];
+        o[2 * i + 1] = cur[i] * sn[c];
+      }
+      std::swap(cur, nxt);
+    }
+  }
+}
+
 }  // namespace
 
 const AttnKernels& attn_kernels_ref() {
   static const AttnKernels k{SimdLevel::scalar, score_codes_ref, accumulate_codes_ref,
                              score_dense_ref, accumulate_dense_ref, score_blocks_ref,
                              accumulate_blocks_ref,  score_signs_ref,
-                             accumulate_signs_ref,   softmax_chunk_ref};
+                             accumulate_signs_ref,   softmax_chunk_ref, decode_polar_ref};
   return k;
 }
 

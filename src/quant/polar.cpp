@@ -3,8 +3,10 @@
 // of level l-1 into (radius, angle in [0, pi/2]). After L levels only
 // dim/2^L radii remain (stored fp16); every angle is coded with a Lloyd-Max
 // codebook for its level's exact law (codebook.hpp), bit-packed.
-// Angle arithmetic is scalar (libm atan2/cos/sin); the rotation and the
-// code search use the SIMD kernels.
+// Encoding's angle arithmetic is scalar (libm atan2/cos/sin); the rotation and
+// the code search use the SIMD kernels. Decoding (and attention on records)
+// goes through the decode_polar kernel (attn_kernels.hpp).
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -36,6 +38,17 @@ PolarQuantizer::PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, S
     off += packed_bytes(dim >> l, bits);
   }
   radii_offset_ = off;
+  TQ_REQUIRE(levels_ <= kernels::kMaxPolarLevels, "polar: at most ", kernels::kMaxPolarLevels,
+             " levels, got ", levels_);
+  layout_.dim = dim;
+  layout_.levels = levels_;
+  for (int l = 0; l < levels_; ++l) {
+    layout_.bits[l] = cb_[l]->bits;
+    layout_.level_offset[l] = level_offset_[l];
+    layout_.cos[l] = cos_[l].data();
+    layout_.sin[l] = sin_[l].data();
+  }
+  layout_.radii_offset = radii_offset_;
 }
 
 void PolarQuantizer::encode_one(const float* x, uint8_t* rec) const {
@@ -74,28 +87,48 @@ void PolarQuantizer::decode_one(const uint8_t* rec, float* x) const {
   rot_.inverse(x, x);
 }
 
-void PolarQuantizer::decode_domain(const uint8_t* rec, float* x) const {
+void PolarQuantizer::decode_domain(const uint8_t* rec, float* x) const { decode_block(rec, 0, 1, x); }
+
+// The SIMD table's decoder where it has one (bit-identical to the reference).
+void PolarQuantizer::decode_block(const uint8_t* recs, size_t stride, size_t n, float* out) const {
+  const auto f = kernels::attn_kernels_for(simd()).decode_polar;
+  (f != nullptr ? f : kernels::attn_kernels_ref().decode_polar)(layout_, recs, stride, n, out);
+}
+
+// kBlock records at a time: decoded into scratch (16 KB at d 128, stays in L1),
+// then the dense f32 kernels, whose records are those rows.
+constexpr size_t kPolarBlock = 32;
+
+void PolarQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                           float* scores) const {
   const int d = dim();
-  Scratch s(d);
-  float* cur = s.y;
-  float* nxt = s.r;
-  const int n_radii = d >> levels_;
-  for (int i = 0; i < n_radii; ++i)
-    cur[i] = half_to_float(static_cast<uint16_t>(rec[radii_offset_ + 2 * i] |
-                                                 rec[radii_offset_ + 2 * i + 1] << 8));
-  for (int l = levels_; l >= 1; --l) {
-    const int n = d >> l;
-    const int bits = cb_[l - 1]->bits;
-    k_.unpack(rec + level_offset_[l - 1], n, bits, s.codes);
-    const float* cs = cos_[l - 1].data();
-    const float* sn = sin_[l - 1].data();
-    float* out = l == 1 ? x : nxt;
-    for (int i = n - 1; i >= 0; --i) {  // out may be 2x longer than cur: fill from the end
-      const float r = cur[i];
-      out[2 * i] = r * cs[s.codes[i]];
-      out[2 * i + 1] = r * sn[s.codes[i]];
+  const auto& ak = kernels::attn_kernels_for(simd());
+  Scratch s(kPolarBlock * size_t(std::max(d, g)));
+  for (size_t j0 = 0; j0 < n; j0 += kPolarBlock) {
+    const size_t m = std::min(kPolarBlock, n - j0);
+    decode_block(recs + j0 * stride, stride, m, s.y);
+    const auto* rows = reinterpret_cast<const uint8_t*>(s.y);
+    if (m == n) {
+      ak.score_dense(0, qp, g, d, rows, sizeof(float) * d, m, scores);
+      return;
     }
-    std::swap(cur, nxt);
+    ak.score_dense(0, qp, g, d, rows, sizeof(float) * d, m, s.c);  // s.c: [g, m]
+    for (int h = 0; h < g; ++h)
+      std::copy(s.c + size_t(h) * m, s.c + size_t(h + 1) * m, scores + size_t(h) * n + j0);
+  }
+}
+
+void PolarQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                                float* acc) const {
+  const int d = dim();
+  const auto& ak = kernels::attn_kernels_for(simd());
+  Scratch s(kPolarBlock * size_t(std::max(d, g)));
+  for (size_t j0 = 0; j0 < n; j0 += kPolarBlock) {
+    const size_t m = std::min(kPolarBlock, n - j0);
+    decode_block(recs + j0 * stride, stride, m, s.y);
+    for (int h = 0; h < g; ++h)  // this block's weights, [g, m]
+      std::copy(w + size_t(h) * n + j0, w + size_t(h) * n + j0 + m, s.c + size_t(h) * m);
+    ak.accumulate_dense(0, s.c, g, d, reinterpret_cast<const uint8_t*>(s.y), sizeof(float) * d, m, acc);
   }
 }
 

@@ -3,6 +3,7 @@
 
 #include <vector>
 
+#include "kernels/attn_kernels.hpp"
 #include "kernels/kernels.hpp"
 #include "turboquant/codebook.hpp"
 #include "turboquant/quantizer.hpp"
@@ -132,11 +133,19 @@ class PolarQuantizer final : public Quantizer {
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   TQ_ROTATED_DOMAIN_OVERRIDES
+  // Blocks of records decoded by the SIMD kernel (decode_polar), then the
+  // dense f32 score / accumulate kernels on the block.
+  void score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+             float* scores) const override;
+  void accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
+                  float* acc) const override;
 
  protected:
   void decode_domain(const uint8_t* rec, float* out) const override;
 
  private:
+  void decode_block(const uint8_t* recs, size_t stride, size_t n, float* out) const;
+
   const kernels::Kernels& k_;
   Rotation rot_;
   int levels_;
@@ -144,6 +153,7 @@ class PolarQuantizer final : public Quantizer {
   std::vector<std::vector<float>> cos_, sin_;  // per level, per centroid
   std::vector<size_t> level_offset_;      // byte offset of each level's codes
   size_t radii_offset_;
+  kernels::PolarLayout layout_;           // the same facts for decode_polar
 };
 
 // q8_0 / q4_0: optional rotation, then llama.cpp-style 32-element blocks.
