@@ -35,6 +35,14 @@ void setup(benchmark::State& state, tq::SimdLevel level, const char* spec, int d
   q = tq::make_quantizer(tq::parse_format(spec), dim, opt);
 }
 
+// kBatch random vectors of q's dim, encoded.
+std::vector<uint8_t> encoded(const tq::Quantizer& q, int dim) {
+  const std::vector<float> x = gaussian(kBatch * dim, 2);
+  std::vector<uint8_t> rec(kBatch * q.bytes_per_vector());
+  q.encode(x, rec);
+  return rec;
+}
+
 void BM_quantize(benchmark::State& state, tq::SimdLevel level, const char* spec, int dim) {
   std::unique_ptr<tq::Quantizer> q;
   setup(state, level, spec, dim, q);
@@ -52,10 +60,8 @@ void BM_dequantize(benchmark::State& state, tq::SimdLevel level, const char* spe
   std::unique_ptr<tq::Quantizer> q;
   setup(state, level, spec, dim, q);
   if (!q) return;
-  const std::vector<float> x = gaussian(kBatch * dim, 2);
-  std::vector<uint8_t> rec(kBatch * q->bytes_per_vector());
-  std::vector<float> y(x.size());
-  q->encode(x, rec);
+  const std::vector<uint8_t> rec = encoded(*q, dim);
+  std::vector<float> y(kBatch * dim);
   for (auto _ : state) {
     q->decode(rec, y);
     benchmark::DoNotOptimize(y.data());
@@ -70,9 +76,8 @@ void BM_score(benchmark::State& state, tq::SimdLevel level, const char* spec, in
   setup(state, level, spec, dim, q);
   if (!q) return;
   constexpr int g = 4;
-  const std::vector<float> x = gaussian(kBatch * dim, 2), qv = gaussian(g * dim, 3);
-  std::vector<uint8_t> rec(kBatch * q->bytes_per_vector());
-  q->encode(x, rec);
+  const std::vector<float> qv = gaussian(g * dim, 3);
+  const std::vector<uint8_t> rec = encoded(*q, dim);
   std::vector<float> qp(g * q->query_floats()), scores(g * kBatch);
   q->prepare_queries(qv.data(), g, qp.data());
   for (auto _ : state) {
@@ -87,9 +92,8 @@ void BM_accumulate(benchmark::State& state, tq::SimdLevel level, const char* spe
   setup(state, level, spec, dim, q);
   if (!q) return;
   constexpr int g = 4;
-  const std::vector<float> x = gaussian(kBatch * dim, 2), w = gaussian(g * kBatch, 4);
-  std::vector<uint8_t> rec(kBatch * q->bytes_per_vector());
-  q->encode(x, rec);
+  const std::vector<float> w = gaussian(g * kBatch, 4);
+  const std::vector<uint8_t> rec = encoded(*q, dim);
   std::vector<float> acc(g * q->acc_floats());
   for (auto _ : state) {
     q->accumulate(w.data(), g, rec.data(), q->bytes_per_vector(), kBatch, acc.data());

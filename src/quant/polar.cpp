@@ -95,41 +95,40 @@ void PolarQuantizer::decode_block(const uint8_t* recs, size_t stride, size_t n, 
   (f != nullptr ? f : kernels::attn_kernels_ref().decode_polar)(layout_, recs, stride, n, out);
 }
 
-// kBlock records at a time: decoded into scratch (16 KB at d 128, stays in L1),
-// then the dense f32 kernels, whose records are those rows.
+// kPolarBlock records at a time, decoded into scratch (16 KB at d 128: stays
+// in L1); fn(j0, m, rows, tmp) then runs the dense f32 kernels on the m rows
+// [m, dim]; tmp has room for [g, m] floats.
 constexpr size_t kPolarBlock = 32;
 
-void PolarQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
-                           float* scores) const {
-  const int d = dim();
-  const auto& ak = kernels::attn_kernels_for(simd());
-  Scratch s(kPolarBlock * size_t(std::max(d, g)));
+template <class F>
+void PolarQuantizer::each_block(int g, const uint8_t* recs, size_t stride, size_t n, F&& fn) const {
+  Scratch s(kPolarBlock * size_t(std::max(dim(), g)));
   for (size_t j0 = 0; j0 < n; j0 += kPolarBlock) {
     const size_t m = std::min(kPolarBlock, n - j0);
     decode_block(recs + j0 * stride, stride, m, s.y);
-    const auto* rows = reinterpret_cast<const uint8_t*>(s.y);
-    if (m == n) {
-      ak.score_dense(0, qp, g, d, rows, sizeof(float) * d, m, scores);
-      return;
-    }
-    ak.score_dense(0, qp, g, d, rows, sizeof(float) * d, m, s.c);  // s.c: [g, m]
-    for (int h = 0; h < g; ++h)
-      std::copy(s.c + size_t(h) * m, s.c + size_t(h + 1) * m, scores + size_t(h) * n + j0);
+    fn(j0, m, reinterpret_cast<const uint8_t*>(s.y), s.c);
   }
+}
+
+void PolarQuantizer::score(const float* qp, int g, const uint8_t* recs, size_t stride, size_t n,
+                           float* scores) const {
+  const auto& ak = kernels::attn_kernels_for(simd());
+  const int d = dim();
+  each_block(g, recs, stride, n, [&](size_t j0, size_t m, const uint8_t* rows, float* tmp) {
+    ak.score_dense(0, qp, g, d, rows, sizeof(float) * d, m, tmp);  // tmp: [g, m]
+    for (int h = 0; h < g; ++h) std::copy(tmp + size_t(h) * m, tmp + size_t(h + 1) * m, scores + size_t(h) * n + j0);
+  });
 }
 
 void PolarQuantizer::accumulate(const float* w, int g, const uint8_t* recs, size_t stride, size_t n,
                                 float* acc) const {
-  const int d = dim();
   const auto& ak = kernels::attn_kernels_for(simd());
-  Scratch s(kPolarBlock * size_t(std::max(d, g)));
-  for (size_t j0 = 0; j0 < n; j0 += kPolarBlock) {
-    const size_t m = std::min(kPolarBlock, n - j0);
-    decode_block(recs + j0 * stride, stride, m, s.y);
-    for (int h = 0; h < g; ++h)  // this block's weights, [g, m]
-      std::copy(w + size_t(h) * n + j0, w + size_t(h) * n + j0 + m, s.c + size_t(h) * m);
-    ak.accumulate_dense(0, s.c, g, d, reinterpret_cast<const uint8_t*>(s.y), sizeof(float) * d, m, acc);
-  }
+  const int d = dim();
+  each_block(g, recs, stride, n, [&](size_t j0, size_t m, const uint8_t* rows, float* tmp) {
+    for (int h = 0; h < g; ++h)  // this block's weights: [g, m]
+      std::copy(w + size_t(h) * n + j0, w + size_t(h) * n + j0 + m, tmp + size_t(h) * m);
+    ak.accumulate_dense(0, tmp, g, d, rows, sizeof(float) * d, m, acc);
+  });
 }
 
 }  // namespace tq::quant

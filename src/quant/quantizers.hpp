@@ -145,6 +145,8 @@ class PolarQuantizer final : public Quantizer {
 
  private:
   void decode_block(const uint8_t* recs, size_t stride, size_t n, float* out) const;
+  template <class F>
+  void each_block(int g, const uint8_t* recs, size_t stride, size_t n, F&& fn) const;
 
   const kernels::Kernels& k_;
   Rotation rot_;
