@@ -5,15 +5,17 @@
 # (cycles per issued instruction) and the full section set + per-SASS page of
 # the first bf16-input launch, for docs/kernel-notes.md; before that the GPU
 # tests and a plain timing. Output in $OUT. NO_BUILD=1 reuses a warm
-# machine's build, NO_TEST=1 skips the tests.
+# machine's build, NO_TEST=1 skips the tests, SHAPE=gemma profiles the d-256
+# append instead (the prefill append times the first --shape).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ -n ${NO_BUILD:-} ]] || { lab_configure && lab_build tq test_cuda || exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 [[ -n ${NO_TEST:-} ]] || lab_test_cuda
 # Plain timing (no profiler): prefill append of 131,072 tokens, kernels and API.
-timeout 200 "$B/tools/tq/tq" gpu-bench --shape llama --batch 1 --context 4096 --preset turbo4,paper_mse,turbo3 \
+SHAPE=${SHAPE:-llama}
+timeout 200 "$B/tools/tq/tq" gpu-bench --shape "$SHAPE" --batch 1 --context 4096 --preset turbo4,paper_mse,turbo3 \
   --runs 20 --append-runs 10 --json-file "$OUT/append_bench.json" 2>&1 | grep -A12 '^append' | grep -v decode
-BENCH=("$B/tools/tq/tq" gpu-bench --shape llama --batch 1 --context 4096 --preset "${PRESET:-turbo4}" --runs 20 --append-runs 2)
+BENCH=("$B/tools/tq/tq" gpu-bench --shape "$SHAPE" --batch 1 --context 4096 --preset "${PRESET:-turbo4}" --runs 20 --append-runs 2)
 # Pass 1: every append launch, its name and duration (to find the bf16 ones).
 timeout 200 ncu --clock-control none --kernel-name-base demangled -k regex:mse_append_kernel \
   --metrics gpu__time_duration.sum,launch__grid_size,launch__registers_per_thread,smsp__issue_active.avg.pct_of_peak_sustained_active \
