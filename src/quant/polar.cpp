@@ -23,6 +23,10 @@ PolarQuantizer::PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, S
       k_(kernels::kernels_for(simd)),
       rot_(spec.rotation, dim, derive_seed(seed, "rotation"), simd),
       levels_(spec.polar_levels) {
+  TQ_REQUIRE(levels_ >= 1 && levels_ <= kernels::kMaxPolarLevels, "polar: 1 to ",
+             kernels::kMaxPolarLevels, " levels, got ", levels_);
+  layout_.dim = dim;
+  layout_.levels = levels_;
   size_t off = 0;
   for (int l = 1; l <= levels_; ++l) {
     const int bits = l == 1 ? spec.polar_bits1 : spec.polar_bits;
@@ -34,21 +38,13 @@ PolarQuantizer::PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, S
     }
     cos_.push_back(std::move(c));
     sin_.push_back(std::move(s));
-    level_offset_.push_back(off);
+    layout_.bits[l - 1] = bits;
+    layout_.level_offset[l - 1] = off;
+    layout_.cos[l - 1] = cos_.back().data();
+    layout_.sin[l - 1] = sin_.back().data();
     off += packed_bytes(dim >> l, bits);
   }
-  radii_offset_ = off;
-  TQ_REQUIRE(levels_ <= kernels::kMaxPolarLevels, "polar: at most ", kernels::kMaxPolarLevels,
-             " levels, got ", levels_);
-  layout_.dim = dim;
-  layout_.levels = levels_;
-  for (int l = 0; l < levels_; ++l) {
-    layout_.bits[l] = cb_[l]->bits;
-    layout_.level_offset[l] = level_offset_[l];
-    layout_.cos[l] = cos_[l].data();
-    layout_.sin[l] = sin_[l].data();
-  }
-  layout_.radii_offset = radii_offset_;
+  layout_.radii_offset = off;
 }
 
 void PolarQuantizer::encode_one(const float* x, uint8_t* rec) const {
@@ -70,15 +66,15 @@ void PolarQuantizer::encode_one(const float* x, uint8_t* rec) const {
     }
     const int bits = cb_[l - 1]->bits;
     k_.quantize(ang, n, 1.0f, cb_[l - 1]->boundaries.data(), bits, s.codes);
-    k_.pack(s.codes, n, bits, rec + level_offset_[l - 1]);
+    k_.pack(s.codes, n, bits, rec + layout_.level_offset[l - 1]);
     std::swap(cur, nxt);
   }
   const int n_radii = d >> levels_;
   for (int i = 0; i < n_radii; ++i) {
     TQ_REQUIRE(cur[i] <= kHalfMax, "polar radius ", cur[i], " does not fit fp16 (max 65504)");
     const uint16_t h = float_to_half(cur[i]);
-    rec[radii_offset_ + 2 * i] = static_cast<uint8_t>(h);
-    rec[radii_offset_ + 2 * i + 1] = static_cast<uint8_t>(h >> 8);
+    rec[layout_.radii_offset + 2 * i] = static_cast<uint8_t>(h);
+    rec[layout_.radii_offset + 2 * i + 1] = static_cast<uint8_t>(h >> 8);
   }
 }
 

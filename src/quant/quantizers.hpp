@@ -130,6 +130,8 @@ class ProdQuantizer final : public Quantizer {
 class PolarQuantizer final : public Quantizer {
  public:
   PolarQuantizer(const FormatSpec& spec, int dim, uint64_t seed, SimdLevel simd);
+  PolarQuantizer(const PolarQuantizer&) = delete;  // layout_ points into this object's tables
+  PolarQuantizer& operator=(const PolarQuantizer&) = delete;
   void encode_one(const float* x, uint8_t* rec) const override;
   void decode_one(const uint8_t* rec, float* x) const override;
   TQ_ROTATED_DOMAIN_OVERRIDES
@@ -153,9 +155,7 @@ class PolarQuantizer final : public Quantizer {
   int levels_;
   std::vector<const Codebook*> cb_;       // per level
   std::vector<std::vector<float>> cos_, sin_;  // per level, per centroid
-  std::vector<size_t> level_offset_;      // byte offset of each level's codes
-  size_t radii_offset_;
-  kernels::PolarLayout layout_;           // the same facts for decode_polar
+  kernels::PolarLayout layout_;  // record layout; points into cos_ / sin_
 };
 
 // q8_0 / q4_0: optional rotation, then llama.cpp-style 32-element blocks.
