@@ -98,11 +98,13 @@ void fill(KvCache& c, int seq, int layer, int n, int piece, uint64_t seed) {
   }
 }
 
-// Everything observable of a cache: ids, per (seq, layer) tokens, mode, the
-// dequantized K and V, attention outputs and lse; allocated bytes.
+// Everything observable of a cache: ids, per (seq, layer) tokens, first
+// stored position, mode, the dequantized K and V (none where a sliding window
+// freed positions), attention outputs (through the layer's sliding window)
+// and lse; allocated bytes.
 struct Snapshot {
   std::vector<int> seqs;
-  std::vector<int> tokens;
+  std::vector<int> tokens, first;
   std::vector<int> compressed;
   std::vector<std::vector<float>> k, v, out, lse;
   size_t bytes = 0;
@@ -118,13 +120,20 @@ Snapshot snapshot(const KvCache& c) {
     for (int l = 0; l < c.config().n_layers; ++l) {
       const int n = c.n_tokens(id, l);
       s.tokens.push_back(n);
+      s.first.push_back(c.first_stored(id, l));
       s.compressed.push_back(c.is_compressed(id, l));
-      std::vector<float> k(size_t(n) * H * d), v(k.size());
-      c.dequantize(id, l, k.data(), v.data());
+      std::vector<float> k, v;
+      if (s.first.back() == 0) {
+        k.resize(size_t(n) * H * d);
+        v.resize(k.size());
+        c.dequantize(id, l, k.data(), v.data());
+      }
       s.k.push_back(std::move(k));
       s.v.push_back(std::move(v));
       std::vector<float> out(size_t(hq) * d), lse(hq);
-      if (n > 0) c.attend(id, l, q.data(), hq, AttentionParams{}, out.data(), lse.data());
+      AttentionParams p;
+      p.window = c.sliding_window_of(l);
+      if (n > 0) c.attend(id, l, q.data(), hq, p, out.data(), lse.data());
       s.out.push_back(std::move(out));
       s.lse.push_back(std::move(lse));
     }
@@ -143,6 +152,7 @@ bool bits_equal(const std::vector<std::vector<float>>& a, const std::vector<std:
 ::testing::AssertionResult same(const Snapshot& a, const Snapshot& b) {
   if (a.seqs != b.seqs) return ::testing::AssertionFailure() << "sequence ids differ";
   if (a.tokens != b.tokens) return ::testing::AssertionFailure() << "token counts differ";
+  if (a.first != b.first) return ::testing::AssertionFailure() << "first stored positions differ";
   if (a.compressed != b.compressed) return ::testing::AssertionFailure() << "layer modes differ";
   if (!bits_equal(a.k, b.k)) return ::testing::AssertionFailure() << "dequantized K differs";
   if (!bits_equal(a.v, b.v)) return ::testing::AssertionFailure() << "dequantized V differs";
@@ -155,8 +165,11 @@ bool bits_equal(const std::vector<std::vector<float>>& a, const std::vector<std:
 
 // 3 layers (layer 2 dense by policy), page 8, window 3; sequences 0 and 2
 // of different lengths, 1 removed, 3 empty.
-KvCacheConfig io_config(const std::string& preset, int k_start, int head_dim = 64) {
+// sliding: layers 0 and 2 are sliding-window layers (5 and 6 positions), so
+// populate() leaves them with freed prefixes and pages.
+KvCacheConfig io_config(const std::string& preset, int k_start, int head_dim = 64, bool sliding = false) {
   KvCacheConfig cfg = KvCacheConfig::from_preset(preset, 3, 2, head_dim);
+  if (sliding) cfg.sliding_window = {5, 0, 6};
   cfg.page_tokens = 8;
   cfg.dense_window = 3;
   cfg.dense_prefix = 2;
@@ -185,11 +198,18 @@ const char* const kRoundTripPresets[] = {"paper_mse", "turbo2.5",  "paper_prod",
 TEST(KvIo, SaveLoadIsBitExact) {
   TempDir dir;
   for (const char* preset : kRoundTripPresets)
-    for (int k_start : {0, 12}) {  // 12: layer 1 of sequence 0 is still dense (before upgrade)
-      SCOPED_TRACE(std::string(preset) + " k_start " + std::to_string(k_start));
-      const KvCacheConfig cfg = io_config(preset, k_start);
+    for (int k_start : {0, 12})  // 12: layer 1 of sequence 0 is still dense (before upgrade)
+    for (bool sliding : {false, true}) {
+      SCOPED_TRACE(std::string(preset) + " k_start " + std::to_string(k_start) + " sliding " +
+                   std::to_string(sliding));
+      const KvCacheConfig cfg = io_config(preset, k_start, 64, sliding);
       KvCache a(cfg);
       populate(a);
+      if (sliding) {  // sequence 0, layers 0 and 2: prefix and first page freed
+        ASSERT_EQ(a.first_stored(0, 0), 10);
+        ASSERT_EQ(a.first_stored(0, 2), 10);
+        ASSERT_EQ(a.first_stored(2, 0), 2);  // the prefix only
+      }
       if (k_start > 0) ASSERT_FALSE(a.is_compressed(0, 1));
       if (!is_dense(cfg.k_format.method)) ASSERT_TRUE(a.is_compressed(0, 0));
       const std::string path = dir.file("case.tqkv");
@@ -258,13 +278,15 @@ SmallCase small_case(const TempDir& dir) {
   c.cfg.page_tokens = 4;
   c.cfg.dense_window = 2;
   c.cfg.dense_prefix = 1;
+  c.cfg.sliding_window = {0, 3};  // sequence 2 layer 1: prefix and a page freed
   KvCache a(c.cfg);
   a.add_sequence();
   a.add_sequence();
   a.add_sequence();
   fill(a, 0, 0, 7, 3, 1);
   fill(a, 0, 1, 2, 2, 2);
-  fill(a, 2, 1, 5, 5, 3);
+  fill(a, 2, 1, 9, 2, 3);
+  if (a.first_stored(2, 1) != 5) ADD_FAILURE() << "small case: first stored " << a.first_stored(2, 1);
   a.remove_sequence(1);
   a.save(dir.file("small.tqkv"));
   c.file = read_bytes(dir.file("small.tqkv"));
@@ -410,6 +432,11 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
       {"dense prefix of 2 tokens (allocated) with dense_prefix 1", [&](auto& b) { put_le(b, layer0 + 16, 2, 4); }},
       {"dense prefix of 0 tokens (allocated) with dense_prefix 1, 4 main",
        [&](auto& b) { put_le(b, layer0 + 16, 0, 4); }},
+      // Evictions in a layer without a sliding window (layer 0).
+      {"4 evicted main tokens with 4 main tokens, pages of 4, a dense prefix of 1 / 1 and sliding window 0",
+       [&](auto& b) { put_le(b, layer0 + 20, 4, 4); }},
+      {"0 evicted main tokens and an evicted prefix", [&](auto& b) { b[layer0] |= 8; }},
+      {"sliding_window has 1 entries", [&](auto& b) { set_config(b, "sliding_window=0,3", "sliding_window=003"); }},
       {"config: key 'dense_prefix' missing", [&](auto& b) { set_config(b, "dense_prefix=", "dense_prefiy="); }},
       {"left over", [&](auto& b) { b.insert(b.end() - 8, uint8_t(0)); }},
       {"remain", [&](auto& b) { b.erase(b.end() - 9); }},
@@ -437,13 +464,14 @@ TEST(KvIo, TamperedFieldsBehindValidChecksumsAreRefused) {
   EXPECT_EQ(good, c.file);
 }
 
-TEST(KvIo, Version2And3FilesStillLoad) {
-  // A version 3 file is a version 4 file without the layer_formats config
-  // line; a version 2 file also lacks the dense_prefix line and n_pre in each
-  // layer header. Made here from a version 4 file (one sequence, one layer
-  // without a channel split, no prefix) by removing them, then resealed: both
-  // load into a cache with dense_prefix 0, and a version 2 file into one with
-  // a prefix not at all.
+TEST(KvIo, Version2To4FilesStillLoad) {
+  // A version 4 file is a version 5 file without the sliding_window config
+  // line and n_evicted in each layer header; a version 3 file also lacks the
+  // layer_formats line; a version 2 file also lacks the dense_prefix line and
+  // n_pre in each layer header. Made here from a version 5 file (one
+  // sequence, one layer without a channel split, no prefix) by removing them,
+  // then resealed: all load into a cache with dense_prefix 0, and a version 2
+  // file into one with a prefix not at all.
   TempDir dir;
   KvCacheConfig cfg = KvCacheConfig::from_preset("paper_mse", 1, 2, 64);
   cfg.page_tokens = 8;
@@ -451,9 +479,9 @@ TEST(KvIo, Version2And3FilesStillLoad) {
   KvCache a(cfg);
   a.add_sequence();
   fill(a, 0, 0, 19, 5, 7);
-  a.save(dir.file("v4.tqkv"));
-  std::vector<uint8_t> f = read_bytes(dir.file("v4.tqkv"));
-  ASSERT_EQ(le32(f, 4), 4u);
+  a.save(dir.file("v5.tqkv"));
+  std::vector<uint8_t> f = read_bytes(dir.file("v5.tqkv"));
+  ASSERT_EQ(le32(f, 4), 5u);
   auto drop_line = [&](const std::string& line) {
     const std::string text(f.begin() + 24, f.begin() + 24 + le32(f, 8));
     const size_t at = text.find(line);
@@ -461,6 +489,20 @@ TEST(KvIo, Version2And3FilesStillLoad) {
     f.erase(f.begin() + 24 + at, f.begin() + 24 + at + line.size());
     put_le(f, 8, text.size() - line.size(), 4);
   };
+  drop_line("sliding_window=\n");
+  put_le(f, 4, 4, 4);
+  {
+    const size_t layer0 = 24 + le32(f, 8) + 8 + 1 + 4 + 1;  // calib flag, n_slots, live
+    ASSERT_EQ(le32(f, layer0 + 20), 0u);  // n_evicted, gone in version 4
+    f.erase(f.begin() + layer0 + 20, f.begin() + layer0 + 24);
+  }
+  reseal(f);
+  write_bytes(dir.file("v4.tqkv"), f);
+  {
+    KvCache b(cfg);
+    b.load(dir.file("v4.tqkv"));
+    EXPECT_TRUE(same(snapshot(a), snapshot(b)));
+  }
   drop_line("layer_formats=\n");
   put_le(f, 4, 3, 4);
   reseal(f);
@@ -557,6 +599,7 @@ TEST(KvIo, ConfigMismatchNamesTheFieldAndLeavesTheCacheUnchanged) {
       {"v_format", [](KvCacheConfig& c) { c.v_format = parse_format("tq-mse:b=3"); }},
       {"dense_format", [](KvCacheConfig& c) { c.dense_format = parse_format("bf16"); }},
       {"dense_layers file [] vs cache [1]", [](KvCacheConfig& c) { c.dense_layers = {1}; }},
+      {"sliding_window of layer 1 file 0 vs cache 8", [](KvCacheConfig& c) { c.sliding_window = {0, 8}; }},
   };
   for (const Case& k : cases) {
     KvCacheConfig other = cfg;
@@ -592,9 +635,11 @@ TEST(KvIo, ReadConfigRoundTrips) {
   cfg.dense_layers = {4, 0};
   cfg.k_start = 33;
   cfg.seed = 0xFEDCBA9876543210ull;
+  cfg.sliding_window = {0, 9, 0, 0, 3};
   KvCache a(cfg);
   a.save(dir.file("c.tqkv"));
   const KvCacheConfig r = KvCache::read_config(dir.file("c.tqkv"));
+  EXPECT_EQ(r.sliding_window, cfg.sliding_window);
   EXPECT_EQ(r.preset, cfg.preset);
   EXPECT_EQ(r.n_layers, cfg.n_layers);
   EXPECT_EQ(r.n_heads_kv, cfg.n_heads_kv);

@@ -72,6 +72,7 @@ struct EvalOptions {
   int dense_window = 0;                 // applied to every preset's cache
   int dense_prefix = 0;                 // first S tokens dense (attention sinks), every preset
   std::vector<int> dense_layers;        // applied to every preset's cache
+  bool swa_full = false;                // sliding-window layers keep every token (Model::cache_config)
   // Called after each chunk: positions run so far (all windows), and the total.
   std::function<void(size_t done, size_t total)> progress;
 };

@@ -22,6 +22,7 @@ struct GenerateOptions {
   int dense_window = 0;
   int dense_prefix = 0;  // first S tokens stay dense (attention sinks)
   std::vector<int> dense_layers;
+  bool swa_full = false;  // sliding-window layers keep every token (Model::cache_config)
   int max_tokens = 64;
   int prefill_batch = 64;            // tokens per forward call during prefill
   bool chat = false;                 // wrap the prompt in the model's chat template

@@ -19,6 +19,14 @@
 // that ages out of it is encoded into the pages. Pages never move once
 // written; trim() and clear() release them.
 //
+// Sliding-window layers (KvCacheConfig::sliding_window, e.g. Gemma's local
+// layers): a query there sees only the newest W positions, so once a whole
+// page (or the dense prefix) lies before every position a later query can
+// see, the cache frees it ("evicts" it). Attention results do not change;
+// the layer's memory stops growing at about W + page_tokens tokens.
+// n_tokens() still counts positions from 0; a query that would need an
+// evicted position is refused with an error, never answered from less.
+//
 // Thread safety: different sequences may be appended to, trimmed and attended
 // from different threads at once; one sequence is used by one thread at a time.
 #pragma once
@@ -72,6 +80,11 @@ struct KvCacheConfig {
   std::vector<int> dense_layers;   // layer policy: these layers are never compressed
   std::vector<KvLayerFormat> layer_formats;  // layer policy: these layers use their own formats
   int k_start = 0;                 // > 0: layers stay dense until they hold k_start tokens
+  // Per layer (empty = none): W > 0 marks a sliding-window layer, attended
+  // with AttentionParams::window <= W and no sinks; the cache frees its pages
+  // that no query at a position >= (tokens before the newest append) can see.
+  // 0 keeps every token. Model::cache_config fills it from the model.
+  std::vector<int> sliding_window;
   uint64_t seed = 0;
 
   // `named_layers` resolves names in a preset's layer policy (a model passes
@@ -104,8 +117,9 @@ struct KvMemory {
 };
 struct KvMemoryReport {
   KvMemory allocated, used;
-  size_t tokens = 0;              // summed over sequences and layers
-  size_t dense_equivalent = 0;    // bytes the same tokens take as bf16 K+V
+  size_t tokens = 0;              // stored tokens, summed over sequences and layers
+  size_t evicted = 0;             // positions freed by sliding windows (not in `tokens`)
+  size_t dense_equivalent = 0;    // bytes the stored tokens take as bf16 K+V
 };
 
 class KvCache {
@@ -129,10 +143,16 @@ class KvCache {
   // format without a channel split or before the layer's calibration.
   std::vector<int> outlier_channels(int layer, int head, bool key) const;
 
+  // The sliding window of a layer (0: keeps every token).
+  int sliding_window_of(int layer) const;
+
   int add_sequence();
   void remove_sequence(int seq);
   std::vector<int> sequences() const;
-  int n_tokens(int seq, int layer) const;
+  int n_tokens(int seq, int layer) const;  // positions appended (evicted ones included)
+  // The first position still stored: 0 unless a sliding window evicted the
+  // positions before it.
+  int first_stored(int seq, int layer) const;
   bool is_compressed(int seq, int layer) const;  // main pages hold the compressed format
 
   // k, v: [n_tokens, n_heads_kv, head_dim]. NaN/Inf is refused (tq::Error,
@@ -140,6 +160,9 @@ class KvCache {
   void append(int seq, int layer, const float* k, const float* v, int n_tokens);
   // Keeps the first n_tokens of every layer of the sequence. Tokens that were
   // already compressed stay compressed (the window only holds what remained in it).
+  // A sliding-window layer that evicted positions can go back to n_tokens >=
+  // first_stored + W - 1 (always to the length before the last append), or
+  // to 0; anything between throws tq::Error and changes nothing.
   void trim(int seq, int n_tokens);
   void clear();  // every sequence to zero tokens, pages released
 
@@ -159,6 +182,7 @@ class KvCache {
 
   // The decoded (dequantized) keys and values of a sequence's layer, e.g. for
   // checks against dense attention. k, v: [n_tokens, n_heads_kv, head_dim]
+  // (tq::Error if a sliding window evicted any of them).
   void dequantize(int seq, int layer, float* k, float* v) const;
 
   // Raw compressed records, e.g. to move a layer to or from a GPU KV layer
@@ -193,7 +217,8 @@ class KvCache {
 
   // ---- Events -------------------------------------------------------------
   // upgrade (one line per converted layer, automatic upgrades included), trim,
-  // save and load each emit one JSON line:
+  // save, load and evict (a sliding-window layer freeing pages) each emit one
+  // JSON line:
   // {"event":"upgrade","seq":S,"layer":L,"tokens":N,"bytes_before":B0,
   //  "bytes_after":B1,"ratio":R,"us":T}
   // bytes are the cache's real allocated bytes (layer-level for upgrade);

@@ -65,7 +65,10 @@ class Model {
   // A cache config for this model's shape with a preset (or k=SPEC/v=SPEC),
   // optionally with a layer policy naming "global" (full-attention) or
   // "local" (sliding-window) layers, e.g. "turbo3+global=turbo4-out".
-  KvCacheConfig cache_config(const std::string& preset) const;
+  // The sliding-window layers keep only what their window can still see
+  // (KvCacheConfig::sliding_window), unless swa_full: then every token of
+  // every layer stays (e.g. to trim back further than a window).
+  KvCacheConfig cache_config(const std::string& preset, bool swa_full = false) const;
 
   // Runs n tokens at positions pos .. pos+n-1 of sequence seq (appending
   // their K/V to the cache). logits: [vocab] of the last token, or [n, vocab]

@@ -114,6 +114,7 @@ struct NeedleOptions {
   int dense_window = 0;                      // applied to every preset's cache
   int dense_prefix = 0;                      // first S tokens dense (attention sinks)
   std::vector<int> dense_layers;             // applied to every preset's cache
+  bool swa_full = false;                     // sliding-window layers keep every token (Model::cache_config)
   // After each forward call: positions run so far (all presets), and the total.
   std::function<void(size_t done, size_t total)> progress;
 };
@@ -126,6 +127,14 @@ struct NeedleTrial {
   int trial = 0;
   std::string passkey, answer;
   bool correct = false;
+  // The cache after the answer: its used bytes (KvMemoryReport::used), the
+  // positions it was run over, and what that is per coordinate of every
+  // position: 8 kv_bytes / (positions x n_layers x n_heads_kv x 2 head_dim)
+  // (16 for a dense f16 cache that keeps every position; less where a
+  // sliding-window layer freed positions or a format compresses).
+  size_t kv_bytes = 0;
+  int positions = 0;
+  double kv_bits_per_coord = 0;
 };
 
 // The seed of one prompt: a function of (seed, length, depth index, trial),
@@ -146,6 +155,7 @@ struct NeedleCell {
   int length = 0;
   double depth = -1;  // -1: all depths
   int correct = 0, total = 0;
+  double kv_bits_per_coord = 0;  // mean over the cell's trials
   double accuracy() const { return total ? double(correct) / total : 0.0; }
 };
 std::vector<NeedleCell> needle_summary(const std::vector<NeedleTrial>& trials, bool by_depth);

@@ -185,7 +185,7 @@ uint64_t needle_trial_seed(uint64_t seed, int length, size_t depth_index, int tr
 namespace {
 
 KvCacheConfig needle_cache_config(const Model& model, const std::string& preset, const NeedleOptions& o) {
-  KvCacheConfig cc = model.cache_config(preset);
+  KvCacheConfig cc = model.cache_config(preset, o.swa_full);
   cc.dense_window = o.dense_window;
   cc.dense_prefix = o.dense_prefix;
   cc.dense_layers = o.dense_layers;
@@ -201,7 +201,8 @@ KvCacheConfig needle_cache_config(const Model& model, const std::string& preset,
 // end of generation). Returns the generated ids.
 std::vector<int32_t> needle_answer(const Model& model, const Tokenizer& tok, const KvCacheConfig& cc,
                                    const std::vector<int32_t>& ids, const NeedleOptions& o,
-                                   const std::function<void(size_t)>& advanced) {
+                                   const std::function<void(size_t)>& advanced, size_t* kv_bytes,
+                                   int* positions) {
   const int V = model.config().vocab;
   KvCache cache(cc);
   const int seq = cache.add_sequence();
@@ -231,6 +232,8 @@ std::vector<int32_t> needle_answer(const Model& model, const Tokenizer& tok, con
     model.forward(cache, seq, &next, 1, pos, logits.data(), o.threads);
     after(pos + 1, 1);
   }
+  *kv_bytes = cache.memory().used.total();
+  *positions = cache.n_tokens(seq, 0);
   return out;
 }
 
@@ -276,7 +279,10 @@ std::vector<NeedleTrial> needle_run(const Model& model, const Tokenizer& tok, st
                                                    L - o.answer_tokens, o.depths[di], first);
         for (size_t i = 0; i < presets.size(); ++i) {
           const size_t before = done;
-          const std::vector<int32_t> ans = needle_answer(model, tok, configs[i], p.ids, o, advanced);
+          size_t kv_bytes = 0;
+          int positions = 0;
+          const std::vector<int32_t> ans =
+              needle_answer(model, tok, configs[i], p.ids, o, advanced, &kv_bytes, &positions);
           done = before + size_t(L);  // an answer that stopped early counts in full
           if (o.progress) o.progress(done, total);
           NeedleTrial r;
@@ -288,6 +294,10 @@ std::vector<NeedleTrial> needle_run(const Model& model, const Tokenizer& tok, st
           r.passkey = key;
           r.answer = tok.decode(ans);
           r.correct = needle_found(r.answer, key);
+          r.kv_bytes = kv_bytes;
+          r.positions = positions;
+          r.kv_bits_per_coord = 8.0 * double(kv_bytes) /
+                                (double(positions) * mc.n_layers * mc.n_heads_kv * 2.0 * mc.head_dim);
           out.push_back(std::move(r));
         }
       }
@@ -302,12 +312,14 @@ std::vector<NeedleCell> needle_summary(const std::vector<NeedleTrial>& trials, b
       return c.preset == t.preset && c.length == t.length && c.depth == d;
     });
     if (it == cells.end()) {
-      cells.push_back({t.preset, t.length, d, 0, 0});
+      cells.push_back({t.preset, t.length, d, 0, 0, 0.0});
       it = cells.end() - 1;
     }
     it->correct += t.correct;
+    it->kv_bits_per_coord += t.kv_bits_per_coord;  // a sum until the end
     ++it->total;
   }
+  for (NeedleCell& c : cells) c.kv_bits_per_coord /= c.total;
   return cells;
 }
 

@@ -89,7 +89,7 @@ std::vector<Window> plan_windows(size_t n_text, size_t span, size_t stride) {
 }
 
 KvCacheConfig preset_config(const Model& model, const std::string& preset, const EvalOptions& o) {
-  KvCacheConfig cc = model.cache_config(preset);
+  KvCacheConfig cc = model.cache_config(preset, o.swa_full);
   cc.dense_window = o.dense_window;
   cc.dense_prefix = o.dense_prefix;
   cc.dense_layers = o.dense_layers;
@@ -170,7 +170,9 @@ std::vector<EvalResult> evaluate_configs(const Model& model, const std::vector<i
 
   const size_t P = presets.size();
   TQ_ASSERT(configs.size() == P);
-  const KvCacheConfig ref_config = preset_config(model, o.reference, EvalOptions{});
+  EvalOptions ref_options;  // the reference is plain dense: no window, prefix or layer policy
+  ref_options.swa_full = o.swa_full;
+  const KvCacheConfig ref_config = preset_config(model, o.reference, ref_options);
 
   std::vector<EvalStats> stats(P);
   std::vector<size_t> kv_bytes(P, 0);

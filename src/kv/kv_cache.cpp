@@ -59,6 +59,11 @@ std::vector<int> KvCache::outlier_channels(int layer, int head, bool key) const 
   return his.empty() ? std::vector<int>{} : his[head];
 }
 
+int KvCache::sliding_window_of(int layer) const {
+  TQ_REQUIRE(layer >= 0 && layer < cfg_.n_layers, "layer ", layer, " out of range");
+  return impl_->window_of(layer);
+}
+
 int KvCache::add_sequence() {
   auto s = std::make_unique<Sequence>();
   s->layers.resize(cfg_.n_layers);
@@ -88,6 +93,8 @@ int KvCache::n_tokens(int seq, int layer) const {
   return s.n_pre + s.n_main + s.win_count;
 }
 
+int KvCache::first_stored(int seq, int layer) const { return tq::first_stored(impl_->sl(seq, layer)); }
+
 bool KvCache::is_compressed(int seq, int layer) const { return impl_->sl(seq, layer).compressed; }
 
 void KvCache::append(int seq, int layer, const float* k, const float* v, int n) {
@@ -104,6 +111,7 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
   const Quantizer& kd = *impl_->layers[layer].kd;
   const Quantizer& vd = *impl_->layers[layer].vd;
   const size_t db = kd.bytes_per_vector();
+  const int n_before = s.n_pre + s.n_main + s.win_count;
 
   // The sequence's first S tokens go to the dense prefix (while it is not
   // full, the main region and the window are empty); the rest as below.
@@ -215,6 +223,7 @@ void KvCache::append(int seq, int layer, const float* k, const float* v, int n) 
     ++s.win_count;
   }
   if (W > 0) s.win_start %= W;
+  impl_->evict(s, seq, layer, n_before);  // sliding-window layers only
   if (cfg_.k_start > 0 && !s.compressed && s.n_pre + s.n_main + s.win_count >= cfg_.k_start)
     impl_->upgrade_layer(s, seq, layer);  // emits an "upgrade" event when events are on
 }
@@ -228,9 +237,24 @@ void KvCache::trim(int seq, int n_tokens) {
   size_t bytes_before = 0;
   if (ev)
     for (const SeqLayer& s : sq.layers) bytes_before += Impl::layer_bytes(s);
+  // A layer that evicted cannot go back to where a query would need what it
+  // freed (checked for every layer before any changes).
+  for (int l = 0; l < cfg_.n_layers && n_tokens > 0; ++l) {
+    const SeqLayer& s = sq.layers[l];
+    const int first = tq::first_stored(s), W = impl_->window_of(l);
+    if (first > 0 && n_tokens < s.n_pre + s.n_main + s.win_count && n_tokens < first + W - 1)
+      TQ_THROW("trim: sequence ", seq, " layer ", l, " (sliding window ", W, ") has freed positions [0, ",
+               first, "); trimming to ", n_tokens, " tokens would need them for the next query (",
+               "the shortest length it can go back to is ", first + W - 1,
+               ", or 0 to start over; nothing was trimmed)");
+  }
   for (int l = 0; l < cfg_.n_layers; ++l) {
     SeqLayer& s = sq.layers[l];
     if (n_tokens >= s.n_pre + s.n_main + s.win_count) continue;
+    if (n_tokens == 0) {  // start over: evicted positions included
+      s.n_evicted = 0;
+      s.pre_evicted = false;
+    }
     if (n_tokens >= s.n_pre + s.n_main) {
       s.win_count = n_tokens - s.n_pre - s.n_main;
     } else if (n_tokens >= s.n_pre) {
@@ -301,15 +325,26 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
   const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
   const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
   const size_t db = kd.bytes_per_vector();
+  const int first = tq::first_stored(s);
+  if (first > 0) {
+    // What this query may see must still be stored: never answer from less.
+    const int need = params.n_sinks > 0 || params.window <= 0 ? 0 : q_pos - params.window + 1;
+    TQ_REQUIRE(need >= first, "attend: sequence ", seq, " layer ", layer, " freed positions [0, ", first,
+               ") (sliding window ", impl_->window_of(layer), "), but a query at position ", q_pos,
+               " with window ", params.window, " and ", params.n_sinks, " sinks needs position ",
+               std::max(need, 0));
+  }
 
   // Split-KV: each task is (kv head, range of pages); the window and the
   // prefix are one more part each per head. Parts are merged with
-  // merge_states. Main token i sits at position n_pre + i.
-  const int n_pages = (s.n_main + P - 1) / P;
+  // merge_states. Main token i sits at position n_pre + i; pages before
+  // n_evicted / P were freed by a sliding window.
+  const int page0 = s.n_evicted / P;
+  const int n_pages = (s.n_main + P - 1) / P - page0;
   const int want_tasks = std::max(1, threads <= 0 ? hardware_threads() : threads) * 2;
   const int splits = std::max(1, std::min(n_pages, (want_tasks + H - 1) / H));
   // + window, + prefix only when it holds tokens (no empty task on the hot path)
-  const int parts = splits + 1 + (s.n_pre > 0 ? 1 : 0);
+  const int parts = splits + 1 + (s.n_pre > 0 && !s.pre_evicted ? 1 : 0);
   const int pos0 = s.n_pre;
   std::vector<float> part_out(size_t(H) * parts * g * d);
   std::vector<float> part_lse(size_t(H) * parts * g, kEmptyLse);
@@ -330,7 +365,7 @@ void KvCache::attend(int seq, int layer, const float* q, int n_heads_q,
       std::vector<float> qp(size_t(g) * kq.query_floats());
       kq.prepare_queries(qh, g, qp.data());
       OnlineSoftmax st(g, vq.acc_floats());
-      for (int pg = p0; pg < p1; ++pg) {
+      for (int pg = page0 + p0; pg < page0 + p1; ++pg) {
         const int t0 = pg * P, n = std::min(P, s.n_main - t0);
         attend_records(kq, vq, qp.data(), g, impl_->k_rec(s, kb, h, t0), kb,
                        impl_->v_rec(s, kb, vb, h, t0), vb, n, pos0 + t0, q_pos, params, st);
@@ -388,6 +423,9 @@ void KvCache::dequantize(int seq, int layer, float* k, float* v) const {
   const Quantizer& vd = *impl_->layers[layer].vd;
   const size_t kb = impl_->main_k(layer, s.compressed).bytes_per_vector();
   const size_t vb = impl_->main_v(layer, s.compressed).bytes_per_vector();
+  TQ_REQUIRE(tq::first_stored(s) == 0, "dequantize: sequence ", seq, " layer ", layer,
+             " freed positions [0, ", tq::first_stored(s), ") (sliding window ", impl_->window_of(layer),
+             "); there is nothing to decode there");
   for (int t = 0; t < s.n_pre + s.n_main + s.win_count; ++t)
     for (int h = 0; h < H; ++h) {
       const Quantizer& kq = impl_->main_k(layer, s.compressed, h);
@@ -413,9 +451,10 @@ void KvCache::read_records(int seq, int layer, int t0, int n, uint8_t* k, uint8_
   const SeqLayer& s = impl_->sl(seq, layer);
   TQ_REQUIRE(s.compressed, "read_records: layer ", layer, " of sequence ", seq,
              " is dense (not upgraded yet): it holds no compressed records");
-  TQ_REQUIRE(t0 >= s.n_pre && n >= 0 && int64_t(t0) + n <= int64_t(s.n_pre) + s.n_main,
+  TQ_REQUIRE(t0 >= s.n_pre + s.n_evicted && n >= 0 && int64_t(t0) + n <= int64_t(s.n_pre) + s.n_main,
              "read_records: tokens [", t0, ", ", int64_t(t0) + n, ") of layer ", layer, " of sequence ",
-             seq, ", whose compressed tokens are [", s.n_pre, ", ", s.n_pre + s.n_main, ")");
+             seq, ", whose stored compressed tokens are [", s.n_pre + s.n_evicted, ", ", s.n_pre + s.n_main,
+             ")", s.n_evicted > 0 ? " (a sliding window freed the ones before)" : "");
   t0 -= s.n_pre;  // main index
   if (n > 0) TQ_REQUIRE(k != nullptr && v != nullptr, "read_records: null output buffer");
   const int H = cfg_.n_heads_kv;
@@ -456,7 +495,9 @@ void KvCache::append_records(int seq, int layer, const uint8_t* k, const uint8_t
                      t, " head ", h, " decodes to ", x[i], " at component ", i,
                      " (refused; the cache is unchanged)");
       }
+  const int n_before = s.n_pre + s.n_main + s.win_count;
   impl_->commit_main(s, layer, k, v, n);
+  impl_->evict(s, seq, layer, n_before);
 }
 
 KvMemoryReport KvCache::memory() const {
@@ -467,8 +508,10 @@ KvMemoryReport KvCache::memory() const {
     if (!sq) continue;
     for (int l = 0; l < cfg_.n_layers; ++l) {
       const SeqLayer& s = sq->layers[l];
-      const size_t tokens = size_t(s.n_pre) + s.n_main + s.win_count;
+      const size_t first = size_t(tq::first_stored(s));
+      const size_t tokens = size_t(s.n_pre) + s.n_main + s.win_count - first;
       r.tokens += tokens;
+      r.evicted += first;
       r.dense_equivalent += tokens * H * d * 2 * 2;  // bf16 K + V
       auto add = [&](KvMemory& m, size_t slots) {
         if (s.compressed) {
@@ -482,13 +525,13 @@ KvMemoryReport KvCache::memory() const {
           m.dense += slots * H * 2 * bytes_per_vector(cfg_.dense_format, d);
         }
       };
-      add(r.allocated, s.pages.size() * size_t(P));
-      add(r.used, size_t(s.n_main));
+      add(r.allocated, (s.pages.size() - size_t(s.n_evicted / P)) * size_t(P));
+      add(r.used, size_t(s.n_main - s.n_evicted));
       const size_t db = bytes_per_vector(cfg_.dense_format, d);
       if (s.win_k.data()) r.allocated.dense += size_t(cfg_.dense_window) * H * db * 2;
       r.used.dense += size_t(s.win_count) * H * db * 2;
       if (s.pre_k.data()) r.allocated.dense += size_t(cfg_.dense_prefix) * H * db * 2;
-      r.used.dense += size_t(s.n_pre) * H * db * 2;
+      if (!s.pre_evicted) r.used.dense += size_t(s.n_pre) * H * db * 2;
     }
   }
   return r;

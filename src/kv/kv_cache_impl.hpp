@@ -61,14 +61,25 @@ struct SeqLayer {
   // for K and V. While n_pre < S the main region and the window are empty.
   Buffer pre_k, pre_v;
   int n_pre = 0;
-  // Main region: pages of [K: head, slot, kb][V: head, slot, vb].
+  // Main region: pages of [K: head, slot, kb][V: head, slot, vb]. A
+  // sliding-window layer frees whole pages from the front: main tokens
+  // [0, n_evicted) are gone (their pages are empty Buffers; n_evicted is a
+  // multiple of page_tokens), and so is the prefix once pre_evicted.
   std::vector<Buffer> pages;
   int n_main = 0;
+  int n_evicted = 0;
+  bool pre_evicted = false;
   bool compressed = false;
   // Dense window, a ring of W slots per head: [head][slot][db] for K and V.
   Buffer win_k, win_v;
   int win_start = 0, win_count = 0;
 };
+
+// The first position a layer still stores (0 unless it evicted).
+inline int first_stored(const SeqLayer& s) {
+  if (s.n_evicted > 0) return s.n_pre + s.n_evicted;
+  return s.pre_evicted ? s.n_pre : 0;
+}
 
 struct Sequence {
   std::vector<SeqLayer> layers;
@@ -198,6 +209,38 @@ struct KvCache::Impl {
            (size_t(head) * P + token % P) * vb;
   }
   size_t db() const { return layers[0].kd->bytes_per_vector(); }
+  int window_of(int layer) const { return cfg.sliding_window.empty() ? 0 : cfg.sliding_window[layer]; }
+
+  // Frees what no later query of a sliding-window layer can see: a query at
+  // a position >= n_before (the layer's length before the append that just
+  // happened) sees positions >= n_before - W + 1, so the dense prefix and
+  // every whole page before that go. Emits an "evict" event when it freed
+  // something and events are on.
+  void evict(SeqLayer& s, int seq_id, int layer, int n_before) {
+    const int W = window_of(layer), P = cfg.page_tokens;
+    if (W <= 0) return;
+    const int keep_from = n_before - W + 1;  // first position a later query can see
+    const bool drop_pre = !s.pre_evicted && s.n_pre > 0 && s.n_pre == cfg.dense_prefix && s.n_pre <= keep_from;
+    int drop_main = 0;
+    while (s.n_evicted + drop_main + P <= s.n_main && s.n_pre + s.n_evicted + drop_main + P <= keep_from &&
+           (s.pre_evicted || drop_pre || s.n_pre == 0))
+      drop_main += P;
+    if (!drop_pre && drop_main == 0) return;
+    const bool ev = events_on();
+    const auto t_start = ev ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    const size_t bytes_before = ev ? layer_bytes(s) : 0;
+    if (drop_pre) {
+      s.pre_k = Buffer();
+      s.pre_v = Buffer();
+      s.pre_evicted = true;
+    }
+    for (int t = s.n_evicted; t < s.n_evicted + drop_main; t += P) s.pages[t / P] = Buffer();
+    s.n_evicted += drop_main;
+    if (ev)
+      emit("evict", seq_id, layer, size_t(s.n_pre + s.n_main + s.win_count - tq::first_stored(s)), bytes_before,
+           layer_bytes(s),
+           std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start).count());
+  }
   uint8_t* pre_rec(const Buffer& b, int head, int idx) const {
     return b.data() + (size_t(head) * cfg.dense_prefix + idx) * db();
   }
@@ -233,15 +276,16 @@ struct KvCache::Impl {
     const size_t bytes_before = ev ? layer_bytes(s) : 0;
     const Quantizer& kd = *layers[layer].kd;
     const Quantizer& vd = *layers[layer].vd;
-    const int H = cfg.n_heads_kv, d = cfg.head_dim, n = s.n_main;
+    const int H = cfg.n_heads_kv, d = cfg.head_dim, e = s.n_evicted, n = s.n_main - e;
     const size_t dkb = kd.bytes_per_vector();
+    // Main tokens e .. n_main-1 (a sliding window may have freed those before e).
     if (needs_calibration(layer) && !is_calibrated(layer) && n > 0) {
       const int nc = std::min(n, kCalibrationTokens);
       std::vector<float> ks(size_t(nc) * H * d), vs(size_t(nc) * H * d);
       for (int t = 0; t < nc; ++t)
         for (int h = 0; h < H; ++h) {
-          kd.decode_one(k_rec(s, dkb, h, t), &ks[(size_t(t) * H + h) * d]);
-          vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), &vs[(size_t(t) * H + h) * d]);
+          kd.decode_one(k_rec(s, dkb, h, e + t), &ks[(size_t(t) * H + h) * d]);
+          vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, e + t), &vs[(size_t(t) * H + h) * d]);
         }
       calibrate_layer(layer, ks.data(), vs.data(), nc);
     }
@@ -252,18 +296,21 @@ struct KvCache::Impl {
       for (int h = 0; h < H; ++h) {
         const Quantizer& kq = main_k(layer, true, h);
         const Quantizer& vq = main_v(layer, true, h);
-        kd.decode_one(k_rec(s, dkb, h, t), x.data());
+        kd.decode_one(k_rec(s, dkb, h, e + t), x.data());
         kq.encode_one(x.data(), &krec[(size_t(t) * H + h) * kb]);
-        vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, t), x.data());
+        vd.decode_one(v_rec(s, dkb, vd.bytes_per_vector(), h, e + t), x.data());
         vq.encode_one(x.data(), &vrec[(size_t(t) * H + h) * vb]);
       }
-    // Nothing has changed so far; now swap in the compressed pages.
+    // Nothing has changed so far; now swap in the compressed pages (the
+    // evicted ones stay empty).
     s.pages.clear();
-    s.n_main = 0;
+    s.pages.resize(size_t(e / cfg.page_tokens));
+    s.n_main = e;
     s.compressed = true;
     commit_main(s, layer, krec.data(), vrec.data(), n);
     if (ev)
-      emit("upgrade", seq_id, layer, size_t(s.n_pre) + s.n_main + s.win_count, bytes_before, layer_bytes(s),
+      emit("upgrade", seq_id, layer, size_t(s.n_pre + s.n_main + s.win_count - tq::first_stored(s)), bytes_before,
+           layer_bytes(s),
            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t_start)
                .count());
   }

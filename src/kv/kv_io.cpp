@@ -1,12 +1,12 @@
 // KvCache saved state (save, load, read_config) and events (upgrade, trim,
 // save and load as JSON lines to a caller-chosen sink).
 //
-// ---- The cache file, version 4 (also in docs/formats.md) -------------------
+// ---- The cache file, version 5 (also in docs/formats.md) -------------------
 // Little-endian throughout; no field depends on the machine or SIMD width.
 // Written to PATH.tmp.<pid>.<n>, synced, then renamed over PATH.
 //
 //   FileHeader (24 bytes)
-//     char[4] magic "TQKV" | u32 version = 4 | u32 header_len | u32 flags = 0
+//     char[4] magic "TQKV" | u32 version = 5 | u32 header_len | u32 flags = 0
 //     u64 file_size (the whole file, final checksum included)
 //   config text, header_len bytes: "key=value\n" lines, every key exactly once:
 //     preset, n_layers, n_heads_kv, head_dim, page_tokens, dense_window,
@@ -14,7 +14,9 @@
 //     v_format, dense_format (spec strings, to_string of FormatSpec, which
 //     parse_format reads back exactly), dense_layers (comma-separated layer
 //     indices, possibly empty), layer_formats (version 4; older files: none;
-//     layer_formats_text: "L=k=SPEC/v=SPEC" joined by '+', possibly empty)
+//     layer_formats_text: "L=k=SPEC/v=SPEC" joined by '+', possibly empty),
+//     sliding_window (version 5; older files: none; one integer per layer,
+//     comma-separated, or empty for none)
 //   u64 header checksum: FNV-1a 64 of every byte before it (lets read_config
 //     check the config without reading the records)
 //   outlier channels (version 2), per layer 0 .. n_layers-1: u8 calibrated
@@ -26,14 +28,19 @@
 //   u32 n_slots: sequence ids 0 .. n_slots-1, removed ones included
 //   per slot: u8 live (0 = removed, 1 = present); a present sequence has, per
 //   layer 0 .. n_layers-1:
-//     LayerHeader (20 bytes; 16 before version 3, without n_pre)
+//     LayerHeader (24 bytes; 20 before version 5, without n_evicted; 16
+//     before version 3, without n_pre)
 //       u8 flags (bit 0: main region compressed, bit 1: window buffers
-//       allocated, bit 2: prefix buffers allocated; other bits 0) | u8[3]
-//       zero | u32 n_main | u32 win_start | u32 win_count | u32 n_pre
-//     K records of the dense prefix (tokens 0 .. n_pre-1): [n_pre, n_heads_kv, db]
+//       allocated, bit 2: prefix buffers allocated, bit 3: prefix evicted by
+//       the sliding window; other bits 0) | u8[3] zero | u32 n_main |
+//       u32 win_start | u32 win_count | u32 n_pre | u32 n_evicted (main
+//       tokens 0 .. n_evicted-1 freed, a multiple of page_tokens)
+//     K records of the dense prefix (tokens 0 .. n_pre-1, none when evicted):
+//                                                       [n_pre, n_heads_kv, db]
 //     V records of the dense prefix:                    [n_pre, n_heads_kv, db]
-//     K records of main tokens (n_pre ..), token-major: [n_main, n_heads_kv, kb]
-//     V records of main tokens:                            [n_main, n_heads_kv, vb]
+//     K records of stored main tokens (n_evicted ..), token-major:
+//                                              [n_main - n_evicted, n_heads_kv, kb]
+//     V records of stored main tokens:         [n_main - n_evicted, n_heads_kv, vb]
 //     K records of the window, oldest token first:         [win_count, n_heads_kv, db]
 //     V records of the window:                             [win_count, n_heads_kv, db]
 //   u64 checksum: FNV-1a 64 of every byte before it
@@ -78,10 +85,12 @@ namespace tq {
 namespace {
 
 constexpr char kMagic[4] = {'T', 'Q', 'K', 'V'};
-constexpr uint32_t kVersion = 4;  // 1 (no outlier channels), 2 (no dense prefix), 3 (no layer formats) are still read
+// 1 (no outlier channels), 2 (no dense prefix), 3 (no layer formats), 4 (no
+// sliding windows) are still read.
+constexpr uint32_t kVersion = 5;
 constexpr uint64_t kFnvOffset = 0xcbf29ce484222325ull, kFnvPrime = 0x100000001b3ull;
 constexpr uint32_t kMaxHeaderLen = 1u << 20;  // config text is a few hundred bytes
-constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2, kFlagPrefix = 4;
+constexpr uint8_t kFlagCompressed = 1, kFlagWindow = 2, kFlagPrefix = 4, kFlagPrefixEvicted = 8;
 
 // The fixed part of the file; serialized field by field (little-endian), the
 // struct only pins the layout.
@@ -99,9 +108,10 @@ struct LayerHeader {
   uint8_t flags;
   uint8_t zero[3];
   uint32_t n_main, win_start, win_count;
-  uint32_t n_pre;  // version 3
+  uint32_t n_pre;      // version 3
+  uint32_t n_evicted;  // version 5
 };
-static_assert(sizeof(LayerHeader) == 20);
+static_assert(sizeof(LayerHeader) == 24);
 
 uint64_t fnv1a(uint64_t h, const uint8_t* p, size_t n) {
   for (size_t i = 0; i < n; ++i) h = (h ^ p[i]) * kFnvPrime;
@@ -175,6 +185,11 @@ std::string config_text(const KvCacheConfig& c) {
     if (i) layers += ',';
     layers += std::to_string(c.dense_layers[i]);
   }
+  std::string windows;
+  for (size_t i = 0; i < c.sliding_window.size(); ++i) {
+    if (i) windows += ',';
+    windows += std::to_string(c.sliding_window[i]);
+  }
   return "preset=" + c.preset + "\nn_layers=" + std::to_string(c.n_layers) +
          "\nn_heads_kv=" + std::to_string(c.n_heads_kv) + "\nhead_dim=" + std::to_string(c.head_dim) +
          "\npage_tokens=" + std::to_string(c.page_tokens) +
@@ -182,7 +197,8 @@ std::string config_text(const KvCacheConfig& c) {
          "\ndense_prefix=" + std::to_string(c.dense_prefix) + "\nk_start=" + std::to_string(c.k_start) +
          "\nseed=" + std::to_string(c.seed) + "\nk_format=" + to_string(c.k_format) +
          "\nv_format=" + to_string(c.v_format) + "\ndense_format=" + to_string(c.dense_format) +
-         "\ndense_layers=" + layers + "\nlayer_formats=" + layer_formats_text(c.layer_formats) + "\n";
+         "\ndense_layers=" + layers + "\nlayer_formats=" + layer_formats_text(c.layer_formats) +
+         "\nsliding_window=" + windows + "\n";
 }
 
 // The whole file; the caller holds the sequence lock (shared).
@@ -212,20 +228,22 @@ void write_file(Out& o, const KvCache::Impl& impl, const std::string& text, uint
     for (int l = 0; l < cfg.n_layers; ++l) {
       const SeqLayer& s = sq->layers[l];
       o.u8(uint8_t((s.compressed ? kFlagCompressed : 0) | (s.win_k.data() ? kFlagWindow : 0) |
-                   (s.pre_k.data() ? kFlagPrefix : 0)));
+                   (s.pre_k.data() ? kFlagPrefix : 0) | (s.pre_evicted ? kFlagPrefixEvicted : 0)));
       o.u8(0), o.u8(0), o.u8(0);
       o.u32(uint32_t(s.n_main));
       o.u32(uint32_t(s.win_start));
       o.u32(uint32_t(s.win_count));
       o.u32(uint32_t(s.n_pre));
-      for (const Buffer* b : {&s.pre_k, &s.pre_v})
-        for (int t = 0; t < s.n_pre; ++t)
-          for (int h = 0; h < H; ++h) o.put(impl.pre_rec(*b, h, t), db);
+      o.u32(uint32_t(s.n_evicted));
+      if (!s.pre_evicted)
+        for (const Buffer* b : {&s.pre_k, &s.pre_v})
+          for (int t = 0; t < s.n_pre; ++t)
+            for (int h = 0; h < H; ++h) o.put(impl.pre_rec(*b, h, t), db);
       const size_t kb = impl.main_k(l, s.compressed).bytes_per_vector();
       const size_t vb = impl.main_v(l, s.compressed).bytes_per_vector();
-      for (int t = 0; t < s.n_main; ++t)
+      for (int t = s.n_evicted; t < s.n_main; ++t)
         for (int h = 0; h < H; ++h) o.put(impl.k_rec(s, kb, h, t), kb);
-      for (int t = 0; t < s.n_main; ++t)
+      for (int t = s.n_evicted; t < s.n_main; ++t)
         for (int h = 0; h < H; ++h) o.put(impl.v_rec(s, kb, vb, h, t), vb);
       for (const Buffer* b : {&s.win_k, &s.win_v})
         for (int i = 0; i < s.win_count; ++i)
@@ -304,6 +322,7 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text, uin
                                    "k_format", "v_format", "dense_format", "dense_layers"};
   if (version >= 3) keys.push_back("dense_prefix");
   if (version >= 4) keys.push_back("layer_formats");
+  if (version >= 5) keys.push_back("sliding_window");
   for (const std::string& k : keys)
     if (!kv.count(k)) fail(path, "config: key '" + k + "' missing");
   if (kv.size() != keys.size())
@@ -346,6 +365,16 @@ KvCacheConfig parse_config(const std::string& path, const std::string& text, uin
       c.layer_formats = parse_layer_formats(kv["layer_formats"], c.n_layers);
     } catch (const Error& e) {
       fail(path, std::string("config: layer_formats: ") + e.what());
+    }
+  }
+  if (version >= 5) {
+    const std::string& sw = kv["sliding_window"];
+    for (size_t p = 0; p < sw.size();) {
+      size_t comma = sw.find(',', p);
+      if (comma == std::string::npos) comma = sw.size();
+      c.sliding_window.push_back(int(parse_int(path, "sliding_window", sw.substr(p, comma - p), 0, INT32_MAX)));
+      p = comma + 1;
+      if (comma + 1 == sw.size()) fail(path, "config: sliding_window ends with a comma");
     }
   }
   try {
@@ -450,6 +479,12 @@ std::string config_mismatch(const KvCacheConfig& f, const KvCacheConfig& c) {
       return r + "]";
     };
     return "dense_layers file " + list(fl) + " vs cache " + list(cl);
+  }
+  for (int l = 0; l < c.n_layers; ++l) {  // no entry = 0 (keeps every token)
+    auto w = [l](const KvCacheConfig& x) { return x.sliding_window.empty() ? 0 : x.sliding_window[size_t(l)]; };
+    if (w(f) != w(c))
+      return "sliding_window of layer " + std::to_string(l) + " file " + std::to_string(w(f)) + " vs cache " +
+             std::to_string(w(c));
   }
   const std::string flf = layer_formats_text(f.layer_formats), clf = layer_formats_text(c.layer_formats);
   if (flf != clf) {
@@ -617,10 +652,22 @@ void KvCache::load(const std::string& path) {
       const uint32_t n_main = r.u32("n_main"), win_start = r.u32("win_start"),
                      win_count = r.u32("win_count");
       const uint32_t n_pre = h.version >= 3 ? r.u32("n_pre") : 0;
-      if ((flags & ~(kFlagCompressed | kFlagWindow | kFlagPrefix)) || zero[0] || zero[1] || zero[2])
+      const uint32_t n_evicted = h.version >= 5 ? r.u32("n_evicted") : 0;
+      if ((flags & ~(kFlagCompressed | kFlagWindow | kFlagPrefix | kFlagPrefixEvicted)) || zero[0] || zero[1] ||
+          zero[2] || (h.version < 5 && (flags & kFlagPrefixEvicted)))
         fail(path, "corrupt: " + where + ": unknown layer flags");
       const bool prefix = flags & kFlagPrefix;
-      if (n_pre > uint32_t(S) || (n_pre > 0 && !prefix) || (S == 0 && prefix) ||
+      const bool pre_evicted = flags & kFlagPrefixEvicted;
+      // Eviction only in a sliding-window layer, whole pages, the prefix first.
+      if ((n_evicted > 0 || pre_evicted) &&
+          (impl_->window_of(l) == 0 || n_evicted > n_main || n_evicted % uint32_t(P) != 0 ||
+           (pre_evicted && (prefix || S == 0 || n_pre != uint32_t(S))) || (n_evicted > 0 && S > 0 && !pre_evicted)))
+        fail(path, "corrupt: " + where + ": " + std::to_string(n_evicted) + " evicted main tokens" +
+                       (pre_evicted ? " and an evicted prefix" : "") + " with " + std::to_string(n_main) +
+                       " main tokens, pages of " + std::to_string(P) + ", a dense prefix of " +
+                       std::to_string(n_pre) + " / " + std::to_string(S) + " and sliding window " +
+                       std::to_string(impl_->window_of(l)));
+      if (n_pre > uint32_t(S) || (n_pre > 0 && !prefix && !pre_evicted) || (S == 0 && prefix) ||
           (n_pre < uint32_t(S) && (n_main > 0 || win_count > 0)))
         fail(path, "corrupt: " + where + ": dense prefix of " + std::to_string(n_pre) + " tokens" +
                        (prefix ? " (allocated)" : " (not allocated)") + " with dense_prefix " +
@@ -639,8 +686,8 @@ void KvCache::load(const std::string& path) {
       const size_t kb = impl_->main_k(l, s.compressed).bytes_per_vector();
       const size_t vb = impl_->main_v(l, s.compressed).bytes_per_vector();
       // Size check before any allocation: a corrupt count cannot ask for memory.
-      const size_t need =
-          size_t(n_main) * H * (kb + vb) + (size_t(win_count) + n_pre) * H * db * 2;
+      const size_t need = size_t(n_main - n_evicted) * H * (kb + vb) +
+                          (size_t(win_count) + (pre_evicted ? 0 : n_pre)) * H * db * 2;
       if (need > r.remaining())
         fail(path, "corrupt: " + where + " needs " + std::to_string(need) + " record bytes at byte " +
                        std::to_string(r.pos()) + " but only " + std::to_string(r.remaining()) +
@@ -649,19 +696,23 @@ void KvCache::load(const std::string& path) {
       s.win_start = int(win_start);
       s.win_count = int(win_count);
       s.n_pre = int(n_pre);
+      s.n_evicted = int(n_evicted);
+      s.pre_evicted = pre_evicted;
       if (prefix) {
         s.pre_k = Buffer(size_t(S) * H * db, &impl_->allocated);
         s.pre_v = Buffer(size_t(S) * H * db, &impl_->allocated);
       }
-      for (Buffer* b : {&s.pre_k, &s.pre_v})
-        for (int t = 0; t < s.n_pre; ++t)
-          for (int h2 = 0; h2 < H; ++h2)
-            std::memcpy(impl_->pre_rec(*b, h2, t), r.take(db, "prefix records"), db);
-      for (int p = 0; p < (s.n_main + P - 1) / P; ++p)
+      if (prefix)
+        for (Buffer* b : {&s.pre_k, &s.pre_v})
+          for (int t = 0; t < s.n_pre; ++t)
+            for (int h2 = 0; h2 < H; ++h2)
+              std::memcpy(impl_->pre_rec(*b, h2, t), r.take(db, "prefix records"), db);
+      s.pages.resize(size_t(s.n_evicted / P));  // freed pages stay empty
+      for (int p = s.n_evicted / P; p < (s.n_main + P - 1) / P; ++p)
         s.pages.emplace_back(impl_->page_bytes(kb, vb), &impl_->allocated);
-      for (int t = 0; t < s.n_main; ++t)
+      for (int t = s.n_evicted; t < s.n_main; ++t)
         for (int h2 = 0; h2 < H; ++h2) std::memcpy(impl_->k_rec(s, kb, h2, t), r.take(kb, "K records"), kb);
-      for (int t = 0; t < s.n_main; ++t)
+      for (int t = s.n_evicted; t < s.n_main; ++t)
         for (int h2 = 0; h2 < H; ++h2)
           std::memcpy(impl_->v_rec(s, kb, vb, h2, t), r.take(vb, "V records"), vb);
       if (window) {

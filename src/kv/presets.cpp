@@ -119,6 +119,12 @@ void KvCacheConfig::validate() const {
              to_string(dense_format));
   for (int l : dense_layers)
     TQ_REQUIRE(l >= 0 && l < n_layers, "KV cache: dense layer ", l, " is outside 0..", n_layers - 1);
+  TQ_REQUIRE(sliding_window.empty() || int(sliding_window.size()) == n_layers,
+             "KV cache: sliding_window has ", sliding_window.size(), " entries; expected none or one per layer (",
+             n_layers, ")");
+  for (size_t l = 0; l < sliding_window.size(); ++l)
+    TQ_REQUIRE(sliding_window[l] >= 0, "KV cache: sliding_window of layer ", l, " must be >= 0, got ",
+               sliding_window[l]);
   validate_format(k_format, head_dim);
   validate_format(v_format, head_dim);
   validate_format(dense_format, head_dim);

@@ -37,7 +37,7 @@ GenerateResult generate(const Model& model, const Tokenizer& tok, const std::str
   TQ_REQUIRE(int(r.prompt_tokens.size()) + o.max_tokens <= c.context_length, "prompt (",
              r.prompt_tokens.size(), " tokens) + ", o.max_tokens, " new tokens exceed the context length ",
              c.context_length);
-  KvCacheConfig cc = model.cache_config(o.preset);
+  KvCacheConfig cc = model.cache_config(o.preset, o.swa_full);
   cc.k_start = o.k_start;
   cc.dense_window = o.dense_window;
   cc.dense_prefix = o.dense_prefix;

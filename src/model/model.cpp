@@ -168,10 +168,16 @@ std::unique_ptr<Model> Model::load(const std::string& path, bool allow_unsupport
   return m;
 }
 
-KvCacheConfig Model::cache_config(const std::string& preset) const {
+KvCacheConfig Model::cache_config(const std::string& preset, bool swa_full) const {
   std::map<std::string, std::vector<int>> named = {{"global", {}}, {"local", {}}};
   for (int l = 0; l < cfg_.n_layers; ++l) named[cfg_.layer_local[l] ? "local" : "global"].push_back(l);
-  return KvCacheConfig::from_preset(preset, cfg_.n_layers, cfg_.n_heads_kv, cfg_.head_dim, named);
+  KvCacheConfig c = KvCacheConfig::from_preset(preset, cfg_.n_layers, cfg_.n_heads_kv, cfg_.head_dim, named);
+  // forward() attends a local layer with window = sliding_window, no sinks.
+  if (!swa_full && cfg_.sliding_window > 0 && !named["local"].empty()) {
+    c.sliding_window.assign(size_t(cfg_.n_layers), 0);
+    for (int l : named["local"]) c.sliding_window[size_t(l)] = cfg_.sliding_window;
+  }
+  return c;
 }
 
 void Model::forward(KvCache& cache, int seq, const int32_t* tokens, int n, int pos, float* logits,

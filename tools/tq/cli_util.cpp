@@ -48,9 +48,15 @@ std::vector<int> parse_int_list(const std::string& flag, const std::string& s) {
   return out;
 }
 
-std::vector<int> parse_layer_list(const std::string& flag, const std::string& s, int n_layers) {
+std::vector<int> parse_layer_list(const std::string& flag, const std::string& s, int n_layers,
+                                  const std::vector<char>* local) {
   std::vector<int> out;
   for (const auto& t : split_list(s)) {
+    if (local && (t == "local" || t == "global")) {
+      for (int l = 0; l < n_layers && l < int(local->size()); ++l)
+        if (bool((*local)[size_t(l)]) == (t == "local")) out.push_back(l);
+      continue;
+    }
     int v = parse_int(flag, t);
     if (v < 0) v += n_layers;  // -1 = last layer
     TQ_REQUIRE(v >= 0 && v < n_layers, flag, ": layer ", t, " is outside 0..", n_layers - 1);

@@ -27,6 +27,9 @@ std::vector<std::string> split_presets(const std::string& s);
 int parse_int(const std::string& flag, const std::string& token);
 std::vector<int> parse_int_list(const std::string& flag, const std::string& s);
 // Layer indices; negative counts from the end (-1 = last layer); checked against n_layers.
-std::vector<int> parse_layer_list(const std::string& flag, const std::string& s, int n_layers);
+// With `local` (a model's per-layer sliding-window flags), the names "local"
+// and "global" stand for all of its sliding-window / full-attention layers.
+std::vector<int> parse_layer_list(const std::string& flag, const std::string& s, int n_layers,
+                                  const std::vector<char>* local = nullptr);
 
 }  // namespace tq::cli

@@ -47,7 +47,7 @@ struct Args {
   std::string dense_layers;
   int ctx = 1024, stride = 0, k_start = 0, max_tokens = 0, threads = 0, chunk = 64;
   int dense_window = cli::kDefaultDenseWindow, dense_prefix = cli::kDefaultDensePrefix;
-  bool json = false, allow_unsupported = false;
+  bool json = false, allow_unsupported = false, swa_full = false;
   // --needle
   bool per_layer = false;
   bool needle = false, needle_chat = false;
@@ -114,7 +114,8 @@ int run_needle(const Args& a) {
   o.threads = a.threads > 0 ? a.threads : hardware_threads();
   o.dense_window = a.dense_window;
   o.dense_prefix = a.dense_prefix;
-  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers);
+  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers, &c.layer_local);
+  o.swa_full = a.swa_full;
   o.progress = progress_bar("positions");
   const bool chat = o.chat && tok.chat_format() != Tokenizer::ChatFormat::none;
   std::string lengths_s, depths_s;
@@ -142,6 +143,8 @@ int run_needle(const Args& a) {
     j["k_start"] = o.k_start;
     j["dense_window"] = o.dense_window;
     j["dense_prefix"] = o.dense_prefix;
+    j["dense_layers"] = o.dense_layers;
+    j["swa_full"] = o.swa_full;
     j["lengths"] = o.lengths;
     j["depths"] = o.depths;
     j["seconds"] = secs;
@@ -149,7 +152,8 @@ int run_needle(const Args& a) {
     for (const auto& cell : cells) {
       nlohmann::ordered_json r = {{"preset", cell.preset}, {"length", cell.length},
                                   {"accuracy", cell.accuracy()}, {"correct", cell.correct},
-                                  {"total", cell.total}, {"by_depth", nlohmann::ordered_json::array()}};
+                                  {"total", cell.total}, {"kv_bits_per_coord", cell.kv_bits_per_coord},
+                                  {"by_depth", nlohmann::ordered_json::array()}};
       for (const auto& d : by_depth)
         if (d.preset == cell.preset && d.length == cell.length)
           r["by_depth"].push_back({{"depth", d.depth}, {"accuracy", d.accuracy()}, {"correct", d.correct},
@@ -160,7 +164,9 @@ int run_needle(const Args& a) {
     for (const auto& t : trials)
       j["trials_detail"].push_back({{"preset", t.preset}, {"length", t.length}, {"depth", t.depth},
                                     {"depth_actual", t.depth_actual}, {"trial", t.trial},
-                                    {"passkey", t.passkey}, {"answer", t.answer}, {"correct", t.correct}});
+                                    {"passkey", t.passkey}, {"answer", t.answer}, {"correct", t.correct},
+                                    {"kv_bytes", t.kv_bytes}, {"positions", t.positions},
+                                    {"kv_bits_per_coord", t.kv_bits_per_coord}});
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
   }
@@ -174,6 +180,14 @@ int run_needle(const Args& a) {
     for (int L : o.lengths)
       for (const auto& cell : cells)
         if (cell.preset == p && cell.length == L) std::printf(" %14s", pct(cell.correct, cell.total).c_str());
+    std::printf("\n");
+  }
+  std::printf("\nKV bits per coordinate of every position (mean over the prompts; 16 = dense f16):\n");
+  for (const auto& p : presets) {
+    std::printf("%-*s", w, p.c_str());
+    for (int L : o.lengths)
+      for (const auto& cell : cells)
+        if (cell.preset == p && cell.length == L) std::printf(" %14.2f", cell.kv_bits_per_coord);
     std::printf("\n");
   }
   std::printf("\nby depth (%%):\n%-*s %6s", w, "preset", "length");
@@ -216,7 +230,8 @@ int run(const Args& a) {
   o.reference = a.reference;
   o.dense_window = a.dense_window;
   o.dense_prefix = a.dense_prefix;
-  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers);
+  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, c.n_layers, &c.layer_local);
+  o.swa_full = a.swa_full;
   o.progress = progress_bar("positions");
   const bool bar = bool(o.progress);
   if (!a.json)
@@ -310,7 +325,12 @@ Runner add_eval(CLI::App& app) {
   sub->add_option("--dense-prefix", a->dense_prefix,
                   "Keep the first S tokens (the attention sinks) dense in every preset (0 = none)")
       ->check(CLI::Range(0, 1 << 30))->capture_default_str();
-  sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
+  sub->add_option("--dense-layers", a->dense_layers,
+                  "Comma list of layers kept dense (negative: from the end; 'local' / 'global': the model's "
+                  "sliding-window / full-attention layers)");
+  sub->add_flag("--swa-full", a->swa_full,
+                "Sliding-window layers keep every token (default: they free what their window no longer sees; "
+                "results are the same, kv_bytes differ)");
   sub->add_flag("--json", a->json, "Print a JSON array, one object per preset (with --needle: one object)");
   sub->add_flag("--per-layer", a->per_layer,
                 "Where the loss comes from: one row per layer L (\"PRESET@layerL\") with only that layer "

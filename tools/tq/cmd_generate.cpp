@@ -22,7 +22,7 @@ struct Args {
   std::string dense_layers;
   float temp = 0.0f, top_p = 1.0f;
   uint64_t seed = 0;
-  bool json = false, allow_unsupported = false;
+  bool json = false, allow_unsupported = false, swa_full = false;
   std::string compare;  // a second preset run on the same prompt, e.g. dense-f16
 };
 
@@ -36,7 +36,9 @@ int run(const Args& a) {
   o.k_start = a.k_start;
   o.dense_window = a.dense_window;
   o.dense_prefix = a.dense_prefix;
-  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, model->config().n_layers);
+  o.dense_layers = parse_layer_list("--dense-layers", a.dense_layers, model->config().n_layers,
+                                    &model->config().layer_local);
+  o.swa_full = a.swa_full;
   o.max_tokens = a.n;
   o.chat = a.chat;
   o.threads = a.threads;
@@ -125,7 +127,11 @@ Runner add_generate(CLI::App& app) {
       ->check(CLI::Range(0, 1 << 30))->capture_default_str();
   sub->add_option("--dense-prefix", a->dense_prefix, "Keep the first S tokens dense, the attention sinks (0 = none)")
       ->check(CLI::Range(0, 1 << 30))->capture_default_str();
-  sub->add_option("--dense-layers", a->dense_layers, "Comma list of layers kept dense (negative: from the end)");
+  sub->add_option("--dense-layers", a->dense_layers,
+                  "Comma list of layers kept dense (negative: from the end; 'local' / 'global': the model's "
+                  "sliding-window / full-attention layers)");
+  sub->add_flag("--swa-full", a->swa_full,
+                "Sliding-window layers keep every token (default: they free what their window no longer sees)");
   sub->add_option("-n,--n-tokens", a->n, "Tokens to generate")->check(CLI::Range(0, 1 << 20))->capture_default_str();
   sub->add_option("--threads", a->threads, "Threads (0 = all cores)")->check(CLI::Range(0, 1024))->capture_default_str();
   sub->add_option("--temp", a->temp, "Sampling temperature (0 = greedy)")->check(CLI::Range(0.0f, 100.0f));
