@@ -937,8 +937,9 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   const int grid = std::min(n_items, tc_slots(p));
   k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse);
   TQ_CUDA_CHECK_LAUNCH();
-  // Overlap only where the sm_90 machine code runs (it has the trigger and the
-  // wait); JIT-compiled compute_80 code on a newer GPU has neither. The
+  // Overlap only on sm_90 and only where the dependent kernels were compiled
+  // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80
+  // code on an H200 has no trigger and no wait, and then runs plainly). The
   // dense tokens' part, if any, sits between the two: it needs nothing of
   // this kernel, so it runs on the SMs this one leaves free.
   const bool overlap = tc_cc_major() == 9;
