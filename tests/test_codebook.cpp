@@ -385,16 +385,6 @@ TEST(Codebook, PolarAnglesConcentrateAtQuarterPiAsLevelsGrow) {
 
 // ---- errors, cache, determinism -------------------------------------------------------------
 
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no tq::Error thrown)";
-}
-
 TEST(Codebook, BadInputThrows) {
   for (CodebookLaw law : {CodebookLaw::exact, CodebookLaw::gauss}) {
     for (int dim : {7, 1, 0, -3}) {
@@ -415,14 +405,14 @@ TEST(Codebook, BadInputThrows) {
   EXPECT_THROW(compute_codebook(static_cast<CodebookLaw>(42), 128, 4), Error);
 
   // Messages name the bad value and the valid range.
-  const std::string dim_msg = error_message([] { sphere_codebook(CodebookLaw::exact, 7, 4); });
+  const std::string dim_msg = test::error_message([] { sphere_codebook(CodebookLaw::exact, 7, 4); });
   EXPECT_NE(dim_msg.find("dim"), std::string::npos) << dim_msg;
   EXPECT_NE(dim_msg.find(">= 8"), std::string::npos) << dim_msg;
   EXPECT_NE(dim_msg.find("7"), std::string::npos) << dim_msg;
-  const std::string bits_msg = error_message([] { sphere_codebook(CodebookLaw::gauss, 64, 9); });
+  const std::string bits_msg = test::error_message([] { sphere_codebook(CodebookLaw::gauss, 64, 9); });
   EXPECT_NE(bits_msg.find("1..8"), std::string::npos) << bits_msg;
   EXPECT_NE(bits_msg.find("9"), std::string::npos) << bits_msg;
-  const std::string level_msg = error_message([] { polar_angle_codebook(17, 4); });
+  const std::string level_msg = test::error_message([] { polar_angle_codebook(17, 4); });
   EXPECT_NE(level_msg.find("level"), std::string::npos) << level_msg;
   EXPECT_NE(level_msg.find("1..16"), std::string::npos) << level_msg;
   EXPECT_NE(level_msg.find("17"), std::string::npos) << level_msg;

@@ -17,18 +17,8 @@
 namespace tq {
 namespace {
 
+using test::kv_data;
 using test::norm_err;
-
-// K/V with realistic structure: a few large channels and non-zero means.
-std::vector<float> kv_data(size_t n_tokens, int heads, int dim, uint64_t seed) {
-  std::vector<float> x = test::random_gaussian(n_tokens * heads * dim, seed);
-  for (size_t i = 0; i < x.size(); ++i) {
-    const int c = static_cast<int>(i % dim);
-    if (c % 17 == 3) x[i] = 6.0f * x[i] + 2.0f;
-    else x[i] += 0.3f;
-  }
-  return x;
-}
 
 // fp64 attention for every query head over [n, H, d] K/V.
 std::vector<float> dense_attention(const std::vector<float>& q, int hq, const std::vector<float>& k,

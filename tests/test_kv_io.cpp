@@ -34,18 +34,7 @@ namespace tq {
 namespace {
 
 namespace fs = std::filesystem;
-
-// K/V with realistic structure: a few large channels and non-zero means
-// (as in test_kv_cache.cpp).
-std::vector<float> kv_data(size_t n_tokens, int heads, int dim, uint64_t seed) {
-  std::vector<float> x = test::random_gaussian(n_tokens * heads * dim, seed);
-  for (size_t i = 0; i < x.size(); ++i) {
-    const int c = static_cast<int>(i % dim);
-    if (c % 17 == 3) x[i] = 6.0f * x[i] + 2.0f;
-    else x[i] += 0.3f;
-  }
-  return x;
-}
+using test::kv_data;
 
 // A scratch directory per test, removed afterwards.
 class TempDir {

@@ -20,27 +20,8 @@
 namespace tq {
 namespace {
 
+using test::kv_data;
 using test::norm_err;
-
-std::vector<float> kv_data(size_t n_tokens, int heads, int dim, uint64_t seed) {
-  std::vector<float> x = test::random_gaussian(n_tokens * heads * dim, seed);
-  for (size_t i = 0; i < x.size(); ++i) {
-    const int c = static_cast<int>(i % dim);
-    if (c % 17 == 3) x[i] = 6.0f * x[i] + 2.0f;
-    else x[i] += 0.3f;
-  }
-  return x;
-}
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 // Two caches of one config, one with layer 0 as a sliding-window layer of W
 // positions (layer 1 keeps every token in both); appends of the given chunk
@@ -176,25 +157,25 @@ TEST(KvSlidingWindow, RefusalsNameTheLimitAndChangeNothing) {
   AttentionParams p;
   p.window = 10;
   cache.attend(s, 0, q.data(), 1, p, out.data(), nullptr, 40);  // the earliest allowed
-  EXPECT_NE(error_of([&] { cache.attend(s, 0, q.data(), 1, p, out.data(), nullptr, 32); })
+  EXPECT_NE(test::error_message([&] { cache.attend(s, 0, q.data(), 1, p, out.data(), nullptr, 32); })
                 .find("freed positions [0, 24) (sliding window 10), but a query at position 32 with window 10"),
             std::string::npos);
-  EXPECT_NE(error_of([&] { cache.attend(s, 0, q.data(), 1, AttentionParams{}, out.data()); }).find("needs position 0"),
+  EXPECT_NE(test::error_message([&] { cache.attend(s, 0, q.data(), 1, AttentionParams{}, out.data()); }).find("needs position 0"),
             std::string::npos);
   AttentionParams sinks = p;
   sinks.n_sinks = 1;
-  EXPECT_NE(error_of([&] { cache.attend(s, 0, q.data(), 1, sinks, out.data()); }).find("1 sinks"),
+  EXPECT_NE(test::error_message([&] { cache.attend(s, 0, q.data(), 1, sinks, out.data()); }).find("1 sinks"),
             std::string::npos);
   std::vector<float> kd(50 * 64), vd(kd.size());
-  EXPECT_NE(error_of([&] { cache.dequantize(s, 0, kd.data(), vd.data()); }).find("freed positions [0, 24)"),
+  EXPECT_NE(test::error_message([&] { cache.dequantize(s, 0, kd.data(), vd.data()); }).find("freed positions [0, 24)"),
             std::string::npos);
   std::vector<uint8_t> kr(1000), vr(1000);
-  EXPECT_NE(error_of([&] { cache.read_records(s, 0, 20, 1, kr.data(), vr.data()); })
+  EXPECT_NE(test::error_message([&] { cache.read_records(s, 0, 20, 1, kr.data(), vr.data()); })
                 .find("stored compressed tokens are [24, 50)"),
             std::string::npos);
   cache.read_records(s, 0, 24, 1, kr.data(), vr.data());
   // Trim: back to 40 (the length before the last append) or to 0 only.
-  EXPECT_NE(error_of([&] { cache.trim(s, 30); }).find("the shortest length it can go back to is 33"),
+  EXPECT_NE(test::error_message([&] { cache.trim(s, 30); }).find("the shortest length it can go back to is 33"),
             std::string::npos);
   EXPECT_EQ(cache.n_tokens(s, 0), 50);
   EXPECT_EQ(cache.n_tokens(s, 1), 50);  // layer 1 (no window) untouched as well
@@ -211,9 +192,9 @@ TEST(KvSlidingWindow, RefusalsNameTheLimitAndChangeNothing) {
   // Config checks.
   KvCacheConfig bad = cfg;
   bad.sliding_window = {10};
-  EXPECT_NE(error_of([&] { bad.validate(); }).find("sliding_window has 1 entries"), std::string::npos);
+  EXPECT_NE(test::error_message([&] { bad.validate(); }).find("sliding_window has 1 entries"), std::string::npos);
   bad.sliding_window = {10, -1};
-  EXPECT_NE(error_of([&] { bad.validate(); }).find("sliding_window of layer 1 must be >= 0"), std::string::npos);
+  EXPECT_NE(test::error_message([&] { bad.validate(); }).find("sliding_window of layer 1 must be >= 0"), std::string::npos);
 }
 
 TEST(KvSlidingWindow, EvictEventsCarryRealBytes) {

@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
+#include "turboquant/error.hpp"
 #include "turboquant/rng.hpp"
 
 namespace tq::test {
@@ -45,6 +47,29 @@ inline double norm_err(const float* a, const float* ref, size_t n) {
     r += double(ref[i]) * ref[i];
   }
   return std::sqrt(e / std::max(r, 1e-30));
+}
+
+// K/V-like data with realistic structure: every 17th channel large (x6, mean
+// 2), the others with mean 0.3. [n_tokens, heads, dim]
+inline std::vector<float> kv_data(size_t n_tokens, int heads, int dim, uint64_t seed) {
+  std::vector<float> x = random_gaussian(n_tokens * heads * dim, seed);
+  for (size_t i = 0; i < x.size(); ++i) {
+    const int c = static_cast<int>(i % dim);
+    if (c % 17 == 3) x[i] = 6.0f * x[i] + 2.0f;
+    else x[i] += 0.3f;
+  }
+  return x;
+}
+
+// The message of the tq::Error that f() throws, or "(no tq::Error thrown)".
+template <class F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no tq::Error thrown)";
 }
 
 inline ::testing::AssertionResult close(double a, double ref, double atol, double rtol) {
