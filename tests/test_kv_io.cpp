@@ -485,33 +485,25 @@ TEST(KvIo, Version2To4FilesStillLoad) {
     ASSERT_EQ(le32(f, layer0 + 20), 0u);  // n_evicted, gone in version 4
     f.erase(f.begin() + layer0 + 20, f.begin() + layer0 + 24);
   }
-  reseal(f);
-  write_bytes(dir.file("v4.tqkv"), f);
-  {
+  // Writes f (resealed) as `name`; it must load as the cache that was saved.
+  auto loads_as_saved = [&](const std::string& name) {
+    reseal(f);
+    write_bytes(dir.file(name), f);
     KvCache b(cfg);
-    b.load(dir.file("v4.tqkv"));
-    EXPECT_TRUE(same(snapshot(a), snapshot(b)));
-  }
+    b.load(dir.file(name));
+    EXPECT_TRUE(same(snapshot(a), snapshot(b))) << name;
+  };
+  loads_as_saved("v4.tqkv");
   drop_line("layer_formats=\n");
   put_le(f, 4, 3, 4);
-  reseal(f);
-  write_bytes(dir.file("v3.tqkv"), f);
-  {
-    KvCache b(cfg);
-    b.load(dir.file("v3.tqkv"));
-    EXPECT_TRUE(same(snapshot(a), snapshot(b)));
-  }
+  loads_as_saved("v3.tqkv");
   drop_line("dense_prefix=0\n");
   put_le(f, 4, 2, 4);
   const size_t layer0 = 24 + le32(f, 8) + 8 + 1 + 4 + 1;  // calib flag, n_slots, live
   ASSERT_EQ(le32(f, layer0 + 4), 16u);  // n_main (3 in the window)
   ASSERT_EQ(le32(f, layer0 + 16), 0u);  // n_pre, gone in version 2
   f.erase(f.begin() + layer0 + 16, f.begin() + layer0 + 20);
-  reseal(f);
-  write_bytes(dir.file("v2.tqkv"), f);
-  KvCache b(cfg);
-  b.load(dir.file("v2.tqkv"));
-  EXPECT_TRUE(same(snapshot(a), snapshot(b)));
+  loads_as_saved("v2.tqkv");
   KvCacheConfig with_prefix = cfg;
   with_prefix.dense_prefix = 4;
   KvCache c(with_prefix);
