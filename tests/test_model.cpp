@@ -136,11 +136,13 @@ TEST(Model, SlidingWindowLayersFreeWhatTheyNoLongerSeeWithTheSameLogits) {
   const ModelConfig& c = m->config();
   ASSERT_EQ(c.sliding_window, 512);
   KvCacheConfig swa = m->cache_config("dense-f32"), full = m->cache_config("dense-f32", true);
-  swa.page_tokens = full.page_tokens = 64;  // so that 700 positions free pages
   ASSERT_EQ(swa.sliding_window.size(), size_t(c.n_layers));
   EXPECT_EQ(swa.sliding_window[5], 0);
   EXPECT_EQ(swa.sliding_window[4], 512);
   EXPECT_TRUE(full.sliding_window.empty());
+  EXPECT_EQ(swa.page_tokens, 64);  // 1/8 of the window: a local layer holds <= 512 + 64 tokens
+  EXPECT_EQ(full.page_tokens, 256);
+  full.page_tokens = 64;  // the same pages, so that only the eviction differs
   KvCache a(swa), b(full);
   const int sa = a.add_sequence(), sb = b.add_sequence();
   std::vector<int32_t> tokens(700);

@@ -66,8 +66,9 @@ class Model {
   // optionally with a layer policy naming "global" (full-attention) or
   // "local" (sliding-window) layers, e.g. "turbo3+global=turbo4-out".
   // The sliding-window layers keep only what their window can still see
-  // (KvCacheConfig::sliding_window), unless swa_full: then every token of
-  // every layer stays (e.g. to trim back further than a window).
+  // (KvCacheConfig::sliding_window) and pages shrink to at most 1/8 of the
+  // window, unless swa_full: then every token of every layer stays (e.g. to
+  // trim back further than a window).
   KvCacheConfig cache_config(const std::string& preset, bool swa_full = false) const;
 
   // Runs n tokens at positions pos .. pos+n-1 of sequence seq (appending

@@ -10,6 +10,7 @@
 //        Gemma already include the +1 of its (1 + w) RMSNorm.
 #include "turboquant/model.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -176,6 +177,11 @@ KvCacheConfig Model::cache_config(const std::string& preset, bool swa_full) cons
   if (!swa_full && cfg_.sliding_window > 0 && !named["local"].empty()) {
     c.sliding_window.assign(size_t(cfg_.n_layers), 0);
     for (int l : named["local"]) c.sliding_window[size_t(l)] = cfg_.sliding_window;
+    // A local layer frees whole pages, so it holds up to window + page
+    // tokens: pages of at most an eighth of the window (Gemma 3's 512: 64
+    // tokens) keep that within 1/8 of the window; multiples of 16 (the GPU
+    // decode kernel's tile), 16 .. 256.
+    c.page_tokens = std::clamp(cfg_.sliding_window / 8 / 16 * 16, 16, c.page_tokens);
   }
   return c;
 }
