@@ -330,7 +330,7 @@ Runner add_eval(CLI::App& app) {
                   "sliding-window / full-attention layers)");
   sub->add_flag("--swa-full", a->swa_full,
                 "Sliding-window layers keep every token (default: they free what their window no longer sees; "
-                "results are the same, kv_bytes differ)");
+                "the same attention up to the order of float additions, fewer kv_bytes)");
   sub->add_flag("--json", a->json, "Print a JSON array, one object per preset (with --needle: one object)");
   sub->add_flag("--per-layer", a->per_layer,
                 "Where the loss comes from: one row per layer L (\"PRESET@layerL\") with only that layer "
