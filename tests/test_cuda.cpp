@@ -710,6 +710,39 @@ TEST(CudaAppend, KernelOnlyRewriteIsIdempotent) {
   EXPECT_EQ(compare_records(layer, 0, *kq, *vq, tk.values.data(), tv.values.data(), 0, n, "kernels only"), 0);
 }
 
+// The read floor of tq gpu-bench: every variant takes sizes that are not a
+// multiple of its unit (memcheck in scripts/gpu_suite.sh sees any read past
+// the end), leaves its sink alone on ordinary data, and refuses bad arguments
+// with the value named.
+TEST(CudaBench, ReadFloorVariantsTakeAnySizeAndRefuseBadArguments) {
+  TQ_SKIP_WITHOUT_GPU();
+  const size_t cap = (size_t(1) << 20) + 48;
+  cuda::DeviceBuffer buf(cap), sink(sizeof(unsigned));
+  cuda::bench::fill_normal_bf16(buf.as<uint16_t>(), cap / 2, 3, 0.0f, 1.0f, nullptr);
+  const unsigned marker = 0x5a5a5a5au;
+  sink.upload(&marker, sizeof marker);
+  int ran = 0;
+  for (int v = 0; v < cuda::bench::kReadFloorVariants; ++v) {
+    if (!cuda::bench::read_floor_supported(v)) continue;
+    ++ran;
+    for (size_t bytes : {size_t(16), size_t(8192 + 16), size_t(4096 * 16 + 32), cap})
+      cuda::bench::read_floor(buf.data(), bytes, sink.as<unsigned>(), v, nullptr);
+    cuda::bench::synchronize(nullptr);
+  }
+  EXPECT_GE(ran, 3);
+  unsigned got = 0;
+  sink.download(&got, sizeof got);
+  EXPECT_EQ(got, marker);
+  const std::string bad = test::error_message([&] {
+    cuda::bench::read_floor(buf.data(), 32, sink.as<unsigned>(), cuda::bench::kReadFloorVariants, nullptr);
+  });
+  EXPECT_NE(bad.find("variant 4"), std::string::npos) << bad;
+  const std::string odd = test::error_message(
+      [&] { cuda::bench::read_floor(buf.data(), 24, sink.as<unsigned>(), 0, nullptr); });
+  EXPECT_NE(odd.find("24 bytes"), std::string::npos) << odd;
+  EXPECT_THROW(cuda::bench::read_floor(buf.as<uint8_t>() + 4, 32, sink.as<unsigned>(), 1, nullptr), Error);
+}
+
 // A sequence's pages, downloaded once (several attention cases read them).
 struct HostSeq {
   int len = 0;

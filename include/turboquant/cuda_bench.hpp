@@ -99,6 +99,23 @@ void fill_normal_bf16(uint16_t* dst, size_t n, uint64_t seed, float mean, float 
 // bf16 values once and adds their sum into *sink (device float). The
 // bandwidth ceiling for kernels that read and write next to nothing.
 void read_sum_bf16(const void* src, size_t bytes, float* sink, Stream stream);
+// The read floor: pure read streams of `bytes` (a multiple of 16, 16-byte
+// aligned) in different access patterns, each summing what it reads into
+// *sink (device, one word). No kernel that must read those bytes can finish,
+// in the same harness (flush, event, launch, event), before the fastest of
+// them: tq gpu-bench reports each kernel's time against that floor, and the
+// largest speedup over a baseline that any kernel could show.
+//   0 stride4: grid-stride, 4 x 16-byte loads in flight a thread, L2 256-byte
+//     prefetch hint (read_sum_bf16's pattern);
+//   1 stride8: the same with 8 loads in flight and no prefetch hint;
+//   2 chunk8: each block one contiguous chunk, 8 loads in flight a thread;
+//   3 bulk: sm_90 bulk copies (one lane a warp, 8 KiB each, 4 in flight a
+//     warp) into shared memory, as the decode kernel reads its pages.
+// read_floor_supported(v) is false where the device cannot run a variant.
+constexpr int kReadFloorVariants = 4;
+const char* read_floor_name(int variant);
+bool read_floor_supported(int variant);
+void read_floor(const void* src, size_t bytes, unsigned* sink, int variant, Stream stream);
 // cudaMemcpyAsync device to device.
 void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream);
 void synchronize(Stream stream);

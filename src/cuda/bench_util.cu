@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -96,6 +97,132 @@ __global__ void __launch_bounds__(kReadThreads)
     for (int w = 0; w < kReadThreads / 32; ++w) t += part[w];
     atomicAdd(sink, t);
   }
+}
+
+// ---- the read floor (cuda_bench.hpp) -------------------------------------------
+// Every variant keeps its loads alive through a store that never happens in
+// practice (the sum of the data equal to a magic value), so no atomics or
+// per-block writes add to the time being measured.
+constexpr unsigned kNeverSum = 0x9e3779b9u;
+
+template <bool Hint>
+__device__ __forceinline__ uint4 load_floor(const uint4* p) {
+  uint4 r;
+  if constexpr (Hint)
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+  else
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+  return r;
+}
+
+// Grid-stride: at each step the grid reads one contiguous window.
+template <int U, bool Hint>
+__global__ void __launch_bounds__(kReadThreads)
+    read_stride_kernel(const uint4* __restrict__ src, size_t n_vec, unsigned* sink) {
+  const size_t stride = size_t(gridDim.x) * kReadThreads;
+  size_t i = blockIdx.x * size_t(kReadThreads) + threadIdx.x;
+  unsigned s = 0;
+  for (; i + (U - 1) * stride < n_vec; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = load_floor<Hint>(src + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) s += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n_vec; i += stride) {
+    const uint4 v = load_floor<Hint>(src + i);
+    s += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (s == kNeverSum) *sink = s;
+}
+
+// Each block one contiguous chunk of the buffer.
+constexpr int kChunkUnroll = 8;
+__global__ void __launch_bounds__(kReadThreads)
+    read_chunk_kernel(const uint4* __restrict__ src, size_t n_vec, unsigned* sink) {
+  const size_t per = (n_vec + gridDim.x - 1) / gridDim.x;
+  const size_t b0 = blockIdx.x * per, b1 = b0 + per < n_vec ? b0 + per : n_vec;
+  size_t i = b0 + threadIdx.x;
+  unsigned s = 0;
+  for (; i + (kChunkUnroll - 1) * kReadThreads < b1; i += kChunkUnroll * kReadThreads) {
+    uint4 v[kChunkUnroll];
+#pragma unroll
+    for (int u = 0; u < kChunkUnroll; ++u) v[u] = load_floor<false>(src + i + u * kReadThreads);
+#pragma unroll
+    for (int u = 0; u < kChunkUnroll; ++u) s += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < b1; i += kReadThreads) {
+    const uint4 v = load_floor<false>(src + i);
+    s += v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (s == kNeverSum) *sink = s;
+}
+
+// sm_90 bulk copies: lane 0 of each warp keeps kBulkStages copies of
+// kBulkBytes in flight into its own shared memory, completing on one
+// mbarrier per stage; nothing reads the shared memory (the copy is the read).
+constexpr int kBulkWarps = 4, kBulkStages = 4;
+constexpr uint32_t kBulkBytes = 8192;
+constexpr int kBulkSmem = kBulkWarps * kBulkStages * int(kBulkBytes);
+
+__global__ void __launch_bounds__(32 * kBulkWarps)
+    read_bulk_kernel(const uint8_t* __restrict__ src, size_t bytes, unsigned* sink) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ __align__(8) uint64_t bars[kBulkWarps * kBulkStages];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const size_t n_chunks = (bytes + kBulkBytes - 1) / kBulkBytes;
+  const size_t first = size_t(blockIdx.x) * kBulkWarps + warp, step = size_t(gridDim.x) * kBulkWarps;
+  const uint32_t sbase = static_cast<uint32_t>(__cvta_generic_to_shared(smem)) +
+                         uint32_t(warp) * kBulkStages * kBulkBytes;
+  const uint32_t bbase = static_cast<uint32_t>(__cvta_generic_to_shared(bars)) + 8u * warp * kBulkStages;
+  auto issue = [&](size_t c, int st) {
+    const size_t off = c * kBulkBytes;
+    const uint32_t n = bytes - off < kBulkBytes ? uint32_t(bytes - off) : kBulkBytes;
+    const uint32_t bar = bbase + 8u * st;
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(n) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+            sbase + uint32_t(st) * kBulkBytes),
+        "l"(src + off), "r"(n), "r"(bar)
+        : "memory");
+  };
+  if (lane == 0) {
+    for (int st = 0; st < kBulkStages; ++st)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bbase + 8u * st), "r"(1u) : "memory");
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    for (int st = 0; st < kBulkStages; ++st)
+      if (first + st * step < n_chunks) issue(first + st * step, st);
+  }
+  __syncwarp();
+  unsigned done = 0;
+  size_t k = 0;
+  for (size_t c = first; c < n_chunks; c += step, ++k) {
+    const int st = int(k % kBulkStages);
+    const uint32_t parity = uint32_t(k / kBulkStages) & 1u, bar = bbase + 8u * st;
+    uint32_t ok;
+    do {
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(ok)
+          : "r"(bar), "r"(parity)
+          : "memory");
+    } while (!ok);
+    ++done;
+    if (lane == 0 && c + kBulkStages * step < n_chunks) issue(c + kBulkStages * step, st);
+  }
+  if (done == kNeverSum) *sink = done;
+#else
+  (void)src;
+  (void)bytes;
+  (void)sink;
+#endif
 }
 
 int grid_for(size_t work_items, int threads) {
@@ -202,6 +329,66 @@ void read_sum_bf16(const void* src, size_t bytes, float* sink, Stream stream) {
   const size_t n_vec = bytes / 16;
   read_sum_kernel<<<grid_for(n_vec, kReadThreads), kReadThreads, 0,
                     static_cast<cudaStream_t>(stream)>>>(static_cast<const uint4*>(src), n_vec, sink);
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+const char* read_floor_name(int variant) {
+  static const char* const kNames[kReadFloorVariants] = {"stride4", "stride8", "chunk8", "bulk"};
+  TQ_REQUIRE(variant >= 0 && variant < kReadFloorVariants, "read_floor: variant ", variant, " is not 0..",
+             kReadFloorVariants - 1);
+  return kNames[variant];
+}
+
+// Cached: read_floor runs between the caller's events, where host time counts.
+bool read_floor_supported(int variant) {
+  read_floor_name(variant);  // range check
+  if (variant != 3) return true;
+  static std::atomic<int> major{0};
+  if (major.load() == 0) {
+    int dev = 0, m = 0;
+    TQ_CUDA_CHECK(cudaGetDevice(&dev));
+    TQ_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, dev));
+    major = m;
+  }
+  return major.load() >= 9;
+}
+
+void read_floor(const void* src, size_t bytes, unsigned* sink, int variant, Stream stream) {
+  TQ_REQUIRE(bytes % 16 == 0 && (reinterpret_cast<uintptr_t>(src) & 15u) == 0, "read_floor: ", bytes,
+             " bytes at ", src, ": need a 16-byte aligned multiple of 16");
+  TQ_REQUIRE(read_floor_supported(variant), "read_floor: variant ", read_floor_name(variant),
+             " needs compute capability 9.0 or newer");
+  if (bytes == 0) return;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const auto* v = static_cast<const uint4*>(src);
+  const size_t n_vec = bytes / 16;
+  const int grid = grid_for(n_vec, kReadThreads);
+  switch (variant) {
+    case 0:
+      read_stride_kernel<4, true><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      break;
+    case 1:
+      read_stride_kernel<8, false><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      break;
+    case 2:
+      read_chunk_kernel<<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      break;
+    default: {
+      static std::atomic<int> blocks{0};  // resident blocks, found once
+      if (blocks.load() == 0) {
+        int dev = 0, sms = 0, per_sm = 0;
+        TQ_CUDA_CHECK(cudaGetDevice(&dev));
+        TQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        TQ_CUDA_CHECK(cudaFuncSetAttribute(read_bulk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBulkSmem));
+        TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, read_bulk_kernel, 32 * kBulkWarps,
+                                                                    kBulkSmem));
+        blocks = std::max(1, per_sm) * sms;
+      }
+      const size_t chunks = (bytes + kBulkBytes - 1) / kBulkBytes;
+      const int g = int(std::min<size_t>(size_t(blocks.load()), (chunks + kBulkWarps - 1) / kBulkWarps));
+      read_bulk_kernel<<<g, 32 * kBulkWarps, kBulkSmem, s>>>(static_cast<const uint8_t*>(src), bytes, sink);
+    }
+  }
   TQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -94,6 +94,9 @@ void L2Flusher::flush(Stream) { no_cuda(); }
 void fill_normal_f32(float*, size_t, uint64_t, float, float, Stream) { no_cuda(); }
 void fill_normal_bf16(uint16_t*, size_t, uint64_t, float, float, Stream) { no_cuda(); }
 void read_sum_bf16(const void*, size_t, float*, Stream) { no_cuda(); }
+const char* read_floor_name(int) { no_cuda(); }
+bool read_floor_supported(int) { no_cuda(); }
+void read_floor(const void*, size_t, unsigned*, int, Stream) { no_cuda(); }
 void copy_d2d(void*, const void*, size_t, Stream) { no_cuda(); }
 void synchronize(Stream) { no_cuda(); }
 struct AppendKernels::State {};

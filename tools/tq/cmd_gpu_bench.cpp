@@ -9,7 +9,10 @@
 // same way). Bandwidth is the bytes a kernel must read (the K/V records of
 // every visible token and the queries) over that time, reported as a share of
 // a device-to-device copy (read + write counted, as REFERENCE.md does) and of
-// a pure read stream, both measured in the same process. Also timed: the
+// a pure read stream, both measured in the same process, and against the
+// read floor: the fastest pure read of exactly that many bytes (several
+// access patterns, cuda_bench.hpp) timed the same way, fixed costs included,
+// which bounds what any kernel could reach (max_speedup_vs_sdpa). Also timed: the
 // quantize-append of a 131072-token prefill block of the first --shape, from
 // bf16 and from f32 input (kernels alone, and the whole append_device call),
 // against one read of the same block in bf16, and one decode step's append
@@ -87,6 +90,7 @@ double time_median(F&& launch, int runs, cb::L2Flusher& flush) {
 
 struct Ceilings {
   double copy_tb_s = 0, read_tb_s = 0;
+  std::vector<std::pair<std::string, double>> floor_tb_s;  // each read-floor variant at 1 GiB
 };
 
 Ceilings measure_ceilings(int runs, cb::L2Flusher& flush) {
@@ -99,6 +103,12 @@ Ceilings measure_ceilings(int runs, cb::L2Flusher& flush) {
   const double read_ms =
       time_median([&] { cb::read_sum_bf16(a.data(), bytes, sink.as<float>(), nullptr); }, runs, flush);
   c.read_tb_s = double(bytes) / (read_ms * 1e-3) / 1e12;
+  for (int v = 0; v < cb::kReadFloorVariants; ++v) {
+    if (!cb::read_floor_supported(v)) continue;
+    const double ms = time_median(
+        [&] { cb::read_floor(a.data(), bytes, reinterpret_cast<unsigned*>(sink.data()), v, nullptr); }, runs, flush);
+    c.floor_tb_s.emplace_back(cb::read_floor_name(v), double(bytes) / (ms * 1e-3) / 1e12);
+  }
   return c;
 }
 
@@ -174,18 +184,29 @@ class Bench {
     flush_ = std::make_unique<cb::L2Flusher>();
     ceil_ = measure_ceilings(std::max(a_.runs, 10), *flush_);
     sm_count_ = dev.sm_count;
-    info("gpu-bench: %s, %d SMs, L2 %.0f MiB, %.1f GiB free; copy %.2f TB/s (read + write), read %.2f TB/s",
+    std::string floors;
+    json floor_j = json::object();
+    for (const auto& [name, tb] : ceil_.floor_tb_s) {
+      floors += fmt(" %s %.2f", name.c_str(), tb);
+      floor_j[name] = tb;
+    }
+    info("gpu-bench: %s, %d SMs, L2 %.0f MiB, %.1f GiB free; copy %.2f TB/s (read + write), read %.2f TB/s;"
+         " read-floor variants at 1 GiB (TB/s):%s",
          dev.name.c_str(), dev.sm_count, dev.l2_bytes / 1048576.0, gib(dev.free_bytes), ceil_.copy_tb_s,
-         ceil_.read_tb_s);
+         ceil_.read_tb_s, floors.c_str());
     rows_.push_back({{"kind", "device"}, {"device", dev.name}, {"sm_count", dev.sm_count},
                      {"l2_bytes", dev.l2_bytes}, {"total_bytes", dev.total_bytes},
                      {"copy_tb_s", ceil_.copy_tb_s}, {"read_tb_s", ceil_.read_tb_s},
-                     {"runs", a_.runs}, {"l2_flush_bytes", flush_->bytes()}});
+                     {"read_floor_tb_s", floor_j}, {"runs", a_.runs}, {"l2_flush_bytes", flush_->bytes()}});
     if (!a_.json_out) {
-      std::printf("device %s: copy %.2f TB/s (read + write), read stream %.2f TB/s; medians of %d runs, L2 flushed\n",
-                  dev.name.c_str(), ceil_.copy_tb_s, ceil_.read_tb_s, a_.runs);
-      std::printf("%-6s %5s %7s %-11s %9s %8s %6s %6s %6s %8s %8s %9s\n", "shape", "batch", "context",
-                  "preset", "ms", "GB", "TB/s", "copy%", "read%", "vs_dense", "vs_sdpa", "sdpa_ms");
+      std::printf("device %s: copy %.2f TB/s (read + write), read stream %.2f TB/s, read-floor variants at 1 GiB"
+                  " (TB/s):%s; medians of %d runs, L2 flushed\n",
+                  dev.name.c_str(), ceil_.copy_tb_s, ceil_.read_tb_s, floors.c_str(), a_.runs);
+      std::printf("floor_ms: the fastest pure read of the row's bytes in this harness; of_floor: floor_ms / ms;"
+                  " max_sdpa: sdpa_ms / floor_ms, the most any kernel reading those bytes could show\n");
+      std::printf("%-6s %5s %7s %-11s %9s %8s %6s %6s %6s %8s %8s %9s %9s %8s %8s\n", "shape", "batch", "context",
+                  "preset", "ms", "GB", "TB/s", "copy%", "read%", "vs_dense", "vs_sdpa", "sdpa_ms", "floor_ms",
+                  "of_floor", "max_sdpa");
     }
     for (const Shape& s : shapes_)
       for (int b : batches_)
@@ -227,6 +248,33 @@ class Bench {
             {"context", context},          {"preset", preset}};
   }
 
+  // The read floor of `bytes` (cuda_bench.hpp): the median time of the
+  // fastest pure read of that many bytes, timed as every kernel here is.
+  std::pair<double, std::string> read_floor_ms(double bytes_d) {
+    const size_t bytes = size_t(bytes_d) / 16 * 16;
+    const size_t grain = size_t(256) << 20;
+    if (!floor_buf_ || floor_buf_->size() < bytes) {
+      floor_buf_.reset();
+      const size_t want = (bytes + grain - 1) / grain * grain;
+      floor_buf_.emplace(want);
+      cb::fill_normal_bf16(floor_buf_->as<uint16_t>(), want / 2, a_.seed * 17 + 5, 0.0f, 1.0f, nullptr);
+    }
+    if (!floor_sink_) floor_sink_.emplace(sizeof(unsigned));
+    double best = INFINITY;
+    std::string name;
+    for (int v = 0; v < cb::kReadFloorVariants; ++v) {
+      if (!cb::read_floor_supported(v)) continue;
+      const double ms = time_median(
+          [&] { cb::read_floor(floor_buf_->data(), bytes, floor_sink_->as<unsigned>(), v, nullptr); }, a_.runs,
+          *flush_);
+      if (ms < best) {
+        best = ms;
+        name = cb::read_floor_name(v);
+      }
+    }
+    return {best, name};
+  }
+
   // Fills ms / bytes / bandwidth / ratios of a timed row and prints it.
   void finish_row(json& r, double ms, double bytes) {
     const double tb_s = bytes / (ms * 1e-3) / 1e12;
@@ -236,7 +284,11 @@ class Bench {
     r["tb_s"] = tb_s;
     r["copy_share"] = tb_s / ceil_.copy_tb_s;
     r["read_share"] = tb_s / ceil_.read_tb_s;
-    std::string vs_dense = "-", vs_sdpa = "-", sdpa_ms = "-";
+    const auto [floor_ms, floor_variant] = read_floor_ms(bytes);
+    r["read_floor_ms"] = floor_ms;
+    r["read_floor_variant"] = floor_variant;
+    r["floor_share"] = floor_ms / ms;
+    std::string vs_dense = "-", vs_sdpa = "-", sdpa_ms = "-", max_sdpa = "-";
     if (dense_ms_ > 0) {
       r["speedup_vs_dense_bf16"] = dense_ms_ / ms;
       vs_dense = fmt("%.2fx", dense_ms_ / ms);
@@ -248,15 +300,18 @@ class Bench {
       r["speedup_vs_sdpa"] = it->second.ms / ms;
       vs_sdpa = fmt("%.2fx", it->second.ms / ms);
       sdpa_ms = fmt("%.4f", it->second.ms);
+      r["max_speedup_vs_sdpa"] = it->second.ms / floor_ms;
+      max_sdpa = fmt("%.2fx", it->second.ms / floor_ms);
     }
     // A compressed preset the tensor-core kernel cannot run says so.
     const bool ref = r.contains("decode_kernel") && r["decode_kernel"].get<std::string>().rfind("reference", 0) == 0;
     if (!a_.json_out)
-      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s%s\n",
+      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s %9.4f %7.0f%% %8s%s\n",
                   r["shape"].get<std::string>().c_str(), r["batch"].get<int>(), r["context"].get<int>(),
                   r["preset"].get<std::string>().c_str(), ms, bytes / 1e9, tb_s,
                   100 * tb_s / ceil_.copy_tb_s, 100 * tb_s / ceil_.read_tb_s, vs_dense.c_str(),
-                  vs_sdpa.c_str(), sdpa_ms.c_str(), ref ? "  (reference kernel)" : "");
+                  vs_sdpa.c_str(), sdpa_ms.c_str(), floor_ms, 100 * floor_ms / ms, max_sdpa.c_str(),
+                  ref ? "  (reference kernel)" : "");
     std::fflush(stdout);
   }
 
@@ -598,6 +653,7 @@ class Bench {
   Ceilings ceil_;
   int sm_count_ = 0;
   double dense_ms_ = 0;
+  std::optional<cuda::DeviceBuffer> floor_buf_, floor_sink_;  // read_floor_ms's source and sink
   std::vector<json> rows_;
 };
 
