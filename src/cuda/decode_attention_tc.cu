@@ -214,11 +214,13 @@ __device__ __forceinline__ float lds_half(const uint8_t* smem, uint32_t off) {
   return __half2float(*reinterpret_cast<const __half*>(smem + off));
 }
 
-// NW words of codes starting at byte offset a (any alignment): aligned loads
-// and a funnel shift. Reads up to 4 bytes past the segment.
+// NW words of codes starting at byte offset base + sh / 8 (base 4-byte
+// aligned, sh in {0, 8, 16, 24}): aligned loads and a funnel shift. Reads up
+// to 4 bytes past the segment. Records have an even size and stages start
+// 16-byte aligned, so a lane's segments of one tile (tokens 4 or 8 apart)
+// share one shift: the caller computes it once per lane.
 template <int NW>
-__device__ __forceinline__ void load_seg(const uint8_t* smem, uint32_t a, uint32_t (&w)[NW]) {
-  const uint32_t base = a & ~3u, sh = (a & 3u) * 8u;
+__device__ __forceinline__ void load_seg(const uint8_t* smem, uint32_t base, uint32_t sh, uint32_t (&w)[NW]) {
   uint32_t raw[NW + 1];
 #pragma unroll
   for (int i = 0; i <= NW; ++i) raw[i] = lds32(smem, base + 4u * i);
@@ -594,7 +596,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     // Heads 2tq + e: running max of x + log2 s_v, and this lane's part of sum 2^(x - m).
     float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
     // The two tokens of this lane in QK (S^T rows gq, gq + 8).
-    const int tok_a = (gq >> 1) + 4 * (gq & 1), tok_b = tok_a + 8;
+    const int tok_a = (gq >> 1) + 4 * (gq & 1);
+    // This lane's code segments inside a tile: QK tokens tok_a and tok_a + 8
+    // at koff (+ 8 records), PV tokens tq + 4e + 8f at voff (+ (4e + 8f)
+    // records); 4-byte aligned parts and the shift they share (records are
+    // even-sized, so 4 records are a multiple of 4 bytes).
+    const uint32_t koff_raw = uint32_t(tok_a * C::kKRec + tq * C::kKSeg);
+    const uint32_t voff_raw = uint32_t(tq * C::kVRec + gq * C::kVSeg);
+    const uint32_t koff = koff_raw & ~3u, ksh = (koff_raw & 3u) * 8u;
+    const uint32_t voff = voff_raw & ~3u, vsh = (voff_raw & 3u) * 8u;
+    const uint32_t kscale_off = uint32_t(tok_a * C::kKRec + C::kKCode);
+    const uint32_t vscale_off = uint32_t(tok_a * C::kVRec + C::kVCode);
 
     // 4. The warp's tile pairs: tiles 2kp and 2kp + 1 for kp = warp, warp + W, ...
     for (int kp = warp; 2 * kp < x.n_tiles; kp += W) {
@@ -623,8 +635,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         {
           uint32_t wa[C::kKSegW], wb[C::kKSegW];
-          load_seg(smem, kb + tok_a * C::kKRec + tq * C::kKSeg, wa);
-          load_seg(smem, kb + tok_b * C::kKRec + tq * C::kKSeg, wb);
+          load_seg(smem, kb + koff, ksh, wa);
+          load_seg(smem, kb + koff + 8 * C::kKRec, ksh, wb);
 #pragma unroll
           for (int j = 0; j < kSteps; ++j) {
             const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
@@ -635,34 +647,42 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           }
         }
 
-        // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_b, 2tq), (tok_b, 2tq + 1).
+        // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_a + 8, 2tq), (tok_a + 8, 2tq + 1).
         // A dead slot (past the split, or masked by the window) gets score
         // -inf and so weight exactly 0 below; its record bytes are finite (the
         // pool is zeroed at creation and only ever holds records), so no other
         // use of `dead` is needed.
+        // Softcap and dead slots each behind one warp-uniform branch: most
+        // tiles take neither.
         const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
-        float vsc[2], ymax[2] = {kNegInf, kNegInf};
+        float vsc[2], lv[2], ymax[2] = {kNegInf, kNegInf};
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-          const int tok = r ? tok_b : tok_a;
-          const float ks = lds_half(smem, kb + tok * C::kKRec + C::kKCode);
-          vsc[r] = lds_half(smem, vb + tok * C::kVRec + C::kVCode);
-          const int t = T0 + tok;
-          const bool dead = !full && !(t < x.t1 && (t < p.n_sinks || t >= x.win_lo));
+          const float ks = lds_half(smem, kb + kscale_off + 8 * r * C::kKRec);
+          vsc[r] = lds_half(smem, vb + vscale_off + 8 * r * C::kVRec);
           // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
-          const float lv = lg2(fmaxf(vsc[r], 0x1p-25f));
+          lv[r] = lg2(fmaxf(vsc[r], 0x1p-25f));
 #pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float v = s[2 * r + e] * (ks * kmul[e]);
-            if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
-              const float t = ex2(v * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
-              v = p.softcap * kLog2e * (1.0f - 2.0f * rcp(t + 1.0f));
-            }
-            v = dead ? kNegInf : v;
-            s[2 * r + e] = v;
-            ymax[e] = fmaxf(ymax[e], v + lv);  // -inf for a dead slot
+          for (int e = 0; e < 2; ++e) s[2 * r + e] *= ks * kmul[e];
+        }
+        if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float t = ex2(s[i] * (2.0f * kLog2e / p.softcap));  // inf for large v: 1 - 0
+            s[i] = p.softcap * kLog2e * (1.0f - 2.0f * rcp(t + 1.0f));
           }
         }
+        if (!full) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int t = T0 + tok_a + 8 * r;
+            if (!(t < x.t1 && (t < p.n_sinks || t >= x.win_lo))) s[2 * r] = s[2 * r + 1] = kNegInf;
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], s[2 * r + e] + lv[r]);  // -inf for a dead slot
 #pragma unroll
         for (int o = 4; o <= 16; o *= 2)
 #pragma unroll
@@ -703,8 +723,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
 #pragma unroll
         for (int f = 0; f < 2; ++f) {
           uint32_t xw[C::kVSegW], yw[C::kVSegW];
-          load_seg(smem, vb + (tq + 8 * f) * C::kVRec + gq * C::kVSeg, xw);
-          load_seg(smem, vb + (tq + 4 + 8 * f) * C::kVRec + gq * C::kVSeg, yw);
+          load_seg(smem, vb + voff + 8 * f * C::kVRec, vsh, xw);
+          load_seg(smem, vb + voff + (4 + 8 * f) * C::kVRec, vsh, yw);
           v_pairs<VB>(xw, yw, lo[f], hi[f]);
         }
 #pragma unroll
