@@ -44,9 +44,10 @@
 //
 // Numerics: fp32 scores, softmax and accumulators; fp16 queries (scaled by
 // their max |q| per head first), centroids and weights. The V scale s_v is
-// folded into the fp16 weight w = 2^(x - M) * s_v with M the running max of
-// x + log2 s_v (not of x), so w <= 1 keeps full fp16 precision whatever the
-// norms; the normaliser l = sum 2^(x - M) stays fp32. Values accumulate in
+// folded into the fp16 weight w = 2^(x - M) * s_v with M a reference within
+// kLazy of the running max of x + log2 s_v (not of x), so w <= 2^kLazy keeps
+// full fp16 precision whatever the norms; the normaliser l = sum 2^(x - M)
+// stays fp32. Values accumulate in
 // the V rotation's domain; the merge applies one inverse rotation per output.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -70,6 +71,7 @@ constexpr int kSmemLimit = 227 * 1024;  // opt-in shared memory per block on sm_
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -INFINITY;
+constexpr float kLazy = 8.0f;  // log2 of the largest fp16 softmax weight (see the token loop)
 
 constexpr int warps_for(int d) { return d >= 256 ? 8 : 16; }  // d 256: ~170 registers a thread
 
@@ -595,6 +597,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     for (int i = 0; i < kSteps; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
     // Heads 2tq + e: running max of x + log2 s_v, and this lane's part of sum 2^(x - m).
     float m[2] = {kNegInf, kNegInf}, l[2] = {0.0f, 0.0f};
+    float msub[2] = {0.0f, 0.0f};  // m, or 0 while m is -inf (2^(x - msub): -inf -> 0, never NaN)
     // The two tokens of this lane in QK (S^T rows gq, gq + 8).
     const int tok_a = (gq >> 1) + 4 * (gq & 1);
     // This lane's code segments inside a tile: QK tokens tok_a and tok_a + 8
@@ -655,7 +658,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         // Softcap and dead slots each behind one warp-uniform branch: most
         // tiles take neither.
         const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
-        float vsc[2], lv[2], ymax[2] = {kNegInf, kNegInf};
+        float vsc[2], lv[2], ymax[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float ks = lds_half(smem, kb + kscale_off + 8 * r * C::kKRec);
@@ -680,15 +683,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           }
         }
 #pragma unroll
-        for (int r = 0; r < 2; ++r)
+        for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(s[e] + lv[0], s[2 + e] + lv[1]);  // -inf for a dead slot
+        // Lazy reference: m moves only when a value exceeds it by more than
+        // kLazy (then to the warp's max, found only then), so most tiles skip
+        // the cross-lane max. Softmax does not depend on m; the weights stay
+        // <= 2^kLazy (fp16 keeps its precision at any such scale).
+        if (__any_sync(0xffffffffu, ymax[0] > m[0] + kLazy || ymax[1] > m[1] + kLazy)) {
 #pragma unroll
-          for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], s[2 * r + e] + lv[r]);  // -inf for a dead slot
+          for (int o = 4; o <= 16; o *= 2)
 #pragma unroll
-        for (int o = 4; o <= 16; o *= 2)
-#pragma unroll
-          for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], __shfl_xor_sync(0xffffffffu, ymax[e], o));
-        const float mn0 = fmaxf(m[0], ymax[0]), mn1 = fmaxf(m[1], ymax[1]);
-        if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {  // exact: skipped when no max moved
+            for (int e = 0; e < 2; ++e) ymax[e] = fmaxf(ymax[e], __shfl_xor_sync(0xffffffffu, ymax[e], o));
+          const float mn0 = fmaxf(m[0], ymax[0]), mn1 = fmaxf(m[1], ymax[1]);
           const float c0 = mn0 > m[0] ? ex2(m[0] - mn0) : 1.0f;
           const float c1 = mn1 > m[1] ? ex2(m[1] - mn1) : 1.0f;
           l[0] *= c0;
@@ -702,15 +707,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           }
           m[0] = mn0;
           m[1] = mn1;
+          msub[0] = mn0 == kNegInf ? 0.0f : mn0;
+          msub[1] = mn1 == kNegInf ? 0.0f : mn1;
         }
         float wv[4];
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float ee = ex2(s[2 * r + e] - (m[e] == kNegInf ? 0.0f : m[e]));  // <= 2^25; dead: 0
+            const float ee = ex2(s[2 * r + e] - msub[e]);  // <= 2^(25 + kLazy); dead: 0
             l[e] += ee;
-            wv[2 * r + e] = ee * vsc[r];  // <= 1
+            wv[2 * r + e] = ee * vsc[r];  // <= 2^kLazy
           }
         // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
         // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.
