@@ -79,6 +79,40 @@ __device__ void block_fwht(float* x, int rows, float post_scale) {
   __syncthreads();
 }
 
+// block_fwht of one row held one element per thread (blockDim.x == D, thread
+// i holds element i): the stages within a warp (h < 32) by shuffles, the
+// rest after one exchange through x (shared, D floats), each output built in
+// the same stage order as block_fwht, so the result is the same bit for bit.
+// Returns element i times post_scale.
+template <int D>
+__device__ __forceinline__ float row_fwht(float v, float* x, float post_scale) {
+  const int i = threadIdx.x;
+#pragma unroll
+  for (int h = 1; h < 32 && h < D; h *= 2) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, h);
+    v = (i & h) ? o - v : v + o;  // element i - h minus element i, or i plus i + h
+  }
+  if constexpr (D > 32) {
+    constexpr int G = D / 32;  // elements i % 32 + 32 k of the group
+    x[i] = v;
+    __syncthreads();
+    float g[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) g[k] = x[(i & 31) + 32 * k];
+#pragma unroll
+    for (int hk = 1; hk < G; hk *= 2)
+#pragma unroll
+      for (int k = 0; k < G; ++k)
+        if (!(k & hk)) {
+          const float a = g[k], b = g[k + hk];
+          g[k] = a + b;
+          g[k + hk] = a - b;
+        }
+    v = g[i >> 5];
+  }
+  return v * post_scale;
+}
+
 __device__ __forceinline__ bool key_visible(int q, int k, int window, int n_sinks) {
   if (k > q) return false;
   if (k < n_sinks) return true;
@@ -324,6 +358,10 @@ __global__ void __launch_bounds__(D)
                         const float* __restrict__ part_lse, float* __restrict__ out,
                         float* __restrict__ lse) {
   static_assert(D % 32 == 0 && kMergeTile % kMergeBatch == 0);
+  // The V signs do not come from the split kernel: read before the wait, so
+  // their latency overlaps that kernel instead of following it.
+  const bool split_v = SPLIT && p.v_split.n_seg != 0;
+  const float v_sign = split_v ? 0.0f : p.v.signs[threadIdx.x];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the split kernel (sm_90): it may
   // start while that kernel runs; wait for its partials. A no-op otherwise.
@@ -394,10 +432,10 @@ __global__ void __launch_bounds__(D)
     }
     o /= sum;
   }
-  x[i] = o;
-  __syncthreads();
   float val;
-  if (SPLIT && p.v_split.n_seg != 0) {
+  if (split_v) {
+    x[i] = o;
+    __syncthreads();
     // Each segment's inverse rotation, then element j of [seg 0 | seg 1]
     // goes back to its channel.
     __shared__ float y[D];
@@ -408,8 +446,7 @@ __global__ void __launch_bounds__(D)
     __syncthreads();
     val = y[i];
   } else {
-    block_fwht<D>(x, 1, p.v.post_scale);
-    val = x[i] * p.v.signs[i];
+    val = row_fwht<D>(o, x, p.v.post_scale) * v_sign;
   }
   float ls = mx == kNegInf ? kNegInf : mx + logf(sum);
   if (p.dense_o != nullptr) {  // join the dense tokens' splits (original domain)

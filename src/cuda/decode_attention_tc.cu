@@ -91,20 +91,19 @@ struct Cfg {
   // aligned over-read of the last code segment.
   static constexpr int kStageBytes = kPairTok * (kKRec + kVRec) + 16;
   static constexpr int kQBytes = kMaxGroup * D * 2;
-  // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]
-  static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup);
+  // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]; sScr: [kWarps] (byte offsets)
+  static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup + kWarps);
   static constexpr int kBarBytes = 8 * kWarps * 2;  // one mbarrier per warp and stage (2)
-  // Heads merged per round at the end of an item ([kWarps][heads][D] fp32
-  // scratch): 4, or 2 where 4 would leave room for fewer than two stages.
-  static constexpr int fixed_bytes(int heads) {
-    return kTableBytes + kWarps * heads * D * 4 + kQBytes + kSmallBytes + kBarBytes;
-  }
-  static constexpr int kCombineHeads = fixed_bytes(4) + 2 * kWarps * kStageBytes <= kSmemLimit ? 4 : 2;
-  static constexpr int kScratchBytes = kWarps * kCombineHeads * D * 4;
+  // Heads merged per round at the end of an item: each warp's [heads][D]
+  // fp32 share goes to its free pipeline stage, so a round takes as many
+  // heads as a stage holds (8 or 4: every GQA group of Llama and Gemma in
+  // one round).
+  static constexpr int kStageHeads = kStageBytes / (D * 4);
+  static constexpr int kCombineHeads = kStageHeads >= 8 ? 8 : kStageHeads >= 4 ? 4 : 2;
+  static_assert(kStageHeads >= 2, "a stage must hold two heads of the combine");
   static constexpr int kStages = 2;
   static constexpr int kStageOff = kTableBytes;  // the table at 0: LDS [reg + base]
-  static constexpr int kScratchOff = kStageOff + kWarps * kStages * kStageBytes;
-  static constexpr int kQOff = kScratchOff + kScratchBytes;
+  static constexpr int kQOff = kStageOff + kWarps * kStages * kStageBytes;
   static constexpr int kSmallOff = kQOff + kQBytes;
   static constexpr int kBarOff = kSmallOff + kSmallBytes;  // [kWarps][kStages] mbarriers
   static constexpr int kSmemBytes = kBarOff + kBarBytes;
@@ -449,13 +448,13 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   constexpr int kQRegs = D / 32;   // query values per lane in the rotation
   constexpr int kPW = D / 64;      // PV pair words per token pair
   extern __shared__ __align__(128) uint8_t smem[];
-  float* sScratch = reinterpret_cast<float*>(smem + C::kScratchOff);  // [W][4][D]
   __half* sQ = reinterpret_cast<__half*>(smem + C::kQOff);            // [8][D]
   float* sM = reinterpret_cast<float*>(smem + C::kSmallOff);          // [W][8]
   float* sL = sM + W * kMaxGroup;                                      // [W][8]
   float* sF = sL + W * kMaxGroup;                                      // [W][8]
   float* sQs = sF + W * kMaxGroup;                                     // [8]
   float* sInvL = sQs + kMaxGroup;                                      // [8]
+  uint32_t* sScr = reinterpret_cast<uint32_t*>(sInvL + kMaxGroup);    // [W]
 
   // The warp index through a shuffle from lane 0: the compiler then knows it
   // is warp-uniform, and so is the producer state derived from it.
@@ -757,9 +756,14 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           sM[warp * kMaxGroup + 2 * tq + e] = m[e];
           sL[warp * kMaxGroup + 2 * tq + e] = l[e];
         }
+    // A warp's share goes to its free stage: the one its producer fills
+    // next (pstage), where no copy is in flight; the next item's first issue
+    // into it comes after that item's barrier (A), when every read below is done.
+    const uint32_t scr_off = stage_off(pstage);
+    if (lane == 0) sScr[warp] = scr_off;
     for (int h0 = 0; h0 < g; h0 += C::kCombineHeads) {
       if (h0 > 0) __syncthreads();  // the previous round's scratch reads are done
-      float* scr = sScratch + warp * C::kCombineHeads * D;
+      float* scr = reinterpret_cast<float*>(smem + scr_off);
       const int ha = 2 * tq - h0, hb = 2 * tq + 1 - h0;
       const bool wa = ha >= 0 && ha < C::kCombineHeads && 2 * tq < g;
       const bool wb = hb >= 0 && hb < C::kCombineHeads && 2 * tq + 1 < g;
@@ -769,21 +773,28 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         if (wa) *reinterpret_cast<float2*>(scr + ha * D + d0) = make_float2(acc[i][0], acc[i][2]);
         if (wb) *reinterpret_cast<float2*>(scr + hb * D + d0) = make_float2(acc[i][1], acc[i][3]);
       }
-      __syncthreads();  // (B) scratch, sM, sL
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // These generic-proxy writes must be ordered before the bulk copy that
+      // later refills this stage (async proxy).
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+      __syncthreads();  // (B) scratch, sM, sL, sScr
       if (h0 == 0) {
-        if (int(threadIdx.x) < g) {
-          const int h = threadIdx.x;
-          float mx = kNegInf;
-          for (int w = 0; w < W; ++w) mx = fmaxf(mx, sM[w * kMaxGroup + h]);
-          float L = 0.0f;
-          for (int w = 0; w < W; ++w) {
-            const float mw = sM[w * kMaxGroup + h];
-            const float fw = mw == kNegInf ? 0.0f : exp2f(mw - mx);
-            sF[w * kMaxGroup + h] = fw;
-            L += fw * sL[w * kMaxGroup + h];
+        if (warp < g) {  // warp h, lane w: warp w's state of head h; max and sum by shuffles
+          const int h = warp;
+          const float mw = lane < W ? sM[lane * kMaxGroup + h] : kNegInf;
+          float mx = mw;
+#pragma unroll
+          for (int o = 16; o >= 1; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+          const float fw = mw == kNegInf ? 0.0f : exp2f(mw - mx);
+          if (lane < W) sF[lane * kMaxGroup + h] = fw;
+          float L = lane < W ? fw * sL[lane * kMaxGroup + h] : 0.0f;
+#pragma unroll
+          for (int o = 16; o >= 1; o /= 2) L += __shfl_xor_sync(0xffffffffu, L, o);
+          if (lane == 0) {
+            sInvL[h] = L > 0.0f ? 1.0f / L : 0.0f;
+            part_lse[row0 + size_t(h) * p.n_splits] = L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
           }
-          sInvL[h] = L > 0.0f ? 1.0f / L : 0.0f;
-          part_lse[row0 + size_t(h) * p.n_splits] = L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
         }
         __syncthreads();  // (C) sF, sInvL
       }
@@ -793,7 +804,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         float o = 0.0f;
 #pragma unroll 4
         for (int w = 0; w < W; ++w)
-          o += sScratch[(w * C::kCombineHeads + hl) * D + d] * sF[w * kMaxGroup + h];
+          o += reinterpret_cast<const float*>(smem + sScr[w])[hl * D + d] * sF[w * kMaxGroup + h];
         part_o[(row0 + size_t(h) * p.n_splits) * D + d] = o * sInvL[h];
       }
     }
