@@ -1,8 +1,14 @@
 // tq kv-bench: one decode step of attention over a filled KV cache, for each
-// preset against dense fp32 and fp16 in the same process.
+// preset against dense fp32 and fp16 in the same process, all timed round
+// robin (one step of each in turn) so that a machine whose memory bandwidth
+// drifts (a shared VM) moves them alike; and against the read floor of each
+// cache: a pure read of the bytes it holds with the same threads, the time
+// any attention over them needs at least on this machine.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <cstdio>
 #include <nlohmann/json.hpp>
@@ -72,7 +78,31 @@ std::vector<float> reference(const std::vector<float>& q, const Args& a, const s
 struct Result {
   std::string preset;
   double bytes_per_token = 0, ratio = 0, ms = 0, rel = 0, rel_dq = 0;
+  size_t bytes = 0;  // what the cache holds (the bytes one step reads)
 };
+
+// Pure reads for the floor: `threads` contiguous chunks of a buffer, each
+// XOR-reduced with 8 independent accumulators (the compiler vectorises it);
+// the result goes to an atomic so that the loads cannot be dropped.
+std::atomic<uint64_t> g_read_sink{0};
+uint64_t xor_chunk(const uint64_t* p, size_t n) {
+  uint64_t acc[8] = {};
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) acc[k] ^= p[i + k];
+  for (; i < n; ++i) acc[0] ^= p[i];
+  uint64_t x = 0;
+  for (uint64_t a : acc) x ^= a;
+  return x;
+}
+void read_bytes(const std::vector<uint64_t>& buf, size_t bytes, int threads) {
+  const size_t words = std::min(buf.size(), bytes / 8);
+  const int t = threads <= 0 ? hardware_threads() : threads;
+  parallel_for(size_t(t), t, [&](size_t c) {
+    const size_t w0 = words * c / t, w1 = words * (c + 1) / t;
+    g_read_sink.fetch_xor(xor_chunk(buf.data() + w0, w1 - w0), std::memory_order_relaxed);
+  });
+}
 
 // A filled cache of one preset; timed at each thread count.
 struct Bench {
@@ -90,20 +120,26 @@ std::unique_ptr<Bench> fill(const std::string& preset, const Args& a, const std:
   return b;
 }
 
-// Median ms of one decode step at `threads`.
-double time_step(const Bench& b, const Args& a, const std::vector<float>& q, int threads,
-                 std::vector<float>& out) {
-  b.cache.attend(b.seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, threads);  // warm up
-  std::vector<double> times;
+// Median ms of each job, the jobs run round robin (one run of each in turn,
+// after one warm-up run of each): --repeats rounds, or about 0.3 s a job.
+std::vector<double> time_round_robin(const std::vector<std::function<void()>>& jobs, const Args& a) {
+  for (const auto& j : jobs) j();
+  std::vector<std::vector<double>> times(jobs.size());
   const auto start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); };
-  for (int i = 0; a.repeats > 0 ? i < a.repeats : (i < 5 || (i < 200 && elapsed() < 0.3)); ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    b.cache.attend(b.seq, 0, q.data(), a.heads_q, {}, out.data(), nullptr, -1, threads);
-    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+  const double budget = 0.3 * double(jobs.size());
+  for (int i = 0; a.repeats > 0 ? i < a.repeats : (i < 5 || (i < 200 && elapsed() < budget)); ++i)
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const auto t0 = std::chrono::steady_clock::now();
+      jobs[j]();
+      times[j].push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+    }
+  std::vector<double> med;
+  for (auto& t : times) {
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    med.push_back(t[t.size() / 2]);
   }
-  std::nth_element(times.begin(), times.begin() + times.size() / 2, times.end());
-  return times[times.size() / 2];
+  return med;
 }
 
 Result describe(const std::string& preset, const Bench& b, const Args& a) {
@@ -112,6 +148,7 @@ Result describe(const std::string& preset, const Bench& b, const Args& a) {
   const KvMemoryReport mem = b.cache.memory();
   r.bytes_per_token = double(mem.used.total()) / a.context;
   r.ratio = double(mem.dense_equivalent) / double(mem.used.total());
+  r.bytes = mem.used.total();
   return r;
 }
 
@@ -135,45 +172,66 @@ bool run_context(const Args& a, const std::vector<std::string>& presets, const s
   const Result d32 = describe("dense-f32", *f32, a), d16 = describe("dense-f16", *f16, a);
   struct Row {
     Result r;
-    std::vector<double> ms;  // per thread count
+    std::unique_ptr<Bench> b;
   };
   std::vector<Row> rows;
   bool ok = true;
   for (const auto& p : presets) {
     if (!a.json) std::fprintf(stderr, "  %s...\n", p.c_str());
-    const auto b = fill(p, a, k, v);
-    Row row{describe(p, *b, a), {}};
-    for (int t : threads) row.ms.push_back(time_step(*b, a, q, t, o));
+    auto b = fill(p, a, k, v);
+    Row row{describe(p, *b, a), nullptr};
+    b->cache.attend(b->seq, 0, q.data(), a.heads_q, {}, o.data(), nullptr, -1, threads.front());
     row.r.rel = rel_err(o, ref);
     std::vector<float> kd(k.size()), vd(v.size());
     b->cache.dequantize(b->seq, 0, kd.data(), vd.data());
     row.r.rel_dq = rel_err(o, reference(q, a, kd, vd, ref_threads));
     ok = ok && row.r.rel_dq <= 1e-5;
+    row.b = std::move(b);
     rows.push_back(std::move(row));
   }
+  // The read floor's source: as large as the largest cache (dense f32).
+  std::vector<uint64_t> floor_buf(d32.bytes / 8 + 1, 0x9e3779b97f4a7c15ull);
   for (size_t ti = 0; ti < threads.size(); ++ti) {
     const int t = threads[ti];
     const int t_real = t <= 0 ? hardware_threads() : t;
-    const double ms32 = time_step(*f32, a, q, t, o), ms16 = time_step(*f16, a, q, t, o);
-    if (!a.json) {
-      std::printf("%-13s %8s %8s %8s %9s %10s %8s %10s %12s\n", "preset", "ctx", "threads", "B/token",
-                  "vs bf16", "ms/step", "speedup", "rel_err", "rel_err_dq");
-      for (auto [d, ms] : {std::pair{&d32, ms32}, std::pair{&d16, ms16}})
-        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s\n", d->preset.c_str(), a.context,
-                    t_real, d->bytes_per_token, d->ratio, ms, ms16 / ms, "-", "-");
-    }
+    // Jobs: attend on each cache (dense f32, dense f16, the presets), then
+    // the read floor of each cache's bytes.
+    std::vector<const Bench*> benches = {f32.get(), f16.get()};
+    std::vector<const Result*> results = {&d32, &d16};
     for (const Row& row : rows) {
-      const Result& r = row.r;
-      const double ms = row.ms[ti];
+      benches.push_back(row.b.get());
+      results.push_back(&row.r);
+    }
+    std::vector<std::function<void()>> jobs;
+    for (const Bench* b : benches)
+      jobs.push_back([&, b] { b->cache.attend(b->seq, 0, q.data(), a.heads_q, {}, o.data(), nullptr, -1, t); });
+    for (const Result* r : results) jobs.push_back([&, r] { read_bytes(floor_buf, r->bytes, t); });
+    const std::vector<double> med = time_round_robin(jobs, a);
+    const size_t n = benches.size();
+    const double ms32 = med[0], ms16 = med[1], floor16 = med[n + 1];
+    if (!a.json) {
+      std::printf("%-13s %8s %8s %8s %9s %10s %8s %10s %12s %9s %9s\n", "preset", "ctx", "threads", "B/token",
+                  "vs bf16", "ms/step", "speedup", "rel_err", "rel_err_dq", "floor_ms", "of_floor");
+      for (size_t i = 0; i < 2; ++i)
+        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10s %12s %9.3f %8.0f%%\n", results[i]->preset.c_str(),
+                    a.context, t_real, results[i]->bytes_per_token, results[i]->ratio, med[i], ms16 / med[i], "-",
+                    "-", med[n + i], 100 * med[n + i] / med[i]);
+    }
+    for (size_t i = 2; i < n; ++i) {
+      const Result& r = *results[i];
+      const double ms = med[i], floor = med[n + i];
       if (a.json) {
         out.push_back({{"preset", r.preset}, {"context", a.context}, {"dim", a.dim}, {"threads", t_real},
                        {"bytes_per_token", r.bytes_per_token}, {"compression_ratio", r.ratio},
                        {"ms_per_step", ms}, {"dense_f16_ms_per_step", ms16},
                        {"dense_f32_ms_per_step", ms32}, {"speedup", ms16 / ms},
-                       {"rel_err", r.rel}, {"rel_err_dequant", r.rel_dq}});
+                       {"rel_err", r.rel}, {"rel_err_dequant", r.rel_dq},
+                       {"read_floor_ms", floor}, {"floor_share", floor / ms},
+                       {"dense_f16_read_floor_ms", floor16}, {"dense_f16_floor_share", floor16 / ms16}});
       } else {
-        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e\n", r.preset.c_str(), a.context,
-                    t_real, r.bytes_per_token, r.ratio, ms, ms16 / ms, r.rel, r.rel_dq);
+        std::printf("%-13s %8d %8d %8.1f %8.2fx %10.3f %7.2fx %10.5f %12.2e %9.3f %8.0f%%\n", r.preset.c_str(),
+                    a.context, t_real, r.bytes_per_token, r.ratio, ms, ms16 / ms, r.rel, r.rel_dq, floor,
+                    100 * floor / ms);
       }
     }
   }
