@@ -16,18 +16,7 @@ ncu_kernels() {  # args: ncu output csv, then gpu-bench args
   timeout 150 ncu --clock-control none --metrics gpu__time_duration.sum,smsp__inst_executed.sum --csv \
     --print-units base -k 'regex:decode_tc|merge' "$TQ" gpu-bench --shape llama --preset turbo4 --runs 20 \
     --no-append "$@" >"$csv" 2>/dev/null
-  python3 - "$csv" <<'PY'
-import csv, sys, collections, statistics
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-if not rows: print("no ncu rows"); sys.exit()
-h = rows[0]; ki = h.index("Kernel Name"); mi = h.index("Metric Name"); vi = h.index("Metric Value")
-d = collections.defaultdict(list)
-for r in rows[1:]:
-    try: d[(r[ki].split("(")[0][-40:], r[mi])].append(float(r[vi].replace(",", "")))
-    except ValueError: pass
-for (k, m), v in sorted(d.items()):
-    print(f"  {k:40s} {m:28s} n={len(v):3d} median={statistics.median(v):.5g}")
-PY
+  python3 lab/cuda/ncu_summary.py "$csv" 40
 }
 for c in 4096 32768 131072; do echo "ncu batch 1 context $c"; ncu_kernels "$OUT/ncu_b1_$c.csv" --batch 1 --context $c; done
 echo "ncu batch 8 context 32768 (131072 tiles)"; ncu_kernels "$OUT/ncu_b8.csv" --batch 8 --context 32768

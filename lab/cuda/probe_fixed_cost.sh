@@ -26,16 +26,5 @@ timeout 200 "$TQ" gpu-bench --batch 1 --context 32768,131072 --preset turbo4,pap
 timeout 240 ncu --clock-control none --metrics gpu__time_duration.sum,dram__bytes_read.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed \
   --csv --print-units base -k 'regex:decode|merge|dense' "$TQ" gpu-bench --batch 1 --context 32768 \
   --preset turbo4 --runs 20 --no-append >"$OUT/ncu_b1.csv" 2>"$OUT/ncu_b1.err"; log "ncu rc=$?"
-python3 - "$OUT/ncu_b1.csv" <<'PY'
-import csv, sys, collections, statistics
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-if not rows: print("no ncu rows"); sys.exit()
-h = rows[0]; ki = h.index("Kernel Name"); mi = h.index("Metric Name"); vi = h.index("Metric Value")
-d = collections.defaultdict(list)
-for r in rows[1:]:
-    try: d[(r[ki][:60], r[mi])].append(float(r[vi].replace(",", "")))
-    except ValueError: pass
-for (k, m), v in sorted(d.items()):
-    print(f"{k:60s} {m:55s} n={len(v):3d} median={statistics.median(v):.4g}")
-PY
+python3 lab/cuda/ncu_summary.py "$OUT/ncu_b1.csv" 60
 log done

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.hpp"
 #include "turboquant/cuda_bench.hpp"
 #include "turboquant/error.hpp"
@@ -119,44 +120,33 @@ __device__ __forceinline__ uint4 load_floor(const uint4* p) {
   return r;
 }
 
-// Grid-stride: at each step the grid reads one contiguous window.
-template <int U, bool Hint>
+// A thread reads elements begin, begin + step, ... < end, U loads in flight.
+// Grid-stride (CHUNKED false): at each step the grid reads one contiguous
+// window. CHUNKED: each block reads one contiguous chunk of the buffer.
+template <int U, bool Hint, bool Chunked>
 __global__ void __launch_bounds__(kReadThreads)
-    read_stride_kernel(const uint4* __restrict__ src, size_t n_vec, unsigned* sink) {
-  const size_t stride = size_t(gridDim.x) * kReadThreads;
-  size_t i = blockIdx.x * size_t(kReadThreads) + threadIdx.x;
+    read_floor_kernel(const uint4* __restrict__ src, size_t n_vec, unsigned* sink) {
+  size_t i, end, step;
+  if constexpr (Chunked) {
+    const size_t per = (n_vec + gridDim.x - 1) / gridDim.x, b0 = blockIdx.x * per;
+    i = b0 + threadIdx.x;
+    end = b0 + per < n_vec ? b0 + per : n_vec;
+    step = kReadThreads;
+  } else {
+    i = blockIdx.x * size_t(kReadThreads) + threadIdx.x;
+    end = n_vec;
+    step = size_t(gridDim.x) * kReadThreads;
+  }
   unsigned s = 0;
-  for (; i + (U - 1) * stride < n_vec; i += U * stride) {
+  for (; i + (U - 1) * step < end; i += U * step) {
     uint4 v[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) v[u] = load_floor<Hint>(src + i + u * stride);
+    for (int u = 0; u < U; ++u) v[u] = load_floor<Hint>(src + i + u * step);
 #pragma unroll
     for (int u = 0; u < U; ++u) s += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
-  for (; i < n_vec; i += stride) {
+  for (; i < end; i += step) {
     const uint4 v = load_floor<Hint>(src + i);
-    s += v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (s == kNeverSum) *sink = s;
-}
-
-// Each block one contiguous chunk of the buffer.
-constexpr int kChunkUnroll = 8;
-__global__ void __launch_bounds__(kReadThreads)
-    read_chunk_kernel(const uint4* __restrict__ src, size_t n_vec, unsigned* sink) {
-  const size_t per = (n_vec + gridDim.x - 1) / gridDim.x;
-  const size_t b0 = blockIdx.x * per, b1 = b0 + per < n_vec ? b0 + per : n_vec;
-  size_t i = b0 + threadIdx.x;
-  unsigned s = 0;
-  for (; i + (kChunkUnroll - 1) * kReadThreads < b1; i += kChunkUnroll * kReadThreads) {
-    uint4 v[kChunkUnroll];
-#pragma unroll
-    for (int u = 0; u < kChunkUnroll; ++u) v[u] = load_floor<false>(src + i + u * kReadThreads);
-#pragma unroll
-    for (int u = 0; u < kChunkUnroll; ++u) s += v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
-  }
-  for (; i < b1; i += kReadThreads) {
-    const uint4 v = load_floor<false>(src + i);
     s += v.x ^ v.y ^ v.z ^ v.w;
   }
   if (s == kNeverSum) *sink = s;
@@ -184,18 +174,12 @@ __global__ void __launch_bounds__(32 * kBulkWarps)
     const size_t off = c * kBulkBytes;
     const uint32_t n = bytes - off < kBulkBytes ? uint32_t(bytes - off) : kBulkBytes;
     const uint32_t bar = bbase + 8u * st;
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(n) : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-            sbase + uint32_t(st) * kBulkBytes),
-        "l"(src + off), "r"(n), "r"(bar)
-        : "memory");
+    bulk::mbar_expect_tx(bar, n);
+    bulk::copy_g2s(sbase + uint32_t(st) * kBulkBytes, src + off, n, bar);
   };
   if (lane == 0) {
-    for (int st = 0; st < kBulkStages; ++st)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bbase + 8u * st), "r"(1u) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    for (int st = 0; st < kBulkStages; ++st) bulk::mbar_init(bbase + 8u * st, 1u);
+    bulk::fence_mbar_init();
     for (int st = 0; st < kBulkStages; ++st)
       if (first + st * step < n_chunks) issue(first + st * step, st);
   }
@@ -204,16 +188,7 @@ __global__ void __launch_bounds__(32 * kBulkWarps)
   size_t k = 0;
   for (size_t c = first; c < n_chunks; c += step, ++k) {
     const int st = int(k % kBulkStages);
-    const uint32_t parity = uint32_t(k / kBulkStages) & 1u, bar = bbase + 8u * st;
-    uint32_t ok;
-    do {
-      asm volatile(
-          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-          " selp.u32 %0, 1, 0, p;\n}\n"
-          : "=r"(ok)
-          : "r"(bar), "r"(parity)
-          : "memory");
-    } while (!ok);
+    bulk::mbar_wait(bbase + 8u * st, uint32_t(k / kBulkStages) & 1u);
     ++done;
     if (lane == 0 && c + kBulkStages * step < n_chunks) issue(c + kBulkStages * step, st);
   }
@@ -365,13 +340,13 @@ void read_floor(const void* src, size_t bytes, unsigned* sink, int variant, Stre
   const int grid = grid_for(n_vec, kReadThreads);
   switch (variant) {
     case 0:
-      read_stride_kernel<4, true><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      read_floor_kernel<4, true, false><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
       break;
     case 1:
-      read_stride_kernel<8, false><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      read_floor_kernel<8, false, false><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
       break;
     case 2:
-      read_chunk_kernel<<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
+      read_floor_kernel<8, false, true><<<grid, kReadThreads, 0, s>>>(v, n_vec, sink);
       break;
     default: {
       static std::atomic<int> blocks{0};  // resident blocks, found once

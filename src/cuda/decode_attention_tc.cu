@@ -58,6 +58,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.hpp"
 #include "cuda/kernels.hpp"
 
@@ -130,42 +131,13 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 #else
-// sm_90 bulk copies: one lane copies a whole run (global -> shared, 16-byte
-// multiples), completing on an mbarrier with a transaction count; the other
-// lanes only wait. Per tile that is 1 expect_tx + 2 copies instead of 6
-// cp.async of 16 bytes per lane plus their address arithmetic.
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void fence_mbar_init() {
-  // Makes the (generic proxy) initialisation visible to the copy engine.
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void bulk_g2s(uint32_t sdst, const void* gsrc, uint32_t bytes,
-                                         uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-          sdst),
-      "l"(gsrc), "r"(bytes), "r"(bar)
-      : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t ok;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(ok)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!ok);
-}
-
+// sm_90 bulk copies (bulk_copy.cuh): per tile 1 expect_tx + 2 copies instead
+// of 6 cp.async of 16 bytes per lane plus their address arithmetic.
+using bulk::copy_g2s;
+using bulk::fence_mbar_init;
+using bulk::mbar_expect_tx;
+using bulk::mbar_init;
+using bulk::mbar_wait;
 #endif
 
 // d += A * B, m16n8k16, row.col, f16 x f16 -> f32.
@@ -399,15 +371,15 @@ struct Producer {
       const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
       mbar_expect_tx(bar, uint32_t(n_tok) * (C::kKRec + C::kVRec));
       if (!split) {
-        bulk_g2s(sdst, pg + size_t(row) * C::kKRec, uint32_t(n_tok) * C::kKRec, bar);
-        bulk_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, uint32_t(n_tok) * C::kVRec,
+        copy_g2s(sdst, pg + size_t(row) * C::kKRec, uint32_t(n_tok) * C::kKRec, bar);
+        copy_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, uint32_t(n_tok) * C::kVRec,
                  bar);
       } else {
         const uint8_t* pg2 = p.pool + size_t(page2) * p.page_bytes;
-        bulk_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
-        bulk_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, kTileTok * C::kVRec, bar);
-        bulk_g2s(sdst + kTileTok * C::kKRec, pg2 + size_t(row2) * C::kKRec, kTileTok * C::kKRec, bar);
-        bulk_g2s(sdst + kVDst + kTileTok * C::kVRec, pg2 + p.v_region_offset + size_t(row2) * C::kVRec,
+        copy_g2s(sdst, pg + size_t(row) * C::kKRec, kTileTok * C::kKRec, bar);
+        copy_g2s(sdst + kVDst, pg + p.v_region_offset + size_t(row) * C::kVRec, kTileTok * C::kVRec, bar);
+        copy_g2s(sdst + kTileTok * C::kKRec, pg2 + size_t(row2) * C::kKRec, kTileTok * C::kKRec, bar);
+        copy_g2s(sdst + kVDst + kTileTok * C::kVRec, pg2 + p.v_region_offset + size_t(row2) * C::kVRec,
                  kTileTok * C::kVRec, bar);
       }
     }
