@@ -816,6 +816,66 @@ cuda::DecodeShape decode_shape(int d, int kbits, int vbits, int g, int page_toke
   return s;
 }
 
+// attend() is capture-safe (cuda.hpp: never allocates, lengths and page
+// tables live on the device, the grid covers max_pages_per_seq): a CUDA
+// graph captured from one call replays to exactly what a direct call gives,
+// also after the sequences grew past the pages they had at capture. The
+// split is pinned (KernelScope) so that direct calls, which plan on the host
+// from the current lengths, run the same kernels as the graph.
+TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 2, g = 4, hq = H * g, d = 128;
+  for (const bool tc : {false, true}) {
+    if (tc && cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, 16)) != nullptr) continue;
+    SCOPED_TRACE(tc ? "tensor-core kernel" : "reference kernel");
+    const KernelScope scope(tc ? cuda::DecodeKernel::tensor_core : cuda::DecodeKernel::reference, 512);
+    auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 2;
+    cfg.max_pages_per_seq = 40;
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    const int s0 = layer.add_sequence(), s1 = layer.add_sequence();
+    auto grow = [&](int seq, int n, uint64_t seed) {
+      const std::vector<float> k = kv_data(size_t(n) * H, d, seed), v = kv_data(size_t(n) * H, d, seed + 1);
+      layer.append(seq, k.data(), v.data(), n);
+    };
+    grow(s0, 100, 11);
+    grow(s1, 37, 13);
+    const std::vector<float> q = test::random_gaussian(size_t(2) * hq * d, 17);
+    cuda::DeviceBuffer dq(q.size() * 4), direct(q.size() * 4), replayed(q.size() * 4),
+        ws(layer.workspace_bytes(hq));
+    dq.upload(q.data(), q.size() * 4);
+    auto attend = [&](cuda::DeviceBuffer& out, cuda::Stream stream) {
+      layer.attend(dq.as<float>(), hq, {}, out.as<float>(), nullptr, ws.data(), ws.size(), stream);
+    };
+    auto host = [&](const cuda::DeviceBuffer& b) {
+      std::vector<float> h(q.size());
+      b.download(h.data(), h.size() * 4);
+      return h;
+    };
+    attend(direct, nullptr);  // also warms the per-device caches (kernel attributes, slots)
+    cuda::bench::synchronize(nullptr);
+    cuda::bench::CapturedGraph graph;
+    graph.begin_capture();
+    attend(replayed, graph.stream());
+    graph.end_capture();
+    graph.replay();
+    const std::vector<float> before = host(direct);
+    EXPECT_EQ(host(replayed), before);
+
+    grow(s0, 300, 19);  // 100 -> 400 tokens: 19 more pages
+    grow(s1, 5, 23);
+    attend(direct, nullptr);
+    cuda::bench::synchronize(nullptr);
+    graph.replay();
+    const std::vector<float> after = host(direct);
+    EXPECT_EQ(host(replayed), after);
+    EXPECT_GT(test::norm_err(after.data(), before.data(), after.size()), 1e-3);  // the new tokens count
+  }
+}
+
 // lse against the CPU: the reference kernel is fp32 throughout (1e-4); the
 // tensor-core kernel's logits carry the fp16 rounding of the query and the
 // centroids, ~2e-4 of |q||k|/sqrt(d) each (a few 1e-4 on the test data).

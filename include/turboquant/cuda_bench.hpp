@@ -116,6 +116,25 @@ constexpr int kReadFloorVariants = 4;
 const char* read_floor_name(int variant);
 bool read_floor_supported(int variant);
 void read_floor(const void* src, size_t bytes, unsigned* sink, int variant, Stream stream);
+// A stream of its own and one CUDA graph captured on it, for tests of calls
+// that claim to be capture-safe (GpuKvLayer::attend, dense_decode_bf16):
+//   CapturedGraph g;  g.begin_capture();  call(g.stream());  g.end_capture();
+//   g.replay();  // as often as wanted; each replay waits for the graph
+class CapturedGraph {
+ public:
+  CapturedGraph();
+  ~CapturedGraph();
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  Stream stream() const;
+  void begin_capture();  // thread-local capture mode
+  void end_capture();    // ends the capture and instantiates the graph
+  void replay();         // launches the graph on stream() and synchronises it
+ private:
+  void* stream_ = nullptr;  // cudaStream_t
+  void* graph_ = nullptr;   // cudaGraph_t
+  void* exec_ = nullptr;    // cudaGraphExec_t
+};
 // cudaMemcpyAsync device to device.
 void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream);
 void synchronize(Stream stream);

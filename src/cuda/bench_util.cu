@@ -367,6 +367,35 @@ void read_floor(const void* src, size_t bytes, unsigned* sink, int variant, Stre
   TQ_CUDA_CHECK_LAUNCH();
 }
 
+CapturedGraph::CapturedGraph() {
+  cudaStream_t s = nullptr;
+  TQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  stream_ = s;
+}
+CapturedGraph::~CapturedGraph() {
+  if (exec_ != nullptr) (void)cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+  if (graph_ != nullptr) (void)cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+  if (stream_ != nullptr) (void)cudaStreamDestroy(static_cast<cudaStream_t>(stream_));
+}
+Stream CapturedGraph::stream() const { return static_cast<Stream>(stream_); }
+void CapturedGraph::begin_capture() {
+  TQ_REQUIRE(graph_ == nullptr, "CapturedGraph: a graph was captured already");
+  TQ_CUDA_CHECK(cudaStreamBeginCapture(static_cast<cudaStream_t>(stream_), cudaStreamCaptureModeThreadLocal));
+}
+void CapturedGraph::end_capture() {
+  cudaGraph_t g = nullptr;
+  TQ_CUDA_CHECK(cudaStreamEndCapture(static_cast<cudaStream_t>(stream_), &g));
+  graph_ = g;
+  cudaGraphExec_t e = nullptr;
+  TQ_CUDA_CHECK(cudaGraphInstantiate(&e, g, 0));
+  exec_ = e;
+}
+void CapturedGraph::replay() {
+  TQ_REQUIRE(exec_ != nullptr, "CapturedGraph::replay: nothing captured (begin_capture, calls, end_capture first)");
+  TQ_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream_)));
+  TQ_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+}
+
 void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream) {
   TQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice,
                                 static_cast<cudaStream_t>(stream)));

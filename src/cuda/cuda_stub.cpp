@@ -97,6 +97,12 @@ void read_sum_bf16(const void*, size_t, float*, Stream) { no_cuda(); }
 const char* read_floor_name(int) { no_cuda(); }
 bool read_floor_supported(int) { no_cuda(); }
 void read_floor(const void*, size_t, unsigned*, int, Stream) { no_cuda(); }
+CapturedGraph::CapturedGraph() { no_cuda(); }
+CapturedGraph::~CapturedGraph() = default;
+Stream CapturedGraph::stream() const { no_cuda(); }
+void CapturedGraph::begin_capture() { no_cuda(); }
+void CapturedGraph::end_capture() { no_cuda(); }
+void CapturedGraph::replay() { no_cuda(); }
 void copy_d2d(void*, const void*, size_t, Stream) { no_cuda(); }
 void synchronize(Stream) { no_cuda(); }
 struct AppendKernels::State {};
