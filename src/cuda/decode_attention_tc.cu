@@ -15,7 +15,8 @@
 //    mbarriers; older GPUs: cp.async; two stages of one pair each, crossing
 //    into the block's next item), its own online softmax and its own
 //    accumulators: no block barrier in the token loop. At the end of an item
-//    the W warp states are merged exactly in shared memory (3+ barriers).
+//    the W warp states are merged exactly in shared memory (2 barriers a
+//    round of up to 8 heads, each warp's share in its free pipeline stage).
 //  - A tile is one contiguous run of 16 K records and one of 16 V records of
 //    one head in one page (page_tokens % 16 == 0), copied verbatim; a pair is
 //    one run of 32 of each (two runs where a page size that is an odd
