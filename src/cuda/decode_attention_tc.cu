@@ -732,6 +732,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     // A warp's share goes to its free stage: the one its producer fills
     // next (pstage), where no copy is in flight; the next item's first issue
     // into it comes after that item's barrier (A), when every read below is done.
+    // Its lanes read that stage in the last pair: all of them are done first
+    // (racecheck reports the intra-warp hazard without this).
+    __syncwarp();
     const uint32_t scr_off = stage_off(pstage);
     if (lane == 0) sScr[warp] = scr_off;
     for (int h0 = 0; h0 < g; h0 += C::kCombineHeads) {
