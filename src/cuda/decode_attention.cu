@@ -25,6 +25,7 @@
 #include <cmath>
 
 #include "cuda/cuda_check.hpp"
+#include "cuda/fwht_registers.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
 #include "cuda/split_rotation.cuh"
@@ -99,15 +100,7 @@ __device__ __forceinline__ float row_fwht(float v, float* x, float post_scale) {
     float g[G];
 #pragma unroll
     for (int k = 0; k < G; ++k) g[k] = x[(i & 31) + 32 * k];
-#pragma unroll
-    for (int hk = 1; hk < G; hk *= 2)
-#pragma unroll
-      for (int k = 0; k < G; ++k)
-        if (!(k & hk)) {
-          const float a = g[k], b = g[k + hk];
-          g[k] = a + b;
-          g[k + hk] = a - b;
-        }
+    fwht_registers(g);
     v = g[i >> 5];
   }
   return v * post_scale;

@@ -61,6 +61,7 @@
 
 #include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.hpp"
+#include "cuda/fwht_registers.cuh"
 #include "cuda/kernels.hpp"
 
 namespace tq::cuda {
@@ -506,15 +507,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       float v[kQRegs];
 #pragma unroll
       for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
-#pragma unroll
-      for (int h = 1; h < kQRegs; h *= 2)
-#pragma unroll
-        for (int r = 0; r < kQRegs; ++r)
-          if (!(r & h)) {
-            const float a = v[r], b = v[r + h];
-            v[r] = a + b;
-            v[r + h] = a - b;
-          }
+      fwht_registers(v);
 #pragma unroll
       for (int h = 1; h < 32; h *= 2)
 #pragma unroll
