@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call: how long the decode kernel's warps wait for their copies
+# (lab/cuda/wait_probe.patch: clock64 around each mbarrier wait, the pair
+# loops and the whole kernel, per warp; printed for the 26th launch of each
+# case). Tests the thirteenth session's reading of probe_overlap.sh: at
+# 8 x 128K turbo4 copies alone take 84 % and compute alone 83 % of the full
+# time, so the full kernel should wait ~15 % of its loop for data if too few
+# bytes are in flight (then a deeper pipeline is the lever); if it does not
+# wait, the loss is elsewhere (clock, shared-memory contention).
+# Carry build/gpu-deps.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+git apply lab/cuda/wait_probe.patch || { echo "wait_probe.patch does not apply"; exit 1; }
+lab_configure && lab_build tq || exit 1
+echo "built at $(( $(date +%s) - t0 )) s"
+for pr in ${PRESETS:-turbo4 paper_mse turbo3}; do
+  for bc in ${CASES:-1x32768 1x131072 8x32768 8x131072}; do
+    echo -n "$pr ${bc}: "
+    TQ_LAB_DUMP=1 timeout 120 "$B/tools/tq/tq" gpu-bench --shape llama --batch "${bc%x*}" --context "${bc#*x}" \
+      --preset "$pr" --no-append --runs 30 2>&1 | grep -E "^LAB|^llama .* $pr " | tr '\n' ' '
+    echo
+  done
+done
+git checkout -q -- src/cuda/decode_attention_tc.cu
+echo "total $(( $(date +%s) - t0 )) s"
