@@ -6,19 +6,30 @@
 # 8 x 128K turbo4 copies alone take 84 % and compute alone 83 % of the full
 # time, so the full kernel should wait ~15 % of its loop for data if too few
 # bytes are in flight (then a deeper pipeline is the lever); if it does not
-# wait, the loss is elsewhere (clock, shared-memory contention).
+# wait, the loss is elsewhere (clock, shared-memory contention, the
+# producer's own issue: its cycles are counted too). The same probe is built
+# a second time with TQ_LAB_MODE 2 (compute only: no copies, no waits, zeroed
+# stages) so that the loop cycles a pair of the two builds compare directly.
 # Carry build/gpu-deps.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 git apply lab/cuda/wait_probe.patch || { echo "wait_probe.patch does not apply"; exit 1; }
-lab_configure && lab_build tq || exit 1
+F=src/cuda/decode_attention_tc.cu
+lab_configure || exit 1
+for m in 0 2; do
+  sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $m/" $F
+  lab_build tq || exit 1
+  cp "$B/tools/tq/tq" /tmp/tq_wait$m
+done
 echo "built at $(( $(date +%s) - t0 )) s"
 for pr in ${PRESETS:-turbo4 paper_mse turbo3}; do
   for bc in ${CASES:-1x32768 1x131072 8x32768 8x131072}; do
-    echo -n "$pr ${bc}: "
-    TQ_LAB_DUMP=1 timeout 120 "$B/tools/tq/tq" gpu-bench --shape llama --batch "${bc%x*}" --context "${bc#*x}" \
-      --preset "$pr" --no-append --runs 30 2>&1 | grep -E "^LAB|^llama .* $pr " | tr '\n' ' '
-    echo
+    for m in 0 2; do
+      echo -n "$pr $bc mode $m: "
+      TQ_LAB_DUMP=1 timeout 120 /tmp/tq_wait$m gpu-bench --shape llama --batch "${bc%x*}" --context "${bc#*x}" \
+        --preset "$pr" --no-append --runs 30 2>&1 | grep -E "^LAB|^llama .* $pr " | tr '\n' ' '
+      echo
+    done
   done
 done
-git checkout -q -- src/cuda/decode_attention_tc.cu
+git checkout -q -- $F
 echo "total $(( $(date +%s) - t0 )) s"
