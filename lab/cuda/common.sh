@@ -22,3 +22,9 @@ lab_test_cuda() {
   echo "test_cuda rc=$? $(grep -E '^\[  (PASSED|FAILED)' "$OUT/test_cuda.log" | tr '\n' ' ')"
   grep -E "^\[  FAILED" "$OUT/test_cuda.log" | head
 }
+# lab_build_mode M DEST: builds tq with `#define TQ_LAB_MODE M` in the decode
+# kernel (a lab patch that defines it must be applied) and copies it to DEST.
+lab_build_mode() {
+  sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $1/" src/cuda/decode_attention_tc.cu
+  lab_build tq && cp "$B/tools/tq/tq" "$2"
+}

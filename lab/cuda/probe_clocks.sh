@@ -12,9 +12,7 @@ git apply lab/cuda/lab_mode.patch || { echo "lab_mode.patch does not apply"; exi
 F=src/cuda/decode_attention_tc.cu
 lab_configure || exit 1
 for m in 0 1 2; do
-  sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $m/" $F
-  lab_build tq || exit 1
-  cp "$B/tools/tq/tq" /tmp/tq_mode$m
+  lab_build_mode $m /tmp/tq_mode$m || exit 1
 done
 git checkout -q -- $F
 echo "built at $(( $(date +%s) - t0 )) s"

@@ -13,7 +13,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUNDS=${ROUNDS:-2}
 read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
 read -r -a VARS <<<"${VARIANTS:-main}"
-F=src/cuda/decode_attention_tc.cu
 lab_configure || exit 1
 BINS=()
 for vi in "${!VARS[@]}"; do
@@ -22,9 +21,7 @@ for vi in "${!VARS[@]}"; do
   if [[ $v != main ]]; then git apply "$v" || { echo "$v does not apply"; exit 1; }; fi
   git apply lab/cuda/lab_mode.patch || { echo "lab_mode.patch does not apply on $v"; exit 1; }
   for m in 0 1 2; do
-    sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $m/" $F
-    lab_build tq || exit 1
-    cp "$B/tools/tq/tq" /tmp/tq_v${vi}m$m
+    lab_build_mode $m /tmp/tq_v${vi}m$m || exit 1
     BINS+=("v${vi}m$m")
     echo "variant $vi ($v) mode $m built at $(( $(date +%s) - t0 )) s"
   done

@@ -16,9 +16,7 @@ git apply lab/cuda/wait_probe.patch || { echo "wait_probe.patch does not apply";
 F=src/cuda/decode_attention_tc.cu
 lab_configure || exit 1
 for m in 0 2; do
-  sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $m/" $F
-  lab_build tq || exit 1
-  cp "$B/tools/tq/tq" /tmp/tq_wait$m
+  lab_build_mode $m /tmp/tq_wait$m || exit 1
 done
 echo "built at $(( $(date +%s) - t0 )) s"
 for pr in ${PRESETS:-turbo4 paper_mse turbo3}; do
