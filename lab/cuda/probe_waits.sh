@@ -12,16 +12,17 @@
 # stages) so that the loop cycles a pair of the two builds compare directly.
 # Carry build/gpu-deps.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-git apply lab/cuda/wait_probe.patch || { echo "wait_probe.patch does not apply"; exit 1; }
+WAIT_PATCH=${WAIT_PATCH:-lab/cuda/wait_probe.patch}
+git apply "$WAIT_PATCH" || { echo "$WAIT_PATCH does not apply"; exit 1; }
 F=src/cuda/decode_attention_tc.cu
 lab_configure || exit 1
-for m in 0 2; do
+for m in ${MODES:-0 2}; do
   lab_build_mode $m /tmp/tq_wait$m || exit 1
 done
 echo "built at $(( $(date +%s) - t0 )) s"
 for pr in ${PRESETS:-turbo4 paper_mse turbo3}; do
   for bc in ${CASES:-1x32768 1x131072 8x32768 8x131072}; do
-    for m in 0 2; do
+    for m in ${MODES:-0 2}; do
       echo -n "$pr $bc mode $m: "
       TQ_LAB_DUMP=1 timeout 120 /tmp/tq_wait$m gpu-bench --shape llama --batch "${bc%x*}" --context "${bc#*x}" \
         --preset "$pr" --no-append --runs 30 2>&1 | grep -E "^LAB|^llama .* $pr " | tr '\n' ' '
