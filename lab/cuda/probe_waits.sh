@@ -10,11 +10,13 @@
 # producer's own issue: its cycles are counted too). The same probe is built
 # a second time with TQ_LAB_MODE 2 (compute only: no copies, no waits, zeroed
 # stages) so that the loop cycles a pair of the two builds compare directly.
-# Carry build/gpu-deps.
+# $MODES picks the builds (default "0 2"; 1 = copies and waits only, in
+# wait_probe2.patch), $WAIT_PATCH another probe patch (wait_probe2.patch
+# splits the issue; producer_warp_probe.patch probes that experiment),
+# $PRESETS and $CASES narrow the runs. Carry build/gpu-deps.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 WAIT_PATCH=${WAIT_PATCH:-lab/cuda/wait_probe.patch}
 git apply "$WAIT_PATCH" || { echo "$WAIT_PATCH does not apply"; exit 1; }
-F=src/cuda/decode_attention_tc.cu
 lab_configure || exit 1
 for m in ${MODES:-0 2}; do
   lab_build_mode $m /tmp/tq_wait$m || exit 1
@@ -30,5 +32,5 @@ for pr in ${PRESETS:-turbo4 paper_mse turbo3}; do
     done
   done
 done
-git checkout -q -- $F
+git checkout -q -- src
 echo "total $(( $(date +%s) - t0 )) s"
