@@ -30,6 +30,17 @@ __device__ __forceinline__ void copy_g2s(uint32_t sdst, const void* gsrc, uint32
       "l"(gsrc), "r"(bytes), "r"(bar)
       : "memory");
 }
+// One tile-mode tensor copy of a 4-d box (tensor map in param / const /
+// global memory; coordinates in elements, innermost first) to shared address
+// sdst (128-byte aligned), completing on mbarrier `bar`.
+__device__ __forceinline__ void tensor_g2s_4d(uint32_t sdst, const void* tmap, int c0, int c1, int c2, int c3,
+                                              uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(sdst),
+      "l"(tmap), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
 // Spins until the mbarrier's phase with this parity has completed.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   uint32_t ok;

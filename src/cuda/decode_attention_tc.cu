@@ -50,6 +50,7 @@
 // full fp16 precision whatever the norms; the normaliser l = sum 2^(x - M)
 // stays fp32. Values accumulate in
 // the V rotation's domain; the merge applies one inverse rotation per output.
+#include <cuda.h>  // CUtensorMap (the type only; the encoder comes through the runtime)
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -91,8 +92,12 @@ struct Cfg {
   static constexpr int kTableBytes = 256 << (2 * (KB > VB ? KB : VB));
   // One stage holds a pair of tiles: 32 K records, then 32 V records (each
   // tile's run a multiple of 16 bytes), then 16 bytes of slack for the
-  // aligned over-read of the last code segment.
-  static constexpr int kStageBytes = kPairTok * (kKRec + kVRec) + 16;
+  // aligned over-read of the last code segment; stages start 128-byte
+  // aligned (a tensor copy's destination).
+  static constexpr int kStageBytes = (kPairTok * (kKRec + kVRec) + 16 + 127) / 128 * 128;
+  // K and V records of equal size: the pool is one 4-d tensor [page][K|V]
+  // [8-record chunk][record bytes as u64], and one tensor copy moves a pair.
+  static constexpr bool kTensorCopy = kKRec == kVRec;
   static constexpr int kQBytes = kMaxGroup * D * 2;
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]; sScr: [kWarps] (byte offsets)
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup + kWarps);
@@ -140,6 +145,7 @@ using bulk::fence_mbar_init;
 using bulk::mbar_expect_tx;
 using bulk::mbar_init;
 using bulk::mbar_wait;
+using bulk::tensor_g2s_4d;
 #endif
 
 // d += A * B, m16n8k16, row.col, f16 x f16 -> f32.
@@ -365,11 +371,18 @@ struct Producer {
   // per-lane cp.async, always one group committed (empty past the last pair),
   // so group i is pair i.
   __device__ void issue(const DecodeAttentionParams& p, int n_items, int warp, int lane,
-                        uint32_t sdst, uint32_t bar) {
+                        uint32_t sdst, uint32_t bar, const CUtensorMap* tmap) {
     constexpr uint32_t kVDst = kPairTok * C::kKRec;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (done) return;
-    if (lane == 0) {
+    if (C::kTensorCopy && tmap != nullptr && !split) {
+      // The box is always a whole pair (32 K and 32 V records; a pair's
+      // second tile past the item is copied and not read).
+      if (lane == 0) {
+        mbar_expect_tx(bar, kPairTok * (C::kKRec + C::kVRec));
+        tensor_g2s_4d(sdst, tmap, 0, row >> 3, 0, page, bar);
+      }
+    } else if (lane == 0) {
       const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
       mbar_expect_tx(bar, uint32_t(n_tok) * (C::kKRec + C::kVRec));
       if (!split) {
@@ -388,6 +401,7 @@ struct Producer {
     advance(p, n_items, warp);
 #else
     (void)bar;
+    (void)tmap;
     if (!done) {
       // Per tile j, 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
       for (int j = 0; j < n_tok / kTileTok; ++j) {
@@ -415,7 +429,8 @@ struct Producer {
 template <int D, int KB, int VB>
 __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
-                     float* __restrict__ part_o, float* __restrict__ part_lse) {
+                     float* __restrict__ part_o, float* __restrict__ part_lse,
+                     const __grid_constant__ CUtensorMap tmap, int tensor_copy) {
   using C = Cfg<D, KB, VB>;
   constexpr int W = C::kWarps, S = C::kStages;
   constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
@@ -437,6 +452,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   const int g = p.group, n_heads_q = p.n_heads_kv * g;
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;  // table copy of this lane
+  const CUtensorMap* tm = tensor_copy ? &tmap : nullptr;  // sm_90: one tensor copy a pair
   auto stage_off = [&](int s) { return uint32_t(C::kStageOff + (warp * S + s) * C::kStageBytes); };
   auto bar_at = [&](int s) { return smem_s + uint32_t(C::kBarOff + 8 * (warp * S + s)); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -454,7 +470,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   int pstage = 0, cstage = 0;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
+    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tm);
     pstage = pstage + 1 == S ? 0 : pstage + 1;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -585,7 +601,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       cp_async_wait<S - 2>();
 #endif
       __syncwarp();  // this stage is in (every lane); every lane is done with the previous one
-      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage));
+      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tm);
       pstage = pstage + 1 == S ? 0 : pstage + 1;
       const uint32_t pair_kb = stage_off(cstage);
       cstage = cstage + 1 == S ? 0 : cstage + 1;
@@ -784,17 +800,18 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
 }
 
 // ---- host side -----------------------------------------------------------------
-using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*);
+using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*, CUtensorMap, int);
 
 struct TcKernel {
   KernelFn fn = nullptr;
   int threads = 0, smem = 0, tile_tokens = 0;
+  bool tensor_copy = false;  // K and V records of one size (Cfg::kTensorCopy)
 };
 
 template <int D, int KB, int VB>
 TcKernel tc_kernel() {
   using C = Cfg<D, KB, VB>;
-  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
+  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps, C::kTensorCopy};
 }
 
 template <int D>
@@ -865,6 +882,66 @@ long tc_min_split(const DecodeAttentionParams& p, int slots) {
   const long ref = (p.max_pages_per_seq + p.split_pages - 1) / std::max(1, p.split_pages);
   const long want = std::max(ref, (2L * slots + p.n_heads_kv - 1) / p.n_heads_kv);
   return round_up(std::max<long>(unit, (cap + want - 1) / want), unit);
+}
+
+// ---- the pool as a tensor (sm_90 tensor copies) --------------------------------
+// [page][region: K, V][8-record chunk of the region][8 records as u64 words]:
+// the box {record_bytes, 4, 2, 1} is a tile pair, 32 K records then 32 V
+// records, exactly a stage's layout. Needs K and V records of one size (the
+// V region then has the K region's shape) and the pool's page count.
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
+                                   CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
+                                   CUtensorMapFloatOOBfill);
+
+EncodeTiledFn encode_tiled() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    TQ_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
+    TQ_REQUIRE(found == cudaDriverEntryPointSuccess && f != nullptr,
+               "GPU decode attention: the CUDA driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// Encodes p's pool into `out`; false where p does not describe one (no page
+// count, or a layout the copy engine cannot express), and then the kernel
+// copies by plain bulk copies. Launches run every decode step and host time
+// between the caller's events counts, so the last map is kept per thread.
+bool pool_tensor_map(const DecodeAttentionParams& p, CUtensorMap& out) {
+  const size_t rec = size_t(p.k.record_bytes);
+  if (p.pool_pages == 0 || rec != size_t(p.v.record_bytes) || rec % 2 != 0 || rec > 256) return false;
+  const size_t region = size_t(p.n_heads_kv) * size_t(p.page_tokens) * rec;
+  if (p.v_region_offset != region || p.page_bytes < 2 * region || p.page_bytes % 16 != 0 ||
+      region % 16 != 0 || reinterpret_cast<uintptr_t>(p.pool) % 16 != 0 || p.page_tokens % 8 != 0)
+    return false;
+  struct Key {
+    const uint8_t* pool;
+    size_t pages, page_bytes, rec;
+    int page_tokens, heads;
+    bool operator==(const Key&) const = default;
+  };
+  thread_local Key last{};
+  thread_local CUtensorMap last_map{};
+  const Key key{p.pool, p.pool_pages, p.page_bytes, rec, p.page_tokens, p.n_heads_kv};
+  if (key == last) {
+    out = last_map;
+    return true;
+  }
+  const cuuint64_t dims[4] = {rec, cuuint64_t(p.n_heads_kv) * cuuint64_t(p.page_tokens) / 8, 2, p.pool_pages};
+  const cuuint64_t strides[3] = {8 * rec, region, p.page_bytes};  // bytes, dims 1..3
+  const cuuint32_t box[4] = {cuuint32_t(rec), kPairTok / 8, 2, 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled()(&out, CU_TENSOR_MAP_DATA_TYPE_UINT64, 4, const_cast<uint8_t*>(p.pool), dims,
+                                    strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TQ_REQUIRE(r == CUDA_SUCCESS, "GPU decode attention: cuTensorMapEncodeTiled failed (CUresult ", int(r),
+             ") for a pool of ", p.pool_pages, " pages of ", p.page_bytes, " bytes, records of ", rec, " bytes");
+  last = key;
+  last_map = out;
+  return true;
 }
 
 }  // namespace
@@ -942,14 +1019,17 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   const TcKernel k = tc_kernel_for(p.k.dim, p.k.bits, p.v.bits);
   const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
   const int grid = std::min(n_items, tc_slots(p));
-  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse);
+  const bool sm90 = tc_cc_major() == 9;
+  CUtensorMap tmap{};
+  const bool tensor_copy = sm90 && k.tensor_copy && pool_tensor_map(p, tmap);
+  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmap, tensor_copy ? 1 : 0);
   TQ_CUDA_CHECK_LAUNCH();
   // Overlap only on sm_90 and only where the dependent kernels were compiled
   // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80
   // code on an H200 has no trigger and no wait, and then runs plainly). The
   // dense tokens' part, if any, sits between the two: it needs nothing of
   // this kernel, so it runs on the SMs this one leaves free.
-  const bool overlap = tc_cc_major() == 9;
+  const bool overlap = sm90;
   if (p.dense_o != nullptr) launch_decode_dense_part(p, q, stream, overlap);
   launch_decode_merge(p, partial_o, partial_lse, out, lse, stream, overlap);
 }

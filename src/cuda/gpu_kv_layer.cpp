@@ -1334,6 +1334,7 @@ static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const Devic
   p.pool = pool.as<uint8_t>();
   p.page_bytes = m.page_bytes;
   p.v_region_offset = size_t(m.cfg.page_tokens) * m.cfg.n_heads_kv * m.hk.record_bytes;
+  p.pool_pages = m.page_bytes > 0 ? pool.size() / m.page_bytes : 0;
   p.page_tokens = m.cfg.page_tokens;
   p.n_heads_kv = m.cfg.n_heads_kv;
   p.group = n_heads_q / m.cfg.n_heads_kv;

@@ -147,6 +147,10 @@ struct DecodeAttentionParams {
   const uint8_t* pool = nullptr;
   size_t page_bytes = 0;
   size_t v_region_offset = 0;
+  // Pages the pool holds (its bytes / page_bytes); 0 = not given. The
+  // tensor-core kernel describes the pool to the sm_90 copy engine as a
+  // tensor of that many pages (one tensor copy per tile pair) when it is set.
+  size_t pool_pages = 0;
   int page_tokens = 0;
   int n_heads_kv = 0;
   int group = 0;                // n_heads_q / n_heads_kv
