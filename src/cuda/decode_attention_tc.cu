@@ -90,14 +90,17 @@ struct Cfg {
   static constexpr int kVSeg = D * VB / 64;  // PV: code bytes of one lane (D/8 dims of a token)
   static constexpr int kVSegW = (kVSeg + 3) / 4;
   static constexpr int kTableBytes = 256 << (2 * (KB > VB ? KB : VB));
-  // One stage holds a pair of tiles: 32 K records, then 32 V records (each
-  // tile's run a multiple of 16 bytes), then 16 bytes of slack for the
-  // aligned over-read of the last code segment; stages start 128-byte
-  // aligned (a tensor copy's destination).
-  static constexpr int kStageBytes = (kPairTok * (kKRec + kVRec) + 16 + 127) / 128 * 128;
-  // K and V records of equal size: the pool is one 4-d tensor [page][K|V]
-  // [8-record chunk][record bytes as u64], and one tensor copy moves a pair.
-  static constexpr bool kTensorCopy = kKRec == kVRec;
+  // sm_90 tensor copies (pool_tensor_maps): with K and V records of one
+  // size one copy moves a pair's K and V runs back to back; otherwise K and V
+  // are two copies and the V run starts 128-byte aligned (a tensor copy's
+  // destination).
+  static constexpr bool kOneCopy = kKRec == kVRec;
+  static constexpr int kVOff = kOneCopy ? kPairTok * kKRec : (kPairTok * kKRec + 127) / 128 * 128;
+  // One stage holds a pair of tiles: 32 K records, then 32 V records at
+  // kVOff (each tile's run a multiple of 16 bytes), then 16 bytes of slack
+  // for the aligned over-read of the last code segment; stages are 128-byte
+  // multiples.
+  static constexpr int kStageBytes = (kVOff + kPairTok * kVRec + 16 + 127) / 128 * 128;
   static constexpr int kQBytes = kMaxGroup * D * 2;
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]; sScr: [kWarps] (byte offsets)
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup + kWarps);
@@ -370,17 +373,20 @@ struct Producer {
   // consumer never waits for more pairs than were issued). Older GPUs:
   // per-lane cp.async, always one group committed (empty past the last pair),
   // so group i is pair i.
+  // tmk / tmv: the pool's K and V tensor maps (sm_90), or null: bulk copies.
   __device__ void issue(const DecodeAttentionParams& p, int n_items, int warp, int lane,
-                        uint32_t sdst, uint32_t bar, const CUtensorMap* tmap) {
-    constexpr uint32_t kVDst = kPairTok * C::kKRec;
+                        uint32_t sdst, uint32_t bar, const CUtensorMap* tmk, const CUtensorMap* tmv) {
+    constexpr uint32_t kVDst = C::kVOff;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (done) return;
-    if (C::kTensorCopy && tmap != nullptr && !split) {
-      // The box is always a whole pair (32 K and 32 V records; a pair's
-      // second tile past the item is copied and not read).
+    if (tmk != nullptr && !split) {
+      // The boxes are always a whole pair (32 records; a pair's second tile
+      // past the item is copied and not read). Coordinates: 8-record chunk
+      // row / 8 of page `page` (row is a multiple of 32).
       if (lane == 0) {
         mbar_expect_tx(bar, kPairTok * (C::kKRec + C::kVRec));
-        tensor_g2s_4d(sdst, tmap, 0, row >> 3, 0, page, bar);
+        tensor_g2s_4d(sdst, tmk, 0, row >> 3, 0, page, bar);
+        if constexpr (!C::kOneCopy) tensor_g2s_4d(sdst + kVDst, tmv, 0, row >> 3, 0, page, bar);
       }
     } else if (lane == 0) {
       const uint8_t* pg = p.pool + size_t(page) * p.page_bytes;
@@ -401,7 +407,8 @@ struct Producer {
     advance(p, n_items, warp);
 #else
     (void)bar;
-    (void)tmap;
+    (void)tmk;
+    (void)tmv;
     if (!done) {
       // Per tile j, 16-byte chunk lane + 32 i of each run (K: kKRec chunks, V: kVRec).
       for (int j = 0; j < n_tok / kTileTok; ++j) {
@@ -430,7 +437,8 @@ template <int D, int KB, int VB>
 __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
                      float* __restrict__ part_o, float* __restrict__ part_lse,
-                     const __grid_constant__ CUtensorMap tmap, int tensor_copy) {
+                     const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
+                     int tensor_copy) {
   using C = Cfg<D, KB, VB>;
   constexpr int W = C::kWarps, S = C::kStages;
   constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
@@ -452,7 +460,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   const int g = p.group, n_heads_q = p.n_heads_kv * g;
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;  // table copy of this lane
-  const CUtensorMap* tm = tensor_copy ? &tmap : nullptr;  // sm_90: one tensor copy a pair
+  const CUtensorMap* tmk = tensor_copy ? &tmap_k : nullptr;  // sm_90: tensor copies
+  const CUtensorMap* tmv = tensor_copy ? &tmap_v : nullptr;
   auto stage_off = [&](int s) { return uint32_t(C::kStageOff + (warp * S + s) * C::kStageBytes); };
   auto bar_at = [&](int s) { return smem_s + uint32_t(C::kBarOff + 8 * (warp * S + s)); };
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -470,7 +479,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
   int pstage = 0, cstage = 0;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tm);
+    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
     pstage = pstage + 1 == S ? 0 : pstage + 1;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -601,7 +610,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       cp_async_wait<S - 2>();
 #endif
       __syncwarp();  // this stage is in (every lane); every lane is done with the previous one
-      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tm);
+      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
       pstage = pstage + 1 == S ? 0 : pstage + 1;
       const uint32_t pair_kb = stage_off(cstage);
       cstage = cstage + 1 == S ? 0 : cstage + 1;
@@ -612,7 +621,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         const int T0 = x.t0 + kPairTok * kp + kTileTok * j;
         if (!tokens_live(x, T0, kTileTok, p.n_sinks)) continue;  // the dead half of a live pair
         const uint32_t kb = pair_kb + j * (kTileTok * C::kKRec);
-        const uint32_t vb = pair_kb + kPairTok * C::kKRec + j * (kTileTok * C::kVRec);
+        const uint32_t vb = pair_kb + C::kVOff + j * (kTileTok * C::kVRec);
 
         // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
         // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
@@ -800,18 +809,18 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
 }
 
 // ---- host side -----------------------------------------------------------------
-using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*, CUtensorMap, int);
+using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*, CUtensorMap, CUtensorMap,
+                          int);
 
 struct TcKernel {
   KernelFn fn = nullptr;
   int threads = 0, smem = 0, tile_tokens = 0;
-  bool tensor_copy = false;  // K and V records of one size (Cfg::kTensorCopy)
 };
 
 template <int D, int KB, int VB>
 TcKernel tc_kernel() {
   using C = Cfg<D, KB, VB>;
-  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps, C::kTensorCopy};
+  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
 template <int D>
@@ -884,11 +893,12 @@ long tc_min_split(const DecodeAttentionParams& p, int slots) {
   return round_up(std::max<long>(unit, (cap + want - 1) / want), unit);
 }
 
-// ---- the pool as a tensor (sm_90 tensor copies) --------------------------------
-// [page][region: K, V][8-record chunk of the region][8 records as u64 words]:
-// the box {record_bytes, 4, 2, 1} is a tile pair, 32 K records then 32 V
-// records, exactly a stage's layout. Needs K and V records of one size (the
-// V region then has the K region's shape) and the pool's page count.
+// ---- the pool as tensors (sm_90 tensor copies) -------------------------------
+// A region (K or V) of every page as a 4-d tensor [page][region][8-record
+// chunk][8 records as u64 words]; a box {record_bytes, 4, n, 1} is the 32
+// records of a tile pair. With K and V records of one size the K map spans
+// both regions (n = 2: the pair's K run, then its V run, as a stage holds
+// them) and the V map is unused; otherwise each map has one region (n = 1).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*,
                                    CUtensorMapInterleave, CUtensorMapSwizzle, CUtensorMapL2promotion,
@@ -906,41 +916,55 @@ EncodeTiledFn encode_tiled() {
   return fn;
 }
 
-// Encodes p's pool into `out`; false where p does not describe one (no page
-// count, or a layout the copy engine cannot express), and then the kernel
-// copies by plain bulk copies. Launches run every decode step and host time
-// between the caller's events counts, so the last map is kept per thread.
-bool pool_tensor_map(const DecodeAttentionParams& p, CUtensorMap& out) {
-  const size_t rec = size_t(p.k.record_bytes);
-  if (p.pool_pages == 0 || rec != size_t(p.v.record_bytes) || rec % 2 != 0 || rec > 256) return false;
+void encode_region(CUtensorMap& out, const DecodeAttentionParams& p, size_t offset, size_t rec, int regions) {
   const size_t region = size_t(p.n_heads_kv) * size_t(p.page_tokens) * rec;
-  if (p.v_region_offset != region || p.page_bytes < 2 * region || p.page_bytes % 16 != 0 ||
-      region % 16 != 0 || reinterpret_cast<uintptr_t>(p.pool) % 16 != 0 || p.page_tokens % 8 != 0)
+  const cuuint64_t dims[4] = {rec, cuuint64_t(p.n_heads_kv) * cuuint64_t(p.page_tokens) / 8, cuuint64_t(regions),
+                              p.pool_pages};
+  const cuuint64_t strides[3] = {8 * rec, region, p.page_bytes};  // bytes, dims 1..3
+  const cuuint32_t box[4] = {cuuint32_t(rec), kPairTok / 8, cuuint32_t(regions), 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  const CUresult r = encode_tiled()(&out, CU_TENSOR_MAP_DATA_TYPE_UINT64, 4, const_cast<uint8_t*>(p.pool) + offset,
+                                    dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                    CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TQ_REQUIRE(r == CUDA_SUCCESS, "GPU decode attention: cuTensorMapEncodeTiled failed (CUresult ", int(r),
+             ") for a pool of ", p.pool_pages, " pages of ", p.page_bytes, " bytes, records of ", rec, " bytes");
+}
+
+// Encodes p's pool into tmk / tmv; false where p does not describe one (no
+// page count, or a layout the copy engine cannot express), and then the
+// kernel moves pairs by plain bulk copies. Launches run every decode step and
+// host time between the caller's events counts, so the last maps are kept
+// per thread.
+bool pool_tensor_maps(const DecodeAttentionParams& p, CUtensorMap& tmk, CUtensorMap& tmv) {
+  const size_t rk = size_t(p.k.record_bytes), rv = size_t(p.v.record_bytes);
+  const size_t region_k = size_t(p.n_heads_kv) * size_t(p.page_tokens) * rk;
+  const size_t region_v = size_t(p.n_heads_kv) * size_t(p.page_tokens) * rv;
+  if (p.pool_pages == 0 || rk % 2 != 0 || rv % 2 != 0 || rk > 256 || rv > 256 || p.page_tokens % 8 != 0 ||
+      p.v_region_offset != region_k || p.page_bytes < region_k + region_v || p.page_bytes % 16 != 0 ||
+      region_k % 16 != 0 || region_v % 16 != 0 || reinterpret_cast<uintptr_t>(p.pool) % 16 != 0)
     return false;
   struct Key {
     const uint8_t* pool;
-    size_t pages, page_bytes, rec;
+    size_t pages, page_bytes, rk, rv;
     int page_tokens, heads;
     bool operator==(const Key&) const = default;
   };
   thread_local Key last{};
-  thread_local CUtensorMap last_map{};
-  const Key key{p.pool, p.pool_pages, p.page_bytes, rec, p.page_tokens, p.n_heads_kv};
-  if (key == last) {
-    out = last_map;
-    return true;
+  thread_local CUtensorMap last_k{}, last_v{};
+  const Key key{p.pool, p.pool_pages, p.page_bytes, rk, rv, p.page_tokens, p.n_heads_kv};
+  if (!(key == last)) {
+    if (rk == rv) {
+      encode_region(last_k, p, 0, rk, 2);
+      last_v = last_k;
+    } else {
+      encode_region(last_k, p, 0, rk, 1);
+      encode_region(last_v, p, p.v_region_offset, rv, 1);
+    }
+    last = key;
   }
-  const cuuint64_t dims[4] = {rec, cuuint64_t(p.n_heads_kv) * cuuint64_t(p.page_tokens) / 8, 2, p.pool_pages};
-  const cuuint64_t strides[3] = {8 * rec, region, p.page_bytes};  // bytes, dims 1..3
-  const cuuint32_t box[4] = {cuuint32_t(rec), kPairTok / 8, 2, 1};
-  const cuuint32_t unit[4] = {1, 1, 1, 1};
-  const CUresult r = encode_tiled()(&out, CU_TENSOR_MAP_DATA_TYPE_UINT64, 4, const_cast<uint8_t*>(p.pool), dims,
-                                    strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TQ_REQUIRE(r == CUDA_SUCCESS, "GPU decode attention: cuTensorMapEncodeTiled failed (CUresult ", int(r),
-             ") for a pool of ", p.pool_pages, " pages of ", p.page_bytes, " bytes, records of ", rec, " bytes");
-  last = key;
-  last_map = out;
+  tmk = last_k;
+  tmv = last_v;
   return true;
 }
 
@@ -1020,9 +1044,9 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
   const int grid = std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;
-  CUtensorMap tmap{};
-  const bool tensor_copy = sm90 && k.tensor_copy && pool_tensor_map(p, tmap);
-  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmap, tensor_copy ? 1 : 0);
+  CUtensorMap tmk{}, tmv{};
+  const bool tensor_copy = sm90 && pool_tensor_maps(p, tmk, tmv);
+  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
   TQ_CUDA_CHECK_LAUNCH();
   // Overlap only on sm_90 and only where the dependent kernels were compiled
   // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80
