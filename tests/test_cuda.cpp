@@ -1405,8 +1405,13 @@ struct AttnOut {
   std::vector<float> out, lse;
 };
 AttnOut run_attend(const cuda::GpuKvLayer& layer, const cuda::DeviceBuffer& dq, int hq,
-                   const AttentionParams& prm, cuda::DecodeKernel k, int split_tokens = 0) {
+                   const AttentionParams& prm, cuda::DecodeKernel k, int split_tokens = 0,
+                   bool tensor_copies = true) {
   KernelScope scope(k, split_tokens);
+  cuda::set_decode_tc_tensor_copies(tensor_copies);
+  struct Restore {
+    ~Restore() { cuda::set_decode_tc_tensor_copies(true); }
+  } restore;
   const size_t n = size_t(layer.n_seqs()) * hq * layer.head_dim(), nl = size_t(layer.n_seqs()) * hq;
   AttnOut r{std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()),
             std::vector<float>(nl, std::numeric_limits<float>::quiet_NaN())};
@@ -1417,6 +1422,16 @@ AttnOut run_attend(const cuda::GpuKvLayer& layer, const cuda::DeviceBuffer& dq, 
   dout.download(r.out.data(), n * 4);
   dlse.download(r.lse.data(), nl * 4);
   return r;
+}
+
+// The tensor-core kernel's two ways of copying tile pairs on sm_90 (one or
+// two tensor copies a pair where the pool is described, else bulk copies)
+// land the same bytes in the same places: outputs must be bit-identical.
+void expect_same_bits(const AttnOut& a, const AttnOut& b) {
+  ASSERT_EQ(a.out.size(), b.out.size());
+  ASSERT_EQ(a.lse.size(), b.lse.size());
+  EXPECT_EQ(std::memcmp(a.out.data(), b.out.data(), a.out.size() * 4), 0) << "outputs differ";
+  EXPECT_EQ(std::memcmp(a.lse.data(), b.lse.data(), a.lse.size() * 4), 0) << "lse differ";
 }
 
 // Worst errors of a comparison run.
@@ -1560,6 +1575,8 @@ TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
               const AttnOut tc =
                   run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
               check_tc(host, hq, d, tc, cpu, ref, worst);
+              expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core,
+                                              split, /*tensor_copies=*/false));
             }
           }
         }
@@ -1624,6 +1641,8 @@ TEST(CudaAttentionTc, LlamaAndGemmaShapes) {
         const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::automatic);
         check_tc(host, hq, d, tc, cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params), ref,
                  worst);
+        expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::automatic, 0,
+                                        /*tensor_copies=*/false));
       }
     }
   }

@@ -11,12 +11,15 @@
 //    items fill the SMs evenly) and yields one partial (o, lse) per query head.
 //  - Inside an item every warp takes pairs of adjacent 16-token tiles (pair
 //    k = tiles 2k, 2k + 1; k = warp, warp + W, ...) and runs its own copy
-//    pipeline over them (sm_90: bulk copies by one lane on per-stage
-//    mbarriers; older GPUs: cp.async; two stages of one pair each, crossing
-//    into the block's next item), its own online softmax and its own
-//    accumulators: no block barrier in the token loop. At the end of an item
-//    the W warp states are merged exactly in shared memory (2 barriers a
-//    round of up to 8 heads, each warp's share in its free pipeline stage).
+//    pipeline over them (sm_90: one lane issues tensor copies -- one a pair
+//    where K and V records have one size, else one each -- or, where the
+//    pool is not described as a tensor or a pair spans two pages, bulk
+//    copies, on per-stage mbarriers; older GPUs: cp.async; two stages of
+//    one pair each, crossing into the block's next item), its own online
+//    softmax and its own accumulators: no block barrier in the token loop.
+//    At the end of an item the W warp states are merged exactly in shared
+//    memory (2 barriers a round of up to 8 heads, each warp's share in its
+//    free pipeline stage).
 //  - A tile is one contiguous run of 16 K records and one of 16 V records of
 //    one head in one page (page_tokens % 16 == 0), copied verbatim; a pair is
 //    one run of 32 of each (two runs where a page size that is an odd
@@ -880,6 +883,7 @@ int tc_slots(const DecodeAttentionParams& p) {
 }
 
 std::atomic<int> g_split_override{0};
+std::atomic<bool> g_tensor_copies{true};
 
 long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
@@ -996,6 +1000,7 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
 }
 
 void set_decode_tc_split_override(int split_tokens) { g_split_override = split_tokens; }
+void set_decode_tc_tensor_copies(bool enabled) { g_tensor_copies = enabled; }
 
 int decode_tc_tile_tokens(int head_dim) { return kPairTok * warps_for(head_dim); }
 
@@ -1045,7 +1050,8 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   const int grid = std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;
   CUtensorMap tmk{}, tmv{};
-  const bool tensor_copy = sm90 && pool_tensor_maps(p, tmk, tmv);
+  const bool tensor_copy =
+      sm90 && g_tensor_copies.load(std::memory_order_relaxed) && pool_tensor_maps(p, tmk, tmv);
   k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
   TQ_CUDA_CHECK_LAUNCH();
   // Overlap only on sm_90 and only where the dependent kernels were compiled

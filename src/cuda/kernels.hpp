@@ -102,6 +102,11 @@ DecodeKernel decode_kernel_override();
 // planner's choice). Rounded up to the kernel's tile row and kept within what
 // the workspace holds; small values put many items on every block.
 void set_decode_tc_split_override(int split_tokens);
+// Test hook: false makes the tensor-core kernel move its tile pairs by plain
+// bulk copies on sm_90 too (default true: tensor copies wherever
+// DecodeAttentionParams::pool_pages describes the pool). The two paths copy
+// the same bytes to the same places, so outputs are bit-identical.
+void set_decode_tc_tensor_copies(bool enabled);
 
 // The shape facts that decide the kernel.
 struct DecodeShape {
