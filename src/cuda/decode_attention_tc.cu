@@ -912,7 +912,11 @@ EncodeTiledFn encode_tiled() {
   static const EncodeTiledFn fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
     TQ_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found));
+#else  // toolkits before 12.5 have only the unversioned query
+    TQ_CUDA_CHECK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found));
+#endif
     TQ_REQUIRE(found == cudaDriverEntryPointSuccess && f != nullptr,
                "GPU decode attention: the CUDA driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<EncodeTiledFn>(f);
