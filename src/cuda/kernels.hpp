@@ -82,7 +82,8 @@ struct PagedRegion {
 //                 format and shape of the GPU layer, channel splits
 //                 included (the only kernel for those). The specification
 //                 the fast kernel is tested against.
-//  - tensor_core: decode_attention_tc.cu, codes staged by cp.async, decoded to
+//  - tensor_core: decode_attention_tc.cu, codes staged in shared memory (sm_90:
+//                 tensor / bulk copies; older GPUs: cp.async), decoded to
 //                 fp16 through shared-memory tables, QK and PV on mma.sync.
 //                 Supports K and V bits 3 or 4 with fp16 scales, head_dim 64 /
 //                 128 / 256, GQA group <= 8, page_tokens a multiple of 16, and
