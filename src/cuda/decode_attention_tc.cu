@@ -942,8 +942,8 @@ void encode_region(CUtensorMap& out, const DecodeAttentionParams& p, size_t offs
 // Encodes p's pool into tmk / tmv; false where p does not describe one (no
 // page count, or a layout the copy engine cannot express), and then the
 // kernel moves pairs by plain bulk copies. Launches run every decode step and
-// host time between the caller's events counts, so the last maps are kept
-// per thread.
+// host time between the caller's events counts, so maps are kept per thread
+// for the last pools seen.
 bool pool_tensor_maps(const DecodeAttentionParams& p, CUtensorMap& tmk, CUtensorMap& tmv) {
   const size_t rk = size_t(p.k.record_bytes), rv = size_t(p.v.record_bytes);
   const size_t region_k = size_t(p.n_heads_kv) * size_t(p.page_tokens) * rk;
@@ -953,26 +953,39 @@ bool pool_tensor_maps(const DecodeAttentionParams& p, CUtensorMap& tmk, CUtensor
       region_k % 16 != 0 || region_v % 16 != 0 || reinterpret_cast<uintptr_t>(p.pool) % 16 != 0)
     return false;
   struct Key {
-    const uint8_t* pool;
-    size_t pages, page_bytes, rk, rv;
-    int page_tokens, heads;
+    const uint8_t* pool = nullptr;
+    size_t pages = 0, page_bytes = 0, rk = 0, rv = 0;
+    int page_tokens = 0, heads = 0;
     bool operator==(const Key&) const = default;
   };
-  thread_local Key last{};
-  thread_local CUtensorMap last_k{}, last_v{};
+  // A model has a pool per layer and attends them in turn: keep the maps of
+  // the last kCached pools (round-robin replacement).
+  constexpr int kCached = 64;
+  struct Entry {
+    Key key;
+    CUtensorMap k, v;
+  };
+  thread_local Entry cache[kCached];
+  thread_local int next_slot = 0;
   const Key key{p.pool, p.pool_pages, p.page_bytes, rk, rv, p.page_tokens, p.n_heads_kv};
-  if (!(key == last)) {
-    if (rk == rv) {
-      encode_region(last_k, p, 0, rk, 2);
-      last_v = last_k;
-    } else {
-      encode_region(last_k, p, 0, rk, 1);
-      encode_region(last_v, p, p.v_region_offset, rv, 1);
+  for (const Entry& e : cache)
+    if (e.key.pool != nullptr && e.key == key) {
+      tmk = e.k;
+      tmv = e.v;
+      return true;
     }
-    last = key;
+  Entry& e = cache[next_slot];
+  next_slot = (next_slot + 1) % kCached;
+  if (rk == rv) {
+    encode_region(e.k, p, 0, rk, 2);
+    e.v = e.k;
+  } else {
+    encode_region(e.k, p, 0, rk, 1);
+    encode_region(e.v, p, p.v_region_offset, rv, 1);
   }
-  tmk = last_k;
-  tmv = last_v;
+  e.key = key;
+  tmk = e.k;
+  tmv = e.v;
   return true;
 }
 
