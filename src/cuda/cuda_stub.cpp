@@ -73,6 +73,7 @@ const char* to_string(DecodeKernel k) {
 void set_decode_kernel_override(DecodeKernel) {}
 DecodeKernel decode_kernel_override() { return DecodeKernel::automatic; }
 void set_decode_tc_split_override(int) {}
+void set_decode_tc_tensor_copies(bool) {}
 const char* decode_tc_unsupported(const DecodeShape&) { return "turboquant was built without CUDA"; }
 DecodeKernel decode_kernel_for(const DecodeShape&) { return DecodeKernel::reference; }
 
