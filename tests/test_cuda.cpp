@@ -1530,8 +1530,11 @@ TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
   if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
     GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
   const int H = 2;
-  // 48-token pages: tile pairs (32 tokens) inside a page and across two.
-  for (const int P : {16, 48}) {
+  // 48-token pages: tile pairs (32 tokens) inside a page and across two;
+  // 32-token pages: every pair inside one page, and without a window the
+  // producer takes its pairs from per-warp descriptor batches (many items a
+  // block with the smallest split).
+  for (const int P : {16, 32, 48}) {
     const std::vector<int> lens = {1, 0, 2, 15, 16, 17, 31, 33, 47, 49, 255, 256, 257, 4097};
     const AttnCase cases[] = {{"plain", {}},
                               {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
@@ -1638,11 +1641,17 @@ TEST(CudaAttentionTc, LlamaAndGemmaShapes) {
       for (const auto& c : cases) {
         SCOPED_TRACE(c.name);
         const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+        const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params);
         const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::automatic);
-        check_tc(host, hq, d, tc, cpu_attend_all(layer, host, *kq, *vq, q, hq, c.params), ref,
-                 worst);
+        check_tc(host, hq, d, tc, cpu, ref, worst);
         expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::automatic, 0,
                                         /*tensor_copies=*/false));
+        // 16K-token splits: more pairs a warp in one item than one descriptor
+        // batch holds (64 at d 256), so the producer refills mid-item.
+        SCOPED_TRACE("16K-token splits");
+        check_tc(host, hq, d,
+                 run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, 16384), cpu, ref,
+                 worst);
       }
     }
   }

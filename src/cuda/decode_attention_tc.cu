@@ -322,7 +322,9 @@ struct FastDiv {
 // the warp's two adjacent tiles (tiles 2k, 2k + 1 of an item for k = warp,
 // warp + W, ...), so one copy per K and V run moves 32 records: half the
 // producer work of a copy per tile. The page of the next pair is read one
-// pair early so that its latency is hidden.
+// pair early so that its latency is hidden; without a window and with pages
+// of whole pairs, the pages and rows of up to 32 next pairs of an item are
+// read at once, one lane each, and a pair's advance is two shuffles.
 template <class C>
 struct Producer {
   int it, k, page, row;  // row: head * page_tokens + slot of the pair's first record
@@ -331,6 +333,11 @@ struct Producer {
   bool done, split;      // split: the second tile is on another page
   Item x;
   FastDiv pdiv;
+  // Descriptors of the warp's next pairs of the current item, lane j holding
+  // the j-th (page; row, bit 31 set for a 16-record pair), dj of dn used.
+  // Only where every pair with tiles is live and inside one page (no window,
+  // page_tokens a multiple of 32): then a pair's advance is two shuffles.
+  int dpage = 0, drow = 0, dj = 0, dn = 0;
 
   __device__ explicit Producer(int page_tokens) : pdiv(uint32_t(page_tokens)) {}
 
@@ -343,6 +350,14 @@ struct Producer {
   }
   __device__ void advance(const DecodeAttentionParams& p, int n_items, int warp) {
     k += C::kWarps;
+    if (dj < dn) {
+      const int d = __shfl_sync(0xffffffffu, drow, dj);
+      page = __shfl_sync(0xffffffffu, dpage, dj);
+      row = d & 0x7fffffff;
+      n_tok = d < 0 ? kTileTok : kPairTok;
+      ++dj;
+      return;
+    }
     for (;;) {
       if (it >= n_items) {
         done = true;
@@ -356,6 +371,23 @@ struct Producer {
       it += gridDim.x;
       if (it < n_items) x = item_at(p, it);
       k = warp;
+    }
+    if (p.window <= 0 && p.page_tokens % kPairTok == 0) {  // refill the descriptors from pair k on
+      const int lane = threadIdx.x & 31, kj = k + lane * C::kWarps;
+      dn = min(32, (x.n_tiles - 2 * k + 2 * C::kWarps - 1) / (2 * C::kWarps));
+      if (lane < dn) {
+        const uint32_t t = uint32_t(x.t0 + kPairTok * kj), pi = pdiv.div(t), slot = t - pi * pdiv.d;
+        dpage = p.page_table[size_t(x.seq) * p.max_pages_per_seq + pi];
+        drow = (x.hkv * p.page_tokens + int(slot)) | (pair_tiles(x, kj) == 1 ? int(0x80000000u) : 0);
+      }
+      dj = 0;
+      split = false;
+      const int d = __shfl_sync(0xffffffffu, drow, 0);
+      page = __shfl_sync(0xffffffffu, dpage, 0);
+      row = d & 0x7fffffff;
+      n_tok = d < 0 ? kTileTok : kPairTok;
+      dj = 1;
+      return;
     }
     const uint32_t t = uint32_t(x.t0 + kPairTok * k), pi = pdiv.div(t), slot = t - pi * pdiv.d;
     const int* pt = p.page_table + size_t(x.seq) * p.max_pages_per_seq + pi;
