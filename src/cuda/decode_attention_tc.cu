@@ -341,6 +341,15 @@ struct Producer {
 
   __device__ explicit Producer(int page_tokens) : pdiv(uint32_t(page_tokens)) {}
 
+  // The next pair from the descriptor batch (lane dj holds it).
+  __device__ __forceinline__ void take_descriptor() {
+    const int d = __shfl_sync(0xffffffffu, drow, dj);
+    page = __shfl_sync(0xffffffffu, dpage, dj);
+    row = d & 0x7fffffff;
+    n_tok = d < 0 ? kTileTok : kPairTok;
+    ++dj;
+  }
+
   __device__ void init(const DecodeAttentionParams& p, int n_items, int warp) {
     it = blockIdx.x;
     done = false;
@@ -351,11 +360,7 @@ struct Producer {
   __device__ void advance(const DecodeAttentionParams& p, int n_items, int warp) {
     k += C::kWarps;
     if (dj < dn) {
-      const int d = __shfl_sync(0xffffffffu, drow, dj);
-      page = __shfl_sync(0xffffffffu, dpage, dj);
-      row = d & 0x7fffffff;
-      n_tok = d < 0 ? kTileTok : kPairTok;
-      ++dj;
+      take_descriptor();
       return;
     }
     for (;;) {
@@ -382,11 +387,7 @@ struct Producer {
       }
       dj = 0;
       split = false;
-      const int d = __shfl_sync(0xffffffffu, drow, 0);
-      page = __shfl_sync(0xffffffffu, dpage, 0);
-      row = d & 0x7fffffff;
-      n_tok = d < 0 ? kTileTok : kPairTok;
-      dj = 1;
+      take_descriptor();
       return;
     }
     const uint32_t t = uint32_t(x.t0 + kPairTok * k), pi = pdiv.div(t), slot = t - pi * pdiv.d;
