@@ -535,6 +535,21 @@ DecodeShape decode_shape(const DecodeAttentionParams& p) {
   s.page_tokens = p.page_tokens;
   s.k_split = p.k_split.n_seg != 0;
   s.v_split = p.v_split.n_seg != 0;
+  // Two halves of D / 2 channels at b and b - 1 bits, one-round rotations,
+  // fp16 scales, the lo record right after the hi one.
+  auto halves = [&](const SplitFormat& f) {
+    const SplitSegment &hi = f.seg[0], &lo = f.seg[1];
+    for (const SplitSegment* g : {&hi, &lo})
+      if (g->dim != s.head_dim / 2 || g->scale_f32 || g->rot.perm != nullptr || g->rot.n_blocks != 1 ||
+          g->code_bytes * 8 != g->dim * g->bits)
+        return false;
+    return lo.bits == hi.bits - 1 && hi.offset == 0 && lo.offset == hi.code_bytes + 2;
+  };
+  if (s.k_split && s.v_split && halves(p.k_split) && halves(p.v_split) &&
+      p.k_split.seg[0].bits == p.v_split.seg[0].bits && p.k.record_bytes == p.v.record_bytes) {
+    s.split_halves = true;
+    s.k_bits = s.v_bits = p.k_split.seg[0].bits;
+  }
   return s;
 }
 

@@ -82,17 +82,35 @@ constexpr float kLazy = 8.0f;  // log2 of the largest fp16 softmax weight (see t
 
 constexpr int warps_for(int d) { return d >= 256 ? 8 : 16; }  // d 256: ~170 registers a thread
 
-template <int D, int KB, int VB>
+// SPLIT: K and V records are channel splits of two halves (turbo2.5,
+// turbo3.5): [hi: D/2 codes at KB bits, fp16 scale][lo: D/2 codes at KB - 1
+// bits, fp16 scale], KB == VB, each half with its own one-block rotation.
+template <int D, int KB, int VB, bool SPLIT = false>
 struct Cfg {
+  static_assert(!SPLIT || KB == VB, "split records: K and V of one format");
   static constexpr int kWarps = warps_for(D);
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kKCode = D * KB / 8, kVCode = D * VB / 8;  // code bytes; fp16 scale follows
-  static constexpr int kKRec = kKCode + 2, kVRec = kVCode + 2;
+  static constexpr int kLB = SPLIT ? KB - 1 : 0;  // the lo half's bits
+  static constexpr int kHiCode = SPLIT ? D / 2 * KB / 8 : 0, kLoCode = SPLIT ? D / 2 * kLB / 8 : 0;
+  static constexpr int kLoOff = kHiCode + 2;  // split: the lo half's codes in a record
+  // code bytes (not split: the fp16 scale follows; split: the hi scale follows)
+  static constexpr int kKCode = SPLIT ? kHiCode : D * KB / 8, kVCode = SPLIT ? kHiCode : D * VB / 8;
+  static constexpr int kKRec = SPLIT ? kHiCode + kLoCode + 4 : kKCode + 2;
+  static constexpr int kVRec = SPLIT ? kKRec : kVCode + 2;
   static constexpr int kKSeg = D * KB / 32;  // QK: code bytes of one lane (D/4 dims of a token)
   static constexpr int kKSegW = (kKSeg + 3) / 4;
   static constexpr int kVSeg = D * VB / 64;  // PV: code bytes of one lane (D/8 dims of a token)
   static constexpr int kVSegW = (kVSeg + 3) / 4;
-  static constexpr int kTableBytes = 256 << (2 * (KB > VB ? KB : VB));
+  // Split: code bits of a lane's part of one half (QK: D/8 dims, PV: D/16),
+  // in words (+1 for the funnel shift of an unaligned start).
+  static constexpr int kKHiW = (D / 8 * KB + 31) / 32, kKLoW = (D / 8 * kLB + 31) / 32;
+  static constexpr int kVHiW = (D / 16 * KB + 31) / 32, kVLoW = (D / 16 * kLB + 31) / 32;
+  static_assert(kKHiW + kKLoW + kVHiW + kVLoW + kKSegW + kVSegW >= 0);  // (each used by some kernels only)
+  // Split: the lo half's table follows the hi half's (a power-of-two offset
+  // above the entry bits, so a lane's base ORs in).
+  static constexpr int kLoTable = SPLIT ? 256 << (2 * KB) : 0;
+  static constexpr int kTableBytes =
+      SPLIT ? kLoTable + (256 << (2 * kLB)) : 256 << (2 * (KB > VB ? KB : VB));
   // sm_90 tensor copies (pool_tensor_maps): with K and V records of one
   // size one copy moves a pair's K and V runs back to back; otherwise K and V
   // are two copies and the V run starts 128-byte aligned (a tensor copy's
@@ -220,14 +238,14 @@ template <int B, int NW>
 __device__ __forceinline__ uint32_t pair_addr(const uint32_t (&w)[NW], int p, uint32_t lb) {
   if constexpr (B == 4) {
     return __byte_perm(w[p >> 2], lb, 0x5504u | (uint32_t(p & 3) << 4));
-  } else {
-    const int bit = 6 * p, wi = bit >> 5, off = bit & 31;
+  } else {  // 3 bits (6-bit pairs), or 2 bits (the lo half of a split: 4-bit pairs)
+    const int bit = 2 * B * p, wi = bit >> 5, off = bit & 31;
     uint32_t v;
-    if (off + 6 <= 32)
+    if (off + 2 * B <= 32)
       v = off >= 8 ? (w[wi] >> (off - 8)) : (w[wi] << (8 - off));
     else
       v = __funnelshift_r(w[wi], w[wi + 1], off - 8);
-    return (v & 0x3f00u) | lb;
+    return (v & (((1u << (2 * B)) - 1u) << 8)) | lb;
   }
 }
 
@@ -288,6 +306,10 @@ __device__ __forceinline__ void v_pairs(const uint32_t (&x)[NW], const uint32_t 
     if constexpr (VB == 4) {  // byte = (X nibble, Y nibble)
       lo[i] = (x[i] & 0x0F0F0F0Fu) | ((y[i] << 4) & 0xF0F0F0F0u);
       hi[i] = ((x[i] >> 4) & 0x0F0F0F0Fu) | (y[i] & 0xF0F0F0F0u);
+    } else if constexpr (VB == 2) {  // 4-bit group = (X code, Y code), 4 dim pairs a 16 bits
+      const uint32_t a = x[i >> 1] >> (16 * (i & 1)), b = y[i >> 1] >> (16 * (i & 1));
+      lo[i] = (a & 0x3333u) | ((b << 2) & 0xCCCCu);
+      hi[i] = ((a >> 2) & 0x3333u) | (b & 0xCCCCu);
     } else {  // 6-bit group = (X code, Y code)
       const uint32_t a = bits24(x, i), b = bits24(y, i);
       lo[i] = (a & 0x1C71C7u) | ((b << 3) & 0xE38E38u);
@@ -298,10 +320,15 @@ __device__ __forceinline__ void v_pairs(const uint32_t (&x)[NW], const uint32_t 
 
 template <int VB, int NP>
 __device__ __forceinline__ uint32_t v_addr(const uint32_t (&w)[NP], int i, uint32_t lb) {
-  if constexpr (VB == 4)
+  if constexpr (VB == 4) {
     return __byte_perm(w[i >> 2], lb, 0x5504u | (uint32_t(i & 3) << 4));
-  else
+  } else if constexpr (VB == 2) {  // 4-bit group i & 3 as a table address
+    const int off = 4 * (i & 3);
+    const uint32_t v = w[i >> 2], s = off >= 8 ? (v >> (off - 8)) : (v << (8 - off));
+    return (s & 0xf00u) | lb;
+  } else {
     return group_addr(w[i >> 2], i & 3, lb);
+  }
 }
 
 // n / d for 0 <= n < 2^31 by a multiply (Granlund-Montgomery, round-up
@@ -469,14 +496,15 @@ struct Producer {
   }
 };
 
-template <int D, int KB, int VB>
-__global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
+template <int D, int KB, int VB, bool SPLIT>
+__global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
                      float* __restrict__ part_o, float* __restrict__ part_lse,
                      const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
                      int tensor_copy) {
-  using C = Cfg<D, KB, VB>;
+  using C = Cfg<D, KB, VB, SPLIT>;
   constexpr int W = C::kWarps, S = C::kStages;
+  constexpr int kHalfSteps = D / 32;  // split: QK k steps (= PV m tiles) of each half
   constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
   constexpr int kQRegs = D / 32;   // query values per lane in the rotation
   constexpr int kPW = D / 64;      // PV pair words per token pair
@@ -529,10 +557,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     constexpr int kEntries = C::kTableBytes / 256;
     for (int i = threadIdx.x; i < 2 * kEntries; i += C::kThreads) {
       const int e = i >> 1, side = i & 1;
-      const int bits = side ? VB : KB;
-      const float* cb = side ? p.v.centroids : p.k.centroids;
       uint32_t val = 0;
-      if (e < (1 << (2 * bits))) val = pack_half2(cb[e & ((1 << bits) - 1)], cb[e >> bits]);
+      if constexpr (SPLIT) {  // entries past the hi half's are the lo half's table
+        const bool lo = e >= (1 << (2 * KB));
+        const int bits = lo ? C::kLB : KB, el = lo ? e - (1 << (2 * KB)) : e;
+        const float* cb = (side ? p.v_split : p.k_split).seg[lo ? 1 : 0].centroids;
+        val = pack_half2(cb[el & ((1 << bits) - 1)], cb[el >> bits]);
+      } else {
+        const int bits = side ? VB : KB;
+        const float* cb = side ? p.v.centroids : p.k.centroids;
+        if (e < (1 << (2 * bits))) val = pack_half2(cb[e & ((1 << bits) - 1)], cb[e >> bits]);
+      }
       uint4* dst = reinterpret_cast<uint4*>(smem + e * 256 + side * 128);
       const uint4 v4 = make_uint4(val, val, val, val);
 #pragma unroll
@@ -542,16 +577,31 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
 
   // The query rotation (warp h < g rotates head h): signs, FWHT, 1/sqrt(D).
   float ksign[kQRegs], qreg[kQRegs];
+  // Split: element j of [hi half | lo half] is channel channels[hkv][j];
+  // each half has its own signs and scale.
   auto load_q = [&](int it) {
     const int hkv = it % p.n_heads_kv, seq = (it / p.n_heads_kv) % p.n_seqs;
     const float* qv = q + (size_t(seq) * n_heads_q + size_t(hkv) * g + warp) * D;
+    if constexpr (SPLIT) {
+      const int* ch = p.k_split.channels + size_t(hkv) * D;
 #pragma unroll
-    for (int r = 0; r < kQRegs; ++r) qreg[r] = __ldg(qv + lane + 32 * r);
+      for (int r = 0; r < kQRegs; ++r) qreg[r] = __ldg(qv + __ldg(ch + lane + 32 * r));
+    } else {
+#pragma unroll
+      for (int r = 0; r < kQRegs; ++r) qreg[r] = __ldg(qv + lane + 32 * r);
+    }
   };
   int q_item = -1;  // the item whose query qreg holds (loaded one item ahead)
   if (warp < g) {
 #pragma unroll
-    for (int r = 0; r < kQRegs; ++r) ksign[r] = __ldg(p.k.signs + lane + 32 * r);
+    for (int r = 0; r < kQRegs; ++r) {
+      if constexpr (SPLIT) {
+        const int half = r < kQRegs / 2 ? 0 : 1;
+        ksign[r] = __ldg(p.k_split.seg[half].rot.signs1 + lane + 32 * r - half * (D / 2));
+      } else {
+        ksign[r] = __ldg(p.k.signs + lane + 32 * r);
+      }
+    }
   }
 
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
@@ -568,7 +618,19 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       float v[kQRegs];
 #pragma unroll
       for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
-      fwht_registers(v);
+      if constexpr (SPLIT) {  // each half: D/64 registers a lane, stages inside them
+#pragma unroll
+        for (int h = 1; h < kQRegs / 2; h *= 2)
+#pragma unroll
+          for (int k = 0; k < kQRegs; ++k)
+            if (!(k & h)) {
+              const float a = v[k], b = v[k + h];
+              v[k] = a + b;
+              v[k + h] = a - b;
+            }
+      } else {
+        fwht_registers(v);
+      }
 #pragma unroll
       for (int h = 1; h < 32; h *= 2)
 #pragma unroll
@@ -579,7 +641,10 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       float amax = 0.0f;
 #pragma unroll
       for (int r = 0; r < kQRegs; ++r) {
-        v[r] *= p.k.post_scale;
+        if constexpr (SPLIT)
+          v[r] *= p.k_split.seg[r < kQRegs / 2 ? 0 : 1].rot.block_scale[0];
+        else
+          v[r] *= p.k.post_scale;
         amax = fmaxf(amax, fabsf(v[r]));
       }
 #pragma unroll
@@ -598,12 +663,18 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     // 3. Query fragments (the B operand of QK): lane (head gq, tq) holds dims
     // tq*D/4 .. (tq+1)*D/4 - 1 of head gq. kmul: score -> base-2 logit factor of
     // this lane's two softmax columns, heads 2tq and 2tq + 1.
+    // Split: k steps 0 .. D/32 - 1 take dims tq*D/8 .. of the hi half, the
+    // rest the same dims of the lo half (each step inside one half, so that
+    // the two halves' scores, with their own scales, are separate sums).
     uint32_t qb[kSteps][2];
     if (gq < g) {
-      const uint4* src = reinterpret_cast<const uint4*>(sQ + gq * D + tq * (D / 4));
 #pragma unroll
       for (int i = 0; i < D / 32; ++i) {
-        const uint4 t = src[i];
+        const uint4* src =
+            SPLIT ? reinterpret_cast<const uint4*>(sQ + gq * D + (i < D / 64 ? 0 : D / 2) + tq * (D / 8)) +
+                        (i % (D / 64))
+                  : reinterpret_cast<const uint4*>(sQ + gq * D + tq * (D / 4)) + i;
+        const uint4 t = *src;
         qb[2 * i][0] = t.x;
         qb[2 * i][1] = t.y;
         qb[2 * i + 1][0] = t.z;
@@ -636,6 +707,20 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
     const uint32_t voff = voff_raw & ~3u, vsh = (voff_raw & 3u) * 8u;
     const uint32_t kscale_off = uint32_t(tok_a * C::kKRec + C::kKCode);
     const uint32_t vscale_off = uint32_t(tok_a * C::kVRec + C::kVCode);
+    // Split: the same lanes and tokens, one code segment per half (in bits:
+    // a lane's part of a 3-bit half need not start on a byte), the lo half's
+    // scale last in the record, its table at kLoTable.
+    const uint32_t khi_bit = uint32_t(tok_a * C::kKRec * 8 + tq * (D / 8) * KB);
+    const uint32_t klo_bit = uint32_t((tok_a * C::kKRec + C::kLoOff) * 8 + tq * (D / 8) * C::kLB);
+    const uint32_t vhi_bit = uint32_t(tq * C::kVRec * 8 + gq * (D / 16) * KB);
+    const uint32_t vlo_bit = uint32_t((tq * C::kVRec + C::kLoOff) * 8 + gq * (D / 16) * C::kLB);
+    const uint32_t khi_off = (khi_bit >> 3) & ~3u, khi_sh = khi_bit & 31u;
+    const uint32_t klo_off = (klo_bit >> 3) & ~3u, klo_sh = klo_bit & 31u;
+    const uint32_t vhi_off = (vhi_bit >> 3) & ~3u, vhi_sh = vhi_bit & 31u;
+    const uint32_t vlo_off = (vlo_bit >> 3) & ~3u, vlo_sh = vlo_bit & 31u;
+    const uint32_t kscale_lo = uint32_t(tok_a * C::kKRec + C::kKRec - 2);
+    const uint32_t vscale_lo = uint32_t(tok_a * C::kVRec + C::kVRec - 2);
+    const uint32_t lbKlo = lbK | uint32_t(C::kLoTable), lbVlo = lbV | uint32_t(C::kLoTable);
 
     // 4. The warp's tile pairs: tiles 2kp and 2kp + 1 for kp = warp, warp + W, ...
     for (int kp = warp; 2 * kp < x.n_tiles; kp += W) {
@@ -662,7 +747,35 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         // QK: S^T (16 tokens x 8 heads) = K (A: rows = tokens) x Q^T (B). Row r
         // is token r/2 + 4(r%2) (+8 for rows 8-15), the PV k slot order below.
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        {
+        float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // split: the lo half's (s: the hi half's)
+        if constexpr (SPLIT) {
+          {
+            uint32_t wa[C::kKHiW], wb[C::kKHiW];
+            load_seg(smem, kb + khi_off, khi_sh, wa);
+            load_seg(smem, kb + khi_off + 8 * C::kKRec, khi_sh, wb);
+#pragma unroll
+            for (int j = 0; j < kHalfSteps; ++j) {
+              const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
+              const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
+              const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
+              const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
+              mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
+            }
+          }
+          {
+            uint32_t wa[C::kKLoW], wb[C::kKLoW];
+            load_seg(smem, kb + klo_off, klo_sh, wa);
+            load_seg(smem, kb + klo_off + 8 * C::kKRec, klo_sh, wb);
+#pragma unroll
+            for (int j = 0; j < kHalfSteps; ++j) {
+              const uint32_t a0 = lds32(smem, pair_addr<C::kLB>(wa, 2 * j, lbKlo));
+              const uint32_t a1 = lds32(smem, pair_addr<C::kLB>(wb, 2 * j, lbKlo));
+              const uint32_t a2 = lds32(smem, pair_addr<C::kLB>(wa, 2 * j + 1, lbKlo));
+              const uint32_t a3 = lds32(smem, pair_addr<C::kLB>(wb, 2 * j + 1, lbKlo));
+              mma16816(s2, a0, a1, a2, a3, qb[kHalfSteps + j][0], qb[kHalfSteps + j][1]);
+            }
+          }
+        } else {
           uint32_t wa[C::kKSegW], wb[C::kKSegW];
           load_seg(smem, kb + koff, ksh, wa);
           load_seg(smem, kb + koff + 8 * C::kKRec, ksh, wb);
@@ -684,15 +797,25 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
         // Softcap and dead slots each behind one warp-uniform branch: most
         // tiles take neither.
         const bool full = T0 + kTileTok <= x.t1 && (T0 >= x.win_lo || T0 + kTileTok <= p.n_sinks);
-        float vsc[2], lv[2], ymax[2];
+        float vsc[2], vsc2[2], lv[2], ymax[2];  // vsc2: split, the lo half's V scales
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const float ks = lds_half(smem, kb + kscale_off + 8 * r * C::kKRec);
           vsc[r] = lds_half(smem, vb + vscale_off + 8 * r * C::kVRec);
-          // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
-          lv[r] = lg2(fmaxf(vsc[r], 0x1p-25f));
+          if constexpr (SPLIT) {
+            // The weights' reference follows the larger of the two V scales,
+            // so both halves' weights stay <= 2^kLazy.
+            const float ks2 = lds_half(smem, kb + kscale_lo + 8 * r * C::kKRec);
+            vsc2[r] = lds_half(smem, vb + vscale_lo + 8 * r * C::kVRec);
+            lv[r] = lg2(fmaxf(fmaxf(vsc[r], vsc2[r]), 0x1p-25f));
 #pragma unroll
-          for (int e = 0; e < 2; ++e) s[2 * r + e] *= ks * kmul[e];
+            for (int e = 0; e < 2; ++e) s[2 * r + e] = (s[2 * r + e] * ks + s2[2 * r + e] * ks2) * kmul[e];
+          } else {
+            // Zero vectors (s_v = 0) count with log2 s_v = -25: any finite bound works.
+            lv[r] = lg2(fmaxf(vsc[r], 0x1p-25f));
+#pragma unroll
+            for (int e = 0; e < 2; ++e) s[2 * r + e] *= ks * kmul[e];
+          }
         }
         if (p.softcap > 0.0f) {  // cap * tanh(v / cap), base 2 afterwards
 #pragma unroll
@@ -736,7 +859,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
           msub[0] = mn0 == kNegInf ? 0.0f : mn0;
           msub[1] = mn1 == kNegInf ? 0.0f : mn1;
         }
-        float wv[4];
+        float wv[4], wv2[4];
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -744,29 +867,74 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
             const float ee = ex2(s[2 * r + e] - msub[e]);  // <= 2^(25 + kLazy); dead: 0
             l[e] += ee;
             wv[2 * r + e] = ee * vsc[r];  // <= 2^kLazy
+            if constexpr (SPLIT) wv2[2 * r + e] = ee * vsc2[r];
           }
         // P^T, the B operand of PV: transpose the two 8x8 fp16 blocks of P (rows =
         // S^T rows) so that lane (gq, tq) holds head gq at k slots 2tq, 2tq + 1.
         const uint32_t pb0 = movmatrix_trans(pack_half2(wv[0], wv[1]));
         const uint32_t pb1 = movmatrix_trans(pack_half2(wv[2], wv[3]));
 
-        // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
-        // (k slot 2tq + e + 8f).
-        uint32_t lo[2][kPW], hi[2][kPW];
+        if constexpr (SPLIT) {
+          // PV, split: m tiles 0 .. D/32 - 1 are dims gq*D/16 .. of the hi
+          // half (weights times its V scale), the rest the lo half's.
+          const uint32_t pb2 = movmatrix_trans(pack_half2(wv2[0], wv2[1]));
+          const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
+          constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
+          {
+            uint32_t lo[2][NP], hi[2][NP];
 #pragma unroll
-        for (int f = 0; f < 2; ++f) {
-          uint32_t xw[C::kVSegW], yw[C::kVSegW];
-          load_seg(smem, vb + voff + 8 * f * C::kVRec, vsh, xw);
-          load_seg(smem, vb + voff + (4 + 8 * f) * C::kVRec, vsh, yw);
-          v_pairs<VB>(xw, yw, lo[f], hi[f]);
-        }
+            for (int f = 0; f < 2; ++f) {
+              uint32_t xw[C::kVHiW], yw[C::kVHiW];
+              load_seg(smem, vb + vhi_off + 8 * f * C::kVRec, vhi_sh, xw);
+              load_seg(smem, vb + vhi_off + (4 + 8 * f) * C::kVRec, vhi_sh, yw);
+              v_pairs<KB>(xw, yw, lo[f], hi[f]);
+            }
 #pragma unroll
-        for (int i = 0; i < kSteps; ++i) {
-          const uint32_t a0 = lds32(smem, v_addr<VB>(lo[0], i, lbV));
-          const uint32_t a1 = lds32(smem, v_addr<VB>(hi[0], i, lbV));
-          const uint32_t a2 = lds32(smem, v_addr<VB>(lo[1], i, lbV));
-          const uint32_t a3 = lds32(smem, v_addr<VB>(hi[1], i, lbV));
-          mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
+            for (int i = 0; i < kHalfSteps; ++i) {
+              const uint32_t a0 = lds32(smem, v_addr<KB>(lo[0], i, lbV));
+              const uint32_t a1 = lds32(smem, v_addr<KB>(hi[0], i, lbV));
+              const uint32_t a2 = lds32(smem, v_addr<KB>(lo[1], i, lbV));
+              const uint32_t a3 = lds32(smem, v_addr<KB>(hi[1], i, lbV));
+              mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
+            }
+          }
+          {
+            uint32_t lo[2][NP], hi[2][NP];
+#pragma unroll
+            for (int f = 0; f < 2; ++f) {
+              uint32_t xw[C::kVLoW], yw[C::kVLoW];
+              load_seg(smem, vb + vlo_off + 8 * f * C::kVRec, vlo_sh, xw);
+              load_seg(smem, vb + vlo_off + (4 + 8 * f) * C::kVRec, vlo_sh, yw);
+              v_pairs<C::kLB>(xw, yw, lo[f], hi[f]);
+            }
+#pragma unroll
+            for (int i = 0; i < kHalfSteps; ++i) {
+              const uint32_t a0 = lds32(smem, v_addr<C::kLB>(lo[0], i, lbVlo));
+              const uint32_t a1 = lds32(smem, v_addr<C::kLB>(hi[0], i, lbVlo));
+              const uint32_t a2 = lds32(smem, v_addr<C::kLB>(lo[1], i, lbVlo));
+              const uint32_t a3 = lds32(smem, v_addr<C::kLB>(hi[1], i, lbVlo));
+              mma16816(acc[kHalfSteps + i], a0, a1, a2, a3, pb2, pb3);
+            }
+          }
+        } else {
+          // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
+          // (k slot 2tq + e + 8f).
+          uint32_t lo[2][kPW], hi[2][kPW];
+#pragma unroll
+          for (int f = 0; f < 2; ++f) {
+            uint32_t xw[C::kVSegW], yw[C::kVSegW];
+            load_seg(smem, vb + voff + 8 * f * C::kVRec, vsh, xw);
+            load_seg(smem, vb + voff + (4 + 8 * f) * C::kVRec, vsh, yw);
+            v_pairs<VB>(xw, yw, lo[f], hi[f]);
+          }
+#pragma unroll
+          for (int i = 0; i < kSteps; ++i) {
+            const uint32_t a0 = lds32(smem, v_addr<VB>(lo[0], i, lbV));
+            const uint32_t a1 = lds32(smem, v_addr<VB>(hi[0], i, lbV));
+            const uint32_t a2 = lds32(smem, v_addr<VB>(lo[1], i, lbV));
+            const uint32_t a3 = lds32(smem, v_addr<VB>(hi[1], i, lbV));
+            mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
+          }
         }
       }  // tile j of the pair
     }
@@ -799,7 +967,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB>::kThreads, 1)
       const bool wb = hb >= 0 && hb < C::kCombineHeads && 2 * tq + 1 < g;
 #pragma unroll
       for (int i = 0; i < kSteps; ++i) {
-        const int d0 = gq * (D / 8) + 2 * i;  // O^T rows gq, gq + 8 of tile i: dims d0, d0 + 1
+        // O^T rows gq, gq + 8 of tile i: dims d0, d0 + 1 (split: of the tile's half)
+        const int d0 = SPLIT ? (i < kHalfSteps ? 0 : D / 2) + gq * (D / 16) + 2 * (i % kHalfSteps)
+                             : gq * (D / 8) + 2 * i;
         if (wa) *reinterpret_cast<float2*>(scr + ha * D + d0) = make_float2(acc[i][0], acc[i][2]);
         if (wb) *reinterpret_cast<float2*>(scr + hb * D + d0) = make_float2(acc[i][1], acc[i][3]);
       }
@@ -853,31 +1023,43 @@ struct TcKernel {
   int threads = 0, smem = 0, tile_tokens = 0;
 };
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool SPLIT = false>
 TcKernel tc_kernel() {
-  using C = Cfg<D, KB, VB>;
-  return {decode_tc_kernel<D, KB, VB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
+  using C = Cfg<D, KB, VB, SPLIT>;
+  return {decode_tc_kernel<D, KB, VB, SPLIT>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
 template <int D>
-TcKernel tc_kernel_bits(int kb, int vb) {
+TcKernel tc_kernel_bits(int kb, int vb, bool split) {
+  if (split) return kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
   if (kb == 3 && vb == 3) return tc_kernel<D, 3, 3>();
   if (kb == 3 && vb == 4) return tc_kernel<D, 3, 4>();
   if (kb == 4 && vb == 3) return tc_kernel<D, 4, 3>();
   return tc_kernel<D, 4, 4>();
 }
 
-// The instantiation for a shape decode_tc_unsupported accepted, and its
-// index among the 12.
-TcKernel tc_kernel_for(int d, int kb, int vb) {
+// The instantiation for a shape decode_tc_unsupported accepted (split: the
+// halves' kernel, kb = vb = the hi half's bits), and its index among the 18.
+constexpr int kTcKernels = 18;
+TcKernel tc_kernel_for(int d, int kb, int vb, bool split) {
   switch (d) {
-    case 64: return tc_kernel_bits<64>(kb, vb);
-    case 128: return tc_kernel_bits<128>(kb, vb);
-    default: return tc_kernel_bits<256>(kb, vb);
+    case 64: return tc_kernel_bits<64>(kb, vb, split);
+    case 128: return tc_kernel_bits<128>(kb, vb, split);
+    default: return tc_kernel_bits<256>(kb, vb, split);
   }
 }
-int tc_index(int d, int kb, int vb) {
-  return (d == 64 ? 0 : d == 128 ? 1 : 2) * 4 + (kb - 3) * 2 + (vb - 3);
+int tc_index(int d, int kb, int vb, bool split) {
+  const int di = d == 64 ? 0 : d == 128 ? 1 : 2;
+  return split ? 12 + di * 2 + (kb - 3) : di * 4 + (kb - 3) * 2 + (vb - 3);
+}
+// The kernel's view of p: split halves (kb = vb = the hi half's bits) or not.
+struct TcBits {
+  int kb, vb;
+  bool split;
+};
+TcBits tc_bits(const DecodeAttentionParams& p) {
+  if (p.k_split.n_seg != 0) return {p.k_split.seg[0].bits, p.k_split.seg[0].bits, true};
+  return {p.k.bits, p.v.bits, false};
 }
 int tc_slots(const DecodeAttentionParams& p);
 
@@ -885,7 +1067,7 @@ int tc_slots(const DecodeAttentionParams& p);
 // and instantiation, found once: plan and launch run every decode step, and
 // host time between the caller's events counts.
 constexpr int kMaxDevices = 64;
-std::atomic<int> g_slots[kMaxDevices][12];
+std::atomic<int> g_slots[kMaxDevices][kTcKernels];
 
 int tc_slots(const TcKernel& k, int index) {
   int dev = 0;
@@ -912,7 +1094,8 @@ int tc_cc_major() {
 }
 
 int tc_slots(const DecodeAttentionParams& p) {
-  return tc_slots(tc_kernel_for(p.k.dim, p.k.bits, p.v.bits), tc_index(p.k.dim, p.k.bits, p.v.bits));
+  const TcBits b = tc_bits(p);
+  return tc_slots(tc_kernel_for(p.k.dim, b.kb, b.vb, b.split), tc_index(p.k.dim, b.kb, b.vb, b.split));
 }
 
 std::atomic<int> g_split_override{0};
@@ -1027,8 +1210,9 @@ bool pool_tensor_maps(const DecodeAttentionParams& p, CUtensorMap& tmk, CUtensor
 const char* decode_tc_unsupported(const DecodeShape& s) {
   if (s.head_dim != 64 && s.head_dim != 128 && s.head_dim != 256)
     return "head_dim is not 64, 128 or 256";
-  if (s.k_split || s.v_split)
-    return "channel-split formats (fractional b, hi= outlier channels) run on the reference kernel";
+  if ((s.k_split || s.v_split) && !s.split_halves)
+    return "channel-split formats other than K and V of one format in two halves of head_dim/2 channels "
+           "(turbo2.5, turbo3.5: hi= outlier channels, f32 scales, mixed splits) run on the reference kernel";
   if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
     return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
   if (s.k_scale_f32 || s.v_scale_f32) return "f32 scales (sf=f32) are not handled";
@@ -1044,7 +1228,7 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   if (major < 8) return "the device has no mma.sync f16 (compute capability < 8.0)";
-  if (smem < tc_kernel_for(s.head_dim, s.k_bits, s.v_bits).smem)
+  if (smem < tc_kernel_for(s.head_dim, s.k_bits, s.v_bits, s.split_halves).smem)
     return "the device has too little shared memory per block for the tables and stages";
   return nullptr;
 }
@@ -1095,7 +1279,8 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   if (p.n_seqs == 0) return;
   TQ_ASSERT(p.kernel == DecodeKernel::tensor_core && p.split_tokens > 0 &&
             p.split_tokens % decode_tc_tile_tokens(p.k.dim) == 0);
-  const TcKernel k = tc_kernel_for(p.k.dim, p.k.bits, p.v.bits);
+  const TcBits b = tc_bits(p);
+  const TcKernel k = tc_kernel_for(p.k.dim, b.kb, b.vb, b.split);
   const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
   const int grid = std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;

@@ -80,12 +80,13 @@ struct PagedRegion {
 // Which decode-attention kernel runs (launch_decode_attention):
 //  - reference:   decode_attention.cu, CUDA cores, byte loads; every tq-mse
 //                 format and shape of the GPU layer, channel splits
-//                 included (the only kernel for those). The specification
+//                 included (the only kernel for most of those). The specification
 //                 the fast kernel is tested against.
 //  - tensor_core: decode_attention_tc.cu, codes staged in shared memory (sm_90:
 //                 tensor / bulk copies; older GPUs: cp.async), decoded to
 //                 fp16 through shared-memory tables, QK and PV on mma.sync.
-//                 Supports K and V bits 3 or 4 with fp16 scales, head_dim 64 /
+//                 Supports K and V bits 3 or 4 with fp16 scales (and the
+//                 channel splits of DecodeShape::split_halves), head_dim 64 /
 //                 128 / 256, GQA group <= 8, page_tokens a multiple of 16, and
 //                 a device with enough shared memory (decode_tc_unsupported).
 //  - automatic:   tensor_core where it is supported, else reference. The
@@ -116,7 +117,12 @@ struct DecodeShape {
   bool k_scale_f32 = false, v_scale_f32 = false;
   int group = 0;        // n_heads_q / n_heads_kv
   int page_tokens = 0;
-  bool k_split = false, v_split = false;  // channel-split formats (reference kernel only)
+  bool k_split = false, v_split = false;  // channel-split formats
+  // Both K and V split into two halves of head_dim / 2 channels at b and
+  // b - 1 bits with one-round rotations and fp16 scales, one format for both
+  // (turbo2.5, turbo3.5): the tensor-core kernel takes these, with k_bits =
+  // v_bits = b (decode_shape fills it). Other splits: reference kernel.
+  bool split_halves = false;
 };
 // nullptr when the tensor-core kernel runs this shape on the current device;
 // otherwise a sentence saying why not (then automatic means reference).
