@@ -111,7 +111,10 @@ struct GpuKvLayerConfig {
   // channels of largest mean square over the first tokens it compresses, up
   // to 4096 of the first append that reaches the pages; one extra
   // synchronisation, once), so that the same appends give KvCache's records.
-  // Such formats run on the reference decode kernel (kernels.hpp).
+  // turbo2.5 / turbo3.5 (K and V split into two halves at b and b - 1 bits)
+  // decode on the tensor-core kernel; the other splits (outlier channels,
+  // f32 scales, one side only) on the reference kernel (kernels.hpp;
+  // attend_kernel says which).
   std::vector<std::vector<int>> k_hi_channels, v_hi_channels;
 };
 
