@@ -1785,7 +1785,9 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
 // keys; split V too) on the GPU: with the KvCache's per-head outlier
 // channels, the records are the KvCache's bit for bit (host and device
 // appends, batched decode steps, dense window and prefix), and attention is
-// within 1e-3 of KvCache::attend, sliding window and softcap included. The
+// within 1e-3 of KvCache::attend, sliding window and softcap included
+// (turbo2.5 / turbo3.5 through the tensor-core kernel, once with a dense
+// window and prefix; the other splits through the reference kernel). The
 // segments' dims cover one-round rotations (64, 32, 128) and two-round ones
 // (112, 56, 224: not powers of two), down to 8 channels.
 TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
@@ -1797,6 +1799,7 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
   double worst = 0;
   for (const Case c : {Case{"tq-mse:b=2.5", "tq-mse:b=2.5", 128, 4, 0, 0},
                        Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 64, 1, 0, 0},
+                       Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 256, 8, 16, 4},  // tensor cores + dense part
                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, 8, 16, 4},
                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256, 4, 8, 2},
                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=2.5,hi=32%", 64, 4, 0, 3},
