@@ -331,6 +331,49 @@ __device__ __forceinline__ uint32_t v_addr(const uint32_t (&w)[NP], int i, uint3
   }
 }
 
+// QK over one code segment of the lane's two tokens (rows tok_a, tok_a + 8,
+// 8 records apart at `rec8` bytes): NS k steps of B-bit code pairs from
+// word offset `off` (shift sh), table base lb, B fragments qb[0 .. NS).
+template <int B, int NW, int NS>
+__device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec8,
+                                           uint32_t lb, const uint32_t (*qb)[2], float (&s)[4]) {
+  uint32_t wa[NW], wb[NW];
+  load_seg(smem, off, sh, wa);
+  load_seg(smem, off + rec8, sh, wb);
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    const uint32_t a0 = lds32(smem, pair_addr<B>(wa, 2 * j, lb));
+    const uint32_t a1 = lds32(smem, pair_addr<B>(wb, 2 * j, lb));
+    const uint32_t a2 = lds32(smem, pair_addr<B>(wa, 2 * j + 1, lb));
+    const uint32_t a3 = lds32(smem, pair_addr<B>(wb, 2 * j + 1, lb));
+    mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
+  }
+}
+
+// PV over one code segment: the lane's tokens tq + 4e + 8f (records `rec`
+// bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
+// (NP pair words a token pair), table base lb, weights pb0 / pb1, into acc[0 .. NT).
+template <int B, int NW, int NP, int NT>
+__device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec,
+                                           uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4]) {
+  uint32_t lo[2][NP], hi[2][NP];
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+    uint32_t xw[NW], yw[NW];
+    load_seg(smem, off + 8 * f * rec, sh, xw);
+    load_seg(smem, off + (4 + 8 * f) * rec, sh, yw);
+    v_pairs<B>(xw, yw, lo[f], hi[f]);
+  }
+#pragma unroll
+  for (int i = 0; i < NT; ++i) {
+    const uint32_t a0 = lds32(smem, v_addr<B>(lo[0], i, lb));
+    const uint32_t a1 = lds32(smem, v_addr<B>(hi[0], i, lb));
+    const uint32_t a2 = lds32(smem, v_addr<B>(lo[1], i, lb));
+    const uint32_t a3 = lds32(smem, v_addr<B>(hi[1], i, lb));
+    mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
+  }
+}
+
 // n / d for 0 <= n < 2^31 by a multiply (Granlund-Montgomery, round-up
 // variant): the producer splits a token index into page and slot every tile.
 struct FastDiv {
@@ -749,44 +792,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // split: the lo half's (s: the hi half's)
         if constexpr (SPLIT) {
-          {
-            uint32_t wa[C::kKHiW], wb[C::kKHiW];
-            load_seg(smem, kb + khi_off, khi_sh, wa);
-            load_seg(smem, kb + khi_off + 8 * C::kKRec, khi_sh, wb);
-#pragma unroll
-            for (int j = 0; j < kHalfSteps; ++j) {
-              const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
-              const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
-              const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
-              const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
-              mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
-            }
-          }
-          {
-            uint32_t wa[C::kKLoW], wb[C::kKLoW];
-            load_seg(smem, kb + klo_off, klo_sh, wa);
-            load_seg(smem, kb + klo_off + 8 * C::kKRec, klo_sh, wb);
-#pragma unroll
-            for (int j = 0; j < kHalfSteps; ++j) {
-              const uint32_t a0 = lds32(smem, pair_addr<C::kLB>(wa, 2 * j, lbKlo));
-              const uint32_t a1 = lds32(smem, pair_addr<C::kLB>(wb, 2 * j, lbKlo));
-              const uint32_t a2 = lds32(smem, pair_addr<C::kLB>(wa, 2 * j + 1, lbKlo));
-              const uint32_t a3 = lds32(smem, pair_addr<C::kLB>(wb, 2 * j + 1, lbKlo));
-              mma16816(s2, a0, a1, a2, a3, qb[kHalfSteps + j][0], qb[kHalfSteps + j][1]);
-            }
-          }
+          qk_segment<KB, C::kKHiW, kHalfSteps>(smem, kb + khi_off, khi_sh, 8 * C::kKRec, lbK, qb, s);
+          qk_segment<C::kLB, C::kKLoW, kHalfSteps>(smem, kb + klo_off, klo_sh, 8 * C::kKRec, lbKlo,
+                                                   qb + kHalfSteps, s2);
         } else {
-          uint32_t wa[C::kKSegW], wb[C::kKSegW];
-          load_seg(smem, kb + koff, ksh, wa);
-          load_seg(smem, kb + koff + 8 * C::kKRec, ksh, wb);
-#pragma unroll
-          for (int j = 0; j < kSteps; ++j) {
-            const uint32_t a0 = lds32(smem, pair_addr<KB>(wa, 2 * j, lbK));
-            const uint32_t a1 = lds32(smem, pair_addr<KB>(wb, 2 * j, lbK));
-            const uint32_t a2 = lds32(smem, pair_addr<KB>(wa, 2 * j + 1, lbK));
-            const uint32_t a3 = lds32(smem, pair_addr<KB>(wb, 2 * j + 1, lbK));
-            mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
-          }
+          qk_segment<KB, C::kKSegW, kSteps>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s);
         }
 
         // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_a + 8, 2tq), (tok_a + 8, 2tq + 1).
@@ -880,61 +890,13 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           const uint32_t pb2 = movmatrix_trans(pack_half2(wv2[0], wv2[1]));
           const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
           constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
-          {
-            uint32_t lo[2][NP], hi[2][NP];
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-              uint32_t xw[C::kVHiW], yw[C::kVHiW];
-              load_seg(smem, vb + vhi_off + 8 * f * C::kVRec, vhi_sh, xw);
-              load_seg(smem, vb + vhi_off + (4 + 8 * f) * C::kVRec, vhi_sh, yw);
-              v_pairs<KB>(xw, yw, lo[f], hi[f]);
-            }
-#pragma unroll
-            for (int i = 0; i < kHalfSteps; ++i) {
-              const uint32_t a0 = lds32(smem, v_addr<KB>(lo[0], i, lbV));
-              const uint32_t a1 = lds32(smem, v_addr<KB>(hi[0], i, lbV));
-              const uint32_t a2 = lds32(smem, v_addr<KB>(lo[1], i, lbV));
-              const uint32_t a3 = lds32(smem, v_addr<KB>(hi[1], i, lbV));
-              mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
-            }
-          }
-          {
-            uint32_t lo[2][NP], hi[2][NP];
-#pragma unroll
-            for (int f = 0; f < 2; ++f) {
-              uint32_t xw[C::kVLoW], yw[C::kVLoW];
-              load_seg(smem, vb + vlo_off + 8 * f * C::kVRec, vlo_sh, xw);
-              load_seg(smem, vb + vlo_off + (4 + 8 * f) * C::kVRec, vlo_sh, yw);
-              v_pairs<C::kLB>(xw, yw, lo[f], hi[f]);
-            }
-#pragma unroll
-            for (int i = 0; i < kHalfSteps; ++i) {
-              const uint32_t a0 = lds32(smem, v_addr<C::kLB>(lo[0], i, lbVlo));
-              const uint32_t a1 = lds32(smem, v_addr<C::kLB>(hi[0], i, lbVlo));
-              const uint32_t a2 = lds32(smem, v_addr<C::kLB>(lo[1], i, lbVlo));
-              const uint32_t a3 = lds32(smem, v_addr<C::kLB>(hi[1], i, lbVlo));
-              mma16816(acc[kHalfSteps + i], a0, a1, a2, a3, pb2, pb3);
-            }
-          }
+          pv_segment<KB, C::kVHiW, NP, kHalfSteps>(smem, vb + vhi_off, vhi_sh, C::kVRec, lbV, pb0, pb1, acc);
+          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps>(smem, vb + vlo_off, vlo_sh, C::kVRec, lbVlo, pb2, pb3,
+                                                       acc + kHalfSteps);
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
-          uint32_t lo[2][kPW], hi[2][kPW];
-#pragma unroll
-          for (int f = 0; f < 2; ++f) {
-            uint32_t xw[C::kVSegW], yw[C::kVSegW];
-            load_seg(smem, vb + voff + 8 * f * C::kVRec, vsh, xw);
-            load_seg(smem, vb + voff + (4 + 8 * f) * C::kVRec, vsh, yw);
-            v_pairs<VB>(xw, yw, lo[f], hi[f]);
-          }
-#pragma unroll
-          for (int i = 0; i < kSteps; ++i) {
-            const uint32_t a0 = lds32(smem, v_addr<VB>(lo[0], i, lbV));
-            const uint32_t a1 = lds32(smem, v_addr<VB>(hi[0], i, lbV));
-            const uint32_t a2 = lds32(smem, v_addr<VB>(lo[1], i, lbV));
-            const uint32_t a3 = lds32(smem, v_addr<VB>(hi[1], i, lbV));
-            mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
-          }
+          pv_segment<VB, C::kVSegW, kPW, kSteps>(smem, vb + voff, vsh, C::kVRec, lbV, pb0, pb1, acc);
         }
       }  // tile j of the pair
     }
