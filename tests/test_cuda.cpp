@@ -1490,6 +1490,18 @@ void check_tc(const std::vector<HostSeq>& host, int hq, int d, const AttnOut& tc
   }
 }
 
+// A layer of H KV heads and P-token pages for n_seqs sequences of up to
+// max_len tokens, 4 pages a reference-kernel split.
+cuda::GpuKvLayerConfig tc_test_config(int H, int P, int n_seqs, int max_len) {
+  cuda::GpuKvLayerConfig cfg;
+  cfg.n_heads_kv = H;
+  cfg.page_tokens = P;
+  cfg.max_seqs = n_seqs;
+  cfg.max_pages_per_seq = (max_len + P - 1) / P;
+  cfg.split_pages = 4;
+  return cfg;
+}
+
 TEST(CudaAttentionTc, KernelSelection) {
   TQ_SKIP_WITHOUT_GPU();
   const cuda::DecodeShape llama4 = decode_shape(128, 4, 4, 4, 256);
@@ -1555,13 +1567,7 @@ TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
           const std::string kspec = "tq-mse:b=" + std::to_string(kbits);
           const std::string vspec = "tq-mse:b=" + std::to_string(vbits);
           auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer(vspec, d, seed + 1);
-          cuda::GpuKvLayerConfig cfg;
-          cfg.n_heads_kv = H;
-          cfg.page_tokens = P;
-          cfg.max_seqs = int(lens.size());
-          cfg.max_pages_per_seq = (4097 + P - 1) / P;
-          cfg.split_pages = 4;
-          cuda::GpuKvLayer layer(*kq, *vq, cfg);
+          cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 4097));
           std::vector<HostSeq> host;
           for (size_t s = 0; s < lens.size(); ++s) {
             layer.add_sequence();
@@ -1731,13 +1737,8 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
           const int hq = H * g;
           const uint64_t seed = 700 + d * 3 + g * 5 + P;
           auto kq = make_quantizer(spec, d, seed), vq = make_quantizer(spec, d, seed + 1);
-          cuda::GpuKvLayerConfig cfg;
-          cfg.n_heads_kv = H;
-          cfg.page_tokens = P;
-          cfg.max_seqs = int(lens.size());
-          cfg.max_pages_per_seq = (2049 + P - 1) / P;
-          cfg.split_pages = 4;
-          cuda::GpuKvLayer layer(*kq, *vq, cfg);  // chooses its hi channels from the first append
+          // The layer chooses its hi channels from the first append.
+          cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2049));
           for (size_t s = 0; s < lens.size(); ++s) {
             layer.add_sequence();
             auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);

@@ -661,19 +661,10 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
       float v[kQRegs];
 #pragma unroll
       for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
-      if constexpr (SPLIT) {  // each half: D/64 registers a lane, stages inside them
-#pragma unroll
-        for (int h = 1; h < kQRegs / 2; h *= 2)
-#pragma unroll
-          for (int k = 0; k < kQRegs; ++k)
-            if (!(k & h)) {
-              const float a = v[k], b = v[k + h];
-              v[k] = a + b;
-              v[k + h] = a - b;
-            }
-      } else {
+      if constexpr (SPLIT)
+        fwht_register_blocks<kQRegs / 2>(v);  // each half: D/64 registers a lane
+      else
         fwht_registers(v);
-      }
 #pragma unroll
       for (int h = 1; h < 32; h *= 2)
 #pragma unroll

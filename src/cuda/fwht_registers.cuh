@@ -5,12 +5,15 @@
 
 namespace tq::cuda {
 
-// Unnormalised butterflies over the register index k, stride 1, 2, ..., N/2:
-// (v[k], v[k + h]) -> (v[k] + v[k + h], v[k] - v[k + h]) for every k without bit h.
-template <int N>
-__device__ __forceinline__ void fwht_registers(float (&v)[N]) {
+// Unnormalised butterflies over the register index k, stride 1, 2, ..., B/2:
+// (v[k], v[k + h]) -> (v[k] + v[k + h], v[k] - v[k + h]) for every k without
+// bit h, i.e. an in-register transform of each block of B registers
+// (B = N: the whole vector; fwht_registers).
+template <int B, int N>
+__device__ __forceinline__ void fwht_register_blocks(float (&v)[N]) {
+  static_assert(B >= 1 && B <= N && N % B == 0);
 #pragma unroll
-  for (int h = 1; h < N; h *= 2)
+  for (int h = 1; h < B; h *= 2)
 #pragma unroll
     for (int k = 0; k < N; ++k)
       if (!(k & h)) {
@@ -18,6 +21,10 @@ __device__ __forceinline__ void fwht_registers(float (&v)[N]) {
         v[k] = a + b;
         v[k + h] = a - b;
       }
+}
+template <int N>
+__device__ __forceinline__ void fwht_registers(float (&v)[N]) {
+  fwht_register_blocks<N>(v);
 }
 
 }  // namespace tq::cuda
