@@ -98,6 +98,44 @@ __device__ void warp_rotate(float* x, float* tmp, const SegmentRotation& R, int 
   }
 }
 
+// The record of row (tile t, token tl, head): each segment's codes packed
+// (pack_ref: stream bit k is bit k % b of code k / b), then its scale. codes:
+// the row's codes in [seg 0 | seg 1] order (shared memory, written before a
+// __syncwarp); every lane of the warp takes part.
+__device__ void write_record(const SplitAppendParams& p, const AppendTile& t, int tl, int head,
+                             const uint8_t* codes, float norm0, float norm1, int lane, int& st) {
+  const int n0 = p.f.seg[0].dim;
+  uint8_t* rec0 = p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
+                  (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
+  for (int s = 0; s < 2; ++s) {
+    const SplitSegment& g = p.f.seg[s];
+    const int b = g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
+    const float norm = s ? norm1 : norm0;
+    uint8_t* rec = rec0 + g.offset;
+    for (int k = lane; k < total; k += 32) {
+      if (k < g.code_bytes) {
+        const int i0 = (8 * k) / b, i1 = min(g.dim - 1, (8 * k + 7) / b);
+        unsigned v = 0;
+        for (int i = i0; i <= i1; ++i) {
+          const int sh = i * b - 8 * k;  // negative: the code started in the byte before
+          const unsigned c = codes[base + i];
+          v |= sh >= 0 ? c << sh : c >> (-sh);
+        }
+        rec[k] = static_cast<uint8_t>(v & 0xffu);
+      } else {
+        unsigned bits;
+        if (g.scale_f32) {
+          bits = __float_as_uint(norm);
+        } else {
+          if (!(norm <= kHalfMax) && isfinite(norm)) st |= kStatusScaleOverflow;
+          bits = float_to_half_bits(norm);
+        }
+        rec[k] = static_cast<uint8_t>((bits >> (8 * (k - g.code_bytes))) & 0xffu);
+      }
+    }
+  }
+}
+
 // One warp per vector: its rows of the tile, each through the whole
 // pipeline with warp-level synchronisation only.
 __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_constant__ SplitAppendParams p) {
@@ -154,41 +192,119 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
         codes[j] = static_cast<uint8_t>(lo);
       }
       __syncwarp();
-      // 5. Packed bytes (pack_ref: stream bit k is bit k % b of code k / b),
-      // then the scale, straight into the page.
-      uint8_t* rec0 = p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
-                      (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
-      for (int s = 0; s < 2; ++s) {
-        const SplitSegment& g = p.f.seg[s];
-        const int b = g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
-        const float norm = s ? norm1 : norm0;
-        uint8_t* rec = rec0 + g.offset;
-        for (int k = lane; k < total; k += 32) {
-          if (k < g.code_bytes) {
-            const int i0 = (8 * k) / b, i1 = min(g.dim - 1, (8 * k + 7) / b);
-            unsigned v = 0;
-            for (int i = i0; i <= i1; ++i) {
-              const int sh = i * b - 8 * k;  // negative: the code started in the byte before
-              const unsigned c = codes[base + i];
-              v |= sh >= 0 ? c << sh : c >> (-sh);
-            }
-            rec[k] = static_cast<uint8_t>(v & 0xffu);
-          } else {
-            unsigned bits;
-            if (g.scale_f32) {
-              bits = __float_as_uint(norm);
-            } else {
-              if (!(norm <= kHalfMax) && isfinite(norm)) st |= kStatusScaleOverflow;
-              bits = float_to_half_bits(norm);
-            }
-            rec[k] = static_cast<uint8_t>((bits >> (8 * (k - g.code_bytes))) & 0xffu);
-          }
-        }
-      }
+      // 5. Packed bytes and scales, straight into the page.
+      write_record(p, t, tl, head, codes, norm0, norm1, lane, st);
       if (st) atomicOr(p.status, st);
       __syncwarp();  // the buffers are read: the next row may overwrite them
     }
   }
+}
+
+// Splits in two halves of D/2 channels with one-block rotations (turbo2.5,
+// turbo3.5): one warp per vector as above, but in registers -- lane l holds
+// elements l + 32 r of [seg 0 | seg 1] (a half is D/64 whole registers), the
+// Hadamard stages of stride 1..16 go by shuffles and the wider ones inside
+// the registers, in the CPU's order (ascending strides), and the norms
+// follow the canonical 16-lane order by one exchange of the lane halves.
+// Only the packing goes through shared memory.
+template <int D>
+__global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_constant__ SplitAppendParams p) {
+  constexpr int kWarps = kThreads / 32, R = D / 32, RH = D / 64;  // registers a lane, a half
+  __shared__ uint8_t codes_all[kWarps][D];
+  __shared__ float bnd[2][256];  // each segment's boundaries
+  for (int s = 0; s < 2; ++s)
+    for (int i = threadIdx.x; i < (1 << p.f.seg[s].bits) - 1; i += kThreads) bnd[s][i] = p.f.seg[s].boundaries[i];
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, l16 = lane & 15, hsel = lane >> 4;
+  uint8_t* codes = codes_all[warp];
+  const float scale0 = p.f.seg[0].rot.block_scale[0], scale1 = p.f.seg[1].rot.block_scale[0];
+  const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
+
+  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
+    const AppendTile t = p.tiles[ti];
+    const int rows = int(t.n) * t.nh;
+    for (int row = warp; row < rows; row += kWarps) {
+      const int tl = row / t.nh, head = t.h0 + row % t.nh, token = t.token0 + tl;
+      // 1. The head's channels in [seg 0 | seg 1] order, rounded.
+      int st = 0;
+      const int* ch = p.f.channels + size_t(head) * D;
+      const size_t base_in = (size_t(token) * p.n_heads + head) * D;
+      float x[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) x[r] = load_rounded(p, base_in + __ldg(ch + lane + 32 * r), st);
+      // 2. Norms: segment h's lane sum l16 adds its elements l16 + 16 m in m
+      // order, i.e. alternately lane l16's and lane l16 + 16's registers:
+      // lanes 0-15 sum segment 0, lanes 16-31 segment 1, then the tree
+      // w = 8, 4, 2, 1 (kernels_ref.cpp).
+      float acc = 0.0f;
+#pragma unroll
+      for (int m = 0; m < R; ++m) {
+        const float mine = hsel ? x[RH + (m >> 1)] : x[m >> 1];
+        const float other = __shfl_xor_sync(0xffffffffu, hsel ? x[m >> 1] : x[RH + (m >> 1)], 16);
+        // m even: the element is in lane l16 (lanes 0-15 own it); odd: lane l16 + 16.
+        const float v = ((m & 1) ^ hsel) ? other : mine;
+        acc = __fadd_rn(acc, __fmul_rn(v, v));
+      }
+#pragma unroll
+      for (int w = 8; w >= 1; w /= 2) {
+        const float o = __shfl_down_sync(0xffffffffu, acc, w);
+        if (l16 < w) acc = __fadd_rn(acc, o);
+      }
+      const float norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
+      const float norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
+      if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
+      // 3. Each half's rotation: signs, butterflies of stride 1 .. D/4, its scale.
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int h = r / RH;
+        x[r] = __fmul_rn(x[r], __ldg(p.f.seg[h].rot.signs1 + lane + 32 * (r - h * RH)));
+      }
+#pragma unroll
+      for (int sh = 1; sh < 32; sh *= 2)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const float o = __shfl_xor_sync(0xffffffffu, x[r], sh);
+          x[r] = (lane & sh) ? __fsub_rn(o, x[r]) : __fadd_rn(x[r], o);
+        }
+#pragma unroll
+      for (int sr = 1; sr < RH; sr *= 2)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (!(r & sr)) {
+            const float a = x[r], c = x[r + sr];
+            x[r] = __fadd_rn(a, c);
+            x[r + sr] = __fsub_rn(a, c);
+          }
+      // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
+      // (or non-finite) norm gives codes 0.
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int h = r / RH;
+        const float norm = h ? norm1 : norm0;
+        const float y = __fmul_rn(x[r], h ? scale1 : scale0);
+        int lo = 0;
+        if (norm != 0.0f && isfinite(norm)) {
+          const float v = __fmul_rn(y, __fdiv_rn(1.0f, norm));
+          for (int step = 1 << ((h ? bits1 : bits0) - 1); step >= 1; step /= 2)
+            if (bnd[h][lo + step - 1] < v) lo += step;
+        }
+        codes[lane + 32 * r] = static_cast<uint8_t>(lo);
+      }
+      __syncwarp();
+      // 5. Packed bytes and scales, straight into the page.
+      write_record(p, t, tl, head, codes, norm0, norm1, lane, st);
+      if (st) atomicOr(p.status, st);
+      __syncwarp();  // the codes are read: the next row may overwrite them
+    }
+  }
+}
+
+// Two halves of dim/2 channels, one Hadamard block each (no permutation).
+bool is_halves(const SplitFormat& f, int dim) {
+  for (const SplitSegment& g : f.seg)
+    if (g.dim != dim / 2 || g.rot.perm != nullptr || g.rot.n_blocks != 1 || g.rot.blocks[0] != dim / 2)
+      return false;
+  return dim == 64 || dim == 128 || dim == 256;
 }
 
 }  // namespace
@@ -213,7 +329,13 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   p.status = a.status;
   p.f = f;
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
-  split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
+  if (is_halves(f, dim)) {
+    if (dim == 64) halves_append_kernel<64><<<grid, kThreads, 0, stream>>>(p);
+    else if (dim == 128) halves_append_kernel<128><<<grid, kThreads, 0, stream>>>(p);
+    else halves_append_kernel<256><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
+  }
   TQ_CUDA_CHECK_LAUNCH();
 }
 
