@@ -57,7 +57,8 @@ __device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t
       st |= kStatusDenseOverflow;
       return a;
     }
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
+    // half_to_float(float_to_half(a)) without the integer conversion routine.
+    return fabsf(a) < kHalfMinNormal ? round_f16_subnormal(a) : round_f16_normal(a);
   }
   if (p.round_to == int(DType::bf16)) return round_bf16(a);
   return a;
@@ -143,7 +144,8 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
   __shared__ float xs_all[kWarps][kMaxDim];
   __shared__ float tmp_all[kWarps][kMaxDim];
   __shared__ uint8_t codes_all[kWarps][kMaxDim];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // Warp-uniform through a shuffle (see halves_append_kernel).
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   float* xs = xs_all[warp];
   float* tmp = tmp_all[warp];
   uint8_t* codes = codes_all[warp];
@@ -215,7 +217,10 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   for (int s = 0; s < 2; ++s)
     for (int i = threadIdx.x; i < (1 << p.f.seg[s].bits) - 1; i += kThreads) bnd[s][i] = p.f.seg[s].boundaries[i];
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, l16 = lane & 15, hsel = lane >> 4;
+  // The warp index through a shuffle from lane 0: the compiler then knows the
+  // row loop is warp-uniform and the shuffles below need no divergence path.
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
+  const int l16 = lane & 15, hsel = lane >> 4;
   uint8_t* codes = codes_all[warp];
   const float scale0 = p.f.seg[0].rot.block_scale[0], scale1 = p.f.seg[1].rot.block_scale[0];
   const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
