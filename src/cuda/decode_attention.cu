@@ -106,6 +106,33 @@ __device__ __forceinline__ float row_fwht(float v, float* x, float post_scale) {
   return v * post_scale;
 }
 
+// The unnormalised Walsh-Hadamard transform of each half of a row of D
+// elements (thread i holds element i), as row_fwht does the whole row: the
+// stages inside a warp by shuffles, the wider ones of a half in registers
+// after one pass through x (D floats of shared memory).
+template <int D>
+__device__ __forceinline__ float half_fwht(float v, float* x) {
+  const int i = threadIdx.x;
+#pragma unroll
+  for (int h = 1; h < 32 && h < D / 2; h *= 2) {
+    const float o = __shfl_xor_sync(0xffffffffu, v, h);
+    v = (i & h) ? o - v : v + o;
+  }
+  if constexpr (D / 2 > 32) {
+    constexpr int G = D / 64;  // elements i % 32 + 32 k of the half
+    const int base = i >= D / 2 ? D / 2 : 0;
+    x[i] = v;
+    __syncthreads();
+    float g[G];
+#pragma unroll
+    for (int k = 0; k < G; ++k) g[k] = x[base + (i & 31) + 32 * k];
+    fwht_registers(g);
+    v = g[(i - base) >> 5];
+    __syncthreads();  // every read of x is done: the caller may write it
+  }
+  return v;
+}
+
 __device__ __forceinline__ bool key_visible(int q, int k, int window, int n_sinks) {
   if (k > q) return false;
   if (k < n_sinks) return true;
@@ -427,14 +454,20 @@ __global__ void __launch_bounds__(D)
   }
   float val;
   if (split_v) {
-    x[i] = o;
-    __syncthreads();
     // Each segment's inverse rotation, then element j of [seg 0 | seg 1]
     // goes back to its channel.
     __shared__ float y[D];
     const SplitFormat& f = p.v_split;
-    SegmentRotator{f.seg[0].rot, x, y, 1, D}.inverse();
-    SegmentRotator{f.seg[1].rot, x + f.seg[0].dim, y + f.seg[0].dim, 1, D}.inverse();
+    if (f.halves(D)) {  // turbo2.5 / turbo3.5: one barrier, as the unsplit row
+      const int h = i >= D / 2 ? 1 : 0;
+      const SegmentRotation& R = f.seg[h].rot;
+      x[i] = half_fwht<D>(o, x) * R.block_scale[0] * __ldg(R.signs1 + i - h * (D / 2));
+    } else {
+      x[i] = o;
+      __syncthreads();
+      SegmentRotator{f.seg[0].rot, x, y, 1, D}.inverse();
+      SegmentRotator{f.seg[1].rot, x + f.seg[0].dim, y + f.seg[0].dim, 1, D}.inverse();
+    }
     y[f.channels[size_t(hq / p.group) * D + i]] = x[i];
     __syncthreads();
     val = y[i];
@@ -539,10 +572,9 @@ DecodeShape decode_shape(const DecodeAttentionParams& p) {
   // fp16 scales, the lo record right after the hi one.
   auto halves = [&](const SplitFormat& f) {
     const SplitSegment &hi = f.seg[0], &lo = f.seg[1];
+    if (!f.halves(s.head_dim)) return false;
     for (const SplitSegment* g : {&hi, &lo})
-      if (g->dim != s.head_dim / 2 || g->scale_f32 || g->rot.perm != nullptr || g->rot.n_blocks != 1 ||
-          g->code_bytes * 8 != g->dim * g->bits)
-        return false;
+      if (g->scale_f32 || g->code_bytes * 8 != g->dim * g->bits) return false;
     return lo.bits == hi.bits - 1 && hi.offset == 0 && lo.offset == hi.code_bytes + 2;
   };
   if (s.k_split && s.v_split && halves(p.k_split) && halves(p.v_split) &&

@@ -7,6 +7,13 @@
 #include <cstddef>
 #include <cstdint>
 
+// Functions of these structs that device code calls too.
+#if defined(__CUDACC__)
+#define TQ_HOST_DEVICE __host__ __device__
+#else
+#define TQ_HOST_DEVICE
+#endif
+
 struct CUstream_st;
 
 namespace tq::cuda {
@@ -62,6 +69,17 @@ struct SplitFormat {
   // then seg[1]'s (ascending): the channel whose value is element j of the
   // [seg 0 | seg 1] vector.
   const int* channels = nullptr;
+
+  // Two halves of dim / 2 channels with one-block rotations (turbo2.5,
+  // turbo3.5): the split that the fast paths take (the halves append, the
+  // tensor-core kernel with more conditions: decode_shape, the merge's
+  // inverse rotation).
+  TQ_HOST_DEVICE bool halves(int dim) const {
+    if (n_seg != 2) return false;
+    for (const SplitSegment& g : seg)
+      if (g.dim != dim / 2 || g.rot.perm != nullptr || g.rot.n_blocks != 1) return false;
+    return true;
+  }
 };
 
 // Where a page pool's records live: record (head h, token in page slot s) of

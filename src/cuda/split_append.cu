@@ -304,14 +304,6 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   }
 }
 
-// Two halves of dim/2 channels, one Hadamard block each (no permutation).
-bool is_halves(const SplitFormat& f, int dim) {
-  for (const SplitSegment& g : f.seg)
-    if (g.dim != dim / 2 || g.rot.perm != nullptr || g.rot.n_blocks != 1 || g.rot.blocks[0] != dim / 2)
-      return false;
-  return dim == 64 || dim == 128 || dim == 256;
-}
-
 }  // namespace
 
 void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int dim, int record_bytes,
@@ -334,7 +326,7 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   p.status = a.status;
   p.f = f;
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
-  if (is_halves(f, dim)) {
+  if (f.halves(dim) && (dim == 64 || dim == 128 || dim == 256)) {
     if (dim == 64) halves_append_kernel<64><<<grid, kThreads, 0, stream>>>(p);
     else if (dim == 128) halves_append_kernel<128><<<grid, kThreads, 0, stream>>>(p);
     else halves_append_kernel<256><<<grid, kThreads, 0, stream>>>(p);
