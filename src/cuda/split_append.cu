@@ -22,6 +22,7 @@
 #include <algorithm>
 
 #include "cuda/cuda_check.hpp"
+#include "cuda/fwht_registers.cuh"
 #include "cuda/mse_append.hpp"
 #include "cuda/mse_append_kernel.cuh"
 #include "turboquant/error.hpp"
@@ -103,6 +104,46 @@ __device__ void warp_rotate(float* x, float* tmp, const SegmentRotation& R, int 
   }
 }
 
+// The two segments' norms from lane sums (lanes 0-15: segment 0's 16 lane
+// sums, 16-31: segment 1's) by the tree w = 8, 4, 2, 1 of kernels_ref.cpp.
+__device__ __forceinline__ void segment_norms(float acc, int l16, float& norm0, float& norm1, int& st) {
+#pragma unroll
+  for (int w = 8; w >= 1; w /= 2) {
+    const float o = __shfl_down_sync(0xffffffffu, acc, w);
+    if (l16 < w) acc = __fadd_rn(acc, o);
+  }
+  norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
+  norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
+  if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
+}
+
+// Row `row` of tile t (token-major: row / nh is the token, row % nh the head):
+// its token in the tile, head, the head's channel order and where its input starts.
+struct Row {
+  int tl, head;
+  const int* ch;
+  size_t base_in;
+};
+__device__ __forceinline__ Row row_at(const SplitAppendParams& p, const AppendTile& t, int row, int dim) {
+  Row r;
+  r.tl = row / t.nh;
+  r.head = t.h0 + row % t.nh;
+  r.ch = p.f.channels + size_t(r.head) * dim;
+  r.base_in = (size_t(t.token0 + r.tl) * p.n_heads + r.head) * dim;
+  return r;
+}
+
+// Calls f(tile, row) for the rows warp `warp` of n_warps takes: rows warp,
+// warp + n_warps, .. of each of the block's tiles (blocks stride the tiles).
+template <class F>
+__device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int warp, int n_warps, int dim, F&& f) {
+  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
+    const AppendTile t = p.tiles[ti];
+    const int rows = int(t.n) * t.nh;
+    for (int row = warp; row < rows; row += n_warps) f(t, row_at(p, t, row, dim));
+  }
+}
+
 // The record of row (tile t, token tl, head): each segment's codes packed
 // (pack_ref: stream bit k is bit k % b of code k / b), then its scale. codes:
 // the row's codes in [seg 0 | seg 1] order (shared memory, written before a
@@ -155,55 +196,42 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
   uint8_t* codes = codes_all[warp];
   const int D = p.dim, n0 = p.f.seg[0].dim;
 
-  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
-    const int rows = int(t.n) * t.nh;
-    for (int row = warp; row < rows; row += kWarps) {
-      const int tl = row / t.nh, head = t.h0 + row % t.nh, token = t.token0 + tl;
-      // 1. The head's channels in [seg 0 | seg 1] order, rounded.
-      int st = 0;
-      const int* ch = p.f.channels + size_t(head) * D;
-      const size_t base_in = (size_t(token) * p.n_heads + head) * D;
-      for (int j = lane; j < D; j += 32) xs[j] = load_rounded(p, base_in + ch[j], st);
-      __syncwarp();
-      // 2. Norms: lanes 0-15 segment 0, 16-31 segment 1; lane sums in index
-      // order, then the tree w = 8, 4, 2, 1 (kernels_ref.cpp).
-      const int s_me = lane >> 4, l16 = lane & 15;
-      const int base_me = s_me ? n0 : 0, n_me = p.f.seg[s_me].dim;
-      float acc = 0.0f;
-      for (int i = l16; i < n_me; i += 16) acc = __fadd_rn(acc, __fmul_rn(xs[base_me + i], xs[base_me + i]));
-#pragma unroll
-      for (int w = 8; w >= 1; w /= 2) {
-        const float o = __shfl_down_sync(0xffffffffu, acc, w);
-        if (l16 < w) acc = __fadd_rn(acc, o);
+  for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
+    // 1. The head's channels in [seg 0 | seg 1] order, rounded.
+    int st = 0;
+    for (int j = lane; j < D; j += 32) xs[j] = load_rounded(p, rw.base_in + rw.ch[j], st);
+    __syncwarp();
+    // 2. Norms: lanes 0-15 segment 0, 16-31 segment 1; lane sums in index
+    // order, then the tree w = 8, 4, 2, 1 (kernels_ref.cpp).
+    const int s_me = lane >> 4, l16 = lane & 15;
+    const int base_me = s_me ? n0 : 0, n_me = p.f.seg[s_me].dim;
+    float acc = 0.0f;
+    for (int i = l16; i < n_me; i += 16) acc = __fadd_rn(acc, __fmul_rn(xs[base_me + i], xs[base_me + i]));
+    float norm0, norm1;
+    segment_norms(acc, l16, norm0, norm1, st);
+    // 3. Each segment's rotation.
+    warp_rotate(xs, tmp, p.f.seg[0].rot, lane);
+    warp_rotate(xs + n0, tmp + n0, p.f.seg[1].rot, lane);
+    // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
+    // (or non-finite) norm gives codes 0.
+    for (int j = lane; j < D; j += 32) {
+      const int s = j >= n0 ? 1 : 0;
+      const SplitSegment& g = p.f.seg[s];
+      const float norm = s ? norm1 : norm0;
+      int lo = 0;
+      if (norm != 0.0f && isfinite(norm)) {
+        const float v = __fmul_rn(xs[j], __fdiv_rn(1.0f, norm));
+        for (int step = 1 << (g.bits - 1); step >= 1; step /= 2)
+          if (g.boundaries[lo + step - 1] < v) lo += step;
       }
-      const float norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
-      const float norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
-      if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
-      // 3. Each segment's rotation.
-      warp_rotate(xs, tmp, p.f.seg[0].rot, lane);
-      warp_rotate(xs + n0, tmp + n0, p.f.seg[1].rot, lane);
-      // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
-      // (or non-finite) norm gives codes 0.
-      for (int j = lane; j < D; j += 32) {
-        const int s = j >= n0 ? 1 : 0;
-        const SplitSegment& g = p.f.seg[s];
-        const float norm = s ? norm1 : norm0;
-        int lo = 0;
-        if (norm != 0.0f && isfinite(norm)) {
-          const float v = __fmul_rn(xs[j], __fdiv_rn(1.0f, norm));
-          for (int step = 1 << (g.bits - 1); step >= 1; step /= 2)
-            if (g.boundaries[lo + step - 1] < v) lo += step;
-        }
-        codes[j] = static_cast<uint8_t>(lo);
-      }
-      __syncwarp();
-      // 5. Packed bytes and scales, straight into the page.
-      write_record(p, t, tl, head, codes, norm0, norm1, lane, st);
-      if (st) atomicOr(p.status, st);
-      __syncwarp();  // the buffers are read: the next row may overwrite them
+      codes[j] = static_cast<uint8_t>(lo);
     }
-  }
+    __syncwarp();
+    // 5. Packed bytes and scales, straight into the page.
+    write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    if (st) atomicOr(p.status, st);
+    __syncwarp();  // the buffers are read: the next row may overwrite them
+  });
 }
 
 // Splits in two halves of D/2 channels with one-block rotations (turbo2.5,
@@ -229,83 +257,62 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   const float scale0 = p.f.seg[0].rot.block_scale[0], scale1 = p.f.seg[1].rot.block_scale[0];
   const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
 
-  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
-    const int rows = int(t.n) * t.nh;
-    for (int row = warp; row < rows; row += kWarps) {
-      const int tl = row / t.nh, head = t.h0 + row % t.nh, token = t.token0 + tl;
-      // 1. The head's channels in [seg 0 | seg 1] order, rounded.
-      int st = 0;
-      const int* ch = p.f.channels + size_t(head) * D;
-      const size_t base_in = (size_t(token) * p.n_heads + head) * D;
-      float x[R];
+  for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
+    // 1. The head's channels in [seg 0 | seg 1] order, rounded.
+    int st = 0;
+    float x[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) x[r] = load_rounded(p, base_in + __ldg(ch + lane + 32 * r), st);
-      // 2. Norms: segment h's lane sum l16 adds its elements l16 + 16 m in m
-      // order, i.e. alternately lane l16's and lane l16 + 16's registers:
-      // lanes 0-15 sum segment 0, lanes 16-31 segment 1, then the tree
-      // w = 8, 4, 2, 1 (kernels_ref.cpp).
-      float acc = 0.0f;
+    for (int r = 0; r < R; ++r) x[r] = load_rounded(p, rw.base_in + __ldg(rw.ch + lane + 32 * r), st);
+    // 2. Norms: segment h's lane sum l16 adds its elements l16 + 16 m in m
+    // order, i.e. alternately lane l16's and lane l16 + 16's registers:
+    // lanes 0-15 sum segment 0, lanes 16-31 segment 1, then the tree
+    // w = 8, 4, 2, 1 (kernels_ref.cpp).
+    float acc = 0.0f;
 #pragma unroll
-      for (int m = 0; m < R; ++m) {
-        const float mine = hsel ? x[RH + (m >> 1)] : x[m >> 1];
-        const float other = __shfl_xor_sync(0xffffffffu, hsel ? x[m >> 1] : x[RH + (m >> 1)], 16);
-        // m even: the element is in lane l16 (lanes 0-15 own it); odd: lane l16 + 16.
-        const float v = ((m & 1) ^ hsel) ? other : mine;
-        acc = __fadd_rn(acc, __fmul_rn(v, v));
-      }
-#pragma unroll
-      for (int w = 8; w >= 1; w /= 2) {
-        const float o = __shfl_down_sync(0xffffffffu, acc, w);
-        if (l16 < w) acc = __fadd_rn(acc, o);
-      }
-      const float norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
-      const float norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
-      if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
-      // 3. Each half's rotation: signs, butterflies of stride 1 .. D/4, its scale.
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int h = r / RH;
-        x[r] = __fmul_rn(x[r], __ldg(p.f.seg[h].rot.signs1 + lane + 32 * (r - h * RH)));
-      }
-#pragma unroll
-      for (int sh = 1; sh < 32; sh *= 2)
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const float o = __shfl_xor_sync(0xffffffffu, x[r], sh);
-          x[r] = (lane & sh) ? __fsub_rn(o, x[r]) : __fadd_rn(x[r], o);
-        }
-#pragma unroll
-      for (int sr = 1; sr < RH; sr *= 2)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (!(r & sr)) {
-            const float a = x[r], c = x[r + sr];
-            x[r] = __fadd_rn(a, c);
-            x[r + sr] = __fsub_rn(a, c);
-          }
-      // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
-      // (or non-finite) norm gives codes 0.
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        const int h = r / RH;
-        const float norm = h ? norm1 : norm0;
-        const float y = __fmul_rn(x[r], h ? scale1 : scale0);
-        int lo = 0;
-        if (norm != 0.0f && isfinite(norm)) {
-          const float v = __fmul_rn(y, __fdiv_rn(1.0f, norm));
-          for (int step = 1 << ((h ? bits1 : bits0) - 1); step >= 1; step /= 2)
-            if (bnd[h][lo + step - 1] < v) lo += step;
-        }
-        codes[lane + 32 * r] = static_cast<uint8_t>(lo);
-      }
-      __syncwarp();
-      // 5. Packed bytes and scales, straight into the page.
-      write_record(p, t, tl, head, codes, norm0, norm1, lane, st);
-      if (st) atomicOr(p.status, st);
-      __syncwarp();  // the codes are read: the next row may overwrite them
+    for (int m = 0; m < R; ++m) {
+      const float mine = hsel ? x[RH + (m >> 1)] : x[m >> 1];
+      const float other = __shfl_xor_sync(0xffffffffu, hsel ? x[m >> 1] : x[RH + (m >> 1)], 16);
+      // m even: the element is in lane l16 (lanes 0-15 own it); odd: lane l16 + 16.
+      const float v = ((m & 1) ^ hsel) ? other : mine;
+      acc = __fadd_rn(acc, __fmul_rn(v, v));
     }
-  }
+    float norm0, norm1;
+    segment_norms(acc, l16, norm0, norm1, st);
+    // 3. Each half's rotation: signs, butterflies of stride 1 .. D/4, its scale.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int h = r / RH;
+      x[r] = __fmul_rn(x[r], __ldg(p.f.seg[h].rot.signs1 + lane + 32 * (r - h * RH)));
+    }
+#pragma unroll
+    for (int sh = 1; sh < 32; sh *= 2)
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const float o = __shfl_xor_sync(0xffffffffu, x[r], sh);
+        x[r] = (lane & sh) ? __fsub_rn(o, x[r]) : __fadd_rn(x[r], o);
+      }
+    fwht_register_blocks<RH>(x);  // strides 32, 64, .. inside each half (a lone add is never fused)
+    // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
+    // (or non-finite) norm gives codes 0.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int h = r / RH;
+      const float norm = h ? norm1 : norm0;
+      const float y = __fmul_rn(x[r], h ? scale1 : scale0);
+      int lo = 0;
+      if (norm != 0.0f && isfinite(norm)) {
+        const float v = __fmul_rn(y, __fdiv_rn(1.0f, norm));
+        for (int step = 1 << ((h ? bits1 : bits0) - 1); step >= 1; step /= 2)
+          if (bnd[h][lo + step - 1] < v) lo += step;
+      }
+      codes[lane + 32 * r] = static_cast<uint8_t>(lo);
+    }
+    __syncwarp();
+    // 5. Packed bytes and scales, straight into the page.
+    write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    if (st) atomicOr(p.status, st);
+    __syncwarp();  // the codes are read: the next row may overwrite them
+  });
 }
 
 }  // namespace
