@@ -46,6 +46,13 @@
 // 2c + e + 8f <-> token c + 4e + 8f, S^T row r <-> the same token) so that
 // the code loads of a warp hit 32 different banks for 66-byte records.
 //
+// Channel splits in two halves (turbo2.5, turbo3.5; SPLIT): each half has its
+// own table (the lo half's at kLoTable), code segment and scale; k steps and m
+// tiles are ordered so that each covers one half (scores s_hi S_hi + s_lo
+// S_lo, two P^T fragments for the halves' V scales), the query is gathered by
+// the head's channels and rotated per half, and the partials are in the
+// reference kernel's [hi | lo] rotated layout, so the merge is the same.
+//
 // Numerics: fp32 scores, softmax and accumulators; fp16 queries (scaled by
 // their max |q| per head first), centroids and weights. The V scale s_v is
 // folded into the fp16 weight w = 2^(x - M) * s_v with M a reference within
