@@ -80,47 +80,23 @@ __device__ void block_fwht(float* x, int rows, float post_scale) {
   __syncthreads();
 }
 
-// block_fwht of one row held one element per thread (blockDim.x == D, thread
-// i holds element i): the stages within a warp (h < 32) by shuffles, the
-// rest after one exchange through x (shared, D floats), each output built in
-// the same stage order as block_fwht, so the result is the same bit for bit.
-// Returns element i times post_scale.
-template <int D>
-__device__ __forceinline__ float row_fwht(float v, float* x, float post_scale) {
+// The unnormalised transform of each block of N elements of a row of D held
+// one element per thread (blockDim.x == D, thread i holds element i; N = D:
+// the whole row, as block_fwht): the stages within a warp (h < 32) by
+// shuffles, the rest after one exchange through x (shared, D floats), each
+// output built in block_fwht's stage order, so the result is the same bit
+// for bit. x is read by other threads until a later barrier.
+template <int D, int N>
+__device__ __forceinline__ float row_block_fwht(float v, float* x) {
   const int i = threadIdx.x;
 #pragma unroll
-  for (int h = 1; h < 32 && h < D; h *= 2) {
+  for (int h = 1; h < 32 && h < N; h *= 2) {
     const float o = __shfl_xor_sync(0xffffffffu, v, h);
     v = (i & h) ? o - v : v + o;  // element i - h minus element i, or i plus i + h
   }
-  if constexpr (D > 32) {
-    constexpr int G = D / 32;  // elements i % 32 + 32 k of the group
-    x[i] = v;
-    __syncthreads();
-    float g[G];
-#pragma unroll
-    for (int k = 0; k < G; ++k) g[k] = x[(i & 31) + 32 * k];
-    fwht_registers(g);
-    v = g[i >> 5];
-  }
-  return v * post_scale;
-}
-
-// The unnormalised Walsh-Hadamard transform of each half of a row of D
-// elements (thread i holds element i), as row_fwht does the whole row: the
-// stages inside a warp by shuffles, the wider ones of a half in registers
-// after one pass through x (D floats of shared memory).
-template <int D>
-__device__ __forceinline__ float half_fwht(float v, float* x) {
-  const int i = threadIdx.x;
-#pragma unroll
-  for (int h = 1; h < 32 && h < D / 2; h *= 2) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, h);
-    v = (i & h) ? o - v : v + o;
-  }
-  if constexpr (D / 2 > 32) {
-    constexpr int G = D / 64;  // elements i % 32 + 32 k of the half
-    const int base = i >= D / 2 ? D / 2 : 0;
+  if constexpr (N > 32) {
+    constexpr int G = N / 32;  // elements i % 32 + 32 k of the block
+    const int base = N == D ? 0 : (i & ~(N - 1));
     x[i] = v;
     __syncthreads();
     float g[G];
@@ -128,9 +104,13 @@ __device__ __forceinline__ float half_fwht(float v, float* x) {
     for (int k = 0; k < G; ++k) g[k] = x[base + (i & 31) + 32 * k];
     fwht_registers(g);
     v = g[(i - base) >> 5];
-    __syncthreads();  // every read of x is done: the caller may write it
   }
   return v;
+}
+// The whole row's transform times post_scale.
+template <int D>
+__device__ __forceinline__ float row_fwht(float v, float* x, float post_scale) {
+  return row_block_fwht<D, D>(v, x) * post_scale;
 }
 
 __device__ __forceinline__ bool key_visible(int q, int k, int window, int n_sinks) {
@@ -458,17 +438,19 @@ __global__ void __launch_bounds__(D)
     // goes back to its channel.
     __shared__ float y[D];
     const SplitFormat& f = p.v_split;
+    float r;
     if (f.halves(D)) {  // turbo2.5 / turbo3.5: one barrier, as the unsplit row
       const int h = i >= D / 2 ? 1 : 0;
       const SegmentRotation& R = f.seg[h].rot;
-      x[i] = half_fwht<D>(o, x) * R.block_scale[0] * __ldg(R.signs1 + i - h * (D / 2));
+      r = row_block_fwht<D, D / 2>(o, x) * R.block_scale[0] * __ldg(R.signs1 + i - h * (D / 2));
     } else {
       x[i] = o;
       __syncthreads();
       SegmentRotator{f.seg[0].rot, x, y, 1, D}.inverse();
       SegmentRotator{f.seg[1].rot, x + f.seg[0].dim, y + f.seg[0].dim, 1, D}.inverse();
+      r = x[i];
     }
-    y[f.channels[size_t(hq / p.group) * D + i]] = x[i];
+    y[f.channels[size_t(hq / p.group) * D + i]] = r;
     __syncthreads();
     val = y[i];
   } else {
