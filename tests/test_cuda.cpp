@@ -813,6 +813,7 @@ cuda::DecodeShape decode_shape(int d, int kbits, int vbits, int g, int page_toke
   s.v_scale_f32 = v_f32;
   s.group = g;
   s.page_tokens = page_tokens;
+  s.kv_one_codebook = kbits == vbits;
   return s;
 }
 
@@ -1533,6 +1534,53 @@ TEST(CudaAttentionTc, KernelSelection) {
     KernelScope scope(cuda::DecodeKernel::tensor_core);
     EXPECT_EQ(cuda::decode_kernel_for(llama4), cuda::DecodeKernel::tensor_core);
     EXPECT_THROW((void)cuda::decode_kernel_for(decode_shape(128, 2, 4, 4, 256)), Error);
+  }
+}
+
+// 3-bit K and V decode through byte tables that hold one codebook for both:
+// equal codebooks share one centroid array (the layer's shape says so) and
+// run on the tensor-core kernel; K and V 3-bit codebooks of different laws
+// fall back to the reference kernel with the reason, and asking for the
+// tensor-core kernel there throws.
+TEST(CudaAttentionTc, ThreeBitCodebooksOfKAndV) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 3, 3, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  cuda::DecodeShape two = decode_shape(128, 3, 3, 4, 16);
+  two.kv_one_codebook = false;
+  ASSERT_NE(cuda::decode_tc_unsupported(two), nullptr);
+  EXPECT_NE(std::string(cuda::decode_tc_unsupported(two)).find("different codebooks"), std::string::npos);
+  two.k_bits = 4;  // a 4-bit side has its own table: no sharing needed
+  EXPECT_EQ(cuda::decode_tc_unsupported(two), nullptr);
+
+  const int H = 2, g = 4, hq = H * g, d = 128;
+  for (const char* kspec : {"tq-mse:b=3", "tq-mse:b=3,cb=gauss"}) {
+    SCOPED_TRACE(kspec);
+    const bool same = std::string(kspec) == "tq-mse:b=3";
+    auto kq = make_quantizer(kspec, d, 71), vq = make_quantizer("tq-mse:b=3", d, 72);
+    cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, 16, 1, 300));
+    const std::string kernel = layer.attend_kernel(hq);
+    if (same) {
+      EXPECT_EQ(kernel, "tensor_core");
+    } else {
+      EXPECT_EQ(kernel.rfind("reference: 3-bit K and V with different codebooks", 0), 0u) << kernel;
+    }
+    layer.add_sequence();
+    const auto k = kv_data(size_t(300) * H, d, 73), v = kv_data(size_t(300) * H, d, 74);
+    layer.append(0, k.data(), v.data(), 300);
+    const auto q = test::random_gaussian(size_t(hq) * d, 75);
+    cuda::DeviceBuffer dq(q.size() * 4);
+    dq.upload(q.data(), q.size() * 4);
+    const std::vector<HostSeq> host = {download_seq(layer, 0)};
+    const AttnOut ref = run_attend(layer, dq, hq, {}, cuda::DecodeKernel::reference);
+    const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, {});
+    if (same) {
+      Worst worst;
+      check_tc(host, hq, d, run_attend(layer, dq, hq, {}, cuda::DecodeKernel::tensor_core), cpu, ref, worst);
+    } else {
+      expect_same_bits(ref, run_attend(layer, dq, hq, {}, cuda::DecodeKernel::automatic));
+      EXPECT_THROW((void)run_attend(layer, dq, hq, {}, cuda::DecodeKernel::tensor_core), Error);
+    }
   }
 }
 

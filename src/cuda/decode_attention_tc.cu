@@ -30,7 +30,9 @@
 // lane l always reads bank l (no conflicts whatever the codes), K and V
 // copies interleaved: entry e of lane l is at byte e * 256 + side * 128 + 4 l.
 // For 4-bit codes one PRMT builds that address from a code byte, so a lookup
-// (two codes) costs PRMT + LDS.
+// (two codes) costs PRMT + LDS. 3-bit K and V of one codebook (turbo3) use
+// two 256-entry byte tables in the two sides instead (bt_addr), so that a
+// 3-bit lookup is one PRMT too.
 //
 // QK: S^T (16 tokens x 8 heads) = K (A, 16 tokens x 16 dims, straight from
 // table lookups: an A register holds two adjacent dims of one token, i.e. one
@@ -116,8 +118,15 @@ struct Cfg {
   // Split: the lo half's table follows the hi half's (a power-of-two offset
   // above the entry bits, so a lane's base ORs in).
   static constexpr int kLoTable = SPLIT ? 256 << (2 * KB) : 0;
-  static constexpr int kTableBytes =
-      SPLIT ? kLoTable + (256 << (2 * kLB)) : 256 << (2 * (KB > VB ? KB : VB));
+  // 3-bit K and V of one codebook: byte tables (see bt_addr), 256 entries,
+  // side 0 the A table, side 1 the B table, shared by K and V.
+  static constexpr bool kByte3 = !SPLIT && KB == 3 && VB == 3;
+  // Streams of a 3-bit K segment (bt_addr): 2 with tables A and B, 4 with
+  // A only (K side, beside a 4-bit V table); 0: not byte tables.
+  static constexpr int kKStreams = kByte3 ? 2 : !SPLIT && KB == 3 ? 4 : 0;
+  static constexpr int kTableBytes = SPLIT    ? kLoTable + (256 << (2 * kLB))
+                                     : kByte3 ? 256 * 256
+                                              : 256 << (2 * (KB > VB ? KB : VB));
   // sm_90 tensor copies (pool_tensor_maps): with K and V records of one
   // size one copy moves a pair's K and V runs back to back; otherwise K and V
   // are two copies and the V run starts 128-byte aligned (a tensor copy's
@@ -240,6 +249,35 @@ __device__ __forceinline__ void load_seg(const uint8_t* smem, uint32_t base, uin
   for (int i = 0; i < NW; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], sh);
 }
 
+// Byte tables for 3-bit codes. A code byte holds a whole 6-bit code pair,
+// plus bits of its neighbours, if the code stream is read at bit offsets
+// 0 and 4 (a pair at bit b with b % 8 = 0 or 2 is in byte b / 8 of the
+// stream, in its low or high 6 bits; b % 8 = 4 or 6: of the stream shifted
+// right by 4), or in the low 6 bits of a byte if it is read at offsets 0, 2,
+// 4 and 6. Tables indexed by the whole byte ignore the neighbours' bits:
+// A[e] = pair(e & 63), B[e] = pair(e >> 2). So a lookup is one PRMT, as for
+// 4-bit codes, instead of a shift and a mask, for one funnel shift a word
+// and stream. NSTR = 2: tables A and B (Cfg::kByte3: K and V share them);
+// NSTR = 4: table A only (3-bit K beside a 4-bit V table: no room for B).
+template <int NSTR, int NW>
+__device__ __forceinline__ void load_streams(const uint8_t* smem, uint32_t base, uint32_t sh,
+                                             uint32_t (&w)[NSTR][NW]) {
+  uint32_t raw[NW + 1];
+#pragma unroll
+  for (int i = 0; i <= NW; ++i) raw[i] = lds32(smem, base + 4u * i);
+#pragma unroll
+  for (int k = 0; k < NSTR; ++k)
+#pragma unroll
+    for (int i = 0; i < NW; ++i) w[k][i] = __funnelshift_r(raw[i], raw[i + 1], sh + uint32_t(8 / NSTR * k));
+}
+// Table address of the pair at bit `bit` (even) of a stream read as w (one
+// or more words per stream offset): lbA / lbB the lane's bases of A / B.
+template <int NSTR, int NW>
+__device__ __forceinline__ uint32_t bt_addr(const uint32_t (&w)[NSTR][NW], int bit, uint32_t lbA, uint32_t lbB) {
+  const uint32_t v = w[(bit & 7) / (8 / NSTR)][(bit >> 5) % NW];
+  return __byte_perm(v, NSTR == 2 && (bit & 2) ? lbB : lbA, 0x5504u | (uint32_t((bit >> 3) & 3) << 4));
+}
+
 // Table address of code pair p of a lane's segment: (pair index << 8) | lane base.
 template <int B, int NW>
 __device__ __forceinline__ uint32_t pair_addr(const uint32_t (&w)[NW], int p, uint32_t lb) {
@@ -341,18 +379,34 @@ __device__ __forceinline__ uint32_t v_addr(const uint32_t (&w)[NP], int i, uint3
 // QK over one code segment of the lane's two tokens (rows tok_a, tok_a + 8,
 // 8 records apart at `rec8` bytes): NS k steps of B-bit code pairs from
 // word offset `off` (shift sh), table base lb, B fragments qb[0 .. NS).
-template <int B, int NW, int NS>
+// NSTR: byte tables (3-bit codes, bt_addr) read as NSTR streams, lb / lb2
+// the A / B bases; 0: shift-and-mask addresses (pair_addr).
+template <int B, int NW, int NS, int NSTR = 0>
 __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec8,
-                                           uint32_t lb, const uint32_t (*qb)[2], float (&s)[4]) {
-  uint32_t wa[NW], wb[NW];
-  load_seg(smem, off, sh, wa);
-  load_seg(smem, off + rec8, sh, wb);
+                                           uint32_t lb, const uint32_t (*qb)[2], float (&s)[4],
+                                           uint32_t lb2 = 0) {
+  constexpr int NS1 = NSTR > 0 ? NSTR : 1;
+  uint32_t wa[NS1][NW], wb[NS1][NW];
+  if constexpr (NSTR > 0) {
+    load_streams(smem, off, sh, wa);
+    load_streams(smem, off + rec8, sh, wb);
+  } else {
+    load_seg(smem, off, sh, wa[0]);
+    load_seg(smem, off + rec8, sh, wb[0]);
+  }
+  auto addr = [&](const uint32_t(&w)[NS1][NW], int pi) {
+    if constexpr (NSTR > 0) {
+      return bt_addr(w, 2 * B * pi, lb, lb2);
+    } else {
+      return pair_addr<B>(w[0], pi, lb);
+    }
+  };
 #pragma unroll
   for (int j = 0; j < NS; ++j) {
-    const uint32_t a0 = lds32(smem, pair_addr<B>(wa, 2 * j, lb));
-    const uint32_t a1 = lds32(smem, pair_addr<B>(wb, 2 * j, lb));
-    const uint32_t a2 = lds32(smem, pair_addr<B>(wa, 2 * j + 1, lb));
-    const uint32_t a3 = lds32(smem, pair_addr<B>(wb, 2 * j + 1, lb));
+    const uint32_t a0 = lds32(smem, addr(wa, 2 * j));
+    const uint32_t a1 = lds32(smem, addr(wb, 2 * j));
+    const uint32_t a2 = lds32(smem, addr(wa, 2 * j + 1));
+    const uint32_t a3 = lds32(smem, addr(wb, 2 * j + 1));
     mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
   }
 }
@@ -360,9 +414,12 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
 // PV over one code segment: the lane's tokens tq + 4e + 8f (records `rec`
 // bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
 // (NP pair words a token pair), table base lb, weights pb0 / pb1, into acc[0 .. NT).
-template <int B, int NW, int NP, int NT>
+// BT: byte tables A and B (3-bit; bt_addr), lb / lb2 their bases; a pair
+// word's groups are at bits 0, 6, 12, 18.
+template <int B, int NW, int NP, int NT, bool BT = false>
 __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec,
-                                           uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4]) {
+                                           uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4],
+                                           uint32_t lb2 = 0) {
   uint32_t lo[2][NP], hi[2][NP];
 #pragma unroll
   for (int f = 0; f < 2; ++f) {
@@ -371,12 +428,20 @@ __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, ui
     load_seg(smem, off + (4 + 8 * f) * rec, sh, yw);
     v_pairs<B>(xw, yw, lo[f], hi[f]);
   }
+  auto addr = [&](const uint32_t(&w)[NP], int i) {
+    if constexpr (BT) {
+      const uint32_t v[2][1] = {{w[i >> 2]}, {w[i >> 2] >> 4}};
+      return bt_addr(v, 6 * (i & 3), lb, lb2);
+    } else {
+      return v_addr<B>(w, i, lb);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
-    const uint32_t a0 = lds32(smem, v_addr<B>(lo[0], i, lb));
-    const uint32_t a1 = lds32(smem, v_addr<B>(hi[0], i, lb));
-    const uint32_t a2 = lds32(smem, v_addr<B>(lo[1], i, lb));
-    const uint32_t a3 = lds32(smem, v_addr<B>(hi[1], i, lb));
+    const uint32_t a0 = lds32(smem, addr(lo[0], i));
+    const uint32_t a1 = lds32(smem, addr(hi[0], i));
+    const uint32_t a2 = lds32(smem, addr(lo[1], i));
+    const uint32_t a3 = lds32(smem, addr(hi[1], i));
     mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
   }
 }
@@ -573,7 +638,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
   const int gq = lane >> 2, tq = lane & 3;  // mma groupID, thread in group
   const int g = p.group, n_heads_q = p.n_heads_kv * g;
   const uint32_t smem_s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;  // table copy of this lane
+  // This lane's table copy: K's and V's (byte tables: the A and B tables').
+  const uint32_t lbK = 4u * lane, lbV = 128u + 4u * lane;
   const CUtensorMap* tmk = tensor_copy ? &tmap_k : nullptr;  // sm_90: tensor copies
   const CUtensorMap* tmv = tensor_copy ? &tmap_v : nullptr;
   auto stage_off = [&](int s) { return uint32_t(C::kStageOff + (warp * S + s) * C::kStageBytes); };
@@ -613,6 +679,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         const int bits = lo ? C::kLB : KB, el = lo ? e - (1 << (2 * KB)) : e;
         const float* cb = (side ? p.v_split : p.k_split).seg[lo ? 1 : 0].centroids;
         val = pack_half2(cb[el & ((1 << bits) - 1)], cb[el >> bits]);
+      } else if constexpr (C::kByte3) {  // side 0: A[e] = pair(e & 63), side 1: B[e] = pair(e >> 2)
+        const int pr = side ? e >> 2 : e & 63;
+        val = pack_half2(p.k.centroids[pr & 7], p.k.centroids[pr >> 3]);
+      } else if (C::kKStreams == 4 && side == 0) {  // K: A[e] = pair(e & 63)
+        val = pack_half2(p.k.centroids[e & 7], p.k.centroids[(e >> 3) & 7]);
       } else {
         const int bits = side ? VB : KB;
         const float* cb = side ? p.v.centroids : p.k.centroids;
@@ -794,7 +865,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           qk_segment<C::kLB, C::kKLoW, kHalfSteps>(smem, kb + klo_off, klo_sh, 8 * C::kKRec, lbKlo,
                                                    qb + kHalfSteps, s2);
         } else {
-          qk_segment<KB, C::kKSegW, kSteps>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s);
+          qk_segment<KB, C::kKSegW, kSteps, C::kKStreams>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s, lbV);
         }
 
         // Softmax. s = (tok_a, head 2tq), (tok_a, 2tq + 1), (tok_a + 8, 2tq), (tok_a + 8, 2tq + 1).
@@ -894,7 +965,9 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
-          pv_segment<VB, C::kVSegW, kPW, kSteps>(smem, vb + voff, vsh, C::kVRec, lbV, pb0, pb1, acc);
+          // (Byte tables: lbK / lbV are the A / B bases.)
+          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3>(smem, vb + voff, vsh, C::kVRec,
+                                                            C::kByte3 ? lbK : lbV, pb0, pb1, acc, lbV);
         }
       }  // tile j of the pair
     }
@@ -1175,6 +1248,8 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
            "(turbo2.5, turbo3.5: hi= outlier channels, f32 scales, mixed splits) run on the reference kernel";
   if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
     return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
+  if (!s.split_halves && s.k_bits == 3 && s.v_bits == 3 && !s.kv_one_codebook)
+    return "3-bit K and V with different codebooks (cb=): the 3-bit tables hold one codebook for both";
   if (s.k_scale_f32 || s.v_scale_f32) return "f32 scales (sf=f32) are not handled";
   if (s.group < 1 || s.group > kMaxGroup) return "GQA group is larger than 8";
   if (s.page_tokens <= 0 || s.page_tokens % kTileTok != 0)

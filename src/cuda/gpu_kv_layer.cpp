@@ -965,6 +965,8 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   };
   fill(m.hk, m.kf, off.data());
   fill(m.hv, m.vf, off.data() + 3);
+  // One codebook for K and V: one array (DecodeShape::kv_one_codebook).
+  if (!m.hk.split && !m.hv.split && m.hk.centroids == m.hv.centroids) m.vf.centroids = m.kf.centroids;
   if (!m.hk.split) m.ka = append_format(m.kf, m.hk.signs, m.hk.boundaries);
   if (!m.hv.split) m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
   m.ksf = upload_split(m.hk, m.k_split_consts);

@@ -141,6 +141,9 @@ struct DecodeShape {
   // (turbo2.5, turbo3.5): the tensor-core kernel takes these, with k_bits =
   // v_bits = b (decode_shape fills it). Other splits: reference kernel.
   bool split_halves = false;
+  // K and V use one centroid array (GpuKvLayer shares it when the codebooks
+  // are equal): 3-bit K and V need it on the tensor-core kernel.
+  bool kv_one_codebook = false;
 };
 // nullptr when the tensor-core kernel runs this shape on the current device;
 // otherwise a sentence saying why not (then automatic means reference).
