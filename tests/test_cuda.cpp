@@ -1537,11 +1537,12 @@ TEST(CudaAttentionTc, KernelSelection) {
   }
 }
 
-// 3-bit K and V decode through byte tables that hold one codebook for both:
-// equal codebooks share one centroid array (the layer's shape says so) and
-// run on the tensor-core kernel; K and V 3-bit codebooks of different laws
-// fall back to the reference kernel with the reason, and asking for the
-// tensor-core kernel there throws.
+// 3-bit K and V codes decode through byte tables that hold one codebook for
+// both: K and V of equal codebooks (the layer says so from its host
+// formats) run on the tensor-core kernel; 3-bit K and V codebooks of
+// different laws (plain, and the 3-bit halves of turbo2.5) fall back to the
+// reference kernel with the reason, and asking for the tensor-core kernel
+// there throws; a 4-bit side (turbo3.5's hi half) has its own tables.
 TEST(CudaAttentionTc, ThreeBitCodebooksOfKAndV) {
   TQ_SKIP_WITHOUT_GPU();
   if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 3, 3, 4, 16)))
@@ -1550,17 +1551,24 @@ TEST(CudaAttentionTc, ThreeBitCodebooksOfKAndV) {
   two.kv_one_codebook = false;
   ASSERT_NE(cuda::decode_tc_unsupported(two), nullptr);
   EXPECT_NE(std::string(cuda::decode_tc_unsupported(two)).find("different codebooks"), std::string::npos);
-  two.k_bits = 4;  // a 4-bit side has its own table: no sharing needed
+  two.k_bits = 4;
   EXPECT_EQ(cuda::decode_tc_unsupported(two), nullptr);
 
+  struct Case {
+    const char *k, *v;
+    bool tc, split;
+  };
   const int H = 2, g = 4, hq = H * g, d = 128;
-  for (const char* kspec : {"tq-mse:b=3", "tq-mse:b=3,cb=gauss"}) {
-    SCOPED_TRACE(kspec);
-    const bool same = std::string(kspec) == "tq-mse:b=3";
-    auto kq = make_quantizer(kspec, d, 71), vq = make_quantizer("tq-mse:b=3", d, 72);
+  for (const Case& c : {Case{"tq-mse:b=3", "tq-mse:b=3", true, false},
+                        Case{"tq-mse:b=3,cb=gauss", "tq-mse:b=3", false, false},
+                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", true, true},
+                        Case{"tq-mse:b=2.5,cb=gauss", "tq-mse:b=2.5", false, true},
+                        Case{"tq-mse:b=3.5,cb=gauss", "tq-mse:b=3.5", true, true}}) {
+    SCOPED_TRACE(std::string(c.k) + " / " + c.v);
+    auto kq = make_quantizer(c.k, d, 71), vq = make_quantizer(c.v, d, 72);
     cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, 16, 1, 300));
     const std::string kernel = layer.attend_kernel(hq);
-    if (same) {
+    if (c.tc) {
       EXPECT_EQ(kernel, "tensor_core");
     } else {
       EXPECT_EQ(kernel.rfind("reference: 3-bit K and V with different codebooks", 0), 0u) << kernel;
@@ -1573,8 +1581,10 @@ TEST(CudaAttentionTc, ThreeBitCodebooksOfKAndV) {
     dq.upload(q.data(), q.size() * 4);
     const std::vector<HostSeq> host = {download_seq(layer, 0)};
     const AttnOut ref = run_attend(layer, dq, hq, {}, cuda::DecodeKernel::reference);
-    const AttnOut cpu = cpu_attend_all(layer, host, *kq, *vq, q, hq, {});
-    if (same) {
+    // Splits: the layer chose its hi channels, which the CPU quantizer does
+    // not know; the reference kernel stands in for the CPU (as above).
+    const AttnOut cpu = c.split ? ref : cpu_attend_all(layer, host, *kq, *vq, q, hq, {});
+    if (c.tc) {
       Worst worst;
       check_tc(host, hq, d, run_attend(layer, dq, hq, {}, cuda::DecodeKernel::tensor_core), cpu, ref, worst);
     } else {

@@ -550,7 +550,7 @@ DecodeShape decode_shape(const DecodeAttentionParams& p) {
   s.page_tokens = p.page_tokens;
   s.k_split = p.k_split.n_seg != 0;
   s.v_split = p.v_split.n_seg != 0;
-  s.kv_one_codebook = p.k.centroids != nullptr && p.k.centroids == p.v.centroids;
+  s.kv_one_codebook = p.kv_one_codebook != 0;
   // Two halves of D / 2 channels at b and b - 1 bits, one-round rotations,
   // fp16 scales, the lo record right after the hi one.
   auto halves = [&](const SplitFormat& f) {

@@ -117,15 +117,20 @@ struct Cfg {
   static_assert(kKHiW + kKLoW + kVHiW + kVLoW + kKSegW + kVSegW >= 0);  // (each used by some kernels only)
   // Split: the lo half's table follows the hi half's (a power-of-two offset
   // above the entry bits, so a lane's base ORs in).
-  static constexpr int kLoTable = SPLIT ? 256 << (2 * KB) : 0;
-  // 3-bit K and V of one codebook: byte tables (see bt_addr), 256 entries,
-  // side 0 the A table, side 1 the B table, shared by K and V.
-  static constexpr bool kByte3 = !SPLIT && KB == 3 && VB == 3;
+  // Byte tables (bt_addr; K and V of one codebook share them): 256 entries
+  // in two sides. 3-bit K and V (turbo3): side 0 table A, side 1 table B.
+  // A split of 3- and 2-bit halves (turbo2.5): those for the hi half, and
+  // 64 KB on the lo half's nibble tables (side 0 low nibble, side 1 high).
+  static constexpr bool kByte3 = KB == 3 && VB == 3;
+  static constexpr int kLoTable = SPLIT ? (kByte3 ? 65536 : 256 << (2 * KB)) : 0;
   // Streams of a 3-bit K segment (bt_addr): 2 with tables A and B, 4 with
-  // A only (K side, beside a 4-bit V table); 0: not byte tables.
+  // A only (K side, beside a 4-bit V table); 0: not byte tables. The lo
+  // half of a byte-table split reads one stream.
   static constexpr int kKStreams = kByte3 ? 2 : !SPLIT && KB == 3 ? 4 : 0;
-  static constexpr int kTableBytes = SPLIT    ? kLoTable + (256 << (2 * kLB))
-                                     : kByte3 ? 256 * 256
+  static constexpr int kLoStreams = SPLIT && kByte3 ? 1 : 0;
+  static_assert(kKStreams + kLoStreams >= 0);  // (each used by some kernels only)
+  static constexpr int kTableBytes = SPLIT    ? kLoTable + (kByte3 ? 65536 : 256 << (2 * kLB))
+                                     : kByte3 ? 65536
                                               : 256 << (2 * (KB > VB ? KB : VB));
   // sm_90 tensor copies (pool_tensor_maps): with K and V records of one
   // size one copy moves a pair's K and V runs back to back; otherwise K and V
@@ -270,12 +275,18 @@ __device__ __forceinline__ void load_streams(const uint8_t* smem, uint32_t base,
 #pragma unroll
     for (int i = 0; i < NW; ++i) w[k][i] = __funnelshift_r(raw[i], raw[i + 1], sh + uint32_t(8 / NSTR * k));
 }
-// Table address of the pair at bit `bit` (even) of a stream read as w (one
-// or more words per stream offset): lbA / lbB the lane's bases of A / B.
-template <int NSTR, int NW>
+// 2-bit codes: a byte holds two 4-bit pairs; tables indexed by the byte
+// serve its low nibble (A[e] = pair(e & 15)) and its high one (B[e] =
+// pair(e >> 4)), from one stream.
+// Table address of the B-bit code pair at bit `bit` of a stream read as w
+// (one or more words per stream offset): lbA / lbB the lane's bases of A / B
+// (bytes 2 and 3 of the address from lb: the tables may sit above 64 KB).
+template <int B, int NSTR, int NW>
 __device__ __forceinline__ uint32_t bt_addr(const uint32_t (&w)[NSTR][NW], int bit, uint32_t lbA, uint32_t lbB) {
-  const uint32_t v = w[(bit & 7) / (8 / NSTR)][(bit >> 5) % NW];
-  return __byte_perm(v, NSTR == 2 && (bit & 2) ? lbB : lbA, 0x5504u | (uint32_t((bit >> 3) & 3) << 4));
+  static_assert((B == 3 && (NSTR == 2 || NSTR == 4)) || (B == 2 && NSTR == 1));
+  const int str = B == 3 ? (bit & 7) / (8 / NSTR) : 0;
+  const bool b_table = B == 3 ? NSTR == 2 && (bit & 2) != 0 : (bit & 4) != 0;
+  return __byte_perm(w[str][(bit >> 5) % NW], b_table ? lbB : lbA, 0x7604u | (uint32_t((bit >> 3) & 3) << 4));
 }
 
 // Table address of code pair p of a lane's segment: (pair index << 8) | lane base.
@@ -396,7 +407,7 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
   }
   auto addr = [&](const uint32_t(&w)[NS1][NW], int pi) {
     if constexpr (NSTR > 0) {
-      return bt_addr(w, 2 * B * pi, lb, lb2);
+      return bt_addr<B>(w, 2 * B * pi, lb, lb2);
     } else {
       return pair_addr<B>(w[0], pi, lb);
     }
@@ -414,8 +425,8 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
 // PV over one code segment: the lane's tokens tq + 4e + 8f (records `rec`
 // bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
 // (NP pair words a token pair), table base lb, weights pb0 / pb1, into acc[0 .. NT).
-// BT: byte tables A and B (3-bit; bt_addr), lb / lb2 their bases; a pair
-// word's groups are at bits 0, 6, 12, 18.
+// BT: byte tables A and B (bt_addr), lb / lb2 their bases; a pair word's
+// groups are at bits 0, 6, 12, 18 (3-bit) or 0, 4, 8, 12 (2-bit).
 template <int B, int NW, int NP, int NT, bool BT = false>
 __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec,
                                            uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4],
@@ -429,9 +440,12 @@ __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, ui
     v_pairs<B>(xw, yw, lo[f], hi[f]);
   }
   auto addr = [&](const uint32_t(&w)[NP], int i) {
-    if constexpr (BT) {
+    if constexpr (BT && B == 3) {
       const uint32_t v[2][1] = {{w[i >> 2]}, {w[i >> 2] >> 4}};
-      return bt_addr(v, 6 * (i & 3), lb, lb2);
+      return bt_addr<3>(v, 6 * (i & 3), lb, lb2);
+    } else if constexpr (BT) {
+      const uint32_t v[1][1] = {{w[i >> 2]}};
+      return bt_addr<2>(v, 4 * (i & 3), lb, lb2);
     } else {
       return v_addr<B>(w, i, lb);
     }
@@ -674,7 +688,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     for (int i = threadIdx.x; i < 2 * kEntries; i += C::kThreads) {
       const int e = i >> 1, side = i & 1;
       uint32_t val = 0;
-      if constexpr (SPLIT) {  // entries past the hi half's are the lo half's table
+      if constexpr (SPLIT && C::kByte3) {  // [hi: A | B][lo: nibble A | B] (K's codebooks = V's)
+        const int el = e & 255, pr = e < 256 ? (side ? el >> 2 : el & 63) : (side ? el >> 4 : el & 15);
+        const float* cb = p.k_split.seg[e < 256 ? 0 : 1].centroids;
+        val = e < 256 ? pack_half2(cb[pr & 7], cb[pr >> 3]) : pack_half2(cb[pr & 3], cb[pr >> 2]);
+      } else if constexpr (SPLIT) {  // entries past the hi half's are the lo half's table
         const bool lo = e >= (1 << (2 * KB));
         const int bits = lo ? C::kLB : KB, el = lo ? e - (1 << (2 * KB)) : e;
         const float* cb = (side ? p.v_split : p.k_split).seg[lo ? 1 : 0].centroids;
@@ -861,9 +879,10 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // split: the lo half's (s: the hi half's)
         if constexpr (SPLIT) {
-          qk_segment<KB, C::kKHiW, kHalfSteps>(smem, kb + khi_off, khi_sh, 8 * C::kKRec, lbK, qb, s);
-          qk_segment<C::kLB, C::kKLoW, kHalfSteps>(smem, kb + klo_off, klo_sh, 8 * C::kKRec, lbKlo,
-                                                   qb + kHalfSteps, s2);
+          qk_segment<KB, C::kKHiW, kHalfSteps, C::kKStreams>(smem, kb + khi_off, khi_sh, 8 * C::kKRec, lbK,
+                                                             qb, s, lbV);
+          qk_segment<C::kLB, C::kKLoW, kHalfSteps, C::kLoStreams>(smem, kb + klo_off, klo_sh, 8 * C::kKRec,
+                                                                  lbKlo, qb + kHalfSteps, s2, lbVlo);
         } else {
           qk_segment<KB, C::kKSegW, kSteps, C::kKStreams>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s, lbV);
         }
@@ -959,9 +978,12 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           const uint32_t pb2 = movmatrix_trans(pack_half2(wv2[0], wv2[1]));
           const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
           constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
-          pv_segment<KB, C::kVHiW, NP, kHalfSteps>(smem, vb + vhi_off, vhi_sh, C::kVRec, lbV, pb0, pb1, acc);
-          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps>(smem, vb + vlo_off, vlo_sh, C::kVRec, lbVlo, pb2, pb3,
-                                                       acc + kHalfSteps);
+          // (Byte tables: lbK / lbV are the A / B bases, lbKlo / lbVlo the lo half's.)
+          constexpr bool BT = C::kByte3;
+          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT>(smem, vb + vhi_off, vhi_sh, C::kVRec, BT ? lbK : lbV, pb0,
+                                                       pb1, acc, lbV);
+          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT>(smem, vb + vlo_off, vlo_sh, C::kVRec,
+                                                           BT ? lbKlo : lbVlo, pb2, pb3, acc + kHalfSteps, lbVlo);
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
@@ -1248,7 +1270,7 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
            "(turbo2.5, turbo3.5: hi= outlier channels, f32 scales, mixed splits) run on the reference kernel";
   if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
     return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
-  if (!s.split_halves && s.k_bits == 3 && s.v_bits == 3 && !s.kv_one_codebook)
+  if (s.k_bits == 3 && s.v_bits == 3 && !s.kv_one_codebook)
     return "3-bit K and V with different codebooks (cb=): the 3-bit tables hold one codebook for both";
   if (s.k_scale_f32 || s.v_scale_f32) return "f32 scales (sf=f32) are not handled";
   if (s.group < 1 || s.group > kMaxGroup) return "GQA group is larger than 8";

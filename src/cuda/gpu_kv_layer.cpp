@@ -210,6 +210,13 @@ HostFormat host_format(const Quantizer& q, const char* which, int n_heads,
 
 // The device view of a split's tables, uploaded into `buf` (floats and
 // ints as 4-byte words).
+// K and V decode with the same centroids (segment by segment for splits).
+bool same_codebooks(const HostFormat& k, const HostFormat& v) {
+  if (k.split != v.split) return false;
+  if (!k.split) return k.centroids == v.centroids;
+  return k.seg[0].centroids == v.seg[0].centroids && k.seg[1].centroids == v.seg[1].centroids;
+}
+
 SplitFormat upload_split(const HostFormat& h, DeviceBuffer& buf) {
   SplitFormat f;
   if (!h.split) return f;
@@ -965,8 +972,6 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   };
   fill(m.hk, m.kf, off.data());
   fill(m.hv, m.vf, off.data() + 3);
-  // One codebook for K and V: one array (DecodeShape::kv_one_codebook).
-  if (!m.hk.split && !m.hv.split && m.hk.centroids == m.hv.centroids) m.vf.centroids = m.kf.centroids;
   if (!m.hk.split) m.ka = append_format(m.kf, m.hk.signs, m.hk.boundaries);
   if (!m.hv.split) m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
   m.ksf = upload_split(m.hk, m.k_split_consts);
@@ -1346,6 +1351,7 @@ static DecodeAttentionParams layer_params(const GpuKvLayer::Impl& m, const Devic
   p.n_seqs = static_cast<int>(m.len.size());
   p.split_pages = m.cfg.split_pages;
   p.n_splits = m.n_splits;
+  p.kv_one_codebook = same_codebooks(m.hk, m.hv) ? 1 : 0;
   return p;
 }
 

@@ -141,8 +141,8 @@ struct DecodeShape {
   // (turbo2.5, turbo3.5): the tensor-core kernel takes these, with k_bits =
   // v_bits = b (decode_shape fills it). Other splits: reference kernel.
   bool split_halves = false;
-  // K and V use one centroid array (GpuKvLayer shares it when the codebooks
-  // are equal): 3-bit K and V need it on the tensor-core kernel.
+  // K and V decode with the same centroids (DecodeAttentionParams::
+  // kv_one_codebook): 3-bit K and V need it on the tensor-core kernel.
   bool kv_one_codebook = false;
 };
 // nullptr when the tensor-core kernel runs this shape on the current device;
@@ -191,6 +191,10 @@ struct DecodeAttentionParams {
   int max_pages_per_seq = 0;
   const int* lengths = nullptr;     // device [n_seqs]
   int n_seqs = 0;
+  // 1: K and V have the same centroids (every segment of a split): the
+  // tensor-core kernel's 3-bit tables hold one codebook for both. Set by
+  // GpuKvLayer from the host formats.
+  int kv_one_codebook = 0;
   int split_pages = 0;          // reference kernel: pages per split
   int n_splits = 0;             // splits per sequence (partial outputs per query head)
   float sm_scale = 0.0f;
