@@ -147,22 +147,30 @@ __device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int war
 // The record of row (tile t, token tl, head): each segment's codes packed
 // (pack_ref: stream bit k is bit k % b of code k / b), then its scale. codes:
 // the row's codes in [seg 0 | seg 1] order (shared memory, written before a
-// __syncwarp); every lane of the warp takes part.
+// __syncwarp); every lane of the warp takes part. B0 > 0: the segments'
+// bits are B0 and B0 - 1 (the halves kernel's instantiation; divisions by a
+// constant, the byte loop unrolled), else read from the format.
+template <int B0 = 0>
 __device__ void write_record(const SplitAppendParams& p, const AppendTile& t, int tl, int head,
                              const uint8_t* codes, float norm0, float norm1, int lane, int& st) {
   const int n0 = p.f.seg[0].dim;
   uint8_t* rec0 = p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
                   (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
+#pragma unroll
   for (int s = 0; s < 2; ++s) {
     const SplitSegment& g = p.f.seg[s];
-    const int b = g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
+    const int b = B0 > 0 ? B0 - s : g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
     const float norm = s ? norm1 : norm0;
     uint8_t* rec = rec0 + g.offset;
     for (int k = lane; k < total; k += 32) {
       if (k < g.code_bytes) {
         const int i0 = (8 * k) / b, i1 = min(g.dim - 1, (8 * k + 7) / b);
         unsigned v = 0;
-        for (int i = i0; i <= i1; ++i) {
+        constexpr int kMaxCodes = B0 > 1 ? 8 / (B0 - 1) + 2 : 9;  // codes touching a byte, at most
+#pragma unroll
+        for (int u = 0; u < kMaxCodes; ++u) {
+          const int i = i0 + u;
+          if (i > i1) break;
           const int sh = i * b - 8 * k;  // negative: the code started in the byte before
           const unsigned c = codes[base + i];
           v |= sh >= 0 ? c << sh : c >> (-sh);
@@ -241,7 +249,10 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
 // the registers, in the CPU's order (ascending strides), and the norms
 // follow the canonical 16-lane order by one exchange of the lane halves.
 // Only the packing goes through shared memory.
-template <int D>
+// B0 > 0: the halves' bits are B0 and B0 - 1 (turbo2.5: 3, turbo3.5: 4),
+// fixed at compile time (the searches and the packing unrolled); 0: read
+// from the format.
+template <int D, int B0>
 __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_constant__ SplitAppendParams p) {
   constexpr int kWarps = kThreads / 32, R = D / 32, RH = D / 64;  // registers a lane, a half
   __shared__ uint8_t codes_all[kWarps][D];
@@ -255,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   const int l16 = lane & 15, hsel = lane >> 4;
   uint8_t* codes = codes_all[warp];
   const float scale0 = p.f.seg[0].rot.block_scale[0], scale1 = p.f.seg[1].rot.block_scale[0];
-  const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
+  const int bits0 = B0 > 0 ? B0 : p.f.seg[0].bits, bits1 = B0 > 0 ? B0 - 1 : p.f.seg[1].bits;
 
   for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
     // 1. The head's channels in [seg 0 | seg 1] order, rounded.
@@ -293,15 +304,18 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
       }
     fwht_register_blocks<RH>(x);  // strides 32, 64, .. inside each half (a lone add is never fused)
     // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
-    // (or non-finite) norm gives codes 0.
+    // (or non-finite) norm gives codes 0. (1 / norm once a half: the same
+    // correctly rounded quotient the CPU takes per element.)
+    const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
+    const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int h = r / RH;
-      const float norm = h ? norm1 : norm0;
       const float y = __fmul_rn(x[r], h ? scale1 : scale0);
       int lo = 0;
-      if (norm != 0.0f && isfinite(norm)) {
-        const float v = __fmul_rn(y, __fdiv_rn(1.0f, norm));
+      if (h ? ok1 : ok0) {
+        const float v = __fmul_rn(y, h ? inv1 : inv0);
+#pragma unroll
         for (int step = 1 << ((h ? bits1 : bits0) - 1); step >= 1; step /= 2)
           if (bnd[h][lo + step - 1] < v) lo += step;
       }
@@ -309,7 +323,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
     }
     __syncwarp();
     // 5. Packed bytes and scales, straight into the page.
-    write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    write_record<B0>(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the codes are read: the next row may overwrite them
   });
@@ -338,9 +352,20 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   p.f = f;
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
   if (f.halves(dim) && (dim == 64 || dim == 128 || dim == 256)) {
-    if (dim == 64) halves_append_kernel<64><<<grid, kThreads, 0, stream>>>(p);
-    else if (dim == 128) halves_append_kernel<128><<<grid, kThreads, 0, stream>>>(p);
-    else halves_append_kernel<256><<<grid, kThreads, 0, stream>>>(p);
+    // turbo2.5 / turbo3.5 (hi bits 3 / 4, lo one less) with their bits fixed; other widths read them.
+    const int b0 = f.seg[1].bits == f.seg[0].bits - 1 && (f.seg[0].bits == 3 || f.seg[0].bits == 4) ? f.seg[0].bits : 0;
+    auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
+    switch (dim * 10 + b0) {
+      case 643: launch(halves_append_kernel<64, 3>); break;
+      case 644: launch(halves_append_kernel<64, 4>); break;
+      case 640: launch(halves_append_kernel<64, 0>); break;
+      case 1283: launch(halves_append_kernel<128, 3>); break;
+      case 1284: launch(halves_append_kernel<128, 4>); break;
+      case 1280: launch(halves_append_kernel<128, 0>); break;
+      case 2563: launch(halves_append_kernel<256, 3>); break;
+      case 2564: launch(halves_append_kernel<256, 4>); break;
+      default: launch(halves_append_kernel<256, 0>); break;
+    }
   } else {
     split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
   }
