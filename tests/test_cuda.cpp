@@ -1840,6 +1840,53 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
   }
 }
 
+// The halves' append kernels (two lanes a vector at d 64 / 128, a warp a
+// vector at d 256) read every input type: a layer appended from f16 or bf16
+// holds the records of one appended from the same values in f32 (the f32
+// path is checked against KvCache in RecordsAndAttentionMatchKvCache), with
+// zero rows, rows at the fp16 limit and tiny values among them, and both
+// choose the same hi channels.
+TEST(CudaSplit, HalvesAppendInputTypesAgree) {
+  TQ_SKIP_WITHOUT_GPU();
+  using cuda::DType;
+  const int H = 2, P = 16, n = 150;
+  for (const auto& [spec, d] : {std::pair{"tq-mse:b=2.5", 128}, std::pair{"tq-mse:b=3.5", 64},
+                                std::pair{"tq-mse:b=3.5", 128}, std::pair{"tq-mse:b=2.5", 256}})
+    for (const auto [in, rt] : {std::pair{DType::f16, DType::f16}, std::pair{DType::bf16, DType::f16},
+                                std::pair{DType::bf16, DType::bf16}, std::pair{DType::f16, DType::bf16}}) {
+      SCOPED_TRACE(std::string(spec) + " d " + std::to_string(d) + " input " + cuda::to_string(in) +
+                   " round_to " + cuda::to_string(rt));
+      auto kq = make_quantizer(spec, d, 5), vq = make_quantizer(spec, d, 6);
+      const auto k = append_vectors(size_t(n) * H, d, 77), v = append_vectors(size_t(n) * H, d, 78);
+      const TypedInput tk = typed_input(k, in), tv = typed_input(v, in);
+      cuda::GpuKvLayerConfig cfg;
+      cfg.n_heads_kv = H;
+      cfg.page_tokens = P;
+      cfg.max_seqs = 1;
+      cfg.max_pages_per_seq = (n + P - 1) / P;
+      cfg.round_to = rt;
+      cuda::GpuKvLayer typed(*kq, *vq, cfg), ref(*kq, *vq, cfg);
+      typed.add_sequence();
+      ref.add_sequence();
+      cuda::DeviceBuffer dk(tk.bytes.size()), dv(tv.bytes.size());
+      dk.upload(tk.bytes.data(), tk.bytes.size());
+      dv.upload(tv.bytes.data(), tv.bytes.size());
+      typed.append_device(0, dk.data(), dv.data(), n, in);
+      cuda::DeviceBuffer fk(tk.values.size() * 4), fv(tv.values.size() * 4);
+      fk.upload(tk.values.data(), tk.values.size() * 4);
+      fv.upload(tv.values.data(), tv.values.size() * 4);
+      ref.append_device(0, fk.as<float>(), fv.as<float>(), n);
+      std::vector<uint8_t> ak(size_t(n) * H * typed.k_record_bytes()), av(size_t(n) * H * typed.v_record_bytes());
+      std::vector<uint8_t> bk(ak.size()), bv(av.size());
+      typed.read_records(0, 0, n, ak.data(), av.data());
+      ref.read_records(0, 0, n, bk.data(), bv.data());
+      EXPECT_TRUE(ak == bk) << "K records differ";
+      EXPECT_TRUE(av == bv) << "V records differ";
+      for (int h = 0; h < H; ++h)
+        for (const bool key : {true, false}) EXPECT_EQ(typed.hi_channels(h, key), ref.hi_channels(h, key));
+    }
+}
+
 // Channel-split formats (turbo2.5, turbo3.5, turbo4-out, paper_mse-out's
 // keys; split V too) on the GPU: with the KvCache's per-head outlier
 // channels, the records are the KvCache's bit for bit (host and device

@@ -225,6 +225,71 @@ __device__ __forceinline__ void store_words_u16(uint8_t* dst, const unsigned* wo
   }
 }
 
+// The norm's 16 partial sums in index order: acc[j] = x[j]^2 + x[16 + j]^2
+// + ... (the CPU's canonical order; kernels_ref.cpp).
+template <int E>
+__device__ __forceinline__ void sq_partials16(const float* x, float* acc) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) acc[j] = __fmul_rn(x[j], x[j]);  // 0 + x^2 == x^2
+#pragma unroll
+  for (int m = 1; m < E / 16; ++m)
+#pragma unroll
+    for (int j = 0; j < 16; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(x[16 * m + j], x[16 * m + j]));
+}
+// Their sum by the tree w = 8, 4, 2, 1. (Loops count up or down by one: nvcc
+// does not unroll w /= 2, and an array indexed in a loop it does not unroll
+// goes to local memory.)
+__device__ __forceinline__ float tree16(float* acc) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 8]);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 4]);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 2]);
+  return __fadd_rn(acc[0], acc[1]);
+}
+// Walsh-Hadamard butterflies of strides 1, 2, .. E/2 on E registers, in the
+// CPU's order (a + b, a - b; unnormalised).
+template <int E>
+__device__ __forceinline__ void fwht_rn(float* x) {
+#pragma unroll
+  for (int lh = 0; (1 << lh) < E; ++lh) {
+    const int h = 1 << lh;
+#pragma unroll
+    for (int p2 = 0; p2 < E / 2; ++p2) {  // butterfly p2: j = (p2 / h) * 2h + p2 % h
+      const int j = (p2 >> lh) * 2 * h + (p2 & (h - 1));
+      const float a = x[j], b = x[j + h];
+      x[j] = __fadd_rn(a, b);
+      x[j + h] = __fsub_rn(a, b);
+    }
+  }
+}
+
+// A tile's records, staged per head h as the run out_stage + h * run_stride +
+// (dest(h) & 15) of len bytes (len = n records; run_stride = (len + 31) &
+// ~15), to their pages: per head one contiguous run, 16-byte stores where
+// whole, 2-byte ones at its ends (records are even-sized); warps over heads.
+template <class Dest>
+__device__ __forceinline__ void copy_runs_out(const uint8_t* out_stage, int run_stride, int len, int nh, int warp,
+                                              int n_warps, int lane, Dest&& dest) {
+  for (int h = warp; h < nh; h += n_warps) {
+    uint8_t* const g = dest(h);
+    const int head = int(reinterpret_cast<uintptr_t>(g) & 15);
+    uint8_t* const g0 = g - head;  // 16-byte aligned
+    const uint8_t* const s0 = out_stage + h * run_stride;
+    const int n_chunks = (head + len + 15) / 16;
+    for (int j = lane; j < n_chunks; j += 32) {
+      const int lo = j == 0 ? head : 0, hi = min(16, head + len - 16 * j);
+      if (lo == 0 && hi == 16) {
+        *reinterpret_cast<uint4*>(g0 + 16 * j) = *reinterpret_cast<const uint4*>(s0 + 16 * j);
+      } else {
+        for (int b = lo; b < hi; b += 2)
+          *reinterpret_cast<uint16_t*>(g0 + 16 * j + b) = *reinterpret_cast<const uint16_t*>(s0 + 16 * j + b);
+      }
+    }
+  }
+}
+
 // Resident blocks the register budget aims at. head_dim 128 (256-thread
 // blocks, 64 elements a thread, table search): 2 (128 registers; f16 input
 // spills 16 bytes there, on its bf16-rounding path). Otherwise 3 (168
@@ -395,12 +460,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
 
     // ---- norm: 16 partial sums in index order, then the tree ----------------
     float acc[16];
-#pragma unroll
-    for (int j = 0; j < 16; ++j) acc[j] = __fmul_rn(x[j], x[j]);  // 0 + x^2 == x^2
-#pragma unroll
-    for (int m = 1; m < E / 16; ++m)
-#pragma unroll
-      for (int j = 0; j < 16; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(x[16 * m + j], x[16 * m + j]));
+    sq_partials16<E>(x, acc);
     if constexpr (V == 2) {
       // Lane q = 1 holds elements E.. : its partial sums continue those of
       // lane q = 0 (the order of additions is the CPU's).
@@ -412,16 +472,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
         acc[j] = a;  // meaningful on q = 1
       }
     }
-    // (Loops count up or down by one: nvcc does not unroll w /= 2, and an
-    // array indexed in a loop it does not unroll goes to local memory.)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 8]);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 4]);
-#pragma unroll
-    for (int j = 0; j < 2; ++j) acc[j] = __fadd_rn(acc[j], acc[j + 2]);
-    acc[0] = __fadd_rn(acc[0], acc[1]);
-    float ss = acc[0];
+    float ss = tree16(acc);
     if constexpr (V == 2) ss = __shfl_sync(kFull, ss, lane | 1);
     if (f16_from_bf16 && !(ss < kHalfMax * kHalfMax)) {
       // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): find
@@ -439,17 +490,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     const unsigned keep = finite && norm != 0.0f ? ~0u : 0u;  // zero vector: codes 0
 
     // ---- rotation: FWHT in registers -----------------------------------------
-#pragma unroll
-    for (int lh = 0; (1 << lh) < E; ++lh) {
-      const int h = 1 << lh;
-#pragma unroll
-      for (int p2 = 0; p2 < E / 2; ++p2) {  // butterfly p2: j = (p2 / h) * 2h + p2 % h
-        const int j = (p2 >> lh) * 2 * h + (p2 & (h - 1));
-        const float a = x[j], b = x[j + h];
-        x[j] = __fadd_rn(a, b);
-        x[j + h] = __fsub_rn(a, b);
-      }
-    }
+    fwht_rn<E>(x);
     if constexpr (V == 2) {
       // Lane q holds elements Eq + rho; the last stage (h = E) pairs element
       // rho (lane 0: a) with E + rho (lane 1: b): a + b on lane 0, a - b on
@@ -494,23 +535,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     __syncthreads();
 
     // ---- out: per head one contiguous run of n records, 16-byte stores ------
-    for (int h = warp; h < nh; h += G::kWarps) {
-      uint8_t* const g = dest(h);
-      const int head = int(reinterpret_cast<uintptr_t>(g) & 15);
-      const int len = n * rb;
-      uint8_t* const g0 = g - head;  // 16-byte aligned
-      const uint8_t* const s0 = out_stage + h * run_stride;
-      const int n_chunks = (head + len + 15) / 16;
-      for (int j = lane; j < n_chunks; j += 32) {
-        const int lo = j == 0 ? head : 0, hi = min(16, head + len - 16 * j);
-        if (lo == 0 && hi == 16) {
-          *reinterpret_cast<uint4*>(g0 + 16 * j) = *reinterpret_cast<const uint4*>(s0 + 16 * j);
-        } else {
-          for (int b = lo; b < hi; b += 2)
-            *reinterpret_cast<uint16_t*>(g0 + 16 * j + b) = *reinterpret_cast<const uint16_t*>(s0 + 16 * j + b);
-        }
-      }
-    }
+    copy_runs_out(out_stage, run_stride, n * rb, nh, warp, G::kWarps, lane, dest);
   }
 }
 

@@ -46,13 +46,9 @@ struct SplitAppendParams {
   SplitFormat f;
 };
 
-// Element idx of the input, as a float rounded to the layer's format (the
-// status flags of KvCache's refusals: NaN/Inf, beyond the f16 range).
-__device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t idx, int& st) {
-  float a;
-  if (p.dtype == int(DType::f32)) a = reinterpret_cast<const float*>(p.x)[idx];
-  else if (p.dtype == int(DType::f16)) a = __half2float(reinterpret_cast<const __half*>(p.x)[idx]);
-  else a = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.x)[idx]);
+// An input value rounded to the layer's format (the status flags of
+// KvCache's refusals: NaN/Inf, beyond the f16 range).
+__device__ __forceinline__ float round_checked(const SplitAppendParams& p, float a, int& st) {
   if (!isfinite(a)) {
     st |= kStatusNonFinite;
     return a;
@@ -68,7 +64,17 @@ __device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t
   if (p.round_to == int(DType::bf16)) return round_bf16(a);
   return a;
 }
-
+__device__ __forceinline__ float to_float(float a) { return a; }
+__device__ __forceinline__ float to_float(__half a) { return __half2float(a); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 a) { return __bfloat162float(a); }
+// Element idx of the input, rounded (round_checked).
+__device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t idx, int& st) {
+  float a;
+  if (p.dtype == int(DType::f32)) a = reinterpret_cast<const float*>(p.x)[idx];
+  else if (p.dtype == int(DType::f16)) a = __half2float(reinterpret_cast<const __half*>(p.x)[idx]);
+  else a = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.x)[idx]);
+  return round_checked(p, a, st);
+}
 // One segment's rotation by one warp on its vector in shared memory
 // (Rotation::forward, operation for operation; see split_rotation.cuh).
 __device__ __forceinline__ void warp_hadamard_blocks(float* x, const SegmentRotation& R, int lane) {
@@ -329,6 +335,123 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   });
 }
 
+// Splits in two halves at B0 and B0 - 1 bits (turbo2.5: 3/2, turbo3.5: 4/3),
+// head_dim 64 or 128, input type T: the tq-mse append kernel's layout --
+// two lanes a vector, lane 2v its hi half and 2v + 1 its lo half, D/2
+// elements each in registers -- so a half's fixed work (norm, division,
+// scale, packing) is paid once per D/2 elements instead of once per 4
+// (halves_append_kernel). A tile's input rows arrive in shared memory by
+// cp.async (all in flight at once); each lane gathers its half's channels
+// from there and rounds them, takes the norm (the canonical 16 partial sums)
+// and the rotation in registers, and searches B0 steps (the lo half's
+// boundaries padded with +inf, so the two lanes of a vector do not diverge).
+// Both packings are computed and each lane keeps its own; the records are
+// staged and go out per head as contiguous runs, as the tq-mse kernel's do.
+template <int D>
+struct LaneRows {
+  static constexpr int kRows = append_rows_per_tile(D);  // rows of a tile (tiles are cut for the tq-mse kernel)
+};
+template <int D, int B0, typename T>
+__global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
+    halves_lane_kernel(const __grid_constant__ SplitAppendParams p, int out_offset) {
+  constexpr int N = D / 2, kRows = LaneRows<D>::kRows, kThreadsL = 2 * kRows, kWarpsL = kThreadsL / 32;
+  constexpr int kRowBytes = D * int(sizeof(T)), kPitch = kRowBytes + 16, kChunks = kRowBytes / 16;
+  constexpr int W0 = N * B0 / 32, W1 = N * (B0 - 1) / 32;  // packed words of the hi / lo half
+  static_assert(D == 64 || D == 128, "two halves of 32 or 64 elements a lane");
+  extern __shared__ __align__(16) uint8_t smem[];
+  uint8_t* const in = smem;                                         // [kRows][kPitch] input rows
+  float* const bnd = reinterpret_cast<float*>(smem + kRows * kPitch);  // [2][16]: hi, lo (+inf padded)
+  uint8_t* const out_stage = smem + out_offset;
+  for (int i = threadIdx.x; i < 32; i += kThreadsL) {
+    const SplitSegment& g = p.f.seg[i >> 4];
+    bnd[i] = (i & 15) < (1 << g.bits) - 1 ? g.boundaries[i & 15] : INFINITY;
+  }
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
+  const int rl = threadIdx.x >> 1, half = threadIdx.x & 1;  // row of the tile, hi (0) or lo (1)
+  const SplitSegment& g = p.f.seg[half];
+  const float* const hb = bnd + 16 * half;
+  const float scale = g.rot.block_scale[0];
+  const int rb = p.record_bytes;
+
+  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
+    const AppendTile t = p.tiles[ti];
+    const int n = t.n, nh = t.nh, rows = n * nh;
+    int st = 0;
+    __syncthreads();  // the previous tile's rows and records are consumed (and bnd is in)
+    // 1. The tile's input rows into shared memory, every copy in flight at once.
+    for (int i = threadIdx.x; i < rows * kChunks; i += kThreadsL) {
+      const int r = i / kChunks, k = i % kChunks;
+      const size_t row = size_t(t.token0 + r / nh) * p.n_heads + t.h0 + r % nh;
+      cp_async16(in + r * kPitch + 16 * k, p.x + row * kRowBytes + 16 * k);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    const int run_stride = (n * rb + 31) & ~15;
+    auto dest = [&](int h) {  // first record of head h of the tile
+      return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
+             (size_t(t.h0 + h) * p.page_tokens + t.slot0) * rb;
+    };
+    if (rl < rows) {
+      const int tl = rl / nh, hl = rl % nh;
+      // 2. This half's channels, rounded; its norm from the 16 partial sums.
+      const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
+      const T* row = reinterpret_cast<const T*>(in + rl * kPitch);
+      float x[N];
+#pragma unroll
+      for (int j = 0; j < N; ++j) x[j] = round_checked(p, to_float(row[__ldg(ch + j)]), st);
+      float acc[16];
+      sq_partials16<N>(x, acc);
+      const float norm = __fsqrt_rn(tree16(acc));
+      if (!isfinite(norm)) st |= kStatusNonFinite;
+      const bool ok = norm != 0.0f && isfinite(norm);
+      const float inv = ok ? __fdiv_rn(1.0f, norm) : 0.0f;
+      // 3. Rotation: signs, butterflies, then (with the codes) the block scale.
+#pragma unroll
+      for (int j = 0; j < N; ++j) x[j] = __fmul_rn(x[j], __ldg(g.rot.signs1 + j));
+      fwht_rn<N>(x);
+      // 4. Codes by the CPU's binary search (B0 steps; zero or non-finite
+      // norm: codes 0), packed as pack_ref packs them, at both widths.
+      unsigned w0[W0], w1[W1];
+#pragma unroll
+      for (int w = 0; w < W0; ++w) w0[w] = 0;
+#pragma unroll
+      for (int w = 0; w < W1; ++w) w1[w] = 0;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const float v = __fmul_rn(__fmul_rn(x[j], scale), inv);
+        int lo = 0;
+#pragma unroll
+        for (int k = B0 - 1; k >= 0; --k)
+          if (hb[lo + (1 << k) - 1] < v) lo += 1 << k;
+        const unsigned c = ok ? unsigned(lo) : 0u;
+        const int p0 = j * B0, p1 = j * (B0 - 1);
+        w0[p0 / 32] |= c << (p0 % 32);
+        if (p0 % 32 + B0 > 32) w0[p0 / 32 + 1] |= c >> (32 - p0 % 32);
+        w1[p1 / 32] |= c << (p1 % 32);
+        if (p1 % 32 + B0 - 1 > 32) w1[p1 / 32 + 1] |= c >> (32 - p1 % 32);
+      }
+      // 5. The sub-record (codes, then the scale) into the staging area.
+      uint8_t* rec = out_stage + hl * run_stride + (reinterpret_cast<uintptr_t>(dest(hl)) & 15) + tl * rb + g.offset;
+      if (half == 0) store_words_u16<W0>(rec, w0);
+      else store_words_u16<W1>(rec, w1);
+      uint16_t* sp = reinterpret_cast<uint16_t*>(rec + g.code_bytes);
+      if (g.scale_f32) {
+        const unsigned u = __float_as_uint(norm);
+        sp[0] = static_cast<uint16_t>(u & 0xffffu);
+        sp[1] = static_cast<uint16_t>(u >> 16);
+      } else {
+        if (!(norm <= kHalfMax) && isfinite(norm)) st |= kStatusScaleOverflow;
+        sp[0] = static_cast<uint16_t>(float_to_half_bits(norm));
+      }
+    }
+    if (st) atomicOr(p.status, st);
+    __syncthreads();
+    // 6. Per head one contiguous run of n records.
+    copy_runs_out(out_stage, run_stride, n * rb, nh, warp, kWarpsL, lane, dest);
+  }
+}
+
 }  // namespace
 
 void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int dim, int record_bytes,
@@ -351,16 +474,35 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   p.status = a.status;
   p.f = f;
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
-  if (f.halves(dim) && (dim == 64 || dim == 128 || dim == 256)) {
-    // turbo2.5 / turbo3.5 (hi bits 3 / 4, lo one less) with their bits fixed; other widths read them.
-    const int b0 = f.seg[1].bits == f.seg[0].bits - 1 && (f.seg[0].bits == 3 || f.seg[0].bits == 4) ? f.seg[0].bits : 0;
+  // turbo2.5 / turbo3.5 (hi bits 3 / 4, lo one less) with their bits fixed; other widths read them.
+  const int b0 = f.seg[1].bits == f.seg[0].bits - 1 && (f.seg[0].bits == 3 || f.seg[0].bits == 4) ? f.seg[0].bits : 0;
+  if (f.halves(dim) && b0 > 0 && (dim == 64 || dim == 128)) {
+    // Two lanes a vector: the input rows, then the staged records of a tile.
+    const int rows = append_rows_per_tile(dim), threads = 2 * rows;
+    const int heads = std::min(a.n_heads, rows);
+    const int elem = a.dtype == DType::f32 ? 4 : 2;
+    const int out_offset = rows * (dim * elem + 16) + 32 * 4;
+    const int smem = out_offset + ((rows * record_bytes + 32 * heads + 15) & ~15);
+    auto launch = [&](auto kernel) {
+      const int nb = append_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem, threads);
+      kernel<<<std::min(a.n_tiles, nb * append_sm_count()), threads, smem, stream>>>(p, out_offset);
+    };
+    auto by_type = [&](auto d, auto b) {
+      constexpr int D = decltype(d)::value, B = decltype(b)::value;
+      if (a.dtype == DType::bf16) launch(halves_lane_kernel<D, B, __nv_bfloat16>);
+      else if (a.dtype == DType::f16) launch(halves_lane_kernel<D, B, __half>);
+      else launch(halves_lane_kernel<D, B, float>);
+    };
+    using I64 = std::integral_constant<int, 64>;
+    using I128 = std::integral_constant<int, 128>;
+    using I3 = std::integral_constant<int, 3>;
+    using I4 = std::integral_constant<int, 4>;
+    if (dim == 64) b0 == 3 ? by_type(I64{}, I3{}) : by_type(I64{}, I4{});
+    else b0 == 3 ? by_type(I128{}, I3{}) : by_type(I128{}, I4{});
+  } else if (f.halves(dim) && (dim == 64 || dim == 128 || dim == 256)) {
     auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
     switch (dim * 10 + b0) {
-      case 643: launch(halves_append_kernel<64, 3>); break;
-      case 644: launch(halves_append_kernel<64, 4>); break;
       case 640: launch(halves_append_kernel<64, 0>); break;
-      case 1283: launch(halves_append_kernel<128, 3>); break;
-      case 1284: launch(halves_append_kernel<128, 4>); break;
       case 1280: launch(halves_append_kernel<128, 0>); break;
       case 2563: launch(halves_append_kernel<256, 3>); break;
       case 2564: launch(halves_append_kernel<256, 4>); break;
