@@ -103,8 +103,9 @@ struct PagedRegion {
 //  - tensor_core: decode_attention_tc.cu, codes staged in shared memory (sm_90:
 //                 tensor / bulk copies; older GPUs: cp.async), decoded to
 //                 fp16 through shared-memory tables, QK and PV on mma.sync.
-//                 Supports K and V bits 3 or 4 with fp16 scales (and the
-//                 channel splits of DecodeShape::split_halves), head_dim 64 /
+//                 Supports K and V bits 3 or 4 with fp16 scales (3-bit K
+//                 and V of one codebook; and the channel splits of
+//                 DecodeShape::split_halves), head_dim 64 /
 //                 128 / 256, GQA group <= 8, page_tokens a multiple of 16, and
 //                 a device with enough shared memory (decode_tc_unsupported).
 //  - automatic:   tensor_core where it is supported, else reference. The
