@@ -7,14 +7,14 @@
 // (split_rotation.cuh, any dim), codes by the CPU's binary search, packed
 // little-endian into the sub-record, fp16 (or f32) norm after the codes.
 //
-// Two kernels, one warp per vector each: the general one works in shared
-// memory, lanes over its elements (any split: outlier channels, segments
-// that are not powers of two); halves_append_kernel keeps the vector in
-// registers for splits in two halves with one-block rotations (turbo2.5,
-// turbo3.5: 128K Llama tokens 5.0 -> 2.4 ms, still ~18x one read of the
-// input, against ~2.9x for the tq-mse kernel, whose lanes hold 64-128
-// elements each and so pay a vector's fixed work -- norms, divisions,
-// scales, packing -- once per 64 elements instead of once per 4). Every float operation
+// Three kernels. The general one (one warp a vector, in shared memory,
+// lanes over its elements) takes any split: outlier channels, segments that
+// are not powers of two. Splits in two halves with one-block rotations
+// (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 (two
+// lanes a vector, a half's elements in registers, as the tq-mse kernel:
+// 128K Llama tokens 1.1 ms, ~8x one read of the input, against ~2.9x for
+// the tq-mse kernel) and halves_append_kernel otherwise (one warp a vector
+// in registers; head_dim 256, other bit widths). Every float operation
 // is an explicit round-to-nearest intrinsic (and the file is compiled with
 // -fmad=false), as in mse_append_kernel.cuh.
 #include <cuda_runtime.h>
