@@ -354,9 +354,8 @@ constexpr int kMergeBatch = 32;  // part_o loads in flight per thread
 
 template <int D, bool SPLIT>
 __global__ void __launch_bounds__(D)
-    decode_merge_kernel(DecodeAttentionParams p, const float* __restrict__ part_o,
-                        const float* __restrict__ part_lse, float* __restrict__ out,
-                        float* __restrict__ lse) {
+    decode_merge_kernel(DecodeAttentionParams p, const float* part_o, const float* part_lse,
+                        float* __restrict__ out, float* __restrict__ lse) {
   static_assert(D % 32 == 0 && kMergeTile % kMergeBatch == 0);
   // The V signs do not come from the split kernel: read before the wait, so
   // their latency overlaps that kernel instead of following it.
@@ -365,6 +364,9 @@ __global__ void __launch_bounds__(D)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the split kernel (sm_90): it may
   // start while that kernel runs; wait for its partials. A no-op otherwise.
+  // (part_o / part_lse are not __restrict__: nvcc would read them with
+  // ld.global.nc and may hoist such a load above this wait, before the
+  // partials exist -- a lab variant's were: merge_speculative_loads.patch.)
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
   __shared__ float x[D];
