@@ -342,6 +342,14 @@ __device__ __forceinline__ bool pair_live(const Item& x, int k, int n_sinks) {
 }
 
 
+// (a & m) | (b & ~m) in one LOP3 (nvcc emits two for the masked-or form;
+// integer ALU instructions are what the tile loop pays for).
+__device__ __forceinline__ uint32_t select_bits(uint32_t a, uint32_t b, uint32_t m) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(m));
+  return r;
+}
+
 // Bits [24h, 24h + 24) of a code segment (3-bit PV: 8 codes, 4 dim pairs).
 template <int NW>
 __device__ __forceinline__ uint32_t bits24(const uint32_t (&w)[NW], int h) {
@@ -354,22 +362,42 @@ __device__ __forceinline__ uint32_t bits24(const uint32_t (&w)[NW], int h) {
 // lane's D/8 dims, D/64 words each. m tile i (dims 2i, 2i + 1 of the segment)
 // is entry i & 3 of word i >> 2: LO = (X dim 2i, Y dim 2i) -> rows 0-7 of A,
 // HI = (X dim 2i + 1, Y dim 2i + 1) -> rows 8-15.
-template <int VB, int NW, int NP>
+// SEL: one LOP3 a pair word (select_bits) and the right shift on the FMA
+// pipe (IMAD.HI), i.e. 12 fewer integer ALU instructions a d-128 tile:
+// A/B 0.988 / 0.993 at Llama turbo4 8 x 32K / 8 x 128K; at d 256 the same
+// change measured 1.013 (Gemma turbo4 8 x 128K), so the d-256 kernels keep
+// the masked-or form (docs/kernel-notes.md, eighteenth session).
+template <int VB, int NW, int NP, bool SEL>
 __device__ __forceinline__ void v_pairs(const uint32_t (&x)[NW], const uint32_t (&y)[NW],
                                         uint32_t (&lo)[NP], uint32_t (&hi)[NP]) {
 #pragma unroll
   for (int i = 0; i < NP; ++i) {
     if constexpr (VB == 4) {  // byte = (X nibble, Y nibble)
-      lo[i] = (x[i] & 0x0F0F0F0Fu) | ((y[i] << 4) & 0xF0F0F0F0u);
-      hi[i] = ((x[i] >> 4) & 0x0F0F0F0Fu) | (y[i] & 0xF0F0F0F0u);
+      if constexpr (SEL) {
+        lo[i] = select_bits(x[i], y[i] << 4, 0x0F0F0F0Fu);
+        hi[i] = select_bits(__umulhi(x[i], 1u << 28), y[i], 0x0F0F0F0Fu);  // x >> 4
+      } else {
+        lo[i] = (x[i] & 0x0F0F0F0Fu) | ((y[i] << 4) & 0xF0F0F0F0u);
+        hi[i] = ((x[i] >> 4) & 0x0F0F0F0Fu) | (y[i] & 0xF0F0F0F0u);
+      }
     } else if constexpr (VB == 2) {  // 4-bit group = (X code, Y code), 4 dim pairs a 16 bits
       const uint32_t a = x[i >> 1] >> (16 * (i & 1)), b = y[i >> 1] >> (16 * (i & 1));
-      lo[i] = (a & 0x3333u) | ((b << 2) & 0xCCCCu);
-      hi[i] = ((a >> 2) & 0x3333u) | (b & 0xCCCCu);
+      if constexpr (SEL) {  // bits 16+ are not read
+        lo[i] = select_bits(a, b << 2, 0x3333u);
+        hi[i] = select_bits(a >> 2, b, 0x3333u);
+      } else {
+        lo[i] = (a & 0x3333u) | ((b << 2) & 0xCCCCu);
+        hi[i] = ((a >> 2) & 0x3333u) | (b & 0xCCCCu);
+      }
     } else {  // 6-bit group = (X code, Y code)
       const uint32_t a = bits24(x, i), b = bits24(y, i);
-      lo[i] = (a & 0x1C71C7u) | ((b << 3) & 0xE38E38u);
-      hi[i] = ((a >> 3) & 0x1C71C7u) | (b & 0xE38E38u);
+      if constexpr (SEL) {  // bits 24+ are not read
+        lo[i] = select_bits(a, b << 3, 0x1C71C7u);
+        hi[i] = select_bits(__umulhi(a, 1u << 29), b, 0x1C71C7u);  // a >> 3
+      } else {
+        lo[i] = (a & 0x1C71C7u) | ((b << 3) & 0xE38E38u);
+        hi[i] = ((a >> 3) & 0x1C71C7u) | (b & 0xE38E38u);
+      }
     }
   }
 }
@@ -426,8 +454,8 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
 // bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
 // (NP pair words a token pair), table base lb, weights pb0 / pb1, into acc[0 .. NT).
 // BT: byte tables A and B (bt_addr), lb / lb2 their bases; a pair word's
-// groups are at bits 0, 6, 12, 18 (3-bit) or 0, 4, 8, 12 (2-bit).
-template <int B, int NW, int NP, int NT, bool BT = false>
+// groups are at bits 0, 6, 12, 18 (3-bit) or 0, 4, 8, 12 (2-bit). SEL: v_pairs.
+template <int B, int NW, int NP, int NT, bool BT, bool SEL>
 __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec,
                                            uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4],
                                            uint32_t lb2 = 0) {
@@ -437,7 +465,7 @@ __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, ui
     uint32_t xw[NW], yw[NW];
     load_seg(smem, off + 8 * f * rec, sh, xw);
     load_seg(smem, off + (4 + 8 * f) * rec, sh, yw);
-    v_pairs<B>(xw, yw, lo[f], hi[f]);
+    v_pairs<B, NW, NP, SEL>(xw, yw, lo[f], hi[f]);
   }
   auto addr = [&](const uint32_t(&w)[NP], int i) {
     if constexpr (BT && B == 3) {
@@ -979,17 +1007,19 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
           constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
           // (Byte tables: lbK / lbV are the A / B bases, lbKlo / lbVlo the lo half's.)
-          constexpr bool BT = C::kByte3;
-          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT>(smem, vb + vhi_off, vhi_sh, C::kVRec, BT ? lbK : lbV, pb0,
-                                                       pb1, acc, lbV);
-          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT>(smem, vb + vlo_off, vlo_sh, C::kVRec,
-                                                           BT ? lbKlo : lbVlo, pb2, pb3, acc + kHalfSteps, lbVlo);
+          constexpr bool BT = C::kByte3, SEL = D <= 128;
+          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT, SEL>(smem, vb + vhi_off, vhi_sh, C::kVRec,
+                                                            BT ? lbK : lbV, pb0, pb1, acc, lbV);
+          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT, SEL>(smem, vb + vlo_off, vlo_sh, C::kVRec,
+                                                                BT ? lbKlo : lbVlo, pb2, pb3, acc + kHalfSteps,
+                                                                lbVlo);
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
           // (Byte tables: lbK / lbV are the A / B bases.)
-          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3>(smem, vb + voff, vsh, C::kVRec,
-                                                            C::kByte3 ? lbK : lbV, pb0, pb1, acc, lbV);
+          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3, (D <= 128)>(smem, vb + voff, vsh, C::kVRec,
+                                                                        C::kByte3 ? lbK : lbV, pb0, pb1, acc,
+                                                                        lbV);
         }
       }  // tile j of the pair
     }
