@@ -665,6 +665,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
   constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
   constexpr int kQRegs = D / 32;   // query values per lane in the rotation
   constexpr int kPW = D / 64;      // PV pair words per token pair
+  constexpr bool kSelPairs = D <= 128;  // v_pairs' SEL form (measured faster at d <= 128 only)
   extern __shared__ __align__(128) uint8_t smem[];
   __half* sQ = reinterpret_cast<__half*>(smem + C::kQOff);            // [8][D]
   float* sM = reinterpret_cast<float*>(smem + C::kSmallOff);          // [W][8]
@@ -1007,19 +1008,18 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
           constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
           // (Byte tables: lbK / lbV are the A / B bases, lbKlo / lbVlo the lo half's.)
-          constexpr bool BT = C::kByte3, SEL = D <= 128;
-          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT, SEL>(smem, vb + vhi_off, vhi_sh, C::kVRec,
+          constexpr bool BT = C::kByte3;
+          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT, kSelPairs>(smem, vb + vhi_off, vhi_sh, C::kVRec,
                                                             BT ? lbK : lbV, pb0, pb1, acc, lbV);
-          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT, SEL>(smem, vb + vlo_off, vlo_sh, C::kVRec,
+          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT, kSelPairs>(smem, vb + vlo_off, vlo_sh, C::kVRec,
                                                                 BT ? lbKlo : lbVlo, pb2, pb3, acc + kHalfSteps,
                                                                 lbVlo);
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
           // (Byte tables: lbK / lbV are the A / B bases.)
-          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3, (D <= 128)>(smem, vb + voff, vsh, C::kVRec,
-                                                                        C::kByte3 ? lbK : lbV, pb0, pb1, acc,
-                                                                        lbV);
+          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3, kSelPairs>(smem, vb + voff, vsh, C::kVRec,
+                                                                       C::kByte3 ? lbK : lbV, pb0, pb1, acc, lbV);
         }
       }  // tile j of the pair
     }
