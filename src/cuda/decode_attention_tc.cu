@@ -233,6 +233,15 @@ __device__ __forceinline__ float lg2(float x) {
   return y;
 }
 
+// Side 1 of a table entry (V's table beside K's; byte tables: B beside A)
+// is 128 bytes above side 0. Lookups reach it through a base register of
+// its own (lb1) or, where IMM (the split kernels), through the LDS's
+// immediate offset from the side-0 base, one register fewer: Llama turbo2.5
+// -1.6 to -1.9 %; in the other kernels the same change (ptxas then
+// allocated registers differently) measured turbo3 +0.8 to +1.9 %, turbo4
+// and paper_mse +-1 % (docs/kernel-notes.md, nineteenth session).
+constexpr uint32_t kSide1 = 128;
+
 __device__ __forceinline__ uint32_t lds32(const uint8_t* smem, uint32_t off) {
   return *reinterpret_cast<const uint32_t*>(smem + off);
 }
@@ -279,14 +288,18 @@ __device__ __forceinline__ void load_streams(const uint8_t* smem, uint32_t base,
 // serve its low nibble (A[e] = pair(e & 15)) and its high one (B[e] =
 // pair(e >> 4)), from one stream.
 // Table address of the B-bit code pair at bit `bit` of a stream read as w
-// (one or more words per stream offset): lbA / lbB the lane's bases of A / B
-// (bytes 2 and 3 of the address from lb: the tables may sit above 64 KB).
-template <int B, int NSTR, int NW>
-__device__ __forceinline__ uint32_t bt_addr(const uint32_t (&w)[NSTR][NW], int bit, uint32_t lbA, uint32_t lbB) {
+// (one or more words per stream offset): lb the lane's base of the table it
+// is in, A or B (bt_b_table: B, side 1 of the same entries); bytes 2 and 3
+// of the address from lb: the tables may sit above 64 KB.
+template <int B, int NSTR>
+__device__ __forceinline__ constexpr bool bt_b_table(int bit) {
   static_assert((B == 3 && (NSTR == 2 || NSTR == 4)) || (B == 2 && NSTR == 1));
+  return B == 3 ? NSTR == 2 && (bit & 2) != 0 : (bit & 4) != 0;
+}
+template <int B, int NSTR, int NW>
+__device__ __forceinline__ uint32_t bt_addr(const uint32_t (&w)[NSTR][NW], int bit, uint32_t lb) {
   const int str = B == 3 ? (bit & 7) / (8 / NSTR) : 0;
-  const bool b_table = B == 3 ? NSTR == 2 && (bit & 2) != 0 : (bit & 4) != 0;
-  return __byte_perm(w[str][(bit >> 5) % NW], b_table ? lbB : lbA, 0x7604u | (uint32_t((bit >> 3) & 3) << 4));
+  return __byte_perm(w[str][(bit >> 5) % NW], lb, 0x7604u | (uint32_t((bit >> 3) & 3) << 4));
 }
 
 // Table address of code pair p of a lane's segment: (pair index << 8) | lane base.
@@ -417,13 +430,14 @@ __device__ __forceinline__ uint32_t v_addr(const uint32_t (&w)[NP], int i, uint3
 
 // QK over one code segment of the lane's two tokens (rows tok_a, tok_a + 8,
 // 8 records apart at `rec8` bytes): NS k steps of B-bit code pairs from
-// word offset `off` (shift sh), table base lb, B fragments qb[0 .. NS).
-// NSTR: byte tables (3-bit codes, bt_addr) read as NSTR streams, lb / lb2
-// the A / B bases; 0: shift-and-mask addresses (pair_addr).
-template <int B, int NW, int NS, int NSTR = 0>
+// word offset `off` (shift sh), B fragments qb[0 .. NS).
+// NSTR: byte tables (3-bit codes, bt_addr) read as NSTR streams, A at side
+// 0 (base lb) and B at side 1 (base lb1, or lb and kSide1 where IMM);
+// 0: shift-and-mask addresses (pair_addr) into side 0.
+template <int B, int NW, int NS, int NSTR = 0, bool IMM = false>
 __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec8,
                                            uint32_t lb, const uint32_t (*qb)[2], float (&s)[4],
-                                           uint32_t lb2 = 0) {
+                                           uint32_t lb1 = 0) {
   constexpr int NS1 = NSTR > 0 ? NSTR : 1;
   uint32_t wa[NS1][NW], wb[NS1][NW];
   if constexpr (NSTR > 0) {
@@ -433,32 +447,37 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
     load_seg(smem, off, sh, wa[0]);
     load_seg(smem, off + rec8, sh, wb[0]);
   }
-  auto addr = [&](const uint32_t(&w)[NS1][NW], int pi) {
+  auto look = [&](const uint32_t(&w)[NS1][NW], int pi) {
     if constexpr (NSTR > 0) {
-      return bt_addr<B>(w, 2 * B * pi, lb, lb2);
+      const int bit = 2 * B * pi;
+      const bool b_table = bt_b_table<B, NSTR>(bit);
+      if constexpr (IMM) return lds32(smem + (b_table ? kSide1 : 0u), bt_addr<B>(w, bit, lb));
+      return lds32(smem, bt_addr<B>(w, bit, b_table ? lb1 : lb));
     } else {
-      return pair_addr<B>(w[0], pi, lb);
+      return lds32(smem, pair_addr<B>(w[0], pi, lb));
     }
   };
 #pragma unroll
   for (int j = 0; j < NS; ++j) {
-    const uint32_t a0 = lds32(smem, addr(wa, 2 * j));
-    const uint32_t a1 = lds32(smem, addr(wb, 2 * j));
-    const uint32_t a2 = lds32(smem, addr(wa, 2 * j + 1));
-    const uint32_t a3 = lds32(smem, addr(wb, 2 * j + 1));
+    const uint32_t a0 = look(wa, 2 * j);
+    const uint32_t a1 = look(wb, 2 * j);
+    const uint32_t a2 = look(wa, 2 * j + 1);
+    const uint32_t a3 = look(wb, 2 * j + 1);
     mma16816(s, a0, a1, a2, a3, qb[j][0], qb[j][1]);
   }
 }
 
 // PV over one code segment: the lane's tokens tq + 4e + 8f (records `rec`
 // bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
-// (NP pair words a token pair), table base lb, weights pb0 / pb1, into acc[0 .. NT).
-// BT: byte tables A and B (bt_addr), lb / lb2 their bases; a pair word's
-// groups are at bits 0, 6, 12, 18 (3-bit) or 0, 4, 8, 12 (2-bit). SEL: v_pairs.
-template <int B, int NW, int NP, int NT, bool BT, bool SEL>
+// (NP pair words a token pair), weights pb0 / pb1, into acc[0 .. NT).
+// Tables: lb the side-0 base, lb1 the side-1 base (where IMM: lb and kSide1).
+// BT: byte tables A (side 0) and B (side 1) (bt_addr); a pair word's
+// groups are at bits 0, 6, 12, 18 (3-bit) or 0, 4, 8, 12 (2-bit).
+// Otherwise V's pair table, side 1. SEL: v_pairs.
+template <int B, int NW, int NP, int NT, bool BT, bool SEL, bool IMM = false>
 __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec,
                                            uint32_t lb, uint32_t pb0, uint32_t pb1, float (*acc)[4],
-                                           uint32_t lb2 = 0) {
+                                           uint32_t lb1 = 0) {
   uint32_t lo[2][NP], hi[2][NP];
 #pragma unroll
   for (int f = 0; f < 2; ++f) {
@@ -467,23 +486,32 @@ __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, ui
     load_seg(smem, off + (4 + 8 * f) * rec, sh, yw);
     v_pairs<B, NW, NP, SEL>(xw, yw, lo[f], hi[f]);
   }
-  auto addr = [&](const uint32_t(&w)[NP], int i) {
+  auto side = [&](bool one, uint32_t a) {  // a: the address from lb (IMM) or from the side's base
+    return lds32(smem + (IMM && one ? kSide1 : 0u), a);
+  };
+  auto look = [&](const uint32_t(&w)[NP], int i) {
     if constexpr (BT && B == 3) {
-      const uint32_t v[2][1] = {{w[i >> 2]}, {w[i >> 2] >> 4}};
-      return bt_addr<3>(v, 6 * (i & 3), lb, lb2);
+      // The stream at bit offset 4; IMM kernels (where it was measured,
+      // with IMM) take the shift on the FMA pipe (IMAD.HI).
+      const uint32_t v[2][1] = {{w[i >> 2]}, {IMM && SEL ? __umulhi(w[i >> 2], 1u << 28) : w[i >> 2] >> 4}};
+      const int bit = 6 * (i & 3);
+      const bool b_table = bt_b_table<3, 2>(bit);
+      return side(b_table, bt_addr<3>(v, bit, IMM || !b_table ? lb : lb1));
     } else if constexpr (BT) {
       const uint32_t v[1][1] = {{w[i >> 2]}};
-      return bt_addr<2>(v, 4 * (i & 3), lb, lb2);
+      const int bit = 4 * (i & 3);
+      const bool b_table = bt_b_table<2, 1>(bit);
+      return side(b_table, bt_addr<2>(v, bit, IMM || !b_table ? lb : lb1));
     } else {
-      return v_addr<B>(w, i, lb);
+      return side(true, v_addr<B>(w, i, IMM ? lb : lb1));
     }
   };
 #pragma unroll
   for (int i = 0; i < NT; ++i) {
-    const uint32_t a0 = lds32(smem, addr(lo[0], i));
-    const uint32_t a1 = lds32(smem, addr(hi[0], i));
-    const uint32_t a2 = lds32(smem, addr(lo[1], i));
-    const uint32_t a3 = lds32(smem, addr(hi[1], i));
+    const uint32_t a0 = look(lo[0], i);
+    const uint32_t a1 = look(hi[0], i);
+    const uint32_t a2 = look(lo[1], i);
+    const uint32_t a3 = look(hi[1], i);
     mma16816(acc[i], a0, a1, a2, a3, pb0, pb1);
   }
 }
@@ -879,7 +907,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     const uint32_t vlo_off = (vlo_bit >> 3) & ~3u, vlo_sh = vlo_bit & 31u;
     const uint32_t kscale_lo = uint32_t(tok_a * C::kKRec + C::kKRec - 2);
     const uint32_t vscale_lo = uint32_t(tok_a * C::kVRec + C::kVRec - 2);
-    const uint32_t lbKlo = lbK | uint32_t(C::kLoTable), lbVlo = lbV | uint32_t(C::kLoTable);
+    const uint32_t lbKlo = lbK | uint32_t(C::kLoTable);  // split: the lo half's side-0 base
 
     // 4. The warp's tile pairs: tiles 2kp and 2kp + 1 for kp = warp, warp + W, ...
     for (int kp = warp; 2 * kp < x.n_tiles; kp += W) {
@@ -908,10 +936,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         float s2[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // split: the lo half's (s: the hi half's)
         if constexpr (SPLIT) {
-          qk_segment<KB, C::kKHiW, kHalfSteps, C::kKStreams>(smem, kb + khi_off, khi_sh, 8 * C::kKRec, lbK,
-                                                             qb, s, lbV);
-          qk_segment<C::kLB, C::kKLoW, kHalfSteps, C::kLoStreams>(smem, kb + klo_off, klo_sh, 8 * C::kKRec,
-                                                                  lbKlo, qb + kHalfSteps, s2, lbVlo);
+          // (side 1 through kSide1: IMM)
+          qk_segment<KB, C::kKHiW, kHalfSteps, C::kKStreams, true>(smem, kb + khi_off, khi_sh, 8 * C::kKRec,
+                                                                   lbK, qb, s);
+          qk_segment<C::kLB, C::kKLoW, kHalfSteps, C::kLoStreams, true>(smem, kb + klo_off, klo_sh,
+                                                                        8 * C::kKRec, lbKlo, qb + kHalfSteps, s2);
         } else {
           qk_segment<KB, C::kKSegW, kSteps, C::kKStreams>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s, lbV);
         }
@@ -1007,19 +1036,18 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
           const uint32_t pb2 = movmatrix_trans(pack_half2(wv2[0], wv2[1]));
           const uint32_t pb3 = movmatrix_trans(pack_half2(wv2[2], wv2[3]));
           constexpr int NP = D / 128 > 0 ? D / 128 : 1;  // pair words of a half (4 m tiles each)
-          // (Byte tables: lbK / lbV are the A / B bases, lbKlo / lbVlo the lo half's.)
+          // (lbK / lbKlo: side 0 of the hi / lo half's tables; side 1 through kSide1: IMM)
           constexpr bool BT = C::kByte3;
-          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT, kSelPairs>(smem, vb + vhi_off, vhi_sh, C::kVRec,
-                                                            BT ? lbK : lbV, pb0, pb1, acc, lbV);
-          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT, kSelPairs>(smem, vb + vlo_off, vlo_sh, C::kVRec,
-                                                                BT ? lbKlo : lbVlo, pb2, pb3, acc + kHalfSteps,
-                                                                lbVlo);
+          pv_segment<KB, C::kVHiW, NP, kHalfSteps, BT, kSelPairs, true>(smem, vb + vhi_off, vhi_sh, C::kVRec,
+                                                                        lbK, pb0, pb1, acc);
+          pv_segment<C::kLB, C::kVLoW, NP, kHalfSteps, BT, kSelPairs, true>(smem, vb + vlo_off, vlo_sh, C::kVRec,
+                                                                            lbKlo, pb2, pb3, acc + kHalfSteps);
         } else {
           // PV: lane (gq, tq) decodes dims gq*D/8 .. (gq+1)*D/8 - 1 of tokens tq + 4e + 8f
           // (k slot 2tq + e + 8f).
-          // (Byte tables: lbK / lbV are the A / B bases.)
-          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3, kSelPairs>(smem, vb + voff, vsh, C::kVRec,
-                                                                       C::kByte3 ? lbK : lbV, pb0, pb1, acc, lbV);
+          // (lbK / lbV: the side-0 / side-1 bases)
+          pv_segment<VB, C::kVSegW, kPW, kSteps, C::kByte3, kSelPairs>(smem, vb + voff, vsh, C::kVRec, lbK, pb0,
+                                                                       pb1, acc, lbV);
         }
       }  // tile j of the pair
     }

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One device call: several variants of the GPU decode path against the tree
+# as it is (the base). VARIANTS="name=patch ..." (patches against the tree,
+# applied one at a time); each variant is built (tq, and test_cuda unless
+# NO_TEST=1, run on it), then `tq gpu-bench` runs the base and every variant
+# in turn, $ROUNDS rounds ($BENCH_ARGS, and $BENCH_ARGS2 if set, as in
+# ab_decode.sh). Prints the smaller round median of each case and each
+# variant's ratio to the base; raw JSON in $OUT/abn.json.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+ROUNDS=${ROUNDS:-2}
+read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
+read -r -a ARGS2 <<<"${BENCH_ARGS2:-}"
+names=(base)
+lab_configure && lab_build tq || exit 1
+cp "$B/tools/tq/tq" /tmp/tq_base
+for v in ${VARIANTS:?VARIANTS=\"name=patch ...\"}; do
+  name=${v%%=*} patch=${v#*=}
+  patch -p1 <"$patch" >/dev/null || { echo "$name: patch failed"; exit 1; }
+  if [[ -n ${NO_TEST:-} ]]; then lab_build tq; else lab_build tq test_cuda; fi || { patch -R -p1 <"$patch"; exit 1; }
+  cp "$B/tools/tq/tq" "/tmp/tq_$name"
+  if [[ -z ${NO_TEST:-} ]]; then echo -n "$name: "; lab_test_cuda; cp "$OUT/test_cuda.log" "$OUT/test_cuda_$name.log"; fi
+  patch -R -p1 <"$patch" >/dev/null
+  sleep 1
+  grep -E '^\+\+\+ b/' "$patch" | sed 's|^+++ b/||' | xargs -r touch  # the next build recompiles them
+  names+=("$name")
+  echo "$name built at $(( $(date +%s) - t0 )) s"
+done
+rm -f "$OUT/test_cuda.log"
+rm -rf /tmp/abn && mkdir -p /tmp/abn
+for r in $(seq "$ROUNDS"); do
+  for v in "${names[@]}"; do
+    timeout 200 /tmp/tq_$v gpu-bench "${ARGS[@]}" --json-file /tmp/abn/${v}_$r.json >/dev/null 2>/tmp/abn/${v}_$r.err ||
+      { echo "$v round $r failed"; tail -3 /tmp/abn/${v}_$r.err; }
+    [[ ${#ARGS2[@]} -eq 0 ]] || timeout 200 /tmp/tq_$v gpu-bench "${ARGS2[@]}" --json-file /tmp/abn/${v}_${r}b.json \
+      >/dev/null 2>/tmp/abn/${v}_${r}b.err || { echo "$v round $r (BENCH_ARGS2) failed"; tail -3 /tmp/abn/${v}_${r}b.err; }
+  done
+done
+python3 - "$OUT/abn.json" "${names[@]}" <<'PY'
+import json, glob, sys, collections
+names = sys.argv[2:]
+t = collections.defaultdict(list)
+raw = {}
+for f in sorted(glob.glob("/tmp/abn/*.json")):
+    base = f.split("/")[-1]
+    v = base.rsplit("_", 1)[0]
+    rows = json.load(open(f))
+    raw[base] = rows
+    for r in rows:
+        if r.get("kind") == "attend":
+            t[(r["shape"], r["preset"], str(r["batch"]), r["context"], v)].append(r["ms"])
+json.dump(raw, open(sys.argv[1], "w"))
+print("shape  preset      batch context  " + "  ".join(f"{n:>9s}" for n in names) + "  " +
+      "  ".join(f"{n + '/base':>10s}" for n in names[1:]))
+for k in sorted({k[:4] for k in t}):
+    ms = [min(t.get(k + (n,), [float("nan")])) for n in names]
+    print(f"{k[0]:6s} {k[1]:11s} {k[2]:>5s} {k[3]:>7d}  " + "  ".join(f"{m:9.4f}" for m in ms) + "  " +
+          "  ".join(f"{m / ms[0]:10.3f}" for m in ms[1:]))
+PY
+echo "total $(( $(date +%s) - t0 )) s"
