@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
@@ -64,9 +65,6 @@ __device__ __forceinline__ float round_checked(const SplitAppendParams& p, float
   if (p.round_to == int(DType::bf16)) return round_bf16(a);
   return a;
 }
-__device__ __forceinline__ float to_float(float a) { return a; }
-__device__ __forceinline__ float to_float(__half a) { return __half2float(a); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 a) { return __bfloat162float(a); }
 // Element idx of the input, rounded (round_checked).
 __device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t idx, int& st) {
   float a;
@@ -347,10 +345,121 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
 // boundaries padded with +inf, so the two lanes of a vector do not diverge).
 // Both packings are computed and each lane keeps its own; the records are
 // staged and go out per head as contiguous runs, as the tq-mse kernel's do.
+// The gather is its own pass over the tile (gather_halves): a thread takes
+// one channel slot of one head, loads its source column once and copies it
+// for every token of the tile, sign-flipped by the half's rotation signs,
+// into contiguous half-vectors that the lanes then read 16 bytes at a time.
+// (Gathering inside the lanes cost two L1 loads an element, the column and
+// the sign, for every vector: 1.10 ms for 128K Llama tokens.)
 template <int D>
 struct LaneRows {
   static constexpr int kRows = append_rows_per_tile(D);  // rows of a tile (tiles are cut for the tq-mse kernel)
 };
+// The raw bits of an input element and its sign bit.
+template <typename T>
+struct ElemBits {
+  using U = uint16_t;
+  static constexpr U kSign = 0x8000u;
+};
+template <>
+struct ElemBits<float> {
+  using U = uint32_t;
+  static constexpr U kSign = 0x80000000u;
+};
+// Half-vector pitch in the gathered area: N elements and 16 bytes, so that
+// the lanes' 16-byte reads of consecutive half-vectors hit different banks.
+template <int D, typename T>
+__host__ __device__ constexpr int half_pitch() {
+  return D / 2 * int(sizeof(T)) + 16;
+}
+
+// The tile's rows (in: [rows][pitch] as copied) gathered into half-vectors
+// hv: [rows][2][half_pitch] in channel order: element j of half hh of row r
+// is in[r][channels[h][hh * N + j]] with its sign bit flipped where the
+// half's signs1[j] is -1. Flipping before rounding, norm and rotation gives
+// the CPU's bits: rounding is symmetric, the norm squares, and the CPU's
+// x * signs1 is that same exact negation.
+template <int D, typename T, int kThreadsL>
+__device__ __forceinline__ void gather_halves(const SplitAppendParams& p, const AppendTile& t, const uint8_t* in,
+                                              int pitch, uint8_t* hv) {
+  using U = typename ElemBits<T>::U;
+  constexpr int N = D / 2, kHP = half_pitch<D, T>();
+  const int n = t.n, nh = t.nh;
+  for (int idx = threadIdx.x; idx < nh * D; idx += kThreadsL) {
+    const int hl = idx / D, e = idx % D, hh = e / N, j = e % N;
+    const int c = __ldg(p.f.channels + size_t(t.h0 + hl) * D + e);
+    const U flip = __ldg(p.f.seg[hh].rot.signs1 + j) < 0.0f ? ElemBits<T>::kSign : U(0);
+    const uint8_t* src = in + hl * pitch + c * int(sizeof(T));
+    uint8_t* dst = hv + (2 * hl + hh) * kHP + j * int(sizeof(T));
+    for (int tl = 0; tl < n; ++tl) {
+      const U v = *reinterpret_cast<const U*>(src + tl * nh * pitch);
+      *reinterpret_cast<U*>(dst + tl * nh * 2 * kHP) = U(v ^ flip);
+    }
+  }
+}
+// A gathered half-vector of 16-bit input (N values), rounded to the layer's
+// format as round_checked rounds, without its per-element branches: bf16 is
+// exact in f16 but below 2^-14 (subnormal halves: a rare fix, taken when the
+// vector's smallest |x| is there, zeros included) and above 65504 (refused:
+// found from the norm, see halves_lane_kernel); f16 in bf16 rounds each
+// value, a NaN staying a NaN; every other pair is exact. (The tq-mse kernel
+// does the same.)
+template <int N, typename T>
+__device__ __forceinline__ void load_gathered16(const SplitAppendParams& p, const uint4* q, float (&x)[N]) {
+  static_assert(sizeof(T) == 2 && N % 8 == 0);
+  uint32_t raw[N / 2];
+#pragma unroll
+  for (int c = 0; c < N / 8; ++c) {
+    const uint4 u = q[c];
+    raw[4 * c] = u.x;
+    raw[4 * c + 1] = u.y;
+    raw[4 * c + 2] = u.z;
+    raw[4 * c + 3] = u.w;
+  }
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  bool tiny = false;
+  if (kBf16 && p.round_to == int(DType::f16)) {
+    __nv_bfloat162 mn = __float2bfloat162_rn(1.0f);
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      __nv_bfloat162 h;
+      memcpy(&h, &raw[j], 4);
+      mn = __hmin2(mn, __habs2(h));
+    }
+    const float2 m = __bfloat1622float2(mn);
+    tiny = fminf(m.x, m.y) < kHalfMinNormal;
+  }
+  auto convert = [&](bool fix) {
+#pragma unroll
+    for (int j = 0; j < N / 2; ++j) {
+      float a, b;
+      if constexpr (kBf16) {
+        a = __uint_as_float(raw[j] << 16);
+        b = __uint_as_float(raw[j] & 0xffff0000u);
+      } else {
+        __half2 h;
+        memcpy(&h, &raw[j], 4);
+        const float2 f = __half22float2(h);
+        a = f.x;
+        b = f.y;
+      }
+      if (fix) {
+        if (fabsf(a) < kHalfMinNormal) a = round_f16_subnormal(a);
+        if (fabsf(b) < kHalfMinNormal) b = round_f16_subnormal(b);
+      }
+      x[2 * j] = a;
+      x[2 * j + 1] = b;
+    }
+  };
+  if (tiny) convert(true);
+  else convert(false);
+  if (!kBf16 && p.round_to == int(DType::bf16)) {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (!isnan(x[j])) x[j] = round_bf16(x[j]);
+  }
+}
+
 template <int D, int B0, typename T>
 __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     halves_lane_kernel(const __grid_constant__ SplitAppendParams p, int out_offset) {
@@ -359,17 +468,24 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   constexpr int W0 = N * B0 / 32, W1 = N * (B0 - 1) / 32;  // packed words of the hi / lo half
   static_assert(D == 64 || D == 128, "two halves of 32 or 64 elements a lane");
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* const in = smem;                                         // [kRows][kPitch] input rows
-  float* const bnd = reinterpret_cast<float*>(smem + kRows * kPitch);  // [2][16]: hi, lo (+inf padded)
+  // 16-bit input goes through the gather pass (gather_halves); f32 input
+  // (whose gathered copy would halve the resident blocks) is gathered in place.
+  constexpr bool kGather = sizeof(T) == 2;
+  constexpr int kHP = half_pitch<D, T>();
+  uint8_t* const in = smem;                // [kRows][kPitch] input rows
+  uint8_t* const hv = smem + kRows * kPitch;  // kGather: [kRows][2][kHP] gathered halves
   uint8_t* const out_stage = smem + out_offset;
-  for (int i = threadIdx.x; i < 32; i += kThreadsL) {
-    const SplitSegment& g = p.f.seg[i >> 4];
-    bnd[i] = (i & 15) < (1 << g.bits) - 1 ? g.boundaries[i & 15] : INFINITY;
-  }
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   const int rl = threadIdx.x >> 1, half = threadIdx.x & 1;  // row of the tile, hi (0) or lo (1)
   const SplitSegment& g = p.f.seg[half];
-  const float* const hb = bnd + 16 * half;
+  // This half's boundaries in registers, the lo half's padded with +inf, -0
+  // as +0: a code is the count of those below its value (lt01), which is
+  // what the CPU's binary search returns over sorted boundaries, without its
+  // chain of dependent loads (B0 of them an element).
+  float bnds[(1 << B0) - 1];
+#pragma unroll
+  for (int k = 0; k < (1 << B0) - 1; ++k)
+    bnds[k] = k < (1 << g.bits) - 1 ? __fadd_rn(__ldg(g.boundaries + k), 0.0f) : INFINITY;
   const float scale = g.rot.block_scale[0];
   const int rb = p.record_bytes;
 
@@ -377,7 +493,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     const AppendTile t = p.tiles[ti];
     const int n = t.n, nh = t.nh, rows = n * nh;
     int st = 0;
-    __syncthreads();  // the previous tile's rows and records are consumed (and bnd is in)
+    __syncthreads();  // the previous tile's rows and records are consumed
     // 1. The tile's input rows into shared memory, every copy in flight at once.
     for (int i = threadIdx.x; i < rows * kChunks; i += kThreadsL) {
       const int r = i / kChunks, k = i % kChunks;
@@ -387,6 +503,10 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
+    if constexpr (kGather) {
+      gather_halves<D, T, kThreadsL>(p, t, in, kPitch, hv);
+      __syncthreads();
+    }
     const int run_stride = (n * rb + 31) & ~15;
     auto dest = [&](int h) {  // first record of head h of the tile
       return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
@@ -394,24 +514,37 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     };
     if (rl < rows) {
       const int tl = rl / nh, hl = rl % nh;
-      // 2. This half's channels, rounded; its norm from the 16 partial sums.
-      const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
-      const T* row = reinterpret_cast<const T*>(in + rl * kPitch);
+      // 2. This half's channels (gathered, signs applied), rounded; its norm
+      // from the 16 partial sums.
       float x[N];
+      if constexpr (kGather) {
+        load_gathered16<N, T>(p, reinterpret_cast<const uint4*>(hv + (2 * rl + half) * kHP), x);
+      } else {
+        const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
+        const float* row = reinterpret_cast<const float*>(in + rl * kPitch);
 #pragma unroll
-      for (int j = 0; j < N; ++j) x[j] = round_checked(p, to_float(row[__ldg(ch + j)]), st);
+        for (int j = 0; j < N; ++j) x[j] = __fmul_rn(round_checked(p, row[__ldg(ch + j)], st), __ldg(g.rot.signs1 + j));
+      }
       float acc[16];
       sq_partials16<N>(x, acc);
-      const float norm = __fsqrt_rn(tree16(acc));
+      const float ss = tree16(acc);
+      if (kGather && std::is_same_v<T, __nv_bfloat16> && p.round_to == int(DType::f16) &&
+          !(ss < kHalfMax * kHalfMax)) {
+        // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): which
+        // (rare: needs a norm >= 65504). Non-finite values show in the norm.
+#pragma unroll
+        for (int j = 0; j < N; ++j)
+          if (isfinite(x[j]) && fabsf(x[j]) > kHalfMax) st |= kStatusDenseOverflow;
+      }
+      const float norm = __fsqrt_rn(ss);
       if (!isfinite(norm)) st |= kStatusNonFinite;
       const bool ok = norm != 0.0f && isfinite(norm);
       const float inv = ok ? __fdiv_rn(1.0f, norm) : 0.0f;
-      // 3. Rotation: signs, butterflies, then (with the codes) the block scale.
-#pragma unroll
-      for (int j = 0; j < N; ++j) x[j] = __fmul_rn(x[j], __ldg(g.rot.signs1 + j));
+      // 3. Rotation: (signs applied in the gather) butterflies, then (with the codes) the block scale.
       fwht_rn<N>(x);
-      // 4. Codes by the CPU's binary search (B0 steps; zero or non-finite
-      // norm: codes 0), packed as pack_ref packs them, at both widths.
+      // 4. Codes: the count of boundaries below (bnds; = the CPU's binary
+      // search; zero or non-finite norm: codes 0), packed as pack_ref packs
+      // them, at both widths.
       unsigned w0[W0], w1[W1];
 #pragma unroll
       for (int w = 0; w < W0; ++w) w0[w] = 0;
@@ -420,11 +553,10 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float v = __fmul_rn(__fmul_rn(x[j], scale), inv);
-        int lo = 0;
+        unsigned lo = 0;
 #pragma unroll
-        for (int k = B0 - 1; k >= 0; --k)
-          if (hb[lo + (1 << k) - 1] < v) lo += 1 << k;
-        const unsigned c = ok ? unsigned(lo) : 0u;
+        for (int k = 0; k < (1 << B0) - 1; ++k) lo += lt01(bnds[k], v);
+        const unsigned c = ok ? lo : 0u;
         const int p0 = j * B0, p1 = j * (B0 - 1);
         w0[p0 / 32] |= c << (p0 % 32);
         if (p0 % 32 + B0 > 32) w0[p0 / 32 + 1] |= c >> (32 - p0 % 32);
@@ -481,7 +613,8 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
     const int rows = append_rows_per_tile(dim), threads = 2 * rows;
     const int heads = std::min(a.n_heads, rows);
     const int elem = a.dtype == DType::f32 ? 4 : 2;
-    const int out_offset = rows * (dim * elem + 16) + 32 * 4;
+    // The input rows, then (16-bit input) the gathered half-vectors (half_pitch), then the records.
+    const int out_offset = rows * (dim * elem + 16) + (elem == 2 ? rows * 2 * (dim / 2 * elem + 16) : 0);
     const int smem = out_offset + ((rows * record_bytes + 32 * heads + 15) & ~15);
     auto launch = [&](auto kernel) {
       const int nb = append_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem, threads);
