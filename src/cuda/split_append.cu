@@ -373,27 +373,49 @@ __host__ __device__ constexpr int half_pitch() {
   return D / 2 * int(sizeof(T)) + 16;
 }
 
-// The tile's rows (in: [rows][pitch] as copied) gathered into half-vectors
-// hv: [rows][2][half_pitch] in channel order: element j of half hh of row r
-// is in[r][channels[h][hh * N + j]] with its sign bit flipped where the
-// half's signs1[j] is -1. Flipping before rounding, norm and rotation gives
-// the CPU's bits: rounding is symmetric, the norm squares, and the CPU's
-// x * signs1 is that same exact negation.
-template <int D, typename T, int kThreadsL>
+// The tile's rows (in: [rows][pitch] as copied, type T) gathered into
+// half-vectors hv: [rows][2][half_pitch] of S in channel order: element j of
+// half hh of row r is in[r][channels[h][hh * N + j]] with its sign bit
+// flipped where the half's signs1[j] is -1. Flipping before rounding, norm
+// and rotation gives the CPU's bits: rounding is symmetric, the norm
+// squares, and the CPU's x * signs1 is that same exact negation. f32 input
+// (S: the layer's 16-bit format) is rounded here, as round_checked rounds
+// and with its flags in st, so that the lanes read 16-bit halves as for
+// 16-bit input.
+template <int D, typename T, typename S, int kThreadsL>
 __device__ __forceinline__ void gather_halves(const SplitAppendParams& p, const AppendTile& t, const uint8_t* in,
-                                              int pitch, uint8_t* hv) {
-  using U = typename ElemBits<T>::U;
-  constexpr int N = D / 2, kHP = half_pitch<D, T>();
+                                              int pitch, uint8_t* hv, int& st) {
+  using UT = typename ElemBits<T>::U;
+  using US = typename ElemBits<S>::U;
+  constexpr int N = D / 2, kHP = half_pitch<D, S>();
   const int n = t.n, nh = t.nh;
   for (int idx = threadIdx.x; idx < nh * D; idx += kThreadsL) {
     const int hl = idx / D, e = idx % D, hh = e / N, j = e % N;
     const int c = __ldg(p.f.channels + size_t(t.h0 + hl) * D + e);
-    const U flip = __ldg(p.f.seg[hh].rot.signs1 + j) < 0.0f ? ElemBits<T>::kSign : U(0);
+    const UT flip = __ldg(p.f.seg[hh].rot.signs1 + j) < 0.0f ? ElemBits<T>::kSign : UT(0);
     const uint8_t* src = in + hl * pitch + c * int(sizeof(T));
-    uint8_t* dst = hv + (2 * hl + hh) * kHP + j * int(sizeof(T));
+    uint8_t* dst = hv + (2 * hl + hh) * kHP + j * int(sizeof(S));
     for (int tl = 0; tl < n; ++tl) {
-      const U v = *reinterpret_cast<const U*>(src + tl * nh * pitch);
-      *reinterpret_cast<U*>(dst + tl * nh * 2 * kHP) = U(v ^ flip);
+      const UT v = UT(*reinterpret_cast<const UT*>(src + tl * nh * pitch) ^ flip);
+      US o;
+      if constexpr (std::is_same_v<T, S>) {
+        o = v;
+      } else if constexpr (std::is_same_v<S, __half>) {  // f32 -> the f16 grid
+        const unsigned ax = v & 0x7fffffffu;
+        if (ax >= 0x38800000u && ax <= 0x477fe000u) {  // 2^-14 <= |x| <= 65504: round_f16_normal's bits
+          const unsigned r = (v + 0xfffu + ((v >> 13) & 1u)) & 0xffffe000u;
+          o = US(((r >> 16) & 0x8000u) | (((r & 0x7fffffffu) >> 13) - 0x1c000u));
+        } else {
+          if (ax >= 0x7f800000u) st |= kStatusNonFinite;
+          else if (ax > 0x477fe000u) st |= kStatusDenseOverflow;
+          o = US(float_to_half_bits(__uint_as_float(v)));  // subnormal halves (refused values: any)
+        }
+      } else {  // f32 -> bf16
+        const float a = __uint_as_float(v);
+        if (!isfinite(a)) st |= kStatusNonFinite;
+        o = isnan(a) ? US((v >> 16) | 0x40u) : US(__float_as_uint(round_bf16(a)) >> 16);
+      }
+      *reinterpret_cast<US*>(dst + tl * nh * 2 * kHP) = o;
     }
   }
 }
@@ -460,7 +482,7 @@ __device__ __forceinline__ void load_gathered16(const SplitAppendParams& p, cons
   }
 }
 
-template <int D, int B0, typename T>
+template <int D, int B0, typename T, typename S>
 __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     halves_lane_kernel(const __grid_constant__ SplitAppendParams p, int out_offset) {
   constexpr int N = D / 2, kRows = LaneRows<D>::kRows, kThreadsL = 2 * kRows, kWarpsL = kThreadsL / 32;
@@ -468,10 +490,11 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   constexpr int W0 = N * B0 / 32, W1 = N * (B0 - 1) / 32;  // packed words of the hi / lo half
   static_assert(D == 64 || D == 128, "two halves of 32 or 64 elements a lane");
   extern __shared__ __align__(16) uint8_t smem[];
-  // 16-bit input goes through the gather pass (gather_halves); f32 input
-  // (whose gathered copy would halve the resident blocks) is gathered in place.
-  constexpr bool kGather = sizeof(T) == 2;
-  constexpr int kHP = half_pitch<D, T>();
+  // S: the type the gather pass stores, the input's or (f32 input) the
+  // layer's 16-bit format. f32 input kept as f32 (layers of f32 format:
+  // a gathered copy would halve the resident blocks) is gathered in place.
+  constexpr bool kGather = sizeof(S) == 2;
+  constexpr int kHP = half_pitch<D, S>();
   uint8_t* const in = smem;                // [kRows][kPitch] input rows
   uint8_t* const hv = smem + kRows * kPitch;  // kGather: [kRows][2][kHP] gathered halves
   uint8_t* const out_stage = smem + out_offset;
@@ -479,9 +502,10 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   const int rl = threadIdx.x >> 1, half = threadIdx.x & 1;  // row of the tile, hi (0) or lo (1)
   const SplitSegment& g = p.f.seg[half];
   // This half's boundaries in registers, the lo half's padded with +inf, -0
-  // as +0: a code is the count of those below its value (lt01), which is
-  // what the CPU's binary search returns over sorted boundaries, without its
-  // chain of dependent loads (B0 of them an element).
+  // as +0: a code is the binary search's first step and then the count of
+  // boundaries below its value in the chosen half (lt01), which is what the
+  // CPU's binary search returns over sorted boundaries, without its chain of
+  // dependent loads (B0 of them an element).
   float bnds[(1 << B0) - 1];
 #pragma unroll
   for (int k = 0; k < (1 << B0) - 1; ++k)
@@ -504,7 +528,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     cp_async_wait_all();
     __syncthreads();
     if constexpr (kGather) {
-      gather_halves<D, T, kThreadsL>(p, t, in, kPitch, hv);
+      gather_halves<D, T, S, kThreadsL>(p, t, in, kPitch, hv, st);
       __syncthreads();
     }
     const int run_stride = (n * rb + 31) & ~15;
@@ -518,7 +542,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
       // from the 16 partial sums.
       float x[N];
       if constexpr (kGather) {
-        load_gathered16<N, T>(p, reinterpret_cast<const uint4*>(hv + (2 * rl + half) * kHP), x);
+        load_gathered16<N, S>(p, reinterpret_cast<const uint4*>(hv + (2 * rl + half) * kHP), x);
       } else {
         const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
         const float* row = reinterpret_cast<const float*>(in + rl * kPitch);
@@ -553,9 +577,12 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
 #pragma unroll
       for (int j = 0; j < N; ++j) {
         const float v = __fmul_rn(__fmul_rn(x[j], scale), inv);
-        unsigned lo = 0;
+        // The search's first step, then the count in the half it chose.
+        constexpr int kMid = 1 << (B0 - 1);
+        const bool up = bnds[kMid - 1] < v;
+        unsigned lo = up ? unsigned(kMid) : 0u;
 #pragma unroll
-        for (int k = 0; k < (1 << B0) - 1; ++k) lo += lt01(bnds[k], v);
+        for (int k = 0; k < kMid - 1; ++k) lo += lt01(up ? bnds[kMid + k] : bnds[k], v);
         const unsigned c = ok ? lo : 0u;
         const int p0 = j * B0, p1 = j * (B0 - 1);
         w0[p0 / 32] |= c << (p0 % 32);
@@ -613,8 +640,9 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
     const int rows = append_rows_per_tile(dim), threads = 2 * rows;
     const int heads = std::min(a.n_heads, rows);
     const int elem = a.dtype == DType::f32 ? 4 : 2;
-    // The input rows, then (16-bit input) the gathered half-vectors (half_pitch), then the records.
-    const int out_offset = rows * (dim * elem + 16) + (elem == 2 ? rows * 2 * (dim / 2 * elem + 16) : 0);
+    // The input rows, then (16-bit S) the gathered half-vectors (half_pitch), then the records.
+    const bool gathered = elem == 2 || a.round_to != DType::f32;
+    const int out_offset = rows * (dim * elem + 16) + (gathered ? rows * 2 * (dim / 2 * 2 + 16) : 0);
     const int smem = out_offset + ((rows * record_bytes + 32 * heads + 15) & ~15);
     auto launch = [&](auto kernel) {
       const int nb = append_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem, threads);
@@ -622,9 +650,11 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
     };
     auto by_type = [&](auto d, auto b) {
       constexpr int D = decltype(d)::value, B = decltype(b)::value;
-      if (a.dtype == DType::bf16) launch(halves_lane_kernel<D, B, __nv_bfloat16>);
-      else if (a.dtype == DType::f16) launch(halves_lane_kernel<D, B, __half>);
-      else launch(halves_lane_kernel<D, B, float>);
+      if (a.dtype == DType::bf16) launch(halves_lane_kernel<D, B, __nv_bfloat16, __nv_bfloat16>);
+      else if (a.dtype == DType::f16) launch(halves_lane_kernel<D, B, __half, __half>);
+      else if (a.round_to == DType::f16) launch(halves_lane_kernel<D, B, float, __half>);
+      else if (a.round_to == DType::bf16) launch(halves_lane_kernel<D, B, float, __nv_bfloat16>);
+      else launch(halves_lane_kernel<D, B, float, float>);
     };
     using I64 = std::integral_constant<int, 64>;
     using I128 = std::integral_constant<int, 128>;
