@@ -10,11 +10,12 @@
 // Three kernels. The general one (one warp a vector, in shared memory,
 // lanes over its elements) takes any split: outlier channels, segments that
 // are not powers of two. Splits in two halves with one-block rotations
-// (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 (two
-// lanes a vector, a half's elements in registers, as the tq-mse kernel:
-// 128K Llama tokens from bf16 0.63 ms for turbo2.5, ~4.8x one read of the
-// input, against ~2.9x for the tq-mse kernel) and halves_append_kernel
-// otherwise (one warp a vector in registers; head_dim 256, other bit widths). Every float operation
+// (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 / 256
+// (two lanes a vector, a half's elements in registers, as the tq-mse
+// kernel: 128K Llama tokens from bf16 0.63 ms for turbo2.5, ~4.8x one read
+// of the input, against ~2.9x for the tq-mse kernel; Gemma's d 256 ~6x) and
+// halves_append_kernel otherwise (one warp a vector in registers; other bit
+// widths). Every float operation
 // is an explicit round-to-nearest intrinsic (and the file is compiled with
 // -fmad=false), as in mse_append_kernel.cuh.
 #include <cuda_runtime.h>
@@ -151,10 +152,7 @@ __device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int war
 // The record of row (tile t, token tl, head): each segment's codes packed
 // (pack_ref: stream bit k is bit k % b of code k / b), then its scale. codes:
 // the row's codes in [seg 0 | seg 1] order (shared memory, written before a
-// __syncwarp); every lane of the warp takes part. B0 > 0: the segments'
-// bits are B0 and B0 - 1 (the halves kernel's instantiation; divisions by a
-// constant, the byte loop unrolled), else read from the format.
-template <int B0 = 0>
+// __syncwarp); every lane of the warp takes part.
 __device__ void write_record(const SplitAppendParams& p, const AppendTile& t, int tl, int head,
                              const uint8_t* codes, float norm0, float norm1, int lane, int& st) {
   const int n0 = p.f.seg[0].dim;
@@ -163,14 +161,14 @@ __device__ void write_record(const SplitAppendParams& p, const AppendTile& t, in
 #pragma unroll
   for (int s = 0; s < 2; ++s) {
     const SplitSegment& g = p.f.seg[s];
-    const int b = B0 > 0 ? B0 - s : g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
+    const int b = g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
     const float norm = s ? norm1 : norm0;
     uint8_t* rec = rec0 + g.offset;
     for (int k = lane; k < total; k += 32) {
       if (k < g.code_bytes) {
         const int i0 = (8 * k) / b, i1 = min(g.dim - 1, (8 * k + 7) / b);
         unsigned v = 0;
-        constexpr int kMaxCodes = B0 > 1 ? 8 / (B0 - 1) + 2 : 9;  // codes touching a byte, at most
+        constexpr int kMaxCodes = 9;  // codes touching a byte, at most
 #pragma unroll
         for (int u = 0; u < kMaxCodes; ++u) {
           const int i = i0 + u;
@@ -252,11 +250,9 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
 // Hadamard stages of stride 1..16 go by shuffles and the wider ones inside
 // the registers, in the CPU's order (ascending strides), and the norms
 // follow the canonical 16-lane order by one exchange of the lane halves.
-// Only the packing goes through shared memory.
-// B0 > 0: the halves' bits are B0 and B0 - 1 (turbo2.5: 3, turbo3.5: 4),
-// fixed at compile time (the searches and the packing unrolled); 0: read
-// from the format.
-template <int D, int B0>
+// Only the packing goes through shared memory. (turbo2.5 / turbo3.5 take
+// halves_lane_kernel; this kernel the other bit widths, read from the format.)
+template <int D>
 __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_constant__ SplitAppendParams p) {
   constexpr int kWarps = kThreads / 32, R = D / 32, RH = D / 64;  // registers a lane, a half
   __shared__ uint8_t codes_all[kWarps][D];
@@ -270,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
   const int l16 = lane & 15, hsel = lane >> 4;
   uint8_t* codes = codes_all[warp];
   const float scale0 = p.f.seg[0].rot.block_scale[0], scale1 = p.f.seg[1].rot.block_scale[0];
-  const int bits0 = B0 > 0 ? B0 : p.f.seg[0].bits, bits1 = B0 > 0 ? B0 - 1 : p.f.seg[1].bits;
+  const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
 
   for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
     // 1. The head's channels in [seg 0 | seg 1] order, rounded.
@@ -327,14 +323,14 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
     }
     __syncwarp();
     // 5. Packed bytes and scales, straight into the page.
-    write_record<B0>(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the codes are read: the next row may overwrite them
   });
 }
 
 // Splits in two halves at B0 and B0 - 1 bits (turbo2.5: 3/2, turbo3.5: 4/3),
-// head_dim 64 or 128, input type T: the tq-mse append kernel's layout --
+// head_dim 64, 128 or 256, input type T: the tq-mse append kernel's layout --
 // two lanes a vector, lane 2v its hi half and 2v + 1 its lo half, D/2
 // elements each in registers -- so a half's fixed work (norm, division,
 // scale, packing) is paid once per D/2 elements instead of once per 4
@@ -493,7 +489,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   constexpr int N = D / 2, kRows = LaneRows<D>::kRows, kThreadsL = 2 * kRows, kWarpsL = kThreadsL / 32;
   constexpr int kRowBytes = D * int(sizeof(T)), kPitch = kRowBytes + 16, kChunks = kRowBytes / 16;
   constexpr int W0 = N * B0 / 32, W1 = N * (B0 - 1) / 32;  // packed words of the hi / lo half
-  static_assert(D == 64 || D == 128, "two halves of 32 or 64 elements a lane");
+  static_assert(D == 64 || D == 128 || D == 256, "two halves of 32, 64 or 128 elements a lane");
   extern __shared__ __align__(16) uint8_t smem[];
   // S: the type the gather pass stores, the input's or (f32 input) the
   // layer's 16-bit format. f32 input kept as f32 (layers of f32 format:
@@ -640,7 +636,7 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
   // turbo2.5 / turbo3.5 (hi bits 3 / 4, lo one less) with their bits fixed; other widths read them.
   const int b0 = f.seg[1].bits == f.seg[0].bits - 1 && (f.seg[0].bits == 3 || f.seg[0].bits == 4) ? f.seg[0].bits : 0;
-  if (f.halves(dim) && b0 > 0 && (dim == 64 || dim == 128)) {
+  if (f.halves(dim) && b0 > 0 && (dim == 64 || dim == 128 || dim == 256)) {
     // Two lanes a vector: the input rows, then the staged records of a tile.
     const int rows = append_rows_per_tile(dim), threads = 2 * rows;
     const int heads = std::min(a.n_heads, rows);
@@ -663,19 +659,17 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
     };
     using I64 = std::integral_constant<int, 64>;
     using I128 = std::integral_constant<int, 128>;
+    using I256 = std::integral_constant<int, 256>;
     using I3 = std::integral_constant<int, 3>;
     using I4 = std::integral_constant<int, 4>;
     if (dim == 64) b0 == 3 ? by_type(I64{}, I3{}) : by_type(I64{}, I4{});
-    else b0 == 3 ? by_type(I128{}, I3{}) : by_type(I128{}, I4{});
+    else if (dim == 128) b0 == 3 ? by_type(I128{}, I3{}) : by_type(I128{}, I4{});
+    else b0 == 3 ? by_type(I256{}, I3{}) : by_type(I256{}, I4{});
   } else if (f.halves(dim) && (dim == 64 || dim == 128 || dim == 256)) {
     auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
-    switch (dim * 10 + b0) {
-      case 640: launch(halves_append_kernel<64, 0>); break;
-      case 1280: launch(halves_append_kernel<128, 0>); break;
-      case 2563: launch(halves_append_kernel<256, 3>); break;
-      case 2564: launch(halves_append_kernel<256, 4>); break;
-      default: launch(halves_append_kernel<256, 0>); break;
-    }
+    if (dim == 64) launch(halves_append_kernel<64>);
+    else if (dim == 128) launch(halves_append_kernel<128>);
+    else launch(halves_append_kernel<256>);
   } else {
     split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
   }
