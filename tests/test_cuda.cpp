@@ -1840,12 +1840,13 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
   }
 }
 
-// The halves' append kernels (two lanes a vector at d 64 / 128, a warp a
-// vector at d 256) read every input type: a layer appended from f16 or bf16
-// holds the records of one appended from the same values in f32 (the f32
-// path is checked against KvCache in RecordsAndAttentionMatchKvCache), with
-// zero rows, rows at the fp16 limit and tiny values among them, and both
-// choose the same hi channels.
+// The halves' append kernel (two lanes a vector at d 64 / 128 / 256) reads
+// every input type: a layer appended from f16 or bf16 holds the records of
+// one appended from the same values in f32 (the f32 path is checked against
+// KvCache in RecordsAndAttentionMatchKvCache), with zero rows, rows at the
+// fp16 limit and tiny values among them, and both choose the same hi
+// channels; under round_to f32 too (f32 input then takes the kernel's
+// ungathered path).
 TEST(CudaSplit, HalvesAppendInputTypesAgree) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;
@@ -1853,7 +1854,8 @@ TEST(CudaSplit, HalvesAppendInputTypesAgree) {
   for (const auto& [spec, d] : {std::pair{"tq-mse:b=2.5", 128}, std::pair{"tq-mse:b=3.5", 64},
                                 std::pair{"tq-mse:b=3.5", 128}, std::pair{"tq-mse:b=2.5", 256}})
     for (const auto [in, rt] : {std::pair{DType::f16, DType::f16}, std::pair{DType::bf16, DType::f16},
-                                std::pair{DType::bf16, DType::bf16}, std::pair{DType::f16, DType::bf16}}) {
+                                std::pair{DType::bf16, DType::bf16}, std::pair{DType::f16, DType::bf16},
+                                std::pair{DType::f16, DType::f32}, std::pair{DType::bf16, DType::f32}}) {
       SCOPED_TRACE(std::string(spec) + " d " + std::to_string(d) + " input " + cuda::to_string(in) +
                    " round_to " + cuda::to_string(rt));
       auto kq = make_quantizer(spec, d, 5), vq = make_quantizer(spec, d, 6);

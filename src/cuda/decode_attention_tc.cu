@@ -491,8 +491,8 @@ __device__ __forceinline__ void pv_segment(const uint8_t* smem, uint32_t off, ui
   };
   auto look = [&](const uint32_t(&w)[NP], int i) {
     if constexpr (BT && B == 3) {
-      // The stream at bit offset 4; IMM kernels (where it was measured,
-      // with IMM) take the shift on the FMA pipe (IMAD.HI).
+      // The stream at bit offset 4. The split kernels (IMM) shift on the
+      // FMA pipe (IMAD.HI); measured only together with IMM.
       const uint32_t v[2][1] = {{w[i >> 2]}, {IMM && SEL ? __umulhi(w[i >> 2], 1u << 28) : w[i >> 2] >> 4}};
       const int bit = 6 * (i & 3);
       const bool b_table = bt_b_table<3, 2>(bit);

@@ -83,6 +83,55 @@ __device__ __forceinline__ float round_bf16(float x) {
   return __uint_as_float((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
 }
 
+// NW words from shared memory as 16-byte reads.
+template <int NW>
+__device__ __forceinline__ void load_words16(const uint4* src, unsigned* w) {
+  static_assert(NW % 4 == 0);
+#pragma unroll
+  for (int j = 0; j < NW / 4; ++j) {
+    const uint4 u = src[j];
+    w[4 * j] = u.x;
+    w[4 * j + 1] = u.y;
+    w[4 * j + 2] = u.z;
+    w[4 * j + 3] = u.w;
+  }
+}
+
+// 16-bit input (pair words: the lower element in the low half). Whether any
+// of NP bf16 pairs is below 2^-14 in magnitude (zeros included): one bf16x2
+// min a pair. Such values are the only bf16 ones an f16 layer must round.
+template <int NP>
+__device__ __forceinline__ bool bf16_pairs_below_f16_normal(const unsigned* raw) {
+  __nv_bfloat162 mn = __float2bfloat162_rn(1.0f);
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    __nv_bfloat162 h;
+    memcpy(&h, &raw[j], 4);
+    mn = __hmin2(mn, __habs2(h));
+  }
+  const float2 m = __bfloat1622float2(mn);
+  return fminf(m.x, m.y) < kHalfMinNormal;
+}
+// A pair word as two floats; fix: values below 2^-14 rounded to the subnormal
+// halves (bf16 input, f16 layer: the rare case above).
+template <bool kBf16>
+__device__ __forceinline__ void pair_to_floats(unsigned u, bool fix, float& a, float& b) {
+  if constexpr (kBf16) {
+    a = __uint_as_float(u << 16);
+    b = __uint_as_float(u & 0xffff0000u);
+  } else {
+    __half2 h;
+    memcpy(&h, &u, 4);
+    const float2 f = __half22float2(h);
+    a = f.x;
+    b = f.y;
+  }
+  if (fix) {
+    if (fabsf(a) < kHalfMinNormal) a = round_f16_subnormal(a);
+    if (fabsf(b) < kHalfMinNormal) b = round_f16_subnormal(b);
+  }
+}
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem) : "memory");
@@ -345,17 +394,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     // ---- this thread's slice: raw words, then floats with the signs -------
     constexpr int kWords = E * G::kSz / 4;
     unsigned raw[kWords];
-    {
-      const uint4* s = reinterpret_cast<const uint4*>(in_stage + tid * G::kSlice);
-#pragma unroll
-      for (int j = 0; j < kWords / 4; ++j) {
-        const uint4 u = s[j];
-        raw[4 * j] = u.x;
-        raw[4 * j + 1] = u.y;
-        raw[4 * j + 2] = u.z;
-        raw[4 * j + 3] = u.w;
-      }
-    }
+    load_words16<kWords>(reinterpret_cast<const uint4*>(in_stage + tid * G::kSlice), raw);
     __syncthreads();  // the slices are read: the next tile may land there
     if (ti + int(gridDim.x) < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti + gridDim.x], in_stage);
 
@@ -409,39 +448,13 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
       // of the warp is that small is one bf16x2 min per pair; the fix runs
       // only then (zeros take it too: rare in K/V).
       bool tiny = false;
-      if (IN == DType::bf16 && p.round_to == int(DType::f16)) {
-        __nv_bfloat162 mn = __float2bfloat162_rn(1.0f);
-#pragma unroll
-        for (int j = 0; j < E / 2; ++j) {
-          __nv_bfloat162 h;
-          memcpy(&h, &raw[j], 4);
-          mn = __hmin2(mn, __habs2(h));
-        }
-        const float2 m = __bfloat1622float2(mn);
-        tiny = __any_sync(kFull, fminf(m.x, m.y) < kHalfMinNormal);
-      }
+      if (IN == DType::bf16 && p.round_to == int(DType::f16))
+        tiny = __any_sync(kFull, bf16_pairs_below_f16_normal<E / 2>(raw));
       auto convert = [&](bool fix) {
 #pragma unroll
         for (int j = 0; j < E / 2; ++j) {
           const unsigned s = V == 1 ? F.sign_pair[j] : ssign[j];
-          const unsigned u = raw[j] ^ s;
-          float a, b;
-          if constexpr (IN == DType::bf16) {
-            a = __uint_as_float(u << 16);
-            b = __uint_as_float(u & 0xffff0000u);
-          } else {
-            __half2 h;
-            memcpy(&h, &u, 4);
-            const float2 f = __half22float2(h);
-            a = f.x;
-            b = f.y;
-          }
-          if (fix) {
-            if (fabsf(a) < kHalfMinNormal) a = round_f16_subnormal(a);
-            if (fabsf(b) < kHalfMinNormal) b = round_f16_subnormal(b);
-          }
-          x[2 * j] = a;
-          x[2 * j + 1] = b;
+          pair_to_floats<IN == DType::bf16>(raw[j] ^ s, fix, x[2 * j], x[2 * j + 1]);
         }
       };
       if (tiny) convert(true);

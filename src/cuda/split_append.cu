@@ -430,49 +430,13 @@ __device__ __forceinline__ void gather_halves(const SplitAppendParams& p, const 
 template <int N, typename T>
 __device__ __forceinline__ void load_gathered16(const SplitAppendParams& p, const uint4* q, float (&x)[N]) {
   static_assert(sizeof(T) == 2 && N % 8 == 0);
-  uint32_t raw[N / 2];
-#pragma unroll
-  for (int c = 0; c < N / 8; ++c) {
-    const uint4 u = q[c];
-    raw[4 * c] = u.x;
-    raw[4 * c + 1] = u.y;
-    raw[4 * c + 2] = u.z;
-    raw[4 * c + 3] = u.w;
-  }
+  unsigned raw[N / 2];
+  load_words16<N / 2>(q, raw);
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  bool tiny = false;
-  if (kBf16 && p.round_to == int(DType::f16)) {
-    __nv_bfloat162 mn = __float2bfloat162_rn(1.0f);
-#pragma unroll
-    for (int j = 0; j < N / 2; ++j) {
-      __nv_bfloat162 h;
-      memcpy(&h, &raw[j], 4);
-      mn = __hmin2(mn, __habs2(h));
-    }
-    const float2 m = __bfloat1622float2(mn);
-    tiny = fminf(m.x, m.y) < kHalfMinNormal;
-  }
+  const bool tiny = kBf16 && p.round_to == int(DType::f16) && bf16_pairs_below_f16_normal<N / 2>(raw);
   auto convert = [&](bool fix) {
 #pragma unroll
-    for (int j = 0; j < N / 2; ++j) {
-      float a, b;
-      if constexpr (kBf16) {
-        a = __uint_as_float(raw[j] << 16);
-        b = __uint_as_float(raw[j] & 0xffff0000u);
-      } else {
-        __half2 h;
-        memcpy(&h, &raw[j], 4);
-        const float2 f = __half22float2(h);
-        a = f.x;
-        b = f.y;
-      }
-      if (fix) {
-        if (fabsf(a) < kHalfMinNormal) a = round_f16_subnormal(a);
-        if (fabsf(b) < kHalfMinNormal) b = round_f16_subnormal(b);
-      }
-      x[2 * j] = a;
-      x[2 * j + 1] = b;
-    }
+    for (int j = 0; j < N / 2; ++j) pair_to_floats<kBf16>(raw[j], fix, x[2 * j], x[2 * j + 1]);
   };
   if (tiny) convert(true);
   else convert(false);
