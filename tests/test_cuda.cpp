@@ -7,6 +7,7 @@
 // is no CUDA device, or the library was built without CUDA.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -177,6 +178,49 @@ TEST(Cuda, DeviceQuery) {
   const std::string name = cuda::cuda_device_name(0);
   EXPECT_FALSE(name.empty());
   std::printf("CUDA device 0: %s\n", name.c_str());
+}
+
+// The append kernels' table search (host side, no GPU needed): for every
+// codebook of 1-5 bits at dims 8..256 (a split's segments included), both
+// laws, the code the kernels read from the table -- the cell of v as the
+// device computes it (the bits of fma(v, 2^s, 1.5 * 2^23), clamped to 32
+// lanes), then the base count and the cell's one or two boundaries -- is
+// the CPU's count of boundaries below v, for each boundary, the floats
+// beside it, each cell edge and beside it, 0, +-inf and huge values; and
+// 1-4 bits always get a one-boundary table (the split append kernel needs
+// that for turbo2.5 / turbo3.5, else a slower kernel runs).
+TEST(CudaAppend, SearchTableCodesEqualBinarySearch) {
+  constexpr float kMagic = 12582912.0f;
+  constexpr int kMagicBits = 0x4B400000;
+  int checked = 0;
+  for (CodebookLaw law : {CodebookLaw::exact, CodebookLaw::gauss})
+    for (int d : {8, 32, 56, 64, 112, 128, 256})
+      for (int bits = 1; bits <= 5; ++bits) {
+        const auto& bnd = sphere_codebook(law, d, bits).boundaries;
+        const cuda::SearchTable t = cuda::search_table(bnd, bits);
+        SCOPED_TRACE("law " + to_string(law) + " d " + std::to_string(d) + " bits " + std::to_string(bits));
+        if (bits <= 4) EXPECT_EQ(int(t.search), int(cuda::AppendSearch::table1));
+        if (t.search == cuda::AppendSearch::binary) continue;
+        std::vector<float> vs = {0.0f, -0.0f, INFINITY, -INFINITY, 3e38f, -3e38f, 1e9f, -1e9f};
+        for (float b : bnd)
+          for (float v : {b, std::nextafter(b, -INFINITY), std::nextafter(b, INFINITY)}) vs.push_back(v);
+        for (int c = -17; c <= 16; ++c) {
+          const float e = (c + 0.5f) / t.cell_scale;
+          for (float v : {e, std::nextafter(e, -INFINITY), std::nextafter(e, INFINITY)}) vs.push_back(v);
+        }
+        for (float v : vs) {
+          int want = 0;
+          for (float b : bnd) want += b < v ? 1 : 0;
+          float f = std::fma(v, t.cell_scale, kMagic);
+          int32_t bitsf;
+          std::memcpy(&bitsf, &f, 4);
+          const int lane = std::clamp(bitsf - kMagicBits + 16, 0, 31);  // __viaddmin_s32_relu
+          const int got = t.base[lane] + (t.b0[lane] < v ? 1 : 0) + (t.b1[lane] < v ? 1 : 0);
+          EXPECT_EQ(got, want) << "v " << v;
+          ++checked;
+        }
+      }
+  std::printf("table codes checked: %d values\n", checked);
 }
 
 // Every head_dim, bit width 1..8 (K and V different), scale f16 / f32 and

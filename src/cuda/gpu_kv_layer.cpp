@@ -217,6 +217,13 @@ bool same_codebooks(const HostFormat& k, const HostFormat& v) {
   return k.seg[0].centroids == v.seg[0].centroids && k.seg[1].centroids == v.seg[1].centroids;
 }
 
+SplitSearch split_search(const HostFormat& h) {
+  SplitSearch s;
+  if (h.split)
+    for (int i = 0; i < 2; ++i) s.seg[i] = search_table(h.seg[i].boundaries, h.seg[i].bits);
+  return s;
+}
+
 SplitFormat upload_split(const HostFormat& h, DeviceBuffer& buf) {
   SplitFormat f;
   if (!h.split) return f;
@@ -308,6 +315,7 @@ struct GpuKvLayer::Impl {
   MseDeviceFormat kf, vf;
   AppendFormat ka, va;  // the append kernel's view of the formats (not for a split)
   SplitFormat ksf, vsf;  // channel splits (n_seg 0: none)
+  SplitSearch ks_search, vs_search;  // their append kernel's search tables
   DeviceBuffer k_split_consts, v_split_consts;
   size_t page_bytes = 0;
   int n_splits = 0;
@@ -483,11 +491,11 @@ struct GpuKvLayer::Impl {
     a.status = status;
     a.x = k;
     a.region = region(false);
-    if (hk.split) launch_split_append_tiles(a, ksf, hk.dim, hk.record_bytes, stream);
+    if (hk.split) launch_split_append_tiles(a, ksf, ks_search, hk.dim, hk.record_bytes, stream);
     else launch_mse_append_tiles(a, ka, stream);
     a.x = v;
     a.region = region(true);
-    if (hv.split) launch_split_append_tiles(a, vsf, hv.dim, hv.record_bytes, stream);
+    if (hv.split) launch_split_append_tiles(a, vsf, vs_search, hv.dim, hv.record_bytes, stream);
     else launch_mse_append_tiles(a, va, stream);
   }
 
@@ -976,6 +984,8 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   if (!m.hv.split) m.va = append_format(m.vf, m.hv.signs, m.hv.boundaries);
   m.ksf = upload_split(m.hk, m.k_split_consts);
   m.vsf = upload_split(m.hv, m.v_split_consts);
+  m.ks_search = split_search(m.hk);
+  m.vs_search = split_search(m.hv);
   m.k_auto = m.hk.split && cfg.k_hi_channels.empty();
   m.v_auto = m.hv.split && cfg.v_hi_channels.empty();
   m.k_default_channels = m.hk.channels;

@@ -80,6 +80,17 @@ static_assert(sizeof(AppendTile) == 16, "AppendTile is uploaded as raw bytes");
 //    serves 5 bits).
 enum class AppendSearch : int { table1 = 0, table2 = 1, binary = 2 };
 
+// The table of a sorted boundary list (host side, exact: see AppendSearch):
+// the largest cell width 2^-s that puts at most one boundary (5 bits: two)
+// in each of the 32 cells; search binary where none does (6 bits and more).
+struct SearchTable {
+  AppendSearch search = AppendSearch::binary;
+  float cell_scale = 1.0f;           // 2^s
+  float b0[32], b1[32];              // per lane: the cell's boundaries, ascending (+inf: none)
+  int32_t base[32];                  // per lane: boundaries in lower cells
+};
+SearchTable search_table(const std::vector<float>& boundaries, int bits);
+
 // Everything the kernel needs of one format, passed by value as a kernel
 // parameter (constant bank: the signs are read with compile-time offsets).
 struct AppendFormat {
@@ -92,7 +103,7 @@ struct AppendFormat {
   uint32_t sign_pair[128];           // per element pair 2p, 2p+1: bits 15 and 31
 };
 
-// The table of a format (host side, exact: see AppendSearch).
+// The kernel's view of a format (its table: search_table).
 AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& signs,
                            const std::vector<float>& boundaries);
 
@@ -109,11 +120,17 @@ struct AppendLaunch {
 
 void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
 
+// The search tables of a split's two segments (search_table of each
+// segment's boundaries; host side, built with the layer).
+struct SplitSearch {
+  SearchTable seg[2];
+};
+
 // The same for a channel-split format (src/cuda/split_append.cu): the tiles,
 // input, rounding and status of `a`; records of record_bytes (both
 // sub-records) in a.region, head_dim dim.
-void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int dim, int record_bytes,
-                               CUstream_st* stream);
+void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, const SplitSearch& search, int dim,
+                               int record_bytes, CUstream_st* stream);
 
 // Ordered after the append kernels of one append: writes the page-table
 // entries (index, page) unconditionally (entries past a sequence's pages are

@@ -330,18 +330,18 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
 }
 
 // Splits in two halves at B0 and B0 - 1 bits (turbo2.5: 3/2, turbo3.5: 4/3),
-// head_dim 64, 128 or 256, input type T: the tq-mse append kernel's layout --
-// two lanes a vector, lane 2v its hi half and 2v + 1 its lo half, D/2
-// elements each in registers -- so a half's fixed work (norm, division,
+// head_dim 64, 128 or 256, input type T: one lane a half-vector, its D/2
+// elements in registers, so that a half's fixed work (norm, division,
 // scale, packing) is paid once per D/2 elements instead of once per 4
-// (halves_append_kernel). A tile's input rows arrive in shared memory by
-// cp.async (all in flight at once); each lane takes its half's channels
-// (gathered, below) and rounds them, takes the norm (the canonical 16
-// partial sums) and the rotation in registers, and finds each code from
-// boundaries in registers (the lo half's padded with +inf, so the two lanes
-// of a vector do not diverge).
-// Both packings are computed and each lane keeps its own; the records are
-// staged and go out per head as contiguous runs, as the tq-mse kernel's do.
+// (halves_append_kernel). The first half of the block's warps takes the hi
+// halves of the tile's rows, the second the lo halves: a warp's bits are
+// uniform, so that each lane searches and packs at its own width only
+// (pack_half: boundaries in registers up to 3 bits, the tq-mse kernel's
+// 32-cell table at 4). A tile's input rows arrive in shared
+// memory by cp.async (all in flight at once); each lane takes its half's
+// channels (gathered, below) and rounds them, takes the norm (the canonical
+// 16 partial sums) and the rotation in registers. The records are staged
+// and go out per head as contiguous runs, as the tq-mse kernel's do.
 // The gather is its own pass over the tile (gather_halves): a thread takes
 // one channel slot of one head, loads its source column once and copies it
 // for every token of the tile, sign-flipped by the half's rotation signs,
@@ -375,7 +375,8 @@ __host__ __device__ constexpr int half_pitch() {
 }
 
 // The tile's rows (in: [rows][pitch] as copied, type T) gathered into
-// half-vectors hv: [rows][2][half_pitch] of S in channel order: element j of
+// half-vectors hv: [2][kRows][half_pitch] of S (the hi halves, then the lo
+// ones: a warp's lanes read consecutive half-vectors) in channel order: element j of
 // half hh of row r is in[r][channels[h][hh * N + j]] with its sign bit
 // flipped where the half's signs1[j] is -1. Flipping before rounding, norm
 // and rotation gives the CPU's bits: rounding is symmetric, the norm
@@ -383,40 +384,61 @@ __host__ __device__ constexpr int half_pitch() {
 // (S: the layer's 16-bit format) is rounded here, as round_checked rounds
 // and with its flags in st, so that the lanes read 16-bit halves as for
 // 16-bit input.
-template <int D, typename T, typename S, int kThreadsL>
+// An input element's bits (sign already flipped) as the 16-bit S, rounded
+// as round_checked rounds (f32 input), its flags in st.
+template <typename T, typename S>
+__device__ __forceinline__ typename ElemBits<S>::U to_half_bits(typename ElemBits<T>::U v, int& st) {
+  using US = typename ElemBits<S>::U;
+  if constexpr (std::is_same_v<T, S>) {
+    return v;
+  } else if constexpr (std::is_same_v<S, __half>) {  // f32 -> the f16 grid
+    const unsigned ax = v & 0x7fffffffu;
+    if (ax >= 0x38800000u && ax <= 0x477fe000u) {  // 2^-14 <= |x| <= 65504: round_f16_normal's bits
+      const unsigned r = (v + 0xfffu + ((v >> 13) & 1u)) & 0xffffe000u;
+      return US(((r >> 16) & 0x8000u) | (((r & 0x7fffffffu) >> 13) - 0x1c000u));
+    }
+    if (ax >= 0x7f800000u) st |= kStatusNonFinite;
+    else if (ax > 0x477fe000u) st |= kStatusDenseOverflow;
+    return US(float_to_half_bits(__uint_as_float(v)));  // subnormal halves (refused values: any)
+  } else {  // f32 -> bf16
+    const float a = __uint_as_float(v);
+    if (!isfinite(a)) st |= kStatusNonFinite;
+    return isnan(a) ? US((v >> 16) | 0x40u) : US(__float_as_uint(round_bf16(a)) >> 16);
+  }
+}
+
+template <int D, typename T, typename S, int kRows, int kThreadsL>
 __device__ __forceinline__ void gather_halves(const SplitAppendParams& p, const AppendTile& t, const uint8_t* in,
                                               int pitch, uint8_t* hv, int& st) {
   using UT = typename ElemBits<T>::U;
-  using US = typename ElemBits<S>::U;
-  constexpr int N = D / 2, kHP = half_pitch<D, S>();
-  const int n = t.n, nh = t.nh;
-  for (int idx = threadIdx.x; idx < nh * D; idx += kThreadsL) {
-    const int hl = idx / D, e = idx % D, hh = e / N, j = e % N;
-    const int c = __ldg(p.f.channels + size_t(t.h0 + hl) * D + e);
-    const UT flip = __ldg(p.f.seg[hh].rot.signs1 + j) < 0.0f ? ElemBits<T>::kSign : UT(0);
-    const uint8_t* src = in + hl * pitch + c * int(sizeof(T));
-    uint8_t* dst = hv + (2 * hl + hh) * kHP + j * int(sizeof(S));
+  static_assert(sizeof(S) == 2, "gathered halves are 16-bit");
+  constexpr int N = D / 2, kHP = half_pitch<D, S>(), kPairs = D / 2;  // element pairs of a row
+  const int n = t.n, nh = t.nh, sstep = nh * pitch, dstep = nh * kHP;
+  // A thread takes two adjacent elements j, j + 1 of one half (one 32-bit
+  // store a token) and walks the tile's tokens by pointer steps.
+  for (int idx = threadIdx.x; idx < nh * kPairs; idx += kThreadsL) {
+    const int hl = idx / kPairs, e = 2 * (idx % kPairs), hh = e / N, j = e % N;
+    const int* ch = p.f.channels + size_t(t.h0 + hl) * D + e;
+    const float* sg = p.f.seg[hh].rot.signs1 + j;
+    const UT f0 = __ldg(sg) < 0.0f ? ElemBits<T>::kSign : UT(0);
+    const UT f1 = __ldg(sg + 1) < 0.0f ? ElemBits<T>::kSign : UT(0);
+    const uint8_t* s0 = in + hl * pitch + __ldg(ch) * int(sizeof(T));
+    const uint8_t* s1 = in + hl * pitch + __ldg(ch + 1) * int(sizeof(T));
+    uint8_t* dst = hv + (hh * kRows + hl) * kHP + j * 2;
     for (int tl = 0; tl < n; ++tl) {
-      const UT v = UT(*reinterpret_cast<const UT*>(src + tl * nh * pitch) ^ flip);
-      US o;
-      if constexpr (std::is_same_v<T, S>) {
-        o = v;
-      } else if constexpr (std::is_same_v<S, __half>) {  // f32 -> the f16 grid
-        const unsigned ax = v & 0x7fffffffu;
-        if (ax >= 0x38800000u && ax <= 0x477fe000u) {  // 2^-14 <= |x| <= 65504: round_f16_normal's bits
-          const unsigned r = (v + 0xfffu + ((v >> 13) & 1u)) & 0xffffe000u;
-          o = US(((r >> 16) & 0x8000u) | (((r & 0x7fffffffu) >> 13) - 0x1c000u));
-        } else {
-          if (ax >= 0x7f800000u) st |= kStatusNonFinite;
-          else if (ax > 0x477fe000u) st |= kStatusDenseOverflow;
-          o = US(float_to_half_bits(__uint_as_float(v)));  // subnormal halves (refused values: any)
-        }
-      } else {  // f32 -> bf16
-        const float a = __uint_as_float(v);
-        if (!isfinite(a)) st |= kStatusNonFinite;
-        o = isnan(a) ? US((v >> 16) | 0x40u) : US(__float_as_uint(round_bf16(a)) >> 16);
+      unsigned w;
+      if constexpr (std::is_same_v<T, S>) {  // one xor flips both signs
+        w = (unsigned(*reinterpret_cast<const UT*>(s0)) | (unsigned(*reinterpret_cast<const UT*>(s1)) << 16)) ^
+            (unsigned(f0) | (unsigned(f1) << 16));
+      } else {
+        const unsigned o0 = to_half_bits<T, S>(UT(*reinterpret_cast<const UT*>(s0) ^ f0), st);
+        const unsigned o1 = to_half_bits<T, S>(UT(*reinterpret_cast<const UT*>(s1) ^ f1), st);
+        w = o0 | (o1 << 16);
       }
-      *reinterpret_cast<US*>(dst + tl * nh * 2 * kHP) = o;
+      *reinterpret_cast<unsigned*>(dst) = w;
+      s0 += sstep;
+      s1 += sstep;
+      dst += dstep;
     }
   }
 }
@@ -447,34 +469,70 @@ __device__ __forceinline__ void load_gathered16(const SplitAppendParams& p, cons
   }
 }
 
+// The codes of one half at BITS bits (= the CPU's binary search over v =
+// fl(fl(y * scale) * (1 / norm))), packed as pack_ref packs them, into rec
+// (valid rows); ok false (zero or non-finite norm): codes 0. Up to 3 bits
+// the boundaries sit in registers: the search's first step, then the count
+// of boundaries below v in the half it chose (lt01) -- ALU work only, which
+// at these widths costs no more than the table; 4 bits take the tq-mse
+// kernel's 32-cell table (a cell per lane of the warp, read by shuffles:
+// the half is warp-uniform).
+template <int N, int BITS>
+__device__ __forceinline__ void pack_half(const float* x, float scale, float inv, bool ok, const SearchTable& tab,
+                                          const float* boundaries, int lane, bool valid, uint8_t* rec) {
+  constexpr int W = N * BITS / 32;
+  unsigned w[W];
+  if constexpr (BITS <= 3) {
+    constexpr int kMid = 1 << (BITS - 1);
+    float b[2 * kMid - 1];  // -0 as +0 (lt01 needs that)
+#pragma unroll
+    for (int k = 0; k < 2 * kMid - 1; ++k) b[k] = __fadd_rn(__ldg(boundaries + k), 0.0f);
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[k] = 0;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const float v = __fmul_rn(__fmul_rn(x[j], scale), inv);
+      const bool up = b[kMid - 1] < v;
+      unsigned c = up ? unsigned(kMid) : 0u;
+#pragma unroll
+      for (int k = 0; k < kMid - 1; ++k) c += lt01(up ? b[kMid + k] : b[k], v);
+      const int pos = j * BITS;
+      w[pos / 32] |= c << (pos % 32);
+      if (pos % 32 + BITS > 32) w[pos / 32 + 1] |= c >> (32 - pos % 32);
+    }
+  } else {
+    quantize_pack<BITS, int(AppendSearch::table1), N>(x, scale, inv, tab.cell_scale, tab.b0[lane], 0.0f,
+                                                      tab.base[lane], nullptr, w);
+  }
+  const unsigned keep = ok ? ~0u : 0u;
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] &= keep;
+  if (valid) store_words_u16<W>(rec, w);
+}
+
 template <int D, int B0, typename T, typename S>
 __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
-    halves_lane_kernel(const __grid_constant__ SplitAppendParams p, int out_offset) {
+    halves_lane_kernel(const __grid_constant__ SplitAppendParams p, int out_offset,
+                       const __grid_constant__ SplitSearch tabs) {
   constexpr int N = D / 2, kRows = LaneRows<D>::kRows, kThreadsL = 2 * kRows, kWarpsL = kThreadsL / 32;
   constexpr int kRowBytes = D * int(sizeof(T)), kPitch = kRowBytes + 16, kChunks = kRowBytes / 16;
-  constexpr int W0 = N * B0 / 32, W1 = N * (B0 - 1) / 32;  // packed words of the hi / lo half
   static_assert(D == 64 || D == 128 || D == 256, "two halves of 32, 64 or 128 elements a lane");
+  static_assert(kRows % 32 == 0, "each warp takes one half");
   extern __shared__ __align__(16) uint8_t smem[];
   // S: the type the gather pass stores, the input's or (f32 input) the
   // layer's 16-bit format. f32 input kept as f32 (layers of f32 format:
   // a gathered copy would halve the resident blocks) is gathered in place.
   constexpr bool kGather = sizeof(S) == 2;
   constexpr int kHP = half_pitch<D, S>();
-  uint8_t* const in = smem;                // [kRows][kPitch] input rows
-  uint8_t* const hv = smem + kRows * kPitch;  // kGather: [kRows][2][kHP] gathered halves
+  uint8_t* const in = smem;                   // [kRows][kPitch] input rows
+  uint8_t* const hv = smem + kRows * kPitch;  // kGather: [2][kRows][kHP] gathered halves
   uint8_t* const out_stage = smem + out_offset;
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
-  const int rl = threadIdx.x >> 1, half = threadIdx.x & 1;  // row of the tile, hi (0) or lo (1)
+  // Row of the tile and half: the first kRows threads take the hi halves,
+  // the others the lo ones, so that a warp's half (its bits, its table) is
+  // uniform. (Through the warp index: known uniform to the compiler.)
+  const int half = warp >= kWarpsL / 2 ? 1 : 0, rl = threadIdx.x - half * kRows;
   const SplitSegment& g = p.f.seg[half];
-  // This half's boundaries in registers, the lo half's padded with +inf, -0
-  // as +0: a code is the binary search's first step and then the count of
-  // boundaries below its value in the chosen half (lt01), which is what the
-  // CPU's binary search returns over sorted boundaries, without its chain of
-  // dependent loads (B0 of them an element).
-  float bnds[(1 << B0) - 1];
-#pragma unroll
-  for (int k = 0; k < (1 << B0) - 1; ++k)
-    bnds[k] = k < (1 << g.bits) - 1 ? __fadd_rn(__ldg(g.boundaries + k), 0.0f) : INFINITY;
   const float scale = g.rot.block_scale[0];
   const int rb = p.record_bytes;
 
@@ -493,7 +551,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     cp_async_wait_all();
     __syncthreads();
     if constexpr (kGather) {
-      gather_halves<D, T, S, kThreadsL>(p, t, in, kPitch, hv, st);
+      gather_halves<D, T, S, kRows, kThreadsL>(p, t, in, kPitch, hv, st);
       __syncthreads();
     }
     const int run_stride = (n * rb + 31) & ~15;
@@ -501,73 +559,56 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
       return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
              (size_t(t.h0 + h) * p.page_tokens + t.slot0) * rb;
     };
-    if (rl < rows) {
-      const int tl = rl / nh, hl = rl % nh;
-      // 2. This half's channels (gathered, signs applied), rounded; its norm
-      // from the 16 partial sums.
-      float x[N];
-      if constexpr (kGather) {
-        load_gathered16<N, S>(p, reinterpret_cast<const uint4*>(hv + (2 * rl + half) * kHP), x);
-      } else {
-        const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
-        const float* row = reinterpret_cast<const float*>(in + rl * kPitch);
+    // Every lane computes (the shuffles of the search need the whole warp);
+    // rows past the tile's read stale shared memory and store nothing.
+    const bool valid = rl < rows;
+    int sl = 0;  // this row's flags (st holds the gather pass's)
+    const int tl = valid ? rl / nh : 0, hl = valid ? rl % nh : 0;
+    // 2. This half's channels (gathered, signs applied), rounded; its norm
+    // from the 16 partial sums.
+    float x[N];
+    if constexpr (kGather) {
+      load_gathered16<N, S>(p, reinterpret_cast<const uint4*>(hv + (half * kRows + rl) * kHP), x);
+    } else {
+      const int* ch = p.f.channels + size_t(t.h0 + hl) * D + half * N;
+      const float* row = reinterpret_cast<const float*>(in + rl * kPitch);
 #pragma unroll
-        for (int j = 0; j < N; ++j) x[j] = __fmul_rn(round_checked(p, row[__ldg(ch + j)], st), __ldg(g.rot.signs1 + j));
-      }
-      float acc[16];
-      sq_partials16<N>(x, acc);
-      const float ss = tree16(acc);
-      if (kGather && std::is_same_v<T, __nv_bfloat16> && p.round_to == int(DType::f16) &&
-          !(ss < kHalfMax * kHalfMax)) {
-        // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): which
-        // (rare: needs a norm >= 65504). Non-finite values show in the norm.
+      for (int j = 0; j < N; ++j) x[j] = __fmul_rn(round_checked(p, row[__ldg(ch + j)], sl), __ldg(g.rot.signs1 + j));
+    }
+    float acc[16];
+    sq_partials16<N>(x, acc);
+    const float ss = tree16(acc);
+    if (kGather && std::is_same_v<T, __nv_bfloat16> && p.round_to == int(DType::f16) &&
+        !(ss < kHalfMax * kHalfMax)) {
+      // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): which
+      // (rare: needs a norm >= 65504). Non-finite values show in the norm.
 #pragma unroll
-        for (int j = 0; j < N; ++j)
-          if (isfinite(x[j]) && fabsf(x[j]) > kHalfMax) st |= kStatusDenseOverflow;
-      }
-      const float norm = __fsqrt_rn(ss);
-      if (!isfinite(norm)) st |= kStatusNonFinite;
-      const bool ok = norm != 0.0f && isfinite(norm);
-      const float inv = ok ? __fdiv_rn(1.0f, norm) : 0.0f;
-      // 3. Rotation: (signs applied in the gather) butterflies, then (with the codes) the block scale.
-      fwht_rn<N>(x);
-      // 4. Codes: the count of boundaries below (bnds; = the CPU's binary
-      // search; zero or non-finite norm: codes 0), packed as pack_ref packs
-      // them, at both widths.
-      unsigned w0[W0], w1[W1];
-#pragma unroll
-      for (int w = 0; w < W0; ++w) w0[w] = 0;
-#pragma unroll
-      for (int w = 0; w < W1; ++w) w1[w] = 0;
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const float v = __fmul_rn(__fmul_rn(x[j], scale), inv);
-        // The search's first step, then the count in the half it chose.
-        constexpr int kMid = 1 << (B0 - 1);
-        const bool up = bnds[kMid - 1] < v;
-        unsigned lo = up ? unsigned(kMid) : 0u;
-#pragma unroll
-        for (int k = 0; k < kMid - 1; ++k) lo += lt01(up ? bnds[kMid + k] : bnds[k], v);
-        const unsigned c = ok ? lo : 0u;
-        const int p0 = j * B0, p1 = j * (B0 - 1);
-        w0[p0 / 32] |= c << (p0 % 32);
-        if (p0 % 32 + B0 > 32) w0[p0 / 32 + 1] |= c >> (32 - p0 % 32);
-        w1[p1 / 32] |= c << (p1 % 32);
-        if (p1 % 32 + B0 - 1 > 32) w1[p1 / 32 + 1] |= c >> (32 - p1 % 32);
-      }
-      // 5. The sub-record (codes, then the scale) into the staging area.
-      uint8_t* rec = out_stage + hl * run_stride + (reinterpret_cast<uintptr_t>(dest(hl)) & 15) + tl * rb + g.offset;
-      if (half == 0) store_words_u16<W0>(rec, w0);
-      else store_words_u16<W1>(rec, w1);
+      for (int j = 0; j < N; ++j)
+        if (isfinite(x[j]) && fabsf(x[j]) > kHalfMax) sl |= kStatusDenseOverflow;
+    }
+    const float norm = __fsqrt_rn(ss);
+    if (!isfinite(norm)) sl |= kStatusNonFinite;
+    const bool ok = norm != 0.0f && isfinite(norm);
+    const float inv = ok ? __fdiv_rn(1.0f, norm) : 0.0f;
+    // 3. Rotation: (signs applied in the gather) butterflies, then (with the codes) the block scale.
+    fwht_rn<N>(x);
+    // 4. Codes (= the CPU's binary search: fl(fl(y * scale) * (1 / norm))
+    // against the boundaries, as the tq-mse kernel finds them), packed as
+    // pack_ref packs them, into the staging area; then the scale.
+    uint8_t* rec = out_stage + hl * run_stride + (reinterpret_cast<uintptr_t>(dest(hl)) & 15) + tl * rb + g.offset;
+    if (half == 0) pack_half<N, B0>(x, scale, inv, ok, tabs.seg[0], g.boundaries, lane, valid, rec);
+    else pack_half<N, B0 - 1>(x, scale, inv, ok, tabs.seg[1], g.boundaries, lane, valid, rec);
+    if (valid) {
       uint16_t* sp = reinterpret_cast<uint16_t*>(rec + g.code_bytes);
       if (g.scale_f32) {
         const unsigned u = __float_as_uint(norm);
         sp[0] = static_cast<uint16_t>(u & 0xffffu);
         sp[1] = static_cast<uint16_t>(u >> 16);
       } else {
-        if (!(norm <= kHalfMax) && isfinite(norm)) st |= kStatusScaleOverflow;
+        if (!(norm <= kHalfMax) && isfinite(norm)) sl |= kStatusScaleOverflow;
         sp[0] = static_cast<uint16_t>(float_to_half_bits(norm));
       }
+      st |= sl;  // a stale row's flags are not the tile's
     }
     if (st) atomicOr(p.status, st);
     __syncthreads();
@@ -578,8 +619,8 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
 
 }  // namespace
 
-void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int dim, int record_bytes,
-                               CUstream_st* stream) {
+void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, const SplitSearch& search, int dim,
+                               int record_bytes, CUstream_st* stream) {
   if (a.n_tiles == 0) return;
   TQ_ASSERT(f.n_seg == 2 && dim <= kMaxDim && f.seg[0].dim + f.seg[1].dim == dim);
   SplitAppendParams p;
@@ -600,7 +641,11 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
   const int grid = std::min(a.n_tiles, 8 * append_sm_count());
   // turbo2.5 / turbo3.5 (hi bits 3 / 4, lo one less) with their bits fixed; other widths read them.
   const int b0 = f.seg[1].bits == f.seg[0].bits - 1 && (f.seg[0].bits == 3 || f.seg[0].bits == 4) ? f.seg[0].bits : 0;
-  if (f.halves(dim) && b0 > 0 && (dim == 64 || dim == 128 || dim == 256)) {
+  // Its 4-bit halves read a one-boundary-a-cell table (every 4-bit codebook
+  // has one: CudaAppend.SearchTableCodesEqualBinarySearch); else the warp kernel.
+  auto table_ok = [&](int i) { return f.seg[i].bits != 4 || search.seg[i].search == AppendSearch::table1; };
+  const bool tables = table_ok(0) && table_ok(1);
+  if (f.halves(dim) && b0 > 0 && tables && (dim == 64 || dim == 128 || dim == 256)) {
     // Two lanes a vector: the input rows, then the staged records of a tile.
     const int rows = append_rows_per_tile(dim), threads = 2 * rows;
     const int heads = std::min(a.n_heads, rows);
@@ -611,7 +656,7 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, int 
     const int smem = out_offset + ((rows * record_bytes + 32 * heads + 15) & ~15);
     auto launch = [&](auto kernel) {
       const int nb = append_blocks_per_sm(reinterpret_cast<const void*>(kernel), smem, threads);
-      kernel<<<std::min(a.n_tiles, nb * append_sm_count()), threads, smem, stream>>>(p, out_offset);
+      kernel<<<std::min(a.n_tiles, nb * append_sm_count()), threads, smem, stream>>>(p, out_offset, search);
     };
     auto by_type = [&](auto d, auto b) {
       constexpr int D = decltype(d)::value, B = decltype(b)::value;
