@@ -31,7 +31,7 @@ grep -E '^\+\+\+ b/' "$PATCH" | sed 's|^+++ b/||' | xargs -r touch
 echo "A built at $(( $(date +%s) - t0 )) s"
 rm -rf /tmp/ab && mkdir -p /tmp/ab
 # $BENCH_ARGS2 (optional): a second gpu-bench argument set per round (e.g. the
-# prefill append of the other shape: the append times the first --shape).
+# prefill append of another shape alone, or another preset list).
 read -r -a ARGS2 <<<"${BENCH_ARGS2:-}"
 for r in $(seq "$ROUNDS"); do
   for v in A B; do

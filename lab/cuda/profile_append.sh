@@ -6,7 +6,7 @@
 # the first bf16-input launch, for docs/kernel-notes.md; before that the GPU
 # tests and a plain timing. Output in $OUT. NO_BUILD=1 reuses a warm
 # machine's build, NO_TEST=1 skips the tests, SHAPE=gemma profiles the d-256
-# append instead (the prefill append times the first --shape).
+# append instead (it passes that one --shape).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 [[ -n ${NO_BUILD:-} ]] || { lab_configure && lab_build tq test_cuda || exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"

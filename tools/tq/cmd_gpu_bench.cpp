@@ -13,7 +13,7 @@
 // read floor: the fastest pure read of exactly that many bytes (several
 // access patterns, cuda_bench.hpp) timed the same way, fixed costs included,
 // which bounds what any kernel could reach (max_speedup_vs_sdpa). Also timed: the
-// quantize-append of a 131072-token prefill block of the first --shape, from
+// quantize-append of a 131072-token prefill block of each --shape, from
 // bf16 and from f32 input (kernels alone, and the whole append_device call),
 // against one read of the same block in bf16, and one decode step's append
 // (one token for each sequence of a batch, append_batch_device), wall time
@@ -212,7 +212,7 @@ class Bench {
       for (int b : batches_)
         for (int c : contexts_) run_shape(s, b, c);
     if (!a_.no_append) {
-      run_append();
+      for (const Shape& s : shapes_) run_append(s);
       run_decode_append();
     }
 
@@ -450,15 +450,14 @@ class Bench {
     return std::all_of(h.begin(), h.end(), [](float x) { return std::isfinite(x); });
   }
 
-  // Quantize-append of one prefill block (one sequence of the first --shape)
+  // Quantize-append of one prefill block (one sequence of shape s)
   // against one read of the same block in bf16 (the engine's K and V), from bf16 input
   // (what engines hold) and from f32, with the layer's default rounding to
   // f16 (KvCache's dense format). Two times each: the kernels alone
   // (bench::AppendKernels, median of --runs, L2 flushed) and the whole
   // append_device call (tile list, one upload, kernels, status readback and
   // its stream synchronisation; events and wall time, median of --append-runs).
-  void run_append() {
-    const Shape s = shapes_.front();
+  void run_append(const Shape& s) {
     const int T = a_.append_tokens, Hkv = s.n_heads_kv, D = s.head_dim, R = a_.append_runs;
     const size_t n = size_t(T) * Hkv * D;
     info("gpu-bench: quantize-append of %d tokens (%s shape)", T, s.name.c_str());
@@ -677,7 +676,7 @@ Runner add_gpu_bench(CLI::App& app) {
   sub->add_option("--split-pages", a->split_pages, "Pages per split-KV part (0 = fill the device)")
       ->check(CLI::Range(0, 1 << 20))
       ->capture_default_str();
-  sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append (one sequence of the first --shape)")
+  sub->add_option("--append-tokens", a->append_tokens, "Tokens of the timed prefill append (one sequence of each --shape)")
       ->check(CLI::Range(1, 1 << 22))
       ->capture_default_str();
   sub->add_option("--append-runs", a->append_runs, "Timed append_device calls per preset and input type (median)")
