@@ -12,8 +12,8 @@
 // are not powers of two. Splits in two halves with one-block rotations
 // (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 / 256
 // (two lanes a vector, a half's elements in registers, as the tq-mse
-// kernel: 128K Llama tokens from bf16 0.63 ms for turbo2.5, ~4.8x one read
-// of the input, against ~2.9x for the tq-mse kernel; Gemma's d 256 ~6x) and
+// kernel: 128K Llama tokens from bf16 0.51 ms for turbo2.5, ~3.9x one read
+// of the input, against ~2.9x for the tq-mse kernel; Gemma's d 256 ~5.6x) and
 // halves_append_kernel otherwise (one warp a vector in registers; other bit
 // widths). Every float operation
 // is an explicit round-to-nearest intrinsic (and the file is compiled with
@@ -343,15 +343,16 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
 // 16 partial sums) and the rotation in registers. The records are staged
 // and go out per head as contiguous runs, as the tq-mse kernel's do.
 // The gather is its own pass over the tile (gather_halves): a thread takes
-// one channel slot of one head, loads its source column once and copies it
-// for every token of the tile, sign-flipped by the half's rotation signs,
-// into contiguous half-vectors that the lanes then read 16 bytes at a time.
+// two adjacent channel slots of one head's half, loads their source columns
+// once and copies them for every token of the tile, sign-flipped by the
+// half's rotation signs, into contiguous half-vectors that the lanes then
+// read 16 bytes at a time; the rows are then free, so the next tile's rows
+// load during this one's work (without costing shared memory: a second row
+// buffer measured no faster when the lanes' work was heavier).
 // (Gathering inside the lanes cost two L1 loads an element, the column and
 // the sign, for every vector. With that, a binary search through shared
 // memory and per-element rounding branches the kernel took 1.10 ms for 128K
-// Llama tokens; a second row buffer, so that the next tile's rows land
-// during this one's work, measured no faster: the work, not the loads,
-// sets its time.)
+// Llama tokens from bf16; 0.51 ms now.)
 template <int D>
 struct LaneRows {
   static constexpr int kRows = append_rows_per_tile(D);  // rows of a tile (tiles are cut for the tq-mse kernel)
@@ -536,23 +537,32 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   const float scale = g.rot.block_scale[0];
   const int rb = p.record_bytes;
 
-  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
-    const int n = t.n, nh = t.nh, rows = n * nh;
-    int st = 0;
-    __syncthreads();  // the previous tile's rows and records are consumed
-    // 1. The tile's input rows into shared memory, every copy in flight at once.
+  // A tile's input rows into shared memory, every copy in flight at once.
+  auto issue_rows = [&](const AppendTile& t) {
+    const int nh = t.nh, rows = int(t.n) * nh;
     for (int i = threadIdx.x; i < rows * kChunks; i += kThreadsL) {
       const int r = i / kChunks, k = i % kChunks;
       const size_t row = size_t(t.token0 + r / nh) * p.n_heads + t.h0 + r % nh;
       cp_async16(in + r * kPitch + 16 * k, p.x + row * kRowBytes + 16 * k);
     }
     cp_async_commit();
+  };
+  // Gathered input: the rows are free once gathered, so the next tile's
+  // rows load while this one computes; f32 rows are read in place.
+  if (kGather && blockIdx.x < p.n_tiles) issue_rows(p.tiles[blockIdx.x]);
+  for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
+    const AppendTile t = p.tiles[ti];
+    const int n = t.n, nh = t.nh, rows = n * nh;
+    int st = 0;
+    __syncthreads();  // the previous tile's rows and records are consumed
+    // 1. The tile's input rows (issued a tile ahead where gathered).
+    if (!kGather) issue_rows(t);
     cp_async_wait_all();
     __syncthreads();
     if constexpr (kGather) {
       gather_halves<D, T, S, kRows, kThreadsL>(p, t, in, kPitch, hv, st);
       __syncthreads();
+      if (ti + int(gridDim.x) < p.n_tiles) issue_rows(p.tiles[ti + gridDim.x]);
     }
     const int run_stride = (n * rb + 31) & ~15;
     auto dest = [&](int h) {  // first record of head h of the tile
