@@ -64,7 +64,6 @@ void GpuKvLayer::attend(const float*, int, const AttentionParams&, float*, float
 AppendFormat append_format(const MseDeviceFormat&, const std::vector<float>&, const std::vector<float>&) {
   no_cuda();
 }
-SearchTable search_table(const std::vector<float>&, int) { no_cuda(); }
 
 // Decode-kernel selection (src/cuda/kernels.hpp): nothing runs without CUDA.
 const char* to_string(DecodeKernel k) {

@@ -44,8 +44,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -62,8 +60,6 @@ void launch_append_f16(const AppendLaunch& a, const AppendFormat& fmt, cudaStrea
 void launch_append_bf16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
 
 namespace {
-
-constexpr float kMagic = 12582912.0f;  // as mse_append_kernel.cuh
 
 __global__ void append_commit_kernel(const int* pt, int n_pt, const int* len, int n_len, int* page_table,
                                      int* lengths, int* status, const int* extra_status, int* sticky) {
@@ -120,47 +116,6 @@ int append_blocks_per_sm(const void* kernel, int smem, int threads) {
              " bytes of shared memory");
   cache[{kernel, smem}] = nb;
   return nb;
-}
-
-SearchTable search_table(const std::vector<float>& boundaries, int bits) {
-  TQ_ASSERT(bits >= 1 && int(boundaries.size()) == (1 << bits) - 1);
-  // cell(b) is computed by the same float operations as the kernel's (an fma
-  // of an exact product, then a clamp), and cell() is monotone in its
-  // argument, so that a value and a boundary in different cells compare as
-  // their cells do:
-  //   code(v) = #{b : cell(b) < cell(v)} + #{b : cell(b) = cell(v), b < v}.
-  // Widths of 6 bits and more have too many boundaries: binary search. (All
-  // codebooks of 1-4 bits at dims 32 to 256, both laws, fit one per cell.)
-  auto cell = [](float b, float scale) {
-    const float t = std::fma(b, scale, kMagic);  // exact product, one rounding
-    return std::clamp(static_cast<int>(t - kMagic), -16, 15);
-  };
-  SearchTable a{};
-  a.search = AppendSearch::binary;
-  const int k_max = bits <= 4 ? 1 : 2;
-  for (int s = 16; s >= -8 && bits <= 5; --s) {
-    const float scale = std::ldexp(1.0f, s);
-    int count[32] = {};
-    bool ok = true;
-    for (float b : boundaries) ok &= ++count[cell(b, scale) + 16] <= k_max;
-    if (!ok) continue;
-    a.search = bits <= 4 ? AppendSearch::table1 : AppendSearch::table2;
-    a.cell_scale = scale;
-    for (int lane = 0; lane < 32; ++lane) {
-      a.b0[lane] = a.b1[lane] = std::numeric_limits<float>::infinity();
-      a.base[lane] = 0;
-    }
-    for (float b : boundaries) {
-      const int lane = cell(b, scale) + 16;
-      for (int l = lane + 1; l < 32; ++l) ++a.base[l];
-      // -0 compares as +0; stored as +0 all the same.
-      const float bb = b == 0.0f ? 0.0f : b;
-      if (a.b0[lane] == std::numeric_limits<float>::infinity()) a.b0[lane] = bb;
-      else a.b1[lane] = bb;  // boundaries ascend: b0 <= b1
-    }
-    break;
-  }
-  return a;
 }
 
 AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& signs,
