@@ -11,9 +11,9 @@
 // lanes over its elements) takes any split: outlier channels, segments that
 // are not powers of two. Splits in two halves with one-block rotations
 // (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 / 256
-// (two lanes a vector, a half's elements in registers, as the tq-mse
+// (one lane a half-vector, its elements in registers, as in the tq-mse
 // kernel: 128K Llama tokens from bf16 0.51 ms for turbo2.5, ~3.9x one read
-// of the input, against ~2.9x for the tq-mse kernel; Gemma's d 256 ~5.6x) and
+// of the input, against ~2.9x for the tq-mse kernel; Gemma's d 256 ~5.2x) and
 // halves_append_kernel otherwise (one warp a vector in registers; other bit
 // widths). Every float operation
 // is an explicit round-to-nearest intrinsic (and the file is compiled with
@@ -375,16 +375,6 @@ __host__ __device__ constexpr int half_pitch() {
   return D / 2 * int(sizeof(T)) + 16;
 }
 
-// The tile's rows (in: [rows][pitch] as copied, type T) gathered into
-// half-vectors hv: [2][kRows][half_pitch] of S (the hi halves, then the lo
-// ones: a warp's lanes read consecutive half-vectors) in channel order: element j of
-// half hh of row r is in[r][channels[h][hh * N + j]] with its sign bit
-// flipped where the half's signs1[j] is -1. Flipping before rounding, norm
-// and rotation gives the CPU's bits: rounding is symmetric, the norm
-// squares, and the CPU's x * signs1 is that same exact negation. f32 input
-// (S: the layer's 16-bit format) is rounded here, as round_checked rounds
-// and with its flags in st, so that the lanes read 16-bit halves as for
-// 16-bit input.
 // An input element's bits (sign already flipped) as the 16-bit S, rounded
 // as round_checked rounds (f32 input), its flags in st.
 template <typename T, typename S>
@@ -408,6 +398,16 @@ __device__ __forceinline__ typename ElemBits<S>::U to_half_bits(typename ElemBit
   }
 }
 
+// The tile's rows (in: [rows][pitch] as copied, type T) gathered into
+// half-vectors hv: [2][kRows][half_pitch] of S (the hi halves, then the lo
+// ones: a warp's lanes read consecutive half-vectors) in channel order: element j of
+// half hh of row r is in[r][channels[h][hh * N + j]] with its sign bit
+// flipped where the half's signs1[j] is -1. Flipping before rounding, norm
+// and rotation gives the CPU's bits: rounding is symmetric, the norm
+// squares, and the CPU's x * signs1 is that same exact negation. f32 input
+// (S: the layer's 16-bit format) is rounded here, as round_checked rounds
+// and with its flags in st, so that the lanes read 16-bit halves as for
+// 16-bit input.
 template <int D, typename T, typename S, int kRows, int kThreadsL>
 __device__ __forceinline__ void gather_halves(const SplitAppendParams& p, const AppendTile& t, const uint8_t* in,
                                               int pitch, uint8_t* hv, int& st) {
