@@ -367,8 +367,8 @@ TEST(CudaAppend, ValuesOnBoundariesAndTableCellEdges) {
       f.bits = bits;
       const cuda::AppendFormat af =
           cuda::append_format(f, mq->rotation().stages()[0].signs, bnd);
-      if (af.search != cuda::AppendSearch::binary)
-        for (int c = -16; c < 16; c += 3) targets.push_back((c + 0.5f) / af.cell_scale);
+      if (af.tab.search != cuda::AppendSearch::binary)
+        for (int c = -16; c < 16; c += 3) targets.push_back((c + 0.5f) / af.tab.cell_scale);
       std::vector<float> rows, x;
       for (float t : targets)
         if (input_hitting(*mq, t, x)) rows.insert(rows.end(), x.begin(), x.end());

@@ -129,12 +129,7 @@ AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& s
     a.sign_f32[i] = signs[i] < 0 ? 0x80000000u : 0u;
   }
   for (int j = 0; j < f.dim / 2; ++j) a.sign_pair[j] = (a.sign_f32[2 * j] >> 16) | a.sign_f32[2 * j + 1];
-  const SearchTable t = search_table(boundaries, f.bits);
-  a.search = t.search;
-  a.cell_scale = t.cell_scale;
-  std::copy(t.b0, t.b0 + 32, a.tab_b0);
-  std::copy(t.b1, t.b1 + 32, a.tab_b1);
-  std::copy(t.base, t.base + 32, a.tab_base);
+  a.tab = search_table(boundaries, f.bits);
   return a;
 }
 

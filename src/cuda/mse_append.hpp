@@ -95,10 +95,7 @@ SearchTable search_table(const std::vector<float>& boundaries, int bits);
 // parameter (constant bank: the signs are read with compile-time offsets).
 struct AppendFormat {
   MseDeviceFormat f;                 // dim, bits, boundaries (device), post_scale, bytes
-  AppendSearch search = AppendSearch::binary;
-  float cell_scale = 1.0f;           // 2^s
-  float tab_b0[32], tab_b1[32];      // per lane: the cell's boundaries, ascending (+inf: none)
-  int32_t tab_base[32];              // per lane: boundaries in lower cells
+  SearchTable tab;                   // search_table of the boundaries
   uint32_t sign_f32[256];            // per element: 0 or 0x80000000 (the rotation's signs)
   uint32_t sign_pair[128];           // per element pair 2p, 2p+1: bits 15 and 31
 };

@@ -379,8 +379,8 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
           IN == DType::f32 ? F.sign_f32[i] : F.sign_pair[i];
     }
   }
-  const float tb0 = F.tab_b0[lane], tb1 = F.tab_b1[lane];
-  const int tbase = F.tab_base[lane];
+  const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
+  const int tbase = F.tab.base[lane];
 
   int ti = blockIdx.x;
   if (ti < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti], in_stage);
@@ -517,7 +517,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     // ---- codes, packed ------------------------------------------------------
     constexpr int kChunkWords = C * BITS / 32;
     unsigned words[kChunkWords];
-    const float ps = F.f.post_scale, cs = F.cell_scale;
+    const float ps = F.f.post_scale, cs = F.tab.cell_scale;
     quantize_pack<BITS, MODE, C>(x, ps, mul, cs, tb0, tb1, tbase, sbnd, words);
 #pragma unroll
     for (int w = 0; w < kChunkWords; ++w) words[w] &= keep;
@@ -585,9 +585,9 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
 template <int D, int BITS, DType IN>
 void launch_mode(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s) {
   if constexpr (BITS <= 4)
-    if (fmt.search == AppendSearch::table1) return launch_typed<D, BITS, IN, int(AppendSearch::table1)>(a, fmt, s);
+    if (fmt.tab.search == AppendSearch::table1) return launch_typed<D, BITS, IN, int(AppendSearch::table1)>(a, fmt, s);
   if constexpr (BITS == 5)
-    if (fmt.search == AppendSearch::table2) return launch_typed<D, BITS, IN, int(AppendSearch::table2)>(a, fmt, s);
+    if (fmt.tab.search == AppendSearch::table2) return launch_typed<D, BITS, IN, int(AppendSearch::table2)>(a, fmt, s);
   launch_typed<D, BITS, IN, int(AppendSearch::binary)>(a, fmt, s);
 }
 
