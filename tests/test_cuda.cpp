@@ -1891,6 +1891,167 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
 // fp16 limit and tiny values among them, and both choose the same hi
 // channels; under round_to f32 too (f32 input then takes the kernel's
 // ungathered path).
+// reserve_steps / append_step_device: a decode step captured in a CUDA
+// graph (append, then attend) and replayed writes the records that
+// append_batch_device writes for the same tokens (bit for bit) and attends
+// like direct calls; a replay past the reservation, or with a NaN, is
+// dropped on the device with every later one, check_appends() throws once
+// and the layer holds every token before it; the host refuses what it can
+// check before anything runs. turbo4 (tq-mse kernel, bf16 input) and
+// turbo2.5 (channel split, hi channels chosen by the prefill; f32 input).
+TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
+  TQ_SKIP_WITHOUT_GPU();
+  using cuda::DType;
+  for (const auto& [preset, dtype] : {std::pair{"turbo4", DType::bf16}, std::pair{"turbo2.5", DType::f32}}) {
+    SCOPED_TRACE(std::string(preset) + " input " + cuda::to_string(dtype));
+    KvCacheConfig cc = KvCacheConfig::from_preset(preset, 1, 2, 128);
+    KvCache cache(cc);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = 2;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 4;
+    cfg.max_pages_per_seq = 8;
+    cuda::GpuKvLayer ref(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    cuda::GpuKvLayer graph_layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
+    const int H = 2, d = 128, hq = 8, steps = 37, n_max = 30 + steps + 4;
+    const size_t row = size_t(H) * d;
+    const std::vector<int> prompt = {30, 5, 16};
+    const auto k = kv_data(size_t(3) * n_max * H, d, 81), v = kv_data(size_t(3) * n_max * H, d, 82);
+    auto tok = [&](const std::vector<float>& x, int s, int t) { return x.data() + (size_t(s) * n_max + t) * row; };
+    for (cuda::GpuKvLayer* l : {&ref, &graph_layer})
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(l->add_sequence(), s);
+        l->append(s, tok(k, s, 0), tok(v, s, 0), prompt[s]);
+      }
+    // The batch in an order other than the ids': rows 0, 1, 2 are sequences 2, 0, 1.
+    const std::vector<int> batch = {2, 0, 1};
+    const size_t es = dtype == DType::bf16 ? 2 : 4;
+    cuda::DeviceBuffer bk(3 * row * es), bv(3 * row * es), fk(3 * row * 4), fv(3 * row * 4);
+    auto upload_step = [&](int step, bool nan) {  // rows in batch order; ref gets the same values as f32
+      std::vector<float> kb(3 * row), vb(3 * row);
+      for (int i = 0; i < 3; ++i) {
+        const int s = batch[i];
+        std::copy(tok(k, s, prompt[s] + step), tok(k, s, prompt[s] + step) + row, kb.begin() + i * row);
+        std::copy(tok(v, s, prompt[s] + step), tok(v, s, prompt[s] + step) + row, vb.begin() + i * row);
+      }
+      if (nan) kb[row + 5] = std::numeric_limits<float>::quiet_NaN();
+      if (dtype == DType::bf16) {
+        std::vector<uint16_t> hk(kb.size()), hv(vb.size());
+        for (size_t i = 0; i < kb.size(); ++i) {
+          hk[i] = float_to_bf16(kb[i]);
+          hv[i] = float_to_bf16(vb[i]);
+          kb[i] = bf16_to_float(hk[i]);  // the values ref appends
+          vb[i] = bf16_to_float(hv[i]);
+        }
+        bk.upload(hk.data(), hk.size() * 2);
+        bv.upload(hv.data(), hv.size() * 2);
+      } else {
+        bk.upload(kb.data(), kb.size() * 4);
+        bv.upload(vb.data(), vb.size() * 4);
+      }
+      fk.upload(kb.data(), kb.size() * 4);
+      fv.upload(vb.data(), vb.size() * 4);
+    };
+    const size_t nq = size_t(3) * hq * d;
+    const auto q = test::random_gaussian(nq, 83);
+    cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), gout(nq * 4), ws(ref.workspace_bytes(hq)),
+        gws(ref.workspace_bytes(hq));
+    dq.upload(q.data(), nq * 4);
+    auto host = [&](const cuda::DeviceBuffer& b) {
+      std::vector<float> h(nq);
+      b.download(h.data(), nq * 4);
+      return h;
+    };
+    auto ref_attend = [&] {
+      ref.attend(dq.as<float>(), hq, {}, dout.as<float>(), nullptr, ws.data(), ws.size());
+      return host(dout);
+    };
+    auto same_records = [&](const char* when) {
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(graph_layer.n_tokens(s), ref.n_tokens(s)) << when << ": sequence " << s;
+        const int n = ref.n_tokens(s);
+        std::vector<uint8_t> gk(size_t(n) * H * ref.k_record_bytes()), gv(size_t(n) * H * ref.v_record_bytes());
+        std::vector<uint8_t> rk(gk.size()), rv(gv.size());
+        graph_layer.read_records(s, 0, n, gk.data(), gv.data());
+        ref.read_records(s, 0, n, rk.data(), rv.data());
+        EXPECT_TRUE(gk == rk) << when << ": K records of sequence " << s;
+        EXPECT_TRUE(gv == rv) << when << ": V records of sequence " << s;
+      }
+    };
+
+    // Refused on the host before anything runs.
+    EXPECT_THROW(graph_layer.append_step_device(bk.data(), bv.data(), dtype), Error);  // no batch yet
+    const std::vector<int> twice = {1, 1}, unknown = {0, 3};
+    EXPECT_THROW(graph_layer.reserve_steps(twice.data(), 2, 4), Error);
+    EXPECT_THROW(graph_layer.reserve_steps(unknown.data(), 2, 4), Error);
+    EXPECT_THROW(graph_layer.reserve_steps(batch.data(), 3, 0), Error);
+    EXPECT_THROW(graph_layer.reserve_steps(batch.data(), 3, 8 * 16), Error);  // past max_pages_per_seq
+    graph_layer.reserve_steps(batch.data(), 3, steps);
+    EXPECT_THROW(graph_layer.append_step_device(static_cast<uint8_t*>(bk.data()) + 4, bv.data(), dtype), Error);
+    for (int s = 0; s < 3; ++s) EXPECT_EQ(graph_layer.n_tokens(s), prompt[s]) << "a reservation appends nothing";
+
+    (void)ref_attend();  // warms the per-device caches of attend (kernel attributes, slots)
+    cuda::bench::CapturedGraph graph;
+    graph.begin_capture();
+    graph_layer.append_step_device(bk.data(), bv.data(), dtype, graph.stream());
+    graph_layer.attend(dq.as<float>(), hq, {}, gout.as<float>(), nullptr, gws.data(), gws.size(), graph.stream());
+    graph.end_capture();
+    double worst = 0;
+    for (int step = 0; step < steps; ++step) {
+      upload_step(step, false);
+      graph.replay();
+      ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+      const std::vector<float> want = ref_attend(), got = host(gout);
+      worst = std::max(worst, norm_err(got.data(), want.data(), nq));
+    }
+    // (the captured attend keeps the split planned at capture; direct calls plan from the current lengths)
+    EXPECT_LE(worst, 1e-5) << "captured attend after captured steps vs direct calls";
+    EXPECT_EQ(graph_layer.n_tokens(0), prompt[0]) << "steps are counted by check_appends only";
+    graph_layer.check_appends();
+    same_records("after the captured steps");
+
+    // One step past the reservation: dropped, with the clean ones after it.
+    const std::vector<float> before = ref_attend();
+    upload_step(steps, false);
+    graph.replay();
+    graph.replay();
+    {
+      const std::vector<float> got = host(gout);
+      EXPECT_LE(norm_err(got.data(), before.data(), nq), 1e-5) << "a refused step changed the attention";
+    }
+    EXPECT_THROW(graph_layer.check_appends(), Error);
+    graph_layer.check_appends();  // reported once
+    same_records("after a step past the reservation");
+
+    // A NaN in the middle of a run of steps: that step and the later ones are dropped.
+    graph_layer.reserve_steps(batch.data(), 3, 4);
+    upload_step(steps, false);
+    graph.replay();
+    ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+    upload_step(steps + 1, true);
+    graph.replay();
+    EXPECT_THROW(ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>()), Error);
+    upload_step(steps + 1, false);
+    graph.replay();
+    EXPECT_THROW(graph_layer.check_appends(), Error);
+    same_records("after a refused step");
+    // The reservation was given up: replays are refused until the next one.
+    graph.replay();
+    EXPECT_THROW(graph_layer.check_appends(), Error);
+    graph_layer.reserve_steps(batch.data(), 3, 2);
+    graph.replay();
+    ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+    graph_layer.check_appends();
+    same_records("after a new reservation");
+    // Host appends go on from the steps' tokens, using the reserved pages first.
+    const std::vector<int> seq1 = {1};
+    graph_layer.reserve_steps(seq1.data(), 1, 20);
+    graph_layer.append(1, tok(k, 1, 60), tok(v, 1, 60), 3);
+    ref.append(1, tok(k, 1, 60), tok(v, 1, 60), 3);
+    same_records("after host appends past the steps");
+  }
+}
+
 TEST(CudaSplit, HalvesAppendInputTypesAgree) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;

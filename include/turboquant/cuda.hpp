@@ -140,7 +140,7 @@ class GpuKvLayer {
   int add_sequence();   // ids 0, 1, 2, ...; throws past max_seqs
   int n_seqs() const;
   int n_tokens(int seq) const;  // all of them: dense prefix + pages + dense window
-  int n_pages(int seq) const;
+  int n_pages(int seq) const;   // pages holding its tokens (reserve_steps may hold more)
 
   // Quantize-append of tokens at positions n_tokens(seq) ... Records are
   // kq/vq.encode_one of the input rounded to config().round_to (f16 by
@@ -187,8 +187,42 @@ class GpuKvLayer {
   void append_batch_device_async(const int* seqs, int n, const void* k, const void* v, DType dtype,
                                  Stream stream = nullptr);
   // Waits for the asynchronous appends and throws the refusal among them,
-  // if any (see above). Call it once per decode step, or less often.
+  // if any (see above). Call it once per decode step, or less often. After
+  // captured steps (below) it waits for the whole device and brings
+  // n_tokens() up to the device's lengths.
   void check_appends();
+
+  // ---- Decode steps inside a CUDA graph ------------------------------------
+  // The appends above are planned on the host at every call (pages, tiles,
+  // an upload), so a stream capture cannot hold them. For a decode step an
+  // engine captures once and replays (append, then attend, per layer):
+  //   layer.reserve_steps(seqs, n, 256);          // host, outside the capture
+  //   cudaStreamBeginCapture(s, ...);
+  //   layer.append_step_device(k, v, DType::bf16, s);   // capture-safe
+  //   layer.attend(q, n_heads_q, params, out, lse, ws, ws_bytes, s);
+  //   cudaStreamEndCapture(s, &graph);  ... replay it for up to 256 steps ...
+  //   layer.check_appends();                      // n_tokens() catches up
+  // reserve_steps: the batch of the steps is sequences seqs[0..n-1]
+  // (distinct, host memory), in that order; each gets the pages for `steps`
+  // more tokens now (from the pool, on the host) and may grow by steps up
+  // to n_tokens(seq) + steps tokens. Throws tq::Error (nothing changed) for
+  // a layer with dense_window / dense_prefix, a channel split whose hi
+  // channels are not chosen yet, a sequence past its capacity or a pool
+  // without the pages. Synchronous (settles earlier appends first).
+  void reserve_steps(const int* seqs, int n, int steps);
+  // One token for each sequence of the reserved batch, rows of k, v
+  // (device [n, n_heads_kv, head_dim] of dtype, 16-byte aligned) in the
+  // batch's order, at each sequence's current end as the device knows it;
+  // the same records as append_batch_device. Nothing is read from or
+  // written to the host and nothing is allocated, so the call may be
+  // captured: each replay reads the lengths and page tables on the device
+  // and commits the new lengths there (attend sees them). A step that would
+  // pass a reserved limit, or whose values are refused (NaN/Inf, f16
+  // overflow, an fp16 scale overflow), is dropped on the device with every
+  // later asynchronous append and step, and the next check_appends() throws
+  // (the layer keeps every token appended before it; the reservations are
+  // given up). Until that check, n_tokens() does not count the steps.
+  void append_step_device(const void* k, const void* v, DType dtype, Stream stream = nullptr);
   // A channel-split format's hi channels of a KV head (K or V), as given or
   // as the layer chose them; empty for other formats and while not chosen.
   std::vector<int> hi_channels(int head, bool key) const;

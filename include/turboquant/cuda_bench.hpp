@@ -130,6 +130,7 @@ class CapturedGraph {
   void begin_capture();  // thread-local capture mode
   void end_capture();    // ends the capture and instantiates the graph
   void replay();         // launches the graph on stream() and synchronises it
+  void launch();         // launches the graph on stream() without waiting (for timing back-to-back replays)
  private:
   void* stream_ = nullptr;  // cudaStream_t
   void* graph_ = nullptr;   // cudaGraph_t

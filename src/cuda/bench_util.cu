@@ -391,9 +391,12 @@ void CapturedGraph::end_capture() {
   exec_ = e;
 }
 void CapturedGraph::replay() {
-  TQ_REQUIRE(exec_ != nullptr, "CapturedGraph::replay: nothing captured (begin_capture, calls, end_capture first)");
-  TQ_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream_)));
+  launch();
   TQ_CUDA_CHECK(cudaStreamSynchronize(static_cast<cudaStream_t>(stream_)));
+}
+void CapturedGraph::launch() {
+  TQ_REQUIRE(exec_ != nullptr, "CapturedGraph: nothing captured (begin_capture, calls, end_capture first)");
+  TQ_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), static_cast<cudaStream_t>(stream_)));
 }
 
 void copy_d2d(void* dst, const void* src, size_t bytes, Stream stream) {

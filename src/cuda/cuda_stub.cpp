@@ -49,6 +49,8 @@ void GpuKvLayer::append_batch_device_async(const int*, int, const void*, const v
   no_cuda();
 }
 void GpuKvLayer::check_appends() { no_cuda(); }
+void GpuKvLayer::reserve_steps(const int*, int, int) { no_cuda(); }
+void GpuKvLayer::append_step_device(const void*, const void*, DType, Stream) { no_cuda(); }
 std::vector<int> GpuKvLayer::hi_channels(int, bool) const { no_cuda(); }
 void GpuKvLayer::append_batch_device(const int*, int, const void*, const void*, DType, Stream) {
   no_cuda();
@@ -104,6 +106,7 @@ Stream CapturedGraph::stream() const { no_cuda(); }
 void CapturedGraph::begin_capture() { no_cuda(); }
 void CapturedGraph::end_capture() { no_cuda(); }
 void CapturedGraph::replay() { no_cuda(); }
+void CapturedGraph::launch() { no_cuda(); }
 void copy_d2d(void*, const void*, size_t, Stream) { no_cuda(); }
 void synchronize(Stream) { no_cuda(); }
 struct AppendKernels::State {};

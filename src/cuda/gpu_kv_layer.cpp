@@ -351,6 +351,37 @@ struct GpuKvLayer::Impl {
   bool async_unchecked = false;
   cudaStream_t async_stream = nullptr;
 
+  // Captured decode steps (reserve_steps / append_step_device): the batch's
+  // sequence ids, the steps' status word and tiles live on the device
+  // (step_buf: [status, pad][tiles of max_seqs sequences][seqs], allocated
+  // once at its largest, so that a captured graph's addresses stay valid
+  // whatever batch a later reserve_steps gives), as do the tokens each
+  // sequence may reach (step_limits, mirrored in step_limit_host).
+  // steps_captured: append_step_device has been called, so replays of a
+  // graph the host never sees may have moved the device's lengths (and
+  // error word) at any time: from then on every settle() reads them back.
+  DeviceBuffer step_buf, step_limits;
+  std::vector<int> step_limit_host;
+  int step_n = 0, step_tiles = 0, step_heads_per_tile = 0;
+  bool steps_captured = false;
+  int step_heads_per_tile_max() const { return std::min(cfg.n_heads_kv, append_rows_per_tile(hk.dim)); }
+  size_t step_max_tiles() const {
+    const int hpt = step_heads_per_tile_max();
+    return size_t(cfg.max_seqs) * ((cfg.n_heads_kv + hpt - 1) / hpt);
+  }
+  int* step_status() const { return step_buf.as<int>(); }
+  AppendTile* step_tile_array() const { return reinterpret_cast<AppendTile*>(step_buf.as<uint8_t>() + 16); }
+  int* step_seqs() const {
+    return reinterpret_cast<int*>(step_buf.as<uint8_t>() + 16 + step_max_tiles() * sizeof(AppendTile));
+  }
+  // Gives up every reservation (limits back to the lengths: no step runs).
+  void drop_reservations() {
+    if (step_limits.size() == 0) return;
+    std::fill(step_limit_host.begin(), step_limit_host.end(), 0);
+    TQ_CUDA_CHECK(cudaMemset(step_limits.data(), 0, step_limits.size()));
+    step_n = 0;
+  }
+
   // Channel splits whose hi channels the caller did not give
   // (GpuKvLayerConfig::k_hi_channels / v_hi_channels empty): chosen here per
   // head, as KvCache chooses them, from the first tokens the layer
@@ -576,7 +607,7 @@ struct GpuKvLayer::Impl {
       TQ_REQUIRE(need <= cfg.max_pages_per_seq, "GPU KV layer: sequence ", s, " would hold ",
                  len[s] + n, " tokens, over its capacity of ", cfg.max_pages_per_seq * P,
                  " (max_pages_per_seq * page_tokens)");
-      need_new += need - pages[s].size();
+      if (size_t(need) > pages[s].size()) need_new += need - pages[s].size();  // (reserve_steps: already there)
       total += n;
     }
     RunsInFlight f;
@@ -788,27 +819,40 @@ struct GpuKvLayer::Impl {
         dense[s] = {state_host[3 * s], state_host[3 * s + 1], state_host[3 * s + 2]};
     }
     TQ_CUDA_CHECK(cudaMemset(sticky.data(), 0, sizeof(int)));
+    drop_reservations();  // their pages past the lengths were just given back
   }
-  // Waits for the asynchronous appends since the last check; if the device
-  // refused one, restores the layer (recover_from_device) and throws.
+  // Waits for the asynchronous appends and captured steps since the last
+  // check; if the device refused one, restores the layer
+  // (recover_from_device) and throws. Steps may have been replayed on any
+  // stream, so they are waited for by a device synchronisation.
   void settle() {
-    if (!async_unchecked) return;
-    TQ_CUDA_CHECK(cudaStreamSynchronize(async_stream));
+    if (!async_unchecked && !steps_captured) return;
+    if (steps_captured) TQ_CUDA_CHECK(cudaDeviceSynchronize());
+    else TQ_CUDA_CHECK(cudaStreamSynchronize(async_stream));
     int st = 0;
     TQ_CUDA_CHECK(cudaMemcpy(&st, sticky.data(), sizeof(int), cudaMemcpyDeviceToHost));
     async_unchecked = false;
-    if (st == 0) return;
+    if (st == 0) {
+      if (steps_captured) {  // the host's lengths catch up with the device's
+        std::vector<int> dl(cfg.max_seqs);
+        TQ_CUDA_CHECK(cudaMemcpy(dl.data(), lengths.data(), dl.size() * sizeof(int), cudaMemcpyDeviceToHost));
+        for (size_t s = 0; s < len.size(); ++s) len[s] = dl[s];
+      }
+      return;
+    }
     recover_from_device();
     const char* why = (st & kStatusNonFinite) ? "a key or value has a NaN/Inf component or its squared norm overflows float"
                       : (st & kStatusDenseOverflow) ? "a key or value component exceeds the f16 range (|x| > 65504)"
-                                                    : "a scale does not fit fp16 (max 65504; use a format with sf=f32)";
+                      : (st & kStatusReserve)
+                          ? "a captured step would take a sequence past the tokens reserve_steps reserved for it"
+                          : "a scale does not fit fp16 (max 65504; use a format with sf=f32)";
     TQ_THROW("GPU KV layer: an asynchronous append was refused (", why, "): that call and every later "
-             "asynchronous append of this layer were dropped; every sequence holds what it held before "
-             "that call (n_tokens() says how much)");
+             "asynchronous append and captured step of this layer were dropped, and the step reservations "
+             "given up; every sequence holds what it held before that call (n_tokens() says how much)");
   }
   void append_async(const std::vector<std::pair<int, int>>& runs, const int* seqs, int n, const void* k,
                     const void* v, DType dtype, cudaStream_t stream) {
-    if (async_unchecked && stream != async_stream) settle();  // one stream at a time
+    if ((async_unchecked && stream != async_stream) || steps_captured) settle();  // one stream at a time
     if (has_dense()) {
       append_batch_dense(seqs, n, k, v, dtype, stream, true);
     } else {
@@ -1038,7 +1082,8 @@ int GpuKvLayer::n_tokens(int seq) const {
 }
 int GpuKvLayer::n_pages(int seq) const {
   impl_->check_seq(seq);
-  return static_cast<int>(impl_->pages[seq].size());
+  const int P = impl_->cfg.page_tokens;
+  return (impl_->len[seq] + P - 1) / P;  // reserve_steps may have given it more
 }
 
 void GpuKvLayer::append(int seq, const float* k, const float* v, int n_tokens) {
@@ -1130,6 +1175,79 @@ void GpuKvLayer::append_batch_device_async(const int* seqs, int n, const void* k
 
 void GpuKvLayer::check_appends() { impl_->settle(); }
 
+void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
+  Impl& m = *impl_;
+  m.settle();
+  TQ_REQUIRE(!m.has_dense(), "GPU KV layer: reserve_steps with dense_window ", m.cfg.dense_window,
+             " / dense_prefix ", m.cfg.dense_prefix, " is not supported (captured steps append records only)");
+  TQ_REQUIRE(!m.needs_calibration(), "GPU KV layer: reserve_steps before the channel split's hi channels are "
+             "chosen: append the first tokens (prefill) first, or give k_hi_channels / v_hi_channels");
+  TQ_REQUIRE(n >= 1, "GPU KV layer: reserve_steps for a batch of ", n, " sequences");
+  TQ_REQUIRE(seqs != nullptr, "GPU KV layer: reserve_steps from a null sequence list");
+  TQ_REQUIRE(steps >= 1, "GPU KV layer: reserve_steps of ", steps, " steps (at least 1)");
+  const int P = m.cfg.page_tokens;
+  std::vector<char> seen(m.len.size(), 0);
+  size_t need_new = 0;
+  for (int i = 0; i < n; ++i) {
+    const int s = seqs[i];
+    m.check_seq(s);
+    TQ_REQUIRE(!seen[s], "GPU KV layer: sequence ", s, " appears twice in the batch of reserve_steps");
+    seen[s] = 1;
+    const long want = long(m.len[s]) + steps, cap = long(m.cfg.max_pages_per_seq) * P;
+    TQ_REQUIRE(want <= cap, "GPU KV layer: sequence ", s, " would hold ", want, " tokens after ", steps,
+               " steps, over its capacity of ", cap, " (max_pages_per_seq * page_tokens)");
+    const size_t pages = size_t((want + P - 1) / P);
+    if (pages > m.pages[s].size()) need_new += pages - m.pages[s].size();
+  }
+  TQ_REQUIRE(need_new <= m.free_pages.size(), "GPU KV layer: page pool exhausted (", need_new,
+             " pages needed for ", steps, " steps, ", m.free_pages.size(), " free)");
+  // Device buffers first (allocation can fail: nothing has changed yet).
+  const int hpt = m.step_heads_per_tile_max();
+  const int tiles = n * ((m.cfg.n_heads_kv + hpt - 1) / hpt);
+  if (m.step_limits.size() == 0) {
+    m.step_buf = DeviceBuffer(16 + m.step_max_tiles() * sizeof(AppendTile) + size_t(m.cfg.max_seqs) * sizeof(int));
+    m.step_limits = DeviceBuffer(size_t(m.cfg.max_seqs) * sizeof(int));
+    m.step_limit_host.assign(m.cfg.max_seqs, 0);
+  }
+  for (int i = 0; i < n; ++i) {
+    const int s = seqs[i];
+    const size_t want = (size_t(m.len[s]) + steps + P - 1) / P;
+    while (m.pages[s].size() < want) {
+      m.pages[s].push_back(m.free_pages.back());
+      m.free_pages.pop_back();
+    }
+    TQ_CUDA_CHECK(cudaMemcpy(m.page_table.as<int>() + size_t(s) * m.cfg.max_pages_per_seq, m.pages[s].data(),
+                             m.pages[s].size() * sizeof(int), cudaMemcpyHostToDevice));
+  }
+  // Only this batch may step, each up to its limit.
+  for (size_t s = 0; s < m.step_limit_host.size(); ++s) m.step_limit_host[s] = 0;
+  for (int i = 0; i < n; ++i) m.step_limit_host[seqs[i]] = m.len[seqs[i]] + steps;
+  TQ_CUDA_CHECK(cudaMemcpy(m.step_limits.data(), m.step_limit_host.data(), m.step_limit_host.size() * sizeof(int),
+                           cudaMemcpyHostToDevice));
+  m.step_n = n;
+  m.step_tiles = tiles;
+  m.step_heads_per_tile = hpt;
+  TQ_CUDA_CHECK(cudaMemcpy(m.step_seqs(), seqs, size_t(n) * sizeof(int), cudaMemcpyHostToDevice));
+}
+
+void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, Stream stream) {
+  Impl& m = *impl_;
+  TQ_REQUIRE(m.step_n > 0, "GPU KV layer: append_step_device without a batch: call reserve_steps first "
+             "(outside the capture)");
+  TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: append_step_device from a null pointer");
+  TQ_REQUIRE((reinterpret_cast<uintptr_t>(k) & 15) == 0 && (reinterpret_cast<uintptr_t>(v) & 15) == 0,
+             "GPU KV layer: append_step_device needs 16-byte aligned k and v (got ", k, ", ", v, ")");
+  TQ_REQUIRE(!m.async_unchecked, "GPU KV layer: append_step_device after asynchronous appends not yet checked: "
+             "call check_appends() first (outside the capture)");
+  launch_append_step_plan(m.step_seqs(), m.step_n, m.cfg.n_heads_kv, m.step_heads_per_tile, m.cfg.page_tokens,
+                          m.cfg.max_pages_per_seq, m.page_table.as<int>(), m.lengths.as<int>(),
+                          m.step_limits.as<int>(), m.sticky.as<int>(), m.step_tile_array(), m.step_status(), stream);
+  m.launch_kernels(k, v, dtype, m.step_tile_array(), m.step_tiles, m.step_status(), stream);
+  launch_append_step_commit(m.step_seqs(), m.step_n, m.lengths.as<int>(), m.step_status(), m.sticky.as<int>(),
+                            stream);
+  m.steps_captured = true;
+}
+
 std::vector<int> GpuKvLayer::hi_channels(int head, bool key) const {
   const Impl& m = *impl_;
   TQ_REQUIRE(head >= 0 && head < m.cfg.n_heads_kv, "GPU KV layer: head ", head, " out of range (",
@@ -1144,8 +1262,9 @@ void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
   impl_->settle();  // the host's page list must be the device's
   const Impl& m = *impl_;
   m.check_seq(seq);
-  TQ_REQUIRE(page >= 0 && page < static_cast<int>(m.pages[seq].size()), "GPU KV layer: page ",
-             page, " of sequence ", seq, " does not exist (", m.pages[seq].size(), " pages)");
+  const int held = n_pages(seq);
+  TQ_REQUIRE(page >= 0 && page < held, "GPU KV layer: page ", page, " of sequence ", seq, " does not exist (",
+             held, " pages)");
   TQ_CUDA_CHECK(cudaMemcpy(out, m.pool.as<uint8_t>() + size_t(m.pages[seq][page]) * m.page_bytes,
                            m.page_bytes, cudaMemcpyDeviceToHost));
 }
@@ -1231,8 +1350,9 @@ void GpuKvLayer::append_records(int seq, const uint8_t* k, const uint8_t* v, int
              m.len[seq] + n, " tokens, over its capacity of ", m.cfg.max_pages_per_seq * P,
              " (max_pages_per_seq * page_tokens)");
   const size_t old = m.pages[seq].size();
-  TQ_REQUIRE(size_t(need) - old <= m.free_pages.size(), "GPU KV layer: page pool exhausted (",
-             size_t(need) - old, " pages needed, ", m.free_pages.size(), " free)");
+  const size_t more = size_t(need) > old ? size_t(need) - old : 0;  // (reserve_steps: already there)
+  TQ_REQUIRE(more <= m.free_pages.size(), "GPU KV layer: page pool exhausted (", more, " pages needed, ",
+             m.free_pages.size(), " free)");
   try {
     while (m.pages[seq].size() < size_t(need)) {
       m.pages[seq].push_back(m.free_pages.back());

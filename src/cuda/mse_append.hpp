@@ -24,6 +24,9 @@ namespace tq::cuda {
 // an input component beyond the f16 range (|x| > 65504) while the layer rounds
 // its input to f16, which KvCache's f16 dense format refuses too.
 constexpr int kStatusDenseOverflow = 4;
+// A captured decode step (launch_append_step_plan) that would take a
+// sequence past the tokens reserve_steps reserved for it.
+constexpr int kStatusReserve = 8;
 
 // src/cuda/dense_rows.cu: n elements of src (dtype) rounded to f16 bits as
 // src/util/half.cpp rounds them; ORs kStatusNonFinite / kStatusDenseOverflow
@@ -141,5 +144,21 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, cons
 void launch_append_commit(const int* pt_updates, int n_pt, const int* len_updates, int n_len,
                           int* page_table, int* lengths, int* status, const int* extra_status,
                           int* sticky, CUstream_st* stream);
+
+// A decode step planned on the device (GpuKvLayer::append_step_device: no
+// host data per call, so that a stream capture can hold it). Plan: one
+// block writes tiles [n * tiles_per_seq] for one token of each sequence
+// seqs[i] (input row i) at its current length (device `lengths`), in the
+// page its page table names, heads cut by heads_per_tile; and *status =
+// *sticky, | kStatusReserve where some sequence is at its limit (`limits`,
+// device [max_seqs]). A step so refused plans empty tiles (n = 0: the
+// append kernels store nothing). Commit (after the append kernels): the
+// lengths of seqs grow by one only if *status and *sticky are 0; a refusal
+// is OR'd into *sticky.
+void launch_append_step_plan(const int* seqs, int n, int n_heads, int heads_per_tile, int page_tokens,
+                             int max_pages_per_seq, const int* page_table, const int* lengths, const int* limits,
+                             const int* sticky, AppendTile* tiles, int* status, CUstream_st* stream);
+void launch_append_step_commit(const int* seqs, int n, int* lengths, int* status, int* sticky,
+                               CUstream_st* stream);
 
 }  // namespace tq::cuda
