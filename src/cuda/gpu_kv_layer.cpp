@@ -342,6 +342,9 @@ struct GpuKvLayer::Impl {
   ~Impl() {
     for (cudaEvent_t e : upload_done)
       if (e != nullptr) (void)cudaEventDestroy(e);
+    for (cudaEvent_t e : {step_fork, step_join})
+      if (e != nullptr) (void)cudaEventDestroy(e);
+    if (step_side != nullptr) (void)cudaStreamDestroy(step_side);
   }
   // Asynchronous decode appends (append_batch_device_async): the host
   // commits its bookkeeping at once; a refusal found on the device is OR'd
@@ -364,6 +367,10 @@ struct GpuKvLayer::Impl {
   std::vector<int> step_limit_host;
   int step_n = 0, step_tiles = 0, step_heads_per_tile = 0;
   bool steps_captured = false;
+  // A step's V kernel runs beside its K kernel on step_side (fork / join by
+  // two events, which a stream capture records as graph edges).
+  cudaStream_t step_side = nullptr;
+  cudaEvent_t step_fork = nullptr, step_join = nullptr;
   int step_heads_per_tile_max() const { return std::min(cfg.n_heads_kv, append_rows_per_tile(hk.dim)); }
   size_t step_max_tiles() const {
     const int hpt = step_heads_per_tile_max();
@@ -510,9 +517,10 @@ struct GpuKvLayer::Impl {
     }
   }
 
-  // The quantize-append kernels of K and V over device tiles.
+  // The quantize-append kernels of K and V over device tiles (V on
+  // stream_v if given: the two are independent).
   void launch_kernels(const void* k, const void* v, DType dtype, const AppendTile* tiles,
-                      int n_tiles, int* status, cudaStream_t stream) const {
+                      int n_tiles, int* status, cudaStream_t stream, cudaStream_t stream_v = nullptr) const {
     AppendLaunch a;
     a.dtype = dtype;
     a.round_to = cfg.round_to;
@@ -526,8 +534,9 @@ struct GpuKvLayer::Impl {
     else launch_mse_append_tiles(a, ka, stream);
     a.x = v;
     a.region = region(true);
-    if (hv.split) launch_split_append_tiles(a, vsf, vs_search, hv.dim, hv.record_bytes, stream);
-    else launch_mse_append_tiles(a, va, stream);
+    cudaStream_t sv = stream_v != nullptr ? stream_v : stream;
+    if (hv.split) launch_split_append_tiles(a, vsf, vs_search, hv.dim, hv.record_bytes, sv);
+    else launch_mse_append_tiles(a, va, sv);
   }
 
   // Device input as the kernel needs it: 16-byte aligned (copied otherwise).
@@ -1205,6 +1214,9 @@ void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
   const int hpt = m.step_heads_per_tile_max();
   const int tiles = n * ((m.cfg.n_heads_kv + hpt - 1) / hpt);
   if (m.step_limits.size() == 0) {
+    TQ_CUDA_CHECK(cudaStreamCreateWithFlags(&m.step_side, cudaStreamNonBlocking));
+    TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_fork, cudaEventDisableTiming));
+    TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_join, cudaEventDisableTiming));
     m.step_buf = DeviceBuffer(16 + m.step_max_tiles() * sizeof(AppendTile) + size_t(m.cfg.max_seqs) * sizeof(int));
     m.step_limits = DeviceBuffer(size_t(m.cfg.max_seqs) * sizeof(int));
     m.step_limit_host.assign(m.cfg.max_seqs, 0);
@@ -1242,7 +1254,11 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   launch_append_step_plan(m.step_seqs(), m.step_n, m.cfg.n_heads_kv, m.step_heads_per_tile, m.cfg.page_tokens,
                           m.cfg.max_pages_per_seq, m.page_table.as<int>(), m.lengths.as<int>(),
                           m.step_limits.as<int>(), m.sticky.as<int>(), m.step_tile_array(), m.step_status(), stream);
-  m.launch_kernels(k, v, dtype, m.step_tile_array(), m.step_tiles, m.step_status(), stream);
+  TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
+  TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
+  m.launch_kernels(k, v, dtype, m.step_tile_array(), m.step_tiles, m.step_status(), stream, m.step_side);
+  TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
+  TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));
   launch_append_step_commit(m.step_seqs(), m.step_n, m.lengths.as<int>(), m.step_status(), m.sticky.as<int>(),
                             stream);
   m.steps_captured = true;
