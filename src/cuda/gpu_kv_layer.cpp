@@ -355,11 +355,12 @@ struct GpuKvLayer::Impl {
   cudaStream_t async_stream = nullptr;
 
   // Captured decode steps (reserve_steps / append_step_device): the batch's
-  // sequence ids, the steps' status word and tiles live on the device
-  // (step_buf: [status, pad][tiles of max_seqs sequences][seqs], allocated
-  // once at its largest, so that a captured graph's addresses stay valid
-  // whatever batch a later reserve_steps gives), as do the tokens each
-  // sequence may reach (step_limits, mirrored in step_limit_host).
+  // sequence ids and the steps' status word live on the device (step_buf:
+  // [status, pad][seqs], allocated once at its largest, so that a captured
+  // graph's addresses stay valid whatever batch a later reserve_steps
+  // gives), as do the tokens each sequence may reach (step_limits, mirrored
+  // in step_limit_host); the append kernels compute their tiles
+  // (AppendStepTiles).
   // steps_captured: append_step_device has been called, so replays of a
   // graph the host never sees may have moved the device's lengths (and
   // error word) at any time: from then on every settle() reads them back.
@@ -372,15 +373,8 @@ struct GpuKvLayer::Impl {
   cudaStream_t step_side = nullptr;
   cudaEvent_t step_fork = nullptr, step_join = nullptr;
   int step_heads_per_tile_max() const { return std::min(cfg.n_heads_kv, append_rows_per_tile(hk.dim)); }
-  size_t step_max_tiles() const {
-    const int hpt = step_heads_per_tile_max();
-    return size_t(cfg.max_seqs) * ((cfg.n_heads_kv + hpt - 1) / hpt);
-  }
   int* step_status() const { return step_buf.as<int>(); }
-  AppendTile* step_tile_array() const { return reinterpret_cast<AppendTile*>(step_buf.as<uint8_t>() + 16); }
-  int* step_seqs() const {
-    return reinterpret_cast<int*>(step_buf.as<uint8_t>() + 16 + step_max_tiles() * sizeof(AppendTile));
-  }
+  int* step_seqs() const { return reinterpret_cast<int*>(step_buf.as<uint8_t>() + 16); }
   // Gives up every reservation (limits back to the lengths: no step runs).
   void drop_reservations() {
     if (step_limits.size() == 0) return;
@@ -520,12 +514,14 @@ struct GpuKvLayer::Impl {
   // The quantize-append kernels of K and V over device tiles (V on
   // stream_v if given: the two are independent).
   void launch_kernels(const void* k, const void* v, DType dtype, const AppendTile* tiles,
-                      int n_tiles, int* status, cudaStream_t stream, cudaStream_t stream_v = nullptr) const {
+                      int n_tiles, int* status, cudaStream_t stream, cudaStream_t stream_v = nullptr,
+                      const AppendStepTiles* step = nullptr) const {
     AppendLaunch a;
     a.dtype = dtype;
     a.round_to = cfg.round_to;
     a.n_heads = cfg.n_heads_kv;
     a.tiles = tiles;
+    if (step != nullptr) a.step = *step;
     a.n_tiles = n_tiles;
     a.status = status;
     a.x = k;
@@ -1217,7 +1213,8 @@ void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
     TQ_CUDA_CHECK(cudaStreamCreateWithFlags(&m.step_side, cudaStreamNonBlocking));
     TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_fork, cudaEventDisableTiming));
     TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_join, cudaEventDisableTiming));
-    m.step_buf = DeviceBuffer(16 + m.step_max_tiles() * sizeof(AppendTile) + size_t(m.cfg.max_seqs) * sizeof(int));
+    m.step_buf = DeviceBuffer(16 + size_t(m.cfg.max_seqs) * sizeof(int));
+    TQ_CUDA_CHECK(cudaMemset(m.step_buf.data(), 0, 16));  // the status word: each step's commit leaves it 0
     m.step_limits = DeviceBuffer(size_t(m.cfg.max_seqs) * sizeof(int));
     m.step_limit_host.assign(m.cfg.max_seqs, 0);
   }
@@ -1251,16 +1248,23 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
              "GPU KV layer: append_step_device needs 16-byte aligned k and v (got ", k, ", ", v, ")");
   TQ_REQUIRE(!m.async_unchecked, "GPU KV layer: append_step_device after asynchronous appends not yet checked: "
              "call check_appends() first (outside the capture)");
-  launch_append_step_plan(m.step_seqs(), m.step_n, m.cfg.n_heads_kv, m.step_heads_per_tile, m.cfg.page_tokens,
-                          m.cfg.max_pages_per_seq, m.page_table.as<int>(), m.lengths.as<int>(),
-                          m.step_limits.as<int>(), m.sticky.as<int>(), m.step_tile_array(), m.step_status(), stream);
+  AppendStepTiles st;
+  st.seqs = m.step_seqs();
+  st.heads_per_tile = m.step_heads_per_tile;
+  st.tiles_per_seq = m.step_tiles / m.step_n;
+  st.n_heads = m.cfg.n_heads_kv;
+  st.lengths = m.lengths.as<int>();
+  st.limits = m.step_limits.as<int>();
+  st.page_table = m.page_table.as<int>();
+  st.max_pages_per_seq = m.cfg.max_pages_per_seq;
+  st.page_tokens = m.cfg.page_tokens;
   TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
   TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
-  m.launch_kernels(k, v, dtype, m.step_tile_array(), m.step_tiles, m.step_status(), stream, m.step_side);
+  m.launch_kernels(k, v, dtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
   TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
   TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));
-  launch_append_step_commit(m.step_seqs(), m.step_n, m.lengths.as<int>(), m.step_status(), m.sticky.as<int>(),
-                            stream);
+  launch_append_step_commit(m.step_seqs(), m.step_n, m.lengths.as<int>(), m.step_limits.as<int>(), m.step_status(),
+                            m.sticky.as<int>(), stream);
   m.steps_captured = true;
 }
 

@@ -78,46 +78,22 @@ __global__ void append_commit_kernel(const int* pt, int n_pt, const int* len, in
 
 constexpr int kStepThreads = 256;
 
-__global__ void append_step_plan_kernel(const int* seqs, int n, int n_heads, int heads_per_tile, int page_tokens,
-                                        int max_pages_per_seq, const int* page_table, const int* lengths,
-                                        const int* limits, const int* sticky, AppendTile* tiles, int* status) {
-  __shared__ int refused;
-  if (threadIdx.x == 0) refused = *sticky;
+// One block (the status word is read before it is cleared).
+__global__ void append_step_commit_kernel(const int* seqs, int n, int* lengths, const int* limits, int* status,
+                                          int* sticky) {
+  __shared__ int st;
+  if (threadIdx.x == 0) st = *status | *sticky;
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x)
-    if (lengths[seqs[i]] >= limits[seqs[i]]) atomicOr(&refused, kStatusReserve);
+    if (lengths[seqs[i]] >= limits[seqs[i]]) atomicOr(&st, kStatusReserve);
   __syncthreads();
-  const int st = refused;
-  if (threadIdx.x == 0) *status = st;
-  const int tps = (n_heads + heads_per_tile - 1) / heads_per_tile;
-  for (int k = threadIdx.x; k < n * tps; k += blockDim.x) {
-    const int i = k / tps, h0 = (k % tps) * heads_per_tile;
-    AppendTile a;
-    a.token0 = i;
-    a.h0 = static_cast<uint16_t>(h0);
-    a.nh = static_cast<uint16_t>(min(heads_per_tile, n_heads - h0));
-    a.page = 0;
-    a.slot0 = 0;
-    a.n = 0;
-    if (st == 0) {
-      const int s = seqs[i], t = lengths[s];
-      a.page = page_table[size_t(s) * max_pages_per_seq + t / page_tokens];
-      a.slot0 = static_cast<uint16_t>(t % page_tokens);
-      a.n = 1;
-    }
-    tiles[k] = a;
+  const int refused = st;
+  if (refused == 0) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) lengths[seqs[i]] += 1;
+  } else if (threadIdx.x == 0) {
+    atomicOr(sticky, refused);
   }
-}
-
-// As append_commit_kernel: every thread decides from the words themselves.
-__global__ void append_step_commit_kernel(const int* seqs, int n, int* lengths, int* status, int* sticky) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  const int st = *status | *sticky;
-  if (i == 0 && st != 0) {
-    *status = st;
-    atomicOr(sticky, st);
-  }
-  if (i < n && st == 0) lengths[seqs[i]] += 1;
+  if (threadIdx.x == 0) *status = 0;
 }
 
 }  // namespace
@@ -199,21 +175,10 @@ void launch_append_commit(const int* pt_updates, int n_pt, const int* len_update
   TQ_CUDA_CHECK_LAUNCH();
 }
 
-void launch_append_step_plan(const int* seqs, int n, int n_heads, int heads_per_tile, int page_tokens,
-                             int max_pages_per_seq, const int* page_table, const int* lengths, const int* limits,
-                             const int* sticky, AppendTile* tiles, int* status, CUstream_st* stream) {
-  TQ_ASSERT(n >= 1 && heads_per_tile >= 1);
-  append_step_plan_kernel<<<1, kStepThreads, 0, stream>>>(seqs, n, n_heads, heads_per_tile, page_tokens,
-                                                           max_pages_per_seq, page_table, lengths, limits, sticky,
-                                                           tiles, status);
-  TQ_CUDA_CHECK_LAUNCH();
-}
-
-void launch_append_step_commit(const int* seqs, int n, int* lengths, int* status, int* sticky,
+void launch_append_step_commit(const int* seqs, int n, int* lengths, const int* limits, int* status, int* sticky,
                                CUstream_st* stream) {
   TQ_ASSERT(n >= 1);
-  append_step_commit_kernel<<<(n + kStepThreads - 1) / kStepThreads, kStepThreads, 0, stream>>>(seqs, n, lengths,
-                                                                                                 status, sticky);
+  append_step_commit_kernel<<<1, kStepThreads, 0, stream>>>(seqs, n, lengths, limits, status, sticky);
   TQ_CUDA_CHECK_LAUNCH();
 }
 

@@ -24,7 +24,7 @@ namespace tq::cuda {
 // an input component beyond the f16 range (|x| > 65504) while the layer rounds
 // its input to f16, which KvCache's f16 dense format refuses too.
 constexpr int kStatusDenseOverflow = 4;
-// A captured decode step (launch_append_step_plan) that would take a
+// A captured decode step (GpuKvLayer::append_step_device) that would take a
 // sequence past the tokens reserve_steps reserved for it.
 constexpr int kStatusReserve = 8;
 
@@ -107,12 +107,50 @@ struct AppendFormat {
 AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& signs,
                            const std::vector<float>& boundaries);
 
+// The tiles of a captured decode step (GpuKvLayer::append_step_device),
+// computed by the append kernels themselves from the device's lengths and
+// page tables, so that no host data and no planning kernel precede them:
+// tile k is input row i = k / tiles_per_seq (sequence seqs[i]), heads
+// (k % tiles_per_seq) * heads_per_tile onward, one token at the sequence's
+// length; n = 0 (nothing stored) where that length has reached limits[seq]
+// (the pages past it may not be the sequence's).
+struct AppendStepTiles {
+  const int* seqs = nullptr;  // device [rows]; null: the tiles are AppendLaunch::tiles
+  int tiles_per_seq = 0, heads_per_tile = 0, n_heads = 0;
+  const int* lengths = nullptr;     // device [max_seqs]
+  const int* limits = nullptr;      // device [max_seqs]
+  const int* page_table = nullptr;  // device [max_seqs, max_pages_per_seq]
+  int max_pages_per_seq = 0, page_tokens = 0;
+};
+
+#ifdef __CUDACC__
+__device__ __forceinline__ AppendTile append_tile_at(const AppendTile* tiles, const AppendStepTiles& s, int k) {
+  if (s.seqs == nullptr) return tiles[k];
+  const int i = k / s.tiles_per_seq, h0 = (k % s.tiles_per_seq) * s.heads_per_tile;
+  const int seq = s.seqs[i], t = s.lengths[seq];
+  AppendTile a;
+  a.token0 = i;
+  a.h0 = static_cast<uint16_t>(h0);
+  a.nh = static_cast<uint16_t>(min(s.heads_per_tile, s.n_heads - h0));
+  a.page = 0;
+  a.slot0 = 0;
+  a.n = 0;
+  if (t < s.limits[seq]) {
+    a.page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
+    a.slot0 = static_cast<uint16_t>(t % s.page_tokens);
+    a.n = 1;
+  }
+  return a;
+}
+#endif
+
 struct AppendLaunch {
   const void* x = nullptr;   // device [n_tokens, n_heads, dim] of dtype, 16-byte aligned
   DType dtype = DType::f32;
   DType round_to = DType::f16;  // each element rounded to this format first (f32: none)
   int n_heads = 0;
   const AppendTile* tiles = nullptr;  // device [n_tiles]
+  AppendStepTiles step;               // or, with step.seqs set, n_tiles computed ones
   int n_tiles = 0;
   PagedRegion region;
   int* status = nullptr;     // device int, ORed with kStatus* bits
@@ -145,20 +183,12 @@ void launch_append_commit(const int* pt_updates, int n_pt, const int* len_update
                           int* page_table, int* lengths, int* status, const int* extra_status,
                           int* sticky, CUstream_st* stream);
 
-// A decode step planned on the device (GpuKvLayer::append_step_device: no
-// host data per call, so that a stream capture can hold it). Plan: one
-// block writes tiles [n * tiles_per_seq] for one token of each sequence
-// seqs[i] (input row i) at its current length (device `lengths`), in the
-// page its page table names, heads cut by heads_per_tile; and *status =
-// *sticky, | kStatusReserve where some sequence is at its limit (`limits`,
-// device [max_seqs]). A step so refused plans empty tiles (n = 0: the
-// append kernels store nothing). Commit (after the append kernels): the
-// lengths of seqs grow by one only if *status and *sticky are 0; a refusal
-// is OR'd into *sticky.
-void launch_append_step_plan(const int* seqs, int n, int n_heads, int heads_per_tile, int page_tokens,
-                             int max_pages_per_seq, const int* page_table, const int* lengths, const int* limits,
-                             const int* sticky, AppendTile* tiles, int* status, CUstream_st* stream);
-void launch_append_step_commit(const int* seqs, int n, int* lengths, int* status, int* sticky,
+// The commit of a captured decode step (GpuKvLayer::append_step_device),
+// one block after its append kernels (AppendStepTiles): the lengths of
+// seqs[0..n) grow by one only if *status, *sticky are 0 and no sequence had
+// reached its limit (then kStatusReserve); a refusal is OR'd into *sticky.
+// *status is left 0 for the next step.
+void launch_append_step_commit(const int* seqs, int n, int* lengths, const int* limits, int* status, int* sticky,
                                CUstream_st* stream);
 
 }  // namespace tq::cuda

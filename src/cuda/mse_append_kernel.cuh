@@ -142,6 +142,7 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 struct Params {
   const uint8_t* x;
   const AppendTile* tiles;
+  AppendStepTiles step;  // step.seqs set: tiles computed (append_tile_at)
   int n_tiles;
   int n_heads;
   int round_to;  // DType
@@ -383,9 +384,9 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
   const int tbase = F.tab.base[lane];
 
   int ti = blockIdx.x;
-  if (ti < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti], in_stage);
+  if (ti < p.n_tiles) issue_tile<D, IN>(p, append_tile_at(p.tiles, p.step, ti), in_stage);
   for (; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
+    const AppendTile t = append_tile_at(p.tiles, p.step, ti);
     const int n = t.n, nh = t.nh, rows = n * nh;
     const bool valid = r < rows;
     cp_async_wait_all();
@@ -396,7 +397,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     unsigned raw[kWords];
     load_words16<kWords>(reinterpret_cast<const uint4*>(in_stage + tid * G::kSlice), raw);
     __syncthreads();  // the slices are read: the next tile may land there
-    if (ti + int(gridDim.x) < p.n_tiles) issue_tile<D, IN>(p, p.tiles[ti + gridDim.x], in_stage);
+    if (ti + int(gridDim.x) < p.n_tiles) issue_tile<D, IN>(p, append_tile_at(p.tiles, p.step, ti + gridDim.x), in_stage);
 
     // Sign flips commute with the roundings below (RNE is symmetric), so
     // they are applied first, to the raw bits.
@@ -558,6 +559,7 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
   Params p;
   p.x = static_cast<const uint8_t*>(a.x);
   p.tiles = a.tiles;
+  p.step = a.step;
   p.n_tiles = a.n_tiles;
   p.n_heads = a.n_heads;
   p.round_to = int(a.round_to);

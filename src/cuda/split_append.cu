@@ -40,6 +40,7 @@ struct SplitAppendParams {
   int dtype, round_to;
   int n_heads, dim;
   const AppendTile* tiles;
+  AppendStepTiles step;  // step.seqs set: tiles computed (append_tile_at)
   int n_tiles;
   uint8_t* pool;
   size_t page_bytes, region_offset;
@@ -143,7 +144,7 @@ __device__ __forceinline__ Row row_at(const SplitAppendParams& p, const AppendTi
 template <class F>
 __device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int warp, int n_warps, int dim, F&& f) {
   for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
+    const AppendTile t = append_tile_at(p.tiles, p.step, ti);
     const int rows = int(t.n) * t.nh;
     for (int row = warp; row < rows; row += n_warps) f(t, row_at(p, t, row, dim));
   }
@@ -549,9 +550,9 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   };
   // Gathered input: the rows are free once gathered, so the next tile's
   // rows load while this one computes; f32 rows are read in place.
-  if (kGather && blockIdx.x < p.n_tiles) issue_rows(p.tiles[blockIdx.x]);
+  if (kGather && blockIdx.x < p.n_tiles) issue_rows(append_tile_at(p.tiles, p.step, blockIdx.x));
   for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    const AppendTile t = p.tiles[ti];
+    const AppendTile t = append_tile_at(p.tiles, p.step, ti);
     const int n = t.n, nh = t.nh, rows = n * nh;
     int st = 0;
     __syncthreads();  // the previous tile's rows and records are consumed
@@ -562,7 +563,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     if constexpr (kGather) {
       gather_halves<D, T, S, kRows, kThreadsL>(p, t, in, kPitch, hv, st);
       __syncthreads();
-      if (ti + int(gridDim.x) < p.n_tiles) issue_rows(p.tiles[ti + gridDim.x]);
+      if (ti + int(gridDim.x) < p.n_tiles) issue_rows(append_tile_at(p.tiles, p.step, ti + gridDim.x));
     }
     const int run_stride = (n * rb + 31) & ~15;
     auto dest = [&](int h) {  // first record of head h of the tile
@@ -640,6 +641,7 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, cons
   p.n_heads = a.n_heads;
   p.dim = dim;
   p.tiles = a.tiles;
+  p.step = a.step;
   p.n_tiles = a.n_tiles;
   p.pool = a.region.pool;
   p.page_bytes = a.region.page_bytes;
