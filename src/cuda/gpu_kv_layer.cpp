@@ -355,8 +355,8 @@ struct GpuKvLayer::Impl {
   cudaStream_t async_stream = nullptr;
 
   // Captured decode steps (reserve_steps / append_step_device): the batch's
-  // sequence ids and the steps' status word live on the device (step_buf:
-  // [status, pad][seqs], allocated once at its largest, so that a captured
+  // sequence ids, the steps' status word and count of finished tiles live on
+  // the device (step_buf: [status, done, pad][seqs], allocated once at its largest, so that a captured
   // graph's addresses stay valid whatever batch a later reserve_steps
   // gives), as do the tokens each sequence may reach (step_limits, mirrored
   // in step_limit_host); the append kernels compute their tiles
@@ -374,6 +374,7 @@ struct GpuKvLayer::Impl {
   cudaEvent_t step_fork = nullptr, step_join = nullptr;
   int step_heads_per_tile_max() const { return std::min(cfg.n_heads_kv, append_rows_per_tile(hk.dim)); }
   int* step_status() const { return step_buf.as<int>(); }
+  int* step_done() const { return step_buf.as<int>() + 1; }
   int* step_seqs() const { return reinterpret_cast<int*>(step_buf.as<uint8_t>() + 16); }
   // Gives up every reservation (limits back to the lengths: no step runs).
   void drop_reservations() {
@@ -1214,7 +1215,7 @@ void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
     TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_fork, cudaEventDisableTiming));
     TQ_CUDA_CHECK(cudaEventCreateWithFlags(&m.step_join, cudaEventDisableTiming));
     m.step_buf = DeviceBuffer(16 + size_t(m.cfg.max_seqs) * sizeof(int));
-    TQ_CUDA_CHECK(cudaMemset(m.step_buf.data(), 0, 16));  // the status word: each step's commit leaves it 0
+    TQ_CUDA_CHECK(cudaMemset(m.step_buf.data(), 0, 16));  // status, done: each step's commit leaves them 0
     m.step_limits = DeviceBuffer(size_t(m.cfg.max_seqs) * sizeof(int));
     m.step_limit_host.assign(m.cfg.max_seqs, 0);
   }
@@ -1250,6 +1251,9 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
              "call check_appends() first (outside the capture)");
   AppendStepTiles st;
   st.seqs = m.step_seqs();
+  st.n = m.step_n;
+  st.done = m.step_done();
+  st.sticky = m.sticky.as<int>();
   st.heads_per_tile = m.step_heads_per_tile;
   st.tiles_per_seq = m.step_tiles / m.step_n;
   st.n_heads = m.cfg.n_heads_kv;
@@ -1262,9 +1266,7 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
   m.launch_kernels(k, v, dtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
   TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
-  TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));
-  launch_append_step_commit(m.step_seqs(), m.step_n, m.lengths.as<int>(), m.step_limits.as<int>(), m.step_status(),
-                            m.sticky.as<int>(), stream);
+  TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));  // the last block of the two committed
   m.steps_captured = true;
 }
 

@@ -76,26 +76,6 @@ __global__ void append_commit_kernel(const int* pt, int n_pt, const int* len, in
   if (i < n_len && st == 0) lengths[len[2 * i]] = len[2 * i + 1];
 }
 
-constexpr int kStepThreads = 256;
-
-// One block (the status word is read before it is cleared).
-__global__ void append_step_commit_kernel(const int* seqs, int n, int* lengths, const int* limits, int* status,
-                                          int* sticky) {
-  __shared__ int st;
-  if (threadIdx.x == 0) st = *status | *sticky;
-  __syncthreads();
-  for (int i = threadIdx.x; i < n; i += blockDim.x)
-    if (lengths[seqs[i]] >= limits[seqs[i]]) atomicOr(&st, kStatusReserve);
-  __syncthreads();
-  const int refused = st;
-  if (refused == 0) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) lengths[seqs[i]] += 1;
-  } else if (threadIdx.x == 0) {
-    atomicOr(sticky, refused);
-  }
-  if (threadIdx.x == 0) *status = 0;
-}
-
 }  // namespace
 
 // ---- launch ---------------------------------------------------------------------
@@ -125,9 +105,12 @@ int append_blocks_per_sm(const void* kernel, int smem, int threads) {
     int dev = 0, optin = 0;
     TQ_CUDA_CHECK(cudaGetDevice(&dev));
     TQ_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TQ_REQUIRE(smem <= optin, "GPU KV layer: the append kernel needs ", smem,
-               " bytes of shared memory, the device allows ", optin);
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    cudaFuncAttributes fa{};  // its static shared memory (a captured step's commit) counts against the cap
+    TQ_CUDA_CHECK(cudaFuncGetAttributes(&fa, kernel));
+    const int cap = optin - int(fa.sharedSizeBytes);
+    TQ_REQUIRE(smem <= cap, "GPU KV layer: the append kernel needs ", smem,
+               " bytes of dynamic shared memory, the device allows ", cap);
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, cap));
     raised[kernel] = true;
   }
   int nb = 0;
@@ -172,13 +155,6 @@ void launch_append_commit(const int* pt_updates, int n_pt, const int* len_update
   if (n == 0) return;
   append_commit_kernel<<<(n + 255) / 256, 256, 0, stream>>>(pt_updates, n_pt, len_updates, n_len,
                                                             page_table, lengths, status, extra_status, sticky);
-  TQ_CUDA_CHECK_LAUNCH();
-}
-
-void launch_append_step_commit(const int* seqs, int n, int* lengths, const int* limits, int* status, int* sticky,
-                               CUstream_st* stream) {
-  TQ_ASSERT(n >= 1);
-  append_step_commit_kernel<<<1, kStepThreads, 0, stream>>>(seqs, n, lengths, limits, status, sticky);
   TQ_CUDA_CHECK_LAUNCH();
 }
 

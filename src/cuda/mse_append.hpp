@@ -114,13 +114,17 @@ AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& s
 // (k % tiles_per_seq) * heads_per_tile onward, one token at the sequence's
 // length; n = 0 (nothing stored) where that length has reached limits[seq]
 // (the pages past it may not be the sequence's).
+// The step is committed by whichever block of the K and V kernels (they
+// run at once) finishes last (append_step_block_done).
 struct AppendStepTiles {
-  const int* seqs = nullptr;  // device [rows]; null: the tiles are AppendLaunch::tiles
-  int tiles_per_seq = 0, heads_per_tile = 0, n_heads = 0;
-  const int* lengths = nullptr;     // device [max_seqs]
+  const int* seqs = nullptr;  // device [n]; null: the tiles are AppendLaunch::tiles
+  int n = 0, tiles_per_seq = 0, heads_per_tile = 0, n_heads = 0;
+  int* lengths = nullptr;           // device [max_seqs]
   const int* limits = nullptr;      // device [max_seqs]
   const int* page_table = nullptr;  // device [max_seqs, max_pages_per_seq]
   int max_pages_per_seq = 0, page_tokens = 0;
+  int* done = nullptr;    // device: tiles of this step finished (K and V), 0 between steps
+  int* sticky = nullptr;  // device: the layer's error word
 };
 
 #ifdef __CUDACC__
@@ -141,6 +145,43 @@ __device__ __forceinline__ AppendTile append_tile_at(const AppendTile* tiles, co
     a.n = 1;
   }
   return a;
+}
+
+// Called by every block of a step's K and V append kernels after its last
+// tile (status: the step's status word, which the blocks OR their flags
+// into). The block that completes the 2 * n_tiles tiles of both kernels
+// commits the step: the lengths of seqs grow by one only if the status and
+// the error word are 0 and no sequence had reached its limit (then
+// kStatusReserve); a refusal is OR'd into the error word. It leaves the
+// status and the count 0 for the next step. (The words written by other
+// blocks are read past L1: __ldcg.)
+__device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s, int n_tiles, int* status) {
+  if (s.seqs == nullptr) return;
+  __shared__ int step_last, step_st;
+  __threadfence();  // each thread's flags in *status (and records) before the count
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int mine = (n_tiles - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+    step_last = atomicAdd(s.done, mine) + mine == 2 * n_tiles;
+  }
+  __syncthreads();
+  if (!step_last) return;
+  __threadfence();
+  if (threadIdx.x == 0) step_st = __ldcg(status) | __ldcg(s.sticky);
+  __syncthreads();
+  for (int i = threadIdx.x; i < s.n; i += blockDim.x)
+    if (__ldcg(s.lengths + s.seqs[i]) >= s.limits[s.seqs[i]]) atomicOr(&step_st, kStatusReserve);
+  __syncthreads();
+  const int refused = step_st;
+  if (refused == 0) {
+    for (int i = threadIdx.x; i < s.n; i += blockDim.x) s.lengths[s.seqs[i]] += 1;
+  } else if (threadIdx.x == 0) {
+    atomicOr(s.sticky, refused);
+  }
+  if (threadIdx.x == 0) {
+    *status = 0;
+    *s.done = 0;
+  }
 }
 #endif
 
@@ -183,12 +224,5 @@ void launch_append_commit(const int* pt_updates, int n_pt, const int* len_update
                           int* page_table, int* lengths, int* status, const int* extra_status,
                           int* sticky, CUstream_st* stream);
 
-// The commit of a captured decode step (GpuKvLayer::append_step_device),
-// one block after its append kernels (AppendStepTiles): the lengths of
-// seqs[0..n) grow by one only if *status, *sticky are 0 and no sequence had
-// reached its limit (then kStatusReserve); a refusal is OR'd into *sticky.
-// *status is left 0 for the next step.
-void launch_append_step_commit(const int* seqs, int n, int* lengths, const int* limits, int* status, int* sticky,
-                               CUstream_st* stream);
 
 }  // namespace tq::cuda
