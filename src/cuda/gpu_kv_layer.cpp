@@ -356,11 +356,11 @@ struct GpuKvLayer::Impl {
 
   // Captured decode steps (reserve_steps / append_step_device): the batch's
   // sequence ids, the steps' status word and count of finished tiles live on
-  // the device (step_buf: [status, done, pad][seqs], allocated once at its largest, so that a captured
-  // graph's addresses stay valid whatever batch a later reserve_steps
-  // gives), as do the tokens each sequence may reach (step_limits, mirrored
-  // in step_limit_host); the append kernels compute their tiles
-  // (AppendStepTiles).
+  // the device (step_buf: [status, done, pad][seqs], allocated once at its
+  // largest, so that a captured graph's addresses stay valid whatever batch
+  // a later reserve_steps gives), as do the tokens each sequence may reach
+  // (step_limits, mirrored in step_limit_host); the append kernels compute
+  // their tiles (AppendStepTiles).
   // steps_captured: append_step_device has been called, so replays of a
   // graph the host never sees may have moved the device's lengths (and
   // error word) at any time: from then on every settle() reads them back.
@@ -376,7 +376,7 @@ struct GpuKvLayer::Impl {
   int* step_status() const { return step_buf.as<int>(); }
   int* step_done() const { return step_buf.as<int>() + 1; }
   int* step_seqs() const { return reinterpret_cast<int*>(step_buf.as<uint8_t>() + 16); }
-  // Gives up every reservation (limits back to the lengths: no step runs).
+  // Gives up every reservation (limits 0: every later step is refused).
   void drop_reservations() {
     if (step_limits.size() == 0) return;
     std::fill(step_limit_host.begin(), step_limit_host.end(), 0);
