@@ -1897,23 +1897,35 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
 // like direct calls; a replay past the reservation, or with a NaN, is
 // dropped on the device with every later one, check_appends() throws once
 // and the layer holds every token before it; the host refuses what it can
-// check before anything runs. turbo4 (tq-mse kernel, bf16 input) and
-// turbo2.5 (channel split, hi channels chosen by the prefill; f32 input).
+// check before anything runs. Every append kernel takes part: tq-mse at d
+// 64 / 128 / 256 (bf16 input), the two-lanes split kernel (turbo2.5, f32),
+// the warp split kernels (b=1.5 halves; outlier channels in K beside a
+// tq-mse V, f16 input); split hi channels chosen by the prefill.
 TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;
-  for (const auto& [preset, dtype] : {std::pair{"turbo4", DType::bf16}, std::pair{"turbo2.5", DType::f32}}) {
-    SCOPED_TRACE(std::string(preset) + " input " + cuda::to_string(dtype));
-    KvCacheConfig cc = KvCacheConfig::from_preset(preset, 1, 2, 128);
-    KvCache cache(cc);
+  struct Case {
+    const char *kspec, *vspec;
+    DType dtype;
+    int d;
+  };
+  for (const Case& c : {Case{"tq-mse:b=4", "tq-mse:b=4", DType::bf16, 128},
+                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", DType::f32, 128},
+                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", DType::f16, 128},
+                        Case{"tq-mse:b=1.5", "tq-mse:b=1.5", DType::bf16, 64},
+                        Case{"tq-mse:b=3", "tq-mse:b=3", DType::bf16, 256}}) {
+    const DType dtype = c.dtype;
+    SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " input " +
+                 cuda::to_string(dtype));
+    auto kq = make_quantizer(c.kspec, c.d, 5), vq = make_quantizer(c.vspec, c.d, 6);
     cuda::GpuKvLayerConfig cfg;
     cfg.n_heads_kv = 2;
     cfg.page_tokens = 16;
     cfg.max_seqs = 4;
     cfg.max_pages_per_seq = 8;
-    cuda::GpuKvLayer ref(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
-    cuda::GpuKvLayer graph_layer(cache.k_quantizer(0), cache.v_quantizer(0), cfg);
-    const int H = 2, d = 128, hq = 8, steps = 37, n_max = 30 + steps + 4;
+    cuda::GpuKvLayer ref(*kq, *vq, cfg);
+    cuda::GpuKvLayer graph_layer(*kq, *vq, cfg);
+    const int H = 2, d = c.d, hq = 8, steps = 37, n_max = 30 + steps + 4;
     const size_t row = size_t(H) * d;
     const std::vector<int> prompt = {30, 5, 16};
     const auto k = kv_data(size_t(3) * n_max * H, d, 81), v = kv_data(size_t(3) * n_max * H, d, 82);
@@ -1925,7 +1937,7 @@ TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
       }
     // The batch in an order other than the ids': rows 0, 1, 2 are sequences 2, 0, 1.
     const std::vector<int> batch = {2, 0, 1};
-    const size_t es = dtype == DType::bf16 ? 2 : 4;
+    const size_t es = dtype == DType::f32 ? 4 : 2;
     cuda::DeviceBuffer bk(3 * row * es), bv(3 * row * es), fk(3 * row * 4), fv(3 * row * 4);
     auto upload_step = [&](int step, bool nan) {  // rows in batch order; ref gets the same values as f32
       std::vector<float> kb(3 * row), vb(3 * row);
@@ -1935,13 +1947,14 @@ TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
         std::copy(tok(v, s, prompt[s] + step), tok(v, s, prompt[s] + step) + row, vb.begin() + i * row);
       }
       if (nan) kb[row + 5] = std::numeric_limits<float>::quiet_NaN();
-      if (dtype == DType::bf16) {
+      if (dtype != DType::f32) {
+        const bool bf = dtype == DType::bf16;
         std::vector<uint16_t> hk(kb.size()), hv(vb.size());
         for (size_t i = 0; i < kb.size(); ++i) {
-          hk[i] = float_to_bf16(kb[i]);
-          hv[i] = float_to_bf16(vb[i]);
-          kb[i] = bf16_to_float(hk[i]);  // the values ref appends
-          vb[i] = bf16_to_float(hv[i]);
+          hk[i] = bf ? float_to_bf16(kb[i]) : float_to_half(kb[i]);
+          hv[i] = bf ? float_to_bf16(vb[i]) : float_to_half(vb[i]);
+          kb[i] = bf ? bf16_to_float(hk[i]) : half_to_float(hk[i]);  // the values ref appends
+          vb[i] = bf ? bf16_to_float(hv[i]) : half_to_float(hv[i]);
         }
         bk.upload(hk.data(), hk.size() * 2);
         bv.upload(hv.data(), hv.size() * 2);
