@@ -2065,6 +2065,171 @@ TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
   }
 }
 
+// Captured steps on layers with dense tokens (dense_window / dense_prefix):
+// the device plans each step's moves (prefix, ring, the ring's oldest token
+// into the pages) from its own states, so replays give what
+// append_batch_device gives for the same tokens: the same compressed
+// records bit for bit, the same token counts, attention within 1e-5 at every
+// step (the dense rows take part). Sequences start inside the prefix, inside
+// the window and past both, so rows change role during the steps. A NaN, an
+// f16 overflow (|x| > 65504) and a step past the reservation are dropped
+// with every later step; a step whose token stays dense needs no page.
+TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
+  TQ_SKIP_WITHOUT_GPU();
+  using cuda::DType;
+  struct Case {
+    const char *kspec, *vspec;
+    DType dtype;
+    int d, window, prefix;
+    std::vector<int> prompt;
+  };
+  for (const Case& c : {Case{"tq-mse:b=4", "tq-mse:b=3", DType::bf16, 128, 8, 2, {30, 1, 9}},
+                        Case{"tq-mse:b=2", "tq-mse:b=2", DType::f32, 64, 0, 3, {5, 1, 2}},
+                        Case{"tq-mse:b=4", "tq-mse:b=4", DType::f16, 256, 6, 0, {3, 20, 6}},
+                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", DType::f32, 128, 5, 1, {40, 2, 7}}}) {
+    const DType dtype = c.dtype;
+    const int S = c.prefix, W = c.window;
+    SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " window " +
+                 std::to_string(W) + " prefix " + std::to_string(S) + " input " + cuda::to_string(dtype));
+    auto kq = make_quantizer(c.kspec, c.d, 5), vq = make_quantizer(c.vspec, c.d, 6);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = 2;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 4;
+    cfg.max_pages_per_seq = 8;
+    cfg.dense_window = W;
+    cfg.dense_prefix = S;
+    cuda::GpuKvLayer ref(*kq, *vq, cfg);
+    cuda::GpuKvLayer graph_layer(*kq, *vq, cfg);
+    const int H = 2, d = c.d, hq = 8, steps = 24, n_max = 40 + steps + 16;
+    const size_t row = size_t(H) * d;
+    const auto k = kv_data(size_t(3) * n_max * H, d, 91), v = kv_data(size_t(3) * n_max * H, d, 92);
+    auto tok = [&](const std::vector<float>& x, int s, int t) { return x.data() + (size_t(s) * n_max + t) * row; };
+    for (cuda::GpuKvLayer* l : {&ref, &graph_layer})
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(l->add_sequence(), s);
+        l->append(s, tok(k, s, 0), tok(v, s, 0), c.prompt[s]);
+      }
+    const std::vector<int> batch = {2, 0, 1};  // rows 0, 1, 2 are sequences 2, 0, 1
+    const size_t es = dtype == DType::f32 ? 4 : 2;
+    cuda::DeviceBuffer bk(3 * row * es), bv(3 * row * es), fk(3 * row * 4), fv(3 * row * 4);
+    // Step `step`'s rows in batch order; ref gets the same values as f32. bad: 1 NaN, 2 beyond f16.
+    auto upload_step = [&](int step, int bad) {
+      std::vector<float> kb(3 * row), vb(3 * row);
+      for (int i = 0; i < 3; ++i) {
+        const int s = batch[i];
+        std::copy(tok(k, s, c.prompt[s] + step), tok(k, s, c.prompt[s] + step) + row, kb.begin() + i * row);
+        std::copy(tok(v, s, c.prompt[s] + step), tok(v, s, c.prompt[s] + step) + row, vb.begin() + i * row);
+      }
+      if (bad == 1) kb[row + 5] = std::numeric_limits<float>::quiet_NaN();
+      if (bad == 2) vb[2 * row + 3] = 70000.0f;
+      if (dtype != DType::f32) {
+        const bool bf = dtype == DType::bf16;
+        std::vector<uint16_t> hk(kb.size()), hv(vb.size());
+        for (size_t i = 0; i < kb.size(); ++i) {
+          hk[i] = bf ? float_to_bf16(kb[i]) : float_to_half(kb[i]);
+          hv[i] = bf ? float_to_bf16(vb[i]) : float_to_half(vb[i]);
+          kb[i] = bf ? bf16_to_float(hk[i]) : half_to_float(hk[i]);
+          vb[i] = bf ? bf16_to_float(hv[i]) : half_to_float(hv[i]);
+        }
+        bk.upload(hk.data(), hk.size() * 2);
+        bv.upload(hv.data(), hv.size() * 2);
+      } else {
+        bk.upload(kb.data(), kb.size() * 4);
+        bv.upload(vb.data(), vb.size() * 4);
+      }
+      fk.upload(kb.data(), kb.size() * 4);
+      fv.upload(vb.data(), vb.size() * 4);
+    };
+    const size_t nq = size_t(3) * hq * d;
+    const auto q = test::random_gaussian(nq, 93);
+    cuda::DeviceBuffer dq(nq * 4), dout(nq * 4), gout(nq * 4), ws(ref.workspace_bytes(hq)),
+        gws(ref.workspace_bytes(hq));
+    dq.upload(q.data(), nq * 4);
+    auto host = [&](const cuda::DeviceBuffer& b) {
+      std::vector<float> h(nq);
+      b.download(h.data(), nq * 4);
+      return h;
+    };
+    auto ref_attend = [&] {
+      ref.attend(dq.as<float>(), hq, {}, dout.as<float>(), nullptr, ws.data(), ws.size());
+      return host(dout);
+    };
+    // Compressed tokens: positions [min(n, S), n - W) once the prefix is full.
+    auto same_layers = [&](const char* when) {
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(graph_layer.n_tokens(s), ref.n_tokens(s)) << when << ": sequence " << s;
+        const int n = ref.n_tokens(s), first = std::min(n, S), n_rec = std::max(0, n - S - W);
+        std::vector<uint8_t> gk(size_t(n_rec) * H * ref.k_record_bytes()), gv(size_t(n_rec) * H * ref.v_record_bytes());
+        std::vector<uint8_t> rk(gk.size()), rv(gv.size());
+        graph_layer.read_records(s, first, n_rec, gk.data(), gv.data());
+        ref.read_records(s, first, n_rec, rk.data(), rv.data());
+        EXPECT_TRUE(gk == rk) << when << ": K records of sequence " << s;
+        EXPECT_TRUE(gv == rv) << when << ": V records of sequence " << s;
+      }
+      const std::vector<float> want = ref_attend();
+      graph_layer.attend(dq.as<float>(), hq, {}, dout.as<float>(), nullptr, gws.data(), gws.size());
+      const std::vector<float> got = host(dout);
+      EXPECT_LE(norm_err(got.data(), want.data(), nq), 1e-5) << when << ": direct attend";
+    };
+
+    graph_layer.reserve_steps(batch.data(), 3, steps);
+    (void)ref_attend();
+    cuda::bench::CapturedGraph graph;
+    graph.begin_capture();
+    graph_layer.append_step_device(bk.data(), bv.data(), dtype, graph.stream());
+    graph_layer.attend(dq.as<float>(), hq, {}, gout.as<float>(), nullptr, gws.data(), gws.size(), graph.stream());
+    graph.end_capture();
+    double worst = 0;
+    for (int step = 0; step < steps; ++step) {
+      upload_step(step, 0);
+      graph.replay();
+      ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+      const std::vector<float> want = ref_attend(), got = host(gout);
+      worst = std::max(worst, norm_err(got.data(), want.data(), nq));
+    }
+    EXPECT_LE(worst, 1e-5) << "captured attend after captured steps vs direct calls";
+    graph_layer.check_appends();
+    same_layers("after the captured steps");
+
+    // A NaN, then (a new reservation) an f16 overflow: that step and the later ones are dropped.
+    for (const int bad : {1, 2}) {
+      graph_layer.reserve_steps(batch.data(), 3, 4);
+      int step = steps + 2 * bad;
+      upload_step(step, 0);
+      graph.replay();
+      ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+      upload_step(step + 1, bad);
+      graph.replay();
+      EXPECT_THROW(ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>()), Error);
+      upload_step(step + 1, 0);
+      graph.replay();
+      EXPECT_THROW(graph_layer.check_appends(), Error);
+      same_layers(bad == 1 ? "after a NaN step" : "after an f16 overflow step");
+      // Both layers take the clean token the refused step had.
+      graph_layer.reserve_steps(batch.data(), 3, 1);
+      graph.replay();
+      ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+      graph_layer.check_appends();
+      same_layers("after the clean step");
+    }
+    // Past the reservation: sequence 0 (row 1) is past its prefix and window,
+    // so each step moves a token into its pages; the third of two reserved is dropped.
+    graph_layer.reserve_steps(batch.data(), 3, 2);
+    for (int i = 0; i < 3; ++i) {
+      upload_step(steps + 6 + i, 0);
+      graph.replay();
+      if (i < 2) ref.append_batch_device(batch.data(), 3, fk.as<float>(), fv.as<float>());
+    }
+    EXPECT_THROW(graph_layer.check_appends(), Error);
+    same_layers("after a step past the reservation");
+    // Host appends go on from the steps' tokens.
+    graph_layer.append(1, tok(k, 1, 60), tok(v, 1, 60), 3);
+    ref.append(1, tok(k, 1, 60), tok(v, 1, 60), 3);
+    same_layers("after host appends past the steps");
+  }
+}
+
 TEST(CudaSplit, HalvesAppendInputTypesAgree) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;

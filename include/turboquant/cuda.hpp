@@ -205,8 +205,12 @@ class GpuKvLayer {
   // reserve_steps: the batch of the steps is sequences seqs[0..n-1]
   // (distinct, host memory), in that order; each gets the pages for `steps`
   // more tokens now (from the pool, on the host) and may grow by steps up
-  // to n_tokens(seq) + steps tokens. Throws tq::Error (nothing changed) for
-  // a layer with dense_window / dense_prefix, a channel split whose hi
+  // to n_tokens(seq) + steps tokens. With dense_window / dense_prefix, each
+  // step also moves the dense tokens on the device as append_batch_device
+  // does (prefix, ring, the ring's oldest token into the pages); the pages
+  // reserved are those of `steps` more compressed tokens, and a step whose
+  // token stays dense needs none (it is never refused for the reservation).
+  // Throws tq::Error (nothing changed) for a channel split whose hi
   // channels are not chosen yet, a sequence past its capacity or a pool
   // without the pages. Synchronous (settles earlier appends first).
   void reserve_steps(const int* seqs, int n, int steps);

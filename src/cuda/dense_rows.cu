@@ -1,7 +1,8 @@
 // Dense tokens of the GPU KV layer (GpuKvLayerConfig::dense_window /
 // dense_prefix): appended K/V rounded to the f16 rows the layer keeps, with
-// what KvCache's f16 dense format refuses flagged in a status word; and the
-// row moves of a batched decode append, all in one launch.
+// what KvCache's f16 dense format refuses flagged in a status word; the row
+// moves of a batched decode append, all in one launch; and the plan of a
+// captured decode step, made on the device.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -11,19 +12,85 @@
 namespace tq::cuda {
 namespace {
 
+// Element i of src as f16 bits, rounded as src/util/half.cpp rounds; what
+// KvCache's f16 dense format refuses OR'd into st.
+__device__ __forceinline__ uint16_t element_to_f16(const void* __restrict__ src, int dtype, size_t i, int& st) {
+  float x;
+  if (dtype == int(DType::f32)) x = static_cast<const float*>(src)[i];
+  else if (dtype == int(DType::f16)) x = __half2float(__ushort_as_half(static_cast<const uint16_t*>(src)[i]));
+  else x = __uint_as_float(unsigned(static_cast<const uint16_t*>(src)[i]) << 16);  // bf16: exact
+  if (!isfinite(x)) st |= kStatusNonFinite;
+  else if (fabsf(x) > kHalfMax) st |= kStatusDenseOverflow;
+  return static_cast<uint16_t>(float_to_half_bits(x));
+}
+
 __global__ void to_f16_rows_kernel(const void* __restrict__ src, int dtype, size_t n,
                                    uint16_t* __restrict__ dst, int* __restrict__ status) {
   int st = 0;
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    float x;
-    if (dtype == int(DType::f32)) x = static_cast<const float*>(src)[i];
-    else if (dtype == int(DType::f16)) x = __half2float(__ushort_as_half(static_cast<const uint16_t*>(src)[i]));
-    else x = __uint_as_float(unsigned(static_cast<const uint16_t*>(src)[i]) << 16);  // bf16: exact
-    if (!isfinite(x)) st |= kStatusNonFinite;
-    else if (fabsf(x) > kHalfMax) st |= kStatusDenseOverflow;
-    dst[i] = static_cast<uint16_t>(float_to_half_bits(x));
-  }
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    dst[i] = element_to_f16(src, dtype, i, st);
   if (st) atomicOr(status, st);
+}
+
+// Block i plans row i of a captured step (DenseStepPlan): the same decisions
+// as GpuKvLayer's append_batch_dense, from the device's state of the sequence.
+__global__ void dense_step_plan_kernel(const __grid_constant__ DenseStepPlan p) {
+  const int i = blockIdx.x, seq = p.seqs[i];
+  const int S = p.prefix_slots, W = p.window_slots;
+  const int n_pre = p.state[3 * seq], win_start = p.state[3 * seq + 1], win_count = p.state[3 * seq + 2];
+  const bool to_pages = n_pre >= S && win_count >= W;
+  const size_t row = p.row_elems, rb = row * 2;
+  uint16_t* const nk = reinterpret_cast<uint16_t*>(p.new_k + i * rb);
+  uint16_t* const nv = reinterpret_cast<uint16_t*>(p.new_v + i * rb);
+  uint16_t* const pk = reinterpret_cast<uint16_t*>(p.page_k + i * rb);
+  uint16_t* const pv = reinterpret_cast<uint16_t*>(p.page_v + i * rb);
+  int st = 0;
+  for (size_t e = threadIdx.x; e < row; e += blockDim.x) {
+    const uint16_t hk = element_to_f16(p.k, int(p.dtype), i * row + e, st);
+    const uint16_t hv = element_to_f16(p.v, int(p.dtype), i * row + e, st);
+    nk[e] = hk;
+    nv[e] = hv;
+    if (to_pages && W == 0) {  // nothing stays dense past the prefix: the new row itself
+      pk[e] = hk;
+      pv[e] = hv;
+    }
+  }
+  if (st) atomicOr(p.status, st);
+  const size_t slots = size_t(S + W);
+  auto dense_row = [&](uint8_t* base, int slot) { return base + (size_t(seq) * slots + slot) * rb; };
+  if (to_pages && W > 0) {  // the ring's oldest row leaves for the pages
+    const uint4* ok = reinterpret_cast<const uint4*>(dense_row(p.dense_k, S + win_start));
+    const uint4* ov = reinterpret_cast<const uint4*>(dense_row(p.dense_v, S + win_start));
+    for (size_t j = threadIdx.x; j < rb / 16; j += blockDim.x) {
+      reinterpret_cast<uint4*>(pk)[j] = ok[j];
+      reinterpret_cast<uint4*>(pv)[j] = ov[j];
+    }
+  }
+  if (threadIdx.x == 0) {
+    int np = n_pre, ws = win_start, wc = win_count, slot = -1;
+    if (np < S) {
+      slot = np++;
+    } else if (W > 0) {
+      if (wc < W) {
+        slot = S + (ws + wc) % W;
+        ++wc;
+      } else {  // the oldest went to the pages above; the new row takes its slot
+        slot = S + ws;
+        ws = (ws + 1) % W;
+      }
+    }
+    DenseRowCopy c;
+    c.src_k = reinterpret_cast<const uint8_t*>(nk);
+    c.src_v = reinterpret_cast<const uint8_t*>(nv);
+    c.dst_k = slot >= 0 ? dense_row(p.dense_k, slot) : nullptr;
+    c.dst_v = slot >= 0 ? dense_row(p.dense_v, slot) : nullptr;
+    p.copies[i] = c;
+    p.states[4 * i] = seq;
+    p.states[4 * i + 1] = np;
+    p.states[4 * i + 2] = ws;
+    p.states[4 * i + 3] = wc;
+    p.active[i] = to_pages ? 1 : 0;
+  }
 }
 
 // Block i moves copy i (16-byte pieces; none when dst_k is null); the
@@ -51,6 +118,13 @@ void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes
   if (n == 0) return;
   TQ_ASSERT(row_bytes % 16 == 0);
   dense_row_copies_kernel<<<n, 128, 0, stream>>>(copies, row_bytes, states, state, only_if_clean, sticky);
+  TQ_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_dense_step_plan(const DenseStepPlan& p, cudaStream_t stream) {
+  if (p.n == 0) return;
+  TQ_ASSERT(p.row_elems % 8 == 0);
+  dense_step_plan_kernel<<<p.n, 256, 0, stream>>>(p);
   TQ_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -365,6 +365,35 @@ struct GpuKvLayer::Impl {
   // graph the host never sees may have moved the device's lengths (and
   // error word) at any time: from then on every settle() reads them back.
   DeviceBuffer step_buf, step_limits;
+  // A layer with dense tokens plans each step on the device
+  // (launch_dense_step_plan) into step_dense, also allocated once at its
+  // largest (max_seqs rows): [new k][new v][page k][page v] rows,
+  // [copies][states][active]; see StepDense.
+  DeviceBuffer step_dense;
+  struct StepDense {
+    uint8_t *new_k, *new_v, *page_k, *page_v;
+    DenseRowCopy* copies;
+    int *states, *active;
+  };
+  static size_t align16(size_t x) { return (x + 15) & ~size_t(15); }
+  size_t step_dense_bytes() const {
+    const size_t rows = size_t(cfg.max_seqs) * dense_row_bytes();
+    return 4 * align16(rows) + align16(size_t(cfg.max_seqs) * sizeof(DenseRowCopy)) +
+           align16(size_t(cfg.max_seqs) * 4 * sizeof(int)) + size_t(cfg.max_seqs) * sizeof(int);
+  }
+  StepDense step_dense_parts() const {
+    uint8_t* b = step_dense.as<uint8_t>();
+    const size_t rows = align16(size_t(cfg.max_seqs) * dense_row_bytes());
+    StepDense d;
+    d.new_k = b;
+    d.new_v = b + rows;
+    d.page_k = b + 2 * rows;
+    d.page_v = b + 3 * rows;
+    d.copies = reinterpret_cast<DenseRowCopy*>(b + 4 * rows);
+    d.states = reinterpret_cast<int*>(b + 4 * rows + align16(size_t(cfg.max_seqs) * sizeof(DenseRowCopy)));
+    d.active = d.states + 4 * size_t(cfg.max_seqs);  // align16 of the states is a multiple of 4 ints
+    return d;
+  }
   std::vector<int> step_limit_host;
   int step_n = 0, step_tiles = 0, step_heads_per_tile = 0;
   bool steps_captured = false;
@@ -803,6 +832,12 @@ struct GpuKvLayer::Impl {
     dense[seq] = ds;
   }
 
+  void read_dense_states() {
+    TQ_CUDA_CHECK(cudaMemcpy(state_host.data(), dense_state.data(), state_host.size() * sizeof(int),
+                             cudaMemcpyDeviceToHost));
+    for (size_t s = 0; s < dense.size(); ++s)
+      dense[s] = {state_host[3 * s], state_host[3 * s + 1], state_host[3 * s + 2]};
+  }
   // After a refused asynchronous append: the host's lengths, pages and
   // dense states back to the device's (which never took the refused call
   // or any later one), and the error word cleared.
@@ -818,12 +853,7 @@ struct GpuKvLayer::Impl {
         pages[s].pop_back();
       }
     }
-    if (has_dense()) {
-      TQ_CUDA_CHECK(cudaMemcpy(state_host.data(), dense_state.data(), state_host.size() * sizeof(int),
-                               cudaMemcpyDeviceToHost));
-      for (size_t s = 0; s < dense.size(); ++s)
-        dense[s] = {state_host[3 * s], state_host[3 * s + 1], state_host[3 * s + 2]};
-    }
+    if (has_dense()) read_dense_states();
     TQ_CUDA_CHECK(cudaMemset(sticky.data(), 0, sizeof(int)));
     drop_reservations();  // their pages past the lengths were just given back
   }
@@ -839,10 +869,11 @@ struct GpuKvLayer::Impl {
     TQ_CUDA_CHECK(cudaMemcpy(&st, sticky.data(), sizeof(int), cudaMemcpyDeviceToHost));
     async_unchecked = false;
     if (st == 0) {
-      if (steps_captured) {  // the host's lengths catch up with the device's
+      if (steps_captured) {  // the host's lengths (and dense states) catch up with the device's
         std::vector<int> dl(cfg.max_seqs);
         TQ_CUDA_CHECK(cudaMemcpy(dl.data(), lengths.data(), dl.size() * sizeof(int), cudaMemcpyDeviceToHost));
         for (size_t s = 0; s < len.size(); ++s) len[s] = dl[s];
+        if (has_dense()) read_dense_states();
       }
       return;
     }
@@ -1184,8 +1215,6 @@ void GpuKvLayer::check_appends() { impl_->settle(); }
 void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
   Impl& m = *impl_;
   m.settle();
-  TQ_REQUIRE(!m.has_dense(), "GPU KV layer: reserve_steps with dense_window ", m.cfg.dense_window,
-             " / dense_prefix ", m.cfg.dense_prefix, " is not supported (captured steps append records only)");
   TQ_REQUIRE(!m.needs_calibration(), "GPU KV layer: reserve_steps before the channel split's hi channels are "
              "chosen: append the first tokens (prefill) first, or give k_hi_channels / v_hi_channels");
   TQ_REQUIRE(n >= 1, "GPU KV layer: reserve_steps for a batch of ", n, " sequences");
@@ -1219,6 +1248,7 @@ void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
     m.step_limits = DeviceBuffer(size_t(m.cfg.max_seqs) * sizeof(int));
     m.step_limit_host.assign(m.cfg.max_seqs, 0);
   }
+  if (m.has_dense() && m.step_dense.size() == 0) m.step_dense = DeviceBuffer(m.step_dense_bytes());
   for (int i = 0; i < n; ++i) {
     const int s = seqs[i];
     const size_t want = (size_t(m.len[s]) + steps + P - 1) / P;
@@ -1262,11 +1292,48 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   st.page_table = m.page_table.as<int>();
   st.max_pages_per_seq = m.cfg.max_pages_per_seq;
   st.page_tokens = m.cfg.page_tokens;
+  const void* xk = k;
+  const void* xv = v;
+  DType xtype = dtype;
+  Impl::StepDense sd{};
+  if (m.has_dense()) {  // the rows leaving the dense tokens are the append's input (f16)
+    sd = m.step_dense_parts();
+    DenseStepPlan dp;
+    dp.seqs = st.seqs;
+    dp.n = st.n;
+    dp.k = k;
+    dp.v = v;
+    dp.dtype = dtype;
+    dp.row_elems = size_t(m.cfg.n_heads_kv) * m.hk.dim;
+    dp.prefix_slots = m.cfg.dense_prefix;
+    dp.window_slots = m.cfg.dense_window;
+    dp.dense_k = m.dense_k.as<uint8_t>();
+    dp.dense_v = m.dense_v.as<uint8_t>();
+    dp.state = m.dense_state.as<int>();
+    dp.new_k = sd.new_k;
+    dp.new_v = sd.new_v;
+    dp.page_k = sd.page_k;
+    dp.page_v = sd.page_v;
+    dp.copies = sd.copies;
+    dp.states = sd.states;
+    dp.active = sd.active;
+    dp.status = m.step_status();  // the f16 rounding's refusals keep the step uncommitted
+    launch_dense_step_plan(dp, stream);
+    st.active = sd.active;
+    xk = sd.page_k;
+    xv = sd.page_v;
+    xtype = DType::f16;
+  }
   TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
   TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
-  m.launch_kernels(k, v, dtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
+  m.launch_kernels(xk, xv, xtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
   TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
   TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));  // the last block of the two committed
+  // The new rows into their slots and the states, only if the commit took
+  // the step (a refusal is in the error word by then).
+  if (m.has_dense())
+    launch_dense_row_copies(sd.copies, m.step_n, m.dense_row_bytes(), sd.states, m.dense_state.as<int>(),
+                            nullptr, m.sticky.as<int>(), stream);
   m.steps_captured = true;
 }
 

@@ -51,6 +51,35 @@ struct DenseRowCopy {
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
                              int* state, const int* only_if_clean, int* sticky, CUstream_st* stream);
 
+// The dense half of a captured decode step (GpuKvLayer::append_step_device
+// on a layer with dense tokens), planned on the device from the states as
+// they are at replay, as append_batch_dense plans it on the host. Row i of
+// the batch (sequence seqs[i]; k, v: device [n, n_heads_kv, head_dim] of
+// dtype) is rounded to f16 into new_k / new_v [n, row] (flags OR'd into
+// *status, as launch_to_f16_rows); where the prefix and window are full, the
+// row leaving them (the ring's oldest, or the new one without a window) goes
+// to page_k / page_v row i and active[i] = 1 (else 0); copies[i] and
+// states[4 i ..] (for launch_dense_row_copies, after the append's commit)
+// put the new row into its slot and give the sequence's next state.
+struct DenseStepPlan {
+  const int* seqs = nullptr;
+  int n = 0;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  DType dtype = DType::f32;
+  size_t row_elems = 0;                  // n_heads_kv * head_dim
+  int prefix_slots = 0, window_slots = 0;
+  uint8_t* dense_k = nullptr;            // the layer's rows [max_seqs, prefix + window, row] f16
+  uint8_t* dense_v = nullptr;
+  const int* state = nullptr;            // [max_seqs, 3] {n_pre, win_start, win_count}
+  uint8_t *new_k = nullptr, *new_v = nullptr, *page_k = nullptr, *page_v = nullptr;
+  DenseRowCopy* copies = nullptr;
+  int* states = nullptr;
+  int* active = nullptr;
+  int* status = nullptr;
+};
+void launch_dense_step_plan(const DenseStepPlan& p, CUstream_st* stream);
+
 // Elements of one vector per thread (the FWHT runs in registers), threads per
 // vector and threads per block: head_dim 64 one thread a vector, 128 and 256
 // two adjacent lanes. (One thread per d-128 vector unrolls to ~66 KB of hot
@@ -118,6 +147,10 @@ AppendFormat append_format(const MseDeviceFormat& f, const std::vector<float>& s
 // run at once) finishes last (append_step_block_done).
 struct AppendStepTiles {
   const int* seqs = nullptr;  // device [n]; null: the tiles are AppendLaunch::tiles
+  // device [n] or null (every row): row i stores, is checked against its
+  // limit and counts only where active[i] != 0 (a layer with dense tokens:
+  // the rows leaving the prefix / window for the pages this step).
+  const int* active = nullptr;
   int n = 0, tiles_per_seq = 0, heads_per_tile = 0, n_heads = 0;
   int* lengths = nullptr;           // device [max_seqs]
   const int* limits = nullptr;      // device [max_seqs]
@@ -139,7 +172,7 @@ __device__ __forceinline__ AppendTile append_tile_at(const AppendTile* tiles, co
   a.page = 0;
   a.slot0 = 0;
   a.n = 0;
-  if (t < s.limits[seq]) {
+  if (t < s.limits[seq] && (s.active == nullptr || s.active[i] != 0)) {
     a.page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
     a.slot0 = static_cast<uint16_t>(t % s.page_tokens);
     a.n = 1;
@@ -169,12 +202,14 @@ __device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s,
   __threadfence();
   if (threadIdx.x == 0) step_st = __ldcg(status) | __ldcg(s.sticky);
   __syncthreads();
+  auto active = [&](int i) { return s.active == nullptr || s.active[i] != 0; };
   for (int i = threadIdx.x; i < s.n; i += blockDim.x)
-    if (__ldcg(s.lengths + s.seqs[i]) >= s.limits[s.seqs[i]]) atomicOr(&step_st, kStatusReserve);
+    if (active(i) && __ldcg(s.lengths + s.seqs[i]) >= s.limits[s.seqs[i]]) atomicOr(&step_st, kStatusReserve);
   __syncthreads();
   const int refused = step_st;
   if (refused == 0) {
-    for (int i = threadIdx.x; i < s.n; i += blockDim.x) s.lengths[s.seqs[i]] += 1;
+    for (int i = threadIdx.x; i < s.n; i += blockDim.x)
+      if (active(i)) s.lengths[s.seqs[i]] += 1;
   } else if (threadIdx.x == 0) {
     atomicOr(s.sticky, refused);
   }
