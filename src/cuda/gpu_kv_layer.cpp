@@ -398,8 +398,7 @@ struct GpuKvLayer::Impl {
   int step_n = 0, step_tiles = 0, step_heads_per_tile = 0;
   bool steps_captured = false;
   // A step's V kernel runs beside its K kernel on step_side (fork / join by
-  // two events, which a stream capture records as graph edges) where the two
-  // formats need different kernels (launch_step_kernels).
+  // two events, which a stream capture records as graph edges).
   cudaStream_t step_side = nullptr;
   cudaEvent_t step_fork = nullptr, step_join = nullptr;
   int step_heads_per_tile_max() const { return std::min(cfg.n_heads_kv, append_rows_per_tile(hk.dim)); }
@@ -564,32 +563,6 @@ struct GpuKvLayer::Impl {
     cudaStream_t sv = stream_v != nullptr ? stream_v : stream;
     if (hv.split) launch_split_append_tiles(a, vsf, vs_search, hv.dim, hv.record_bytes, sv);
     else launch_mse_append_tiles(a, va, sv);
-  }
-
-  // The append kernels of a captured step: K and V in one launch where one
-  // kernel serves both formats (one graph node: ~1 us less a step than two
-  // beside each other, lab/cuda/graph_floor.cu), else beside each other on
-  // step_side (fork / join by two events, recorded as graph edges).
-  void launch_step_kernels(const void* k, const void* v, DType dtype, const AppendStepTiles& st,
-                           cudaStream_t stream) {
-    if (!hk.split && !hv.split && mse_append_kv_supported(ka, va)) {
-      AppendLaunch a;
-      a.dtype = dtype;
-      a.round_to = cfg.round_to;
-      a.n_heads = cfg.n_heads_kv;
-      a.step = st;
-      a.n_tiles = step_tiles;
-      a.status = step_status();
-      a.x = k;
-      a.region = region(false);
-      launch_mse_append_tiles_kv(a, ka, v, region(true).region_offset, va, stream);
-      return;
-    }
-    TQ_CUDA_CHECK(cudaEventRecord(step_fork, stream));
-    TQ_CUDA_CHECK(cudaStreamWaitEvent(step_side, step_fork, 0));
-    launch_kernels(k, v, dtype, nullptr, step_tiles, step_status(), stream, step_side, &st);
-    TQ_CUDA_CHECK(cudaEventRecord(step_join, step_side));
-    TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, step_join, 0));  // the last block of the two committed
   }
 
   // Device input as the kernel needs it: 16-byte aligned (copied otherwise).
@@ -1351,7 +1324,11 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     xv = sd.page_v;
     xtype = DType::f16;
   }
-  m.launch_step_kernels(xk, xv, xtype, st, stream);  // the block that finishes last commits the step
+  TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
+  TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
+  m.launch_kernels(xk, xv, xtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
+  TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
+  TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));  // the last block of the two committed
   // The new rows into their slots and the states, only if the commit took
   // the step (a refusal is in the error word by then).
   if (m.has_dense())

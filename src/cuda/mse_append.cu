@@ -58,12 +58,6 @@ namespace tq::cuda {
 void launch_append_f32(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
 void launch_append_f16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
 void launch_append_bf16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream);
-void launch_append_kv_f32(const AppendLaunch& a, const AppendFormat& kf, const void* x_v, size_t region_offset_v,
-                          const AppendFormat& vf, cudaStream_t stream);
-void launch_append_kv_f16(const AppendLaunch& a, const AppendFormat& kf, const void* x_v, size_t region_offset_v,
-                          const AppendFormat& vf, cudaStream_t stream);
-void launch_append_kv_bf16(const AppendLaunch& a, const AppendFormat& kf, const void* x_v, size_t region_offset_v,
-                           const AppendFormat& vf, cudaStream_t stream);
 
 namespace {
 
@@ -150,25 +144,6 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
     case DType::f32: return launch_append_f32(a, fmt, stream);
     case DType::f16: return launch_append_f16(a, fmt, stream);
     case DType::bf16: return launch_append_bf16(a, fmt, stream);
-  }
-  TQ_ASSERT(false);
-}
-
-bool mse_append_kv_supported(const AppendFormat& kf, const AppendFormat& vf) {
-  return kf.f.dim == vf.f.dim && kf.f.bits == vf.f.bits && kf.f.bits <= 4 &&
-         kf.tab.search == AppendSearch::table1 && vf.tab.search == AppendSearch::table1;
-}
-
-void launch_mse_append_tiles_kv(const AppendLaunch& a, const AppendFormat& kf, const void* x_v,
-                                size_t region_offset_v, const AppendFormat& vf, CUstream_st* stream) {
-  if (a.n_tiles == 0) return;
-  TQ_ASSERT(mse_append_kv_supported(kf, vf));
-  TQ_ASSERT((reinterpret_cast<uintptr_t>(a.x) & 15) == 0 && (reinterpret_cast<uintptr_t>(x_v) & 15) == 0);
-  TQ_ASSERT(a.n_heads >= 1 && a.n_heads <= 65535);
-  switch (a.dtype) {
-    case DType::f32: return launch_append_kv_f32(a, kf, x_v, region_offset_v, vf, stream);
-    case DType::f16: return launch_append_kv_f16(a, kf, x_v, region_offset_v, vf, stream);
-    case DType::bf16: return launch_append_kv_bf16(a, kf, x_v, region_offset_v, vf, stream);
   }
   TQ_ASSERT(false);
 }

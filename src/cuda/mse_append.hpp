@@ -180,43 +180,21 @@ __device__ __forceinline__ AppendTile append_tile_at(const AppendTile* tiles, co
   return a;
 }
 
-// The input rows of tile k, before its destination is known: for a captured
-// step, row i's heads (n = 1, no page), which depend on k alone, so that
-// their loads are in flight during append_tile_at's chain of reads (the
-// batch's sequence id, its length and limit, the page table); rows of a tile
-// that turns out to store nothing are loaded and left unused. Otherwise
-// tiles[k].
-__device__ __forceinline__ AppendTile append_tile_rows(const AppendTile* tiles, const AppendStepTiles& s, int k) {
-  if (s.seqs == nullptr) return tiles[k];
-  const int h0 = (k % s.tiles_per_seq) * s.heads_per_tile;
-  AppendTile a;
-  a.token0 = k / s.tiles_per_seq;
-  a.h0 = static_cast<uint16_t>(h0);
-  a.nh = static_cast<uint16_t>(min(s.heads_per_tile, s.n_heads - h0));
-  a.page = 0;
-  a.slot0 = 0;
-  a.n = 1;
-  return a;
-}
-
 // Called by every block of a step's K and V append kernels after its last
 // tile (status: the step's status word, which the blocks OR their flags
-// into; block / grid: the block's index and count among the blocks of its
-// side, which took tiles block, block + grid, ...). The block that completes
-// the 2 * n_tiles tiles of both sides
+// into). The block that completes the 2 * n_tiles tiles of both kernels
 // commits the step: the lengths of seqs grow by one only if the status and
 // the error word are 0 and no sequence had reached its limit (then
 // kStatusReserve); a refusal is OR'd into the error word. It leaves the
 // status and the count 0 for the next step. (The words written by other
 // blocks are read past L1: __ldcg.)
-__device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s, int n_tiles, int* status,
-                                                       int block, int grid) {
+__device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s, int n_tiles, int* status) {
   if (s.seqs == nullptr) return;
   __shared__ int step_last, step_st;
   __threadfence();  // each thread's flags in *status (and records) before the count
   __syncthreads();
   if (threadIdx.x == 0) {
-    const int mine = (n_tiles - block + grid - 1) / grid;
+    const int mine = (n_tiles - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
     step_last = atomicAdd(s.done, mine) + mine == 2 * n_tiles;
   }
   __syncthreads();
@@ -255,15 +233,6 @@ struct AppendLaunch {
 };
 
 void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
-
-// K and V of a captured step in one launch (one graph node instead of two
-// beside each other: ~1 us less a step): a's tiles over a.x into a.region
-// with kf, and the same tiles over x_v into a.region at region_offset_v
-// with vf. For formats of one kernel: the same head_dim and width, 1-4 bits,
-// table search (mse_append_kv_supported); others take two launches.
-bool mse_append_kv_supported(const AppendFormat& kf, const AppendFormat& vf);
-void launch_mse_append_tiles_kv(const AppendLaunch& a, const AppendFormat& kf, const void* x_v,
-                                size_t region_offset_v, const AppendFormat& vf, CUstream_st* stream);
 
 // The search tables of a split's two segments (search_table of each
 // segment's boundaries; host side, built with the layer).

@@ -6,9 +6,5 @@ namespace tq::cuda {
 void launch_append_bf16(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream) {
   launch_dtype<DType::bf16>(a, fmt, stream);
 }
-void launch_append_kv_bf16(const AppendLaunch& a, const AppendFormat& kf, const void* x_v, size_t region_offset_v,
-                         const AppendFormat& vf, cudaStream_t stream) {
-  launch_kv_dtype<DType::bf16>(a, kf, x_v, region_offset_v, vf, stream);
-}
 
 }  // namespace tq::cuda

@@ -155,13 +155,6 @@ struct Params {
   int bnd_offset;  // and of the boundaries (binary search)
   int sign_offset;  // and of the rotation's signs, per half vector (two threads a vector)
   AppendFormat fmt;
-  // K and V in one launch (the KV kernels: a captured step): blocks [0,
-  // grid_k) take K's tiles (x, region_offset, fmt), the others V's, the
-  // same n_tiles on each side into the same status word.
-  const uint8_t* x_v;
-  size_t region_offset_v;
-  int grid_k;
-  AppendFormat fmt_v;
 };
 
 template <int D, DType IN>
@@ -188,7 +181,7 @@ struct Geo {
 // + 128 / CPR, ...): addresses step by constants; a division only where a
 // tile takes part of the heads (n_heads above the tile's rows).
 template <int D, DType IN>
-__device__ __forceinline__ void issue_tile(const Params& p, const uint8_t* x, const AppendTile& t, uint8_t* in) {
+__device__ __forceinline__ void issue_tile(const Params& p, const AppendTile& t, uint8_t* in) {
   using G = Geo<D, IN>;
   constexpr int kCpr = G::kChunksPerRow, kRowStep = G::kThreads / kCpr;
   constexpr int kIters = (G::kRows + kRowStep - 1) / kRowStep;
@@ -197,7 +190,7 @@ __device__ __forceinline__ void issue_tile(const Params& p, const uint8_t* x, co
   const int k = threadIdx.x % kCpr, r0 = threadIdx.x / kCpr;
   uint8_t* dst = in + (r0 * G::kV + k / G::kChunksPerSlice) * G::kSlice + (k % G::kChunksPerSlice) * 16;
   if (t.nh == p.n_heads) {  // rows contiguous in the input
-    const uint8_t* src = x + (size_t(t.token0) * p.n_heads + r0) * (D * G::kSz) + k * 16;
+    const uint8_t* src = p.x + (size_t(t.token0) * p.n_heads + r0) * (D * G::kSz) + k * 16;
 #pragma unroll
     for (int i = 0; i < kIters; ++i)
       if (r0 + i * kRowStep < rows)
@@ -208,7 +201,7 @@ __device__ __forceinline__ void issue_tile(const Params& p, const uint8_t* x, co
       const int r = r0 + i * kRowStep;
       if (r < rows) {
         const size_t row = size_t(t.token0 + r / t.nh) * p.n_heads + t.h0 + r % t.nh;
-        cp_async16(dst + i * kRowStep * G::kV * G::kSlice, x + row * (D * G::kSz) + k * 16);
+        cp_async16(dst + i * kRowStep * G::kV * G::kSlice, p.x + row * (D * G::kSz) + k * 16);
       }
     }
   }
@@ -360,7 +353,7 @@ constexpr int append_min_blocks() {
   return table && (IN == DType::bf16 || (IN == DType::f16 && D <= 128)) ? 3 : 2;
 }
 
-template <int D, int BITS, DType IN, int MODE, bool KV>
+template <int D, int BITS, DType IN, int MODE>
 __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, MODE>()))
     mse_append_kernel(const __grid_constant__ Params p) {
   using G = Geo<D, IN>;
@@ -373,14 +366,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int r = tid / V, q = tid % V;  // row of the tile, half of the vector
-  // This block's side (KV: K or V by block; else the launch's one) and its
-  // index and count among that side's blocks.
-  const bool side_v = KV && int(blockIdx.x) >= p.grid_k;
-  const int blk = side_v ? int(blockIdx.x) - p.grid_k : int(blockIdx.x);
-  const int grid = KV ? (side_v ? int(gridDim.x) - p.grid_k : p.grid_k) : int(gridDim.x);
-  const AppendFormat& F = side_v ? p.fmt_v : p.fmt;
-  const uint8_t* const x_in = side_v ? p.x_v : p.x;
-  const size_t region_offset = side_v ? p.region_offset_v : p.region_offset;
+  const AppendFormat& F = p.fmt;
   const int rb = F.f.record_bytes;
   if (MODE == int(AppendSearch::binary))
     for (int i = tid; i < (1 << BITS) - 1; i += G::kThreads) sbnd[i] = F.f.boundaries[i];
@@ -397,9 +383,9 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
   const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
   const int tbase = F.tab.base[lane];
 
-  int ti = blk;
-  if (ti < p.n_tiles) issue_tile<D, IN>(p, x_in, append_tile_rows(p.tiles, p.step, ti), in_stage);
-  for (; ti < p.n_tiles; ti += grid) {
+  int ti = blockIdx.x;
+  if (ti < p.n_tiles) issue_tile<D, IN>(p, append_tile_at(p.tiles, p.step, ti), in_stage);
+  for (; ti < p.n_tiles; ti += gridDim.x) {
     const AppendTile t = append_tile_at(p.tiles, p.step, ti);
     const int n = t.n, nh = t.nh, rows = n * nh;
     const bool valid = r < rows;
@@ -411,7 +397,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     unsigned raw[kWords];
     load_words16<kWords>(reinterpret_cast<const uint4*>(in_stage + tid * G::kSlice), raw);
     __syncthreads();  // the slices are read: the next tile may land there
-    if (ti + grid < p.n_tiles) issue_tile<D, IN>(p, x_in, append_tile_rows(p.tiles, p.step, ti + grid), in_stage);
+    if (ti + int(gridDim.x) < p.n_tiles) issue_tile<D, IN>(p, append_tile_at(p.tiles, p.step, ti + gridDim.x), in_stage);
 
     // Sign flips commute with the roundings below (RNE is symmetric), so
     // they are applied first, to the raw bits.
@@ -541,7 +527,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     const int tl = valid ? r / nh : 0, hl = valid ? r % nh : 0;
     const int run_stride = (n * rb + 31) & ~15;  // >= n * rb + the offset mod 16
     auto dest = [&](int h) {  // first record of head h of the tile
-      return p.pool + size_t(t.page) * p.page_bytes + region_offset +
+      return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
              (size_t(t.h0 + h) * p.page_tokens + t.slot0) * rb;
     };
     if (valid) {
@@ -565,14 +551,11 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     // ---- out: per head one contiguous run of n records, 16-byte stores ------
     copy_runs_out(out_stage, run_stride, n * rb, nh, warp, G::kWarps, lane, dest);
   }
-  append_step_block_done(p.step, p.n_tiles, p.status, blk, grid);
+  append_step_block_done(p.step, p.n_tiles, p.status);
 }
 
-// kv_x / kv_fmt (or null): V's input and format, K's in a and fmt, in one
-// launch (the KV kernel; a.region's pool at kv_region_offset for V).
-template <int D, int BITS, DType IN, int MODE, bool KV>
-void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream, const void* kv_x = nullptr,
-                  size_t kv_region_offset = 0, const AppendFormat* kv_fmt = nullptr) {
+template <int D, int BITS, DType IN, int MODE>
+void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t stream) {
   using G = Geo<D, IN>;
   Params p;
   p.x = static_cast<const uint8_t*>(a.x);
@@ -588,24 +571,15 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
   p.status = a.status;
   const int in_bytes = G::kThreads * G::kSlice;
   const int heads = std::min(a.n_heads, G::kRows);
-  const int record_bytes = KV ? std::max(fmt.f.record_bytes, kv_fmt->f.record_bytes) : fmt.f.record_bytes;
-  const int out_bytes = (G::kRows * record_bytes + 32 * heads + 15) & ~15;
+  const int out_bytes = (G::kRows * fmt.f.record_bytes + 32 * heads + 15) & ~15;
   p.out_offset = in_bytes;
   p.bnd_offset = in_bytes + out_bytes;
   p.sign_offset = p.bnd_offset + (MODE == int(AppendSearch::binary) ? 256 * 4 : 0);
   const int smem = p.sign_offset + (G::kV == 2 ? 2 * G::kSignHalfBytes : 0);
   p.fmt = fmt;
-  const void* kernel = reinterpret_cast<const void*>(&mse_append_kernel<D, BITS, IN, MODE, KV>);
-  const int resident = append_blocks_per_sm(kernel, smem, G::kThreads) * append_sm_count();
-  int grid = std::min(a.n_tiles, resident);
-  if constexpr (KV) {
-    p.x_v = static_cast<const uint8_t*>(kv_x);
-    p.region_offset_v = kv_region_offset;
-    p.fmt_v = *kv_fmt;
-    p.grid_k = std::min(a.n_tiles, std::max(1, resident / 2));
-    grid = 2 * p.grid_k;
-  }
-  mse_append_kernel<D, BITS, IN, MODE, KV><<<grid, G::kThreads, smem, stream>>>(p);
+  const void* kernel = reinterpret_cast<const void*>(&mse_append_kernel<D, BITS, IN, MODE>);
+  const int grid = std::min(a.n_tiles, append_blocks_per_sm(kernel, smem, G::kThreads) * append_sm_count());
+  mse_append_kernel<D, BITS, IN, MODE><<<grid, G::kThreads, smem, stream>>>(p);
   TQ_CUDA_CHECK_LAUNCH();
 }
 
@@ -614,12 +588,10 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
 template <int D, int BITS, DType IN>
 void launch_mode(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s) {
   if constexpr (BITS <= 4)
-    if (fmt.tab.search == AppendSearch::table1)
-      return launch_typed<D, BITS, IN, int(AppendSearch::table1), false>(a, fmt, s);
+    if (fmt.tab.search == AppendSearch::table1) return launch_typed<D, BITS, IN, int(AppendSearch::table1)>(a, fmt, s);
   if constexpr (BITS == 5)
-    if (fmt.tab.search == AppendSearch::table2)
-      return launch_typed<D, BITS, IN, int(AppendSearch::table2), false>(a, fmt, s);
-  launch_typed<D, BITS, IN, int(AppendSearch::binary), false>(a, fmt, s);
+    if (fmt.tab.search == AppendSearch::table2) return launch_typed<D, BITS, IN, int(AppendSearch::table2)>(a, fmt, s);
+  launch_typed<D, BITS, IN, int(AppendSearch::binary)>(a, fmt, s);
 }
 
 template <int D, DType IN>
@@ -644,33 +616,6 @@ void launch_dtype(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
     case 64: return launch_bits<64, IN>(a, fmt, s);
     case 128: return launch_bits<128, IN>(a, fmt, s);
     case 256: return launch_bits<256, IN>(a, fmt, s);
-  }
-  TQ_ASSERT(false);
-}
-
-// The KV kernel (mse_append_kv_supported: table search, 1-4 bits, K and V
-// of one head_dim and width).
-template <int D, DType IN>
-void launch_kv_bits(const AppendLaunch& a, const AppendFormat& kf, const void* xv, size_t off_v,
-                    const AppendFormat& vf, cudaStream_t s) {
-  constexpr int T1 = int(AppendSearch::table1);
-  switch (kf.f.bits) {
-    case 1: return launch_typed<D, 1, IN, T1, true>(a, kf, s, xv, off_v, &vf);
-    case 2: return launch_typed<D, 2, IN, T1, true>(a, kf, s, xv, off_v, &vf);
-    case 3: return launch_typed<D, 3, IN, T1, true>(a, kf, s, xv, off_v, &vf);
-    case 4: return launch_typed<D, 4, IN, T1, true>(a, kf, s, xv, off_v, &vf);
-  }
-  TQ_ASSERT(false);
-}
-
-template <DType IN>
-void launch_kv_dtype(const AppendLaunch& a, const AppendFormat& kf, const void* xv, size_t off_v,
-                     const AppendFormat& vf, cudaStream_t s) {
-  TQ_ASSERT(a.dtype == IN);
-  switch (kf.f.dim) {
-    case 64: return launch_kv_bits<64, IN>(a, kf, xv, off_v, vf, s);
-    case 128: return launch_kv_bits<128, IN>(a, kf, xv, off_v, vf, s);
-    case 256: return launch_kv_bits<256, IN>(a, kf, xv, off_v, vf, s);
   }
   TQ_ASSERT(false);
 }

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the buffers are read: the next row may overwrite them
   });
-  append_step_block_done(p.step, p.n_tiles, p.status, blockIdx.x, gridDim.x);
+  append_step_block_done(p.step, p.n_tiles, p.status);
 }
 
 // Splits in two halves of D/2 channels with one-block rotations (turbo2.5,
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the codes are read: the next row may overwrite them
   });
-  append_step_block_done(p.step, p.n_tiles, p.status, blockIdx.x, gridDim.x);
+  append_step_block_done(p.step, p.n_tiles, p.status);
 }
 
 // Splits in two halves at B0 and B0 - 1 bits (turbo2.5: 3/2, turbo3.5: 4/3),
@@ -552,21 +552,20 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
   };
   // Gathered input: the rows are free once gathered, so the next tile's
   // rows load while this one computes; f32 rows are read in place.
-  if (kGather && blockIdx.x < p.n_tiles) issue_rows(append_tile_rows(p.tiles, p.step, blockIdx.x));
+  if (kGather && blockIdx.x < p.n_tiles) issue_rows(append_tile_at(p.tiles, p.step, blockIdx.x));
   for (int ti = blockIdx.x; ti < p.n_tiles; ti += gridDim.x) {
-    __syncthreads();  // the previous tile's rows and records are consumed
-    // 1. The tile's input rows (issued a tile ahead where gathered), before
-    // its destination is read.
-    if (!kGather) issue_rows(append_tile_rows(p.tiles, p.step, ti));
     const AppendTile t = append_tile_at(p.tiles, p.step, ti);
     const int n = t.n, nh = t.nh, rows = n * nh;
     int st = 0;
+    __syncthreads();  // the previous tile's rows and records are consumed
+    // 1. The tile's input rows (issued a tile ahead where gathered).
+    if (!kGather) issue_rows(t);
     cp_async_wait_all();
     __syncthreads();
     if constexpr (kGather) {
       gather_halves<D, T, S, kRows, kThreadsL>(p, t, in, kPitch, hv, st);
       __syncthreads();
-      if (ti + int(gridDim.x) < p.n_tiles) issue_rows(append_tile_rows(p.tiles, p.step, ti + gridDim.x));
+      if (ti + int(gridDim.x) < p.n_tiles) issue_rows(append_tile_at(p.tiles, p.step, ti + gridDim.x));
     }
     const int run_stride = (n * rb + 31) & ~15;
     auto dest = [&](int h) {  // first record of head h of the tile
@@ -629,7 +628,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     // 6. Per head one contiguous run of n records.
     copy_runs_out(out_stage, run_stride, n * rb, nh, warp, kWarpsL, lane, dest);
   }
-  append_step_block_done(p.step, p.n_tiles, p.status, blockIdx.x, gridDim.x);
+  append_step_block_done(p.step, p.n_tiles, p.status);
 }
 
 }  // namespace
