@@ -2230,6 +2230,79 @@ TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
   }
 }
 
+// The step kernel (src/cuda/mse_step.cu: a captured step's tq-mse K and V in
+// one launch, a warp per vector) writes the records of the tile kernels
+// (append_batch_device, same typed input) bit for bit: every width 1-8
+// (table and binary searches), d 64 / 128 / 256, K and V of different widths
+// and an f32 scale, f32 / f16 / bf16 input under round_to f16 / bf16 / f32,
+// on awkward rows (magnitudes 1e-6 .. 1e1: f16 subnormals; zero vectors and
+// zero components; components at the fp16 limit), over page boundaries.
+TEST(CudaGraph, StepKernelMatchesTileKernels) {
+  TQ_SKIP_WITHOUT_GPU();
+  using cuda::DType;
+  struct Case {
+    const char *kspec, *vspec;
+    int d;
+    DType in, round_to;
+  };
+  std::vector<Case> cases;
+  for (int b = 1; b <= 8; ++b) {
+    static const char* specs[] = {"", "tq-mse:b=1", "tq-mse:b=2", "tq-mse:b=3", "tq-mse:b=4",
+                                  "tq-mse:b=5", "tq-mse:b=6", "tq-mse:b=7", "tq-mse:b=8"};
+    cases.push_back({specs[b], specs[b], b % 3 == 0 ? 64 : b % 3 == 1 ? 128 : 256,
+                     b % 2 ? DType::bf16 : DType::f32, DType::f16});
+  }
+  cases.push_back({"tq-mse:b=3", "tq-mse:b=4", 128, DType::f16, DType::f16});
+  cases.push_back({"tq-mse:b=4,sf=f32", "tq-mse:b=4", 128, DType::f32, DType::f32});
+  cases.push_back({"tq-mse:b=4", "tq-mse:b=2", 256, DType::f16, DType::bf16});
+  cases.push_back({"tq-mse:b=3", "tq-mse:b=3", 64, DType::bf16, DType::bf16});
+  cases.push_back({"tq-mse:b=2", "tq-mse:b=2", 128, DType::f32, DType::bf16});
+  for (const Case& c : cases) {
+    SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " input " +
+                 cuda::to_string(c.in) + " round_to " + cuda::to_string(c.round_to));
+    auto kq = make_quantizer(c.kspec, c.d, 11), vq = make_quantizer(c.vspec, c.d, 12);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = 3;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 3;
+    cfg.max_pages_per_seq = 4;
+    cfg.round_to = c.round_to;
+    cuda::GpuKvLayer ref(*kq, *vq, cfg), step(*kq, *vq, cfg);
+    const int H = 3, d = c.d, steps = 12;
+    const std::vector<int> prompt = {5, 14, 1}, batch = {1, 2, 0};
+    const auto pk = kv_data(size_t(3) * 16 * H, d, 41), pv = kv_data(size_t(3) * 16 * H, d, 42);
+    for (cuda::GpuKvLayer* l : {&ref, &step})
+      for (int s = 0; s < 3; ++s) {
+        ASSERT_EQ(l->add_sequence(), s);
+        l->append(s, pk.data() + size_t(s) * 16 * H * d, pv.data() + size_t(s) * 16 * H * d, prompt[s]);
+      }
+    step.reserve_steps(batch.data(), 3, steps);
+    const TypedInput tk = typed_input(append_vectors(size_t(steps) * 3 * H, d, 43), c.in);
+    const TypedInput tv = typed_input(append_vectors(size_t(steps) * 3 * H, d, 44), c.in);
+    cuda::DeviceBuffer dk(tk.bytes.size()), dv(tv.bytes.size());
+    dk.upload(tk.bytes.data(), tk.bytes.size());
+    dv.upload(tv.bytes.data(), tv.bytes.size());
+    const size_t step_bytes = size_t(3) * H * d * cuda::dtype_bytes(c.in);
+    for (int i = 0; i < steps; ++i) {
+      const uint8_t* k = static_cast<const uint8_t*>(dk.data()) + i * step_bytes;
+      const uint8_t* v = static_cast<const uint8_t*>(dv.data()) + i * step_bytes;
+      step.append_step_device(k, v, c.in);
+      ref.append_batch_device(batch.data(), 3, k, v, c.in);
+    }
+    step.check_appends();
+    for (int s = 0; s < 3; ++s) {
+      ASSERT_EQ(step.n_tokens(s), prompt[s] + steps);
+      const int n = step.n_tokens(s);
+      std::vector<uint8_t> gk(size_t(n) * H * ref.k_record_bytes()), gv(size_t(n) * H * ref.v_record_bytes());
+      std::vector<uint8_t> rk(gk.size()), rv(gv.size());
+      step.read_records(s, 0, n, gk.data(), gv.data());
+      ref.read_records(s, 0, n, rk.data(), rv.data());
+      EXPECT_TRUE(gk == rk) << "K records of sequence " << s;
+      EXPECT_TRUE(gv == rv) << "V records of sequence " << s;
+    }
+  }
+}
+
 TEST(CudaSplit, HalvesAppendInputTypesAgree) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;

@@ -1324,11 +1324,18 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     xv = sd.page_v;
     xtype = DType::f16;
   }
-  TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
-  TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
-  m.launch_kernels(xk, xv, xtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
-  TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
-  TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));  // the last block of the two committed
+  if (!m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va)) {
+    // tq-mse K and V: one launch, a warp per vector (src/cuda/mse_step.cu).
+    launch_mse_step(st, xk, xv, xtype, m.cfg.round_to, m.cfg.n_heads_kv, m.region(false),
+                    m.region(true).region_offset, m.ka, m.va, m.step_status(), stream);
+  } else {  // the tile kernels, V beside K
+    TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
+    TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
+    m.launch_kernels(xk, xv, xtype, nullptr, m.step_tiles, m.step_status(), stream, m.step_side, &st);
+    TQ_CUDA_CHECK(cudaEventRecord(m.step_join, m.step_side));
+    TQ_CUDA_CHECK(cudaStreamWaitEvent(stream, m.step_join, 0));
+  }
+  // (the block that finished the step's last vector or tile committed it)
   // The new rows into their slots and the states, only if the commit took
   // the step (a refusal is in the error word by then).
   if (m.has_dense())

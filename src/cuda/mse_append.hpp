@@ -180,23 +180,21 @@ __device__ __forceinline__ AppendTile append_tile_at(const AppendTile* tiles, co
   return a;
 }
 
-// Called by every block of a step's K and V append kernels after its last
-// tile (status: the step's status word, which the blocks OR their flags
-// into). The block that completes the 2 * n_tiles tiles of both kernels
+// Called by every block of a step's append kernels after its last tile
+// (status: the step's status word, which the blocks OR their flags into;
+// mine: the block's count of the step's work, total: the step's, e.g.
+// tiles of the K and V kernels together). The block that completes total
 // commits the step: the lengths of seqs grow by one only if the status and
 // the error word are 0 and no sequence had reached its limit (then
 // kStatusReserve); a refusal is OR'd into the error word. It leaves the
 // status and the count 0 for the next step. (The words written by other
 // blocks are read past L1: __ldcg.)
-__device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s, int n_tiles, int* status) {
+__device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s, int mine, int total, int* status) {
   if (s.seqs == nullptr) return;
   __shared__ int step_last, step_st;
   __threadfence();  // each thread's flags in *status (and records) before the count
   __syncthreads();
-  if (threadIdx.x == 0) {
-    const int mine = (n_tiles - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
-    step_last = atomicAdd(s.done, mine) + mine == 2 * n_tiles;
-  }
+  if (threadIdx.x == 0) step_last = atomicAdd(s.done, mine) + mine == total;
   __syncthreads();
   if (!step_last) return;
   __threadfence();
@@ -218,6 +216,11 @@ __device__ __forceinline__ void append_step_block_done(const AppendStepTiles& s,
     *s.done = 0;
   }
 }
+
+// This block's tiles of a launch over n_tiles (blocks stride the tiles).
+__device__ __forceinline__ int append_tiles_of_block(int n_tiles) {
+  return (n_tiles - int(blockIdx.x) + int(gridDim.x) - 1) / int(gridDim.x);
+}
 #endif
 
 struct AppendLaunch {
@@ -233,6 +236,18 @@ struct AppendLaunch {
 };
 
 void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
+
+// The append of a captured step for tq-mse K and V (src/cuda/mse_step.cu):
+// one launch, a warp per vector (a step's few vectors would leave the tile
+// kernels' blocks mostly idle), the same records as the tile kernels. k, v:
+// device [step.n, n_heads, dim] of dtype, each element first rounded to
+// round_to; K's records into k_region, V's at v_region_offset of the same
+// pool; flags into *status; the last block commits (append_step_block_done).
+// Both formats must share head_dim and search mode (mse_step_supported).
+bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf);
+void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
+                     int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
+                     const AppendFormat& vf, int* status, CUstream_st* stream);
 
 // The search tables of a split's two segments (search_table of each
 // segment's boundaries; host side, built with the layer).

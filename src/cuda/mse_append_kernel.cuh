@@ -551,7 +551,7 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     // ---- out: per head one contiguous run of n records, 16-byte stores ------
     copy_runs_out(out_stage, run_stride, n * rb, nh, warp, G::kWarps, lane, dest);
   }
-  append_step_block_done(p.step, p.n_tiles, p.status);
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
 }
 
 template <int D, int BITS, DType IN, int MODE>

@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(kThreads) split_append_kernel(const __grid_con
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the buffers are read: the next row may overwrite them
   });
-  append_step_block_done(p.step, p.n_tiles, p.status);
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
 }
 
 // Splits in two halves of D/2 channels with one-block rotations (turbo2.5,
@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the codes are read: the next row may overwrite them
   });
-  append_step_block_done(p.step, p.n_tiles, p.status);
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
 }
 
 // Splits in two halves at B0 and B0 - 1 bits (turbo2.5: 3/2, turbo3.5: 4/3),
@@ -628,7 +628,7 @@ __global__ void __launch_bounds__(2 * LaneRows<D>::kRows, 2)
     // 6. Per head one contiguous run of n records.
     copy_runs_out(out_stage, run_stride, n * rb, nh, warp, kWarpsL, lane, dest);
   }
-  append_step_block_done(p.step, p.n_tiles, p.status);
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
 }
 
 }  // namespace

@@ -1,0 +1,246 @@
+// The append of a captured decode step (GpuKvLayer::append_step_device) for
+// tq-mse K and V: one token per sequence of the batch, K and V in one launch,
+// one warp per vector. Same codes and scales as mse_append_kernel.cuh, which
+// remains the specification's fast path for prefill blocks; the arithmetic
+// here is the same sequence of _rn operations (see mse_append.cu), compiled
+// with -fmad=false.
+//
+// Why a kernel of its own: a step holds 8-256 vectors, and the prefill
+// kernel gives each vector two threads of a 256-thread block, so a batch-1
+// step ran one warp's work through ~1,500 dependent instructions a thread
+// while the block's idle warps computed garbage rows beside it (the step
+// took ~6.5 us of device time beyond its graph launch). Here a vector is a
+// warp: head_dim / 32 elements a lane, the rotation's high stages by
+// shuffles, the norm's 16 partial sums over shared memory in the CPU's order.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_check.hpp"
+#include "cuda/mse_append.hpp"
+#include "cuda/mse_append_kernel.cuh"  // float_to_half_bits, round_bf16, lt01, kMagic: the same arithmetic
+
+namespace tq::cuda {
+namespace {
+
+constexpr int kStepWarps = 4;  // warps (vectors) per block
+
+struct StepParams {
+  AppendStepTiles step;     // seqs, n, lengths, limits, page table, done, sticky, active
+  const uint8_t* x[2];      // K, V input: [n, n_heads, dim] of dtype
+  int dtype, round_to;
+  int n_heads;
+  uint8_t* pool;
+  size_t page_bytes;
+  size_t region_offset[2];  // K, V
+  int page_tokens;
+  int* status;              // the step's status word
+  AppendFormat fmt[2];      // K, V
+};
+
+// Element i of a row as a float (f32, f16 or bf16 input).
+__device__ __forceinline__ float load_elem(const uint8_t* row, int dtype, int i) {
+  if (dtype == int(DType::f32)) return reinterpret_cast<const float*>(row)[i];
+  const unsigned short u = reinterpret_cast<const unsigned short*>(row)[i];
+  if (dtype == int(DType::f16)) return __half2float(__ushort_as_half(u));
+  return __uint_as_float(unsigned(u) << 16);
+}
+
+// x rounded to the layer's format as KvCache rounds a token to its dense
+// format (src/util/half.cpp), with what that format refuses OR'd into st.
+// A value beyond the f16 range keeps its value (the step is refused; the
+// flag is the one the prefill kernel raises).
+__device__ __forceinline__ float round_input(float a, int round_to, int& st) {
+  if (round_to == int(DType::f32)) return a;  // non-finite values show in the norm
+  if (!isfinite(a)) {
+    st |= kStatusNonFinite;
+    return a;
+  }
+  if (round_to == int(DType::bf16)) return round_bf16(a);
+  if (fabsf(a) > kHalfMax) {
+    st |= kStatusDenseOverflow;
+    return a;
+  }
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
+}
+
+// Warp w of block b encodes vector v = b * kStepWarps + w: side v / (n * n_heads)
+// (0 K, 1 V), row (v % (n * n_heads)) / n_heads of the batch, head v % n_heads.
+template <int D, int MODE>
+__global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_constant__ StepParams p) {
+  constexpr int E = D / 32;  // elements a lane: i = lane * E + j
+  __shared__ float sq[kStepWarps][D];
+  __shared__ uint8_t codes[kStepWarps][D];
+  __shared__ float sbnd[kStepWarps][256];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const AppendStepTiles& s = p.step;
+  const int per_side = s.n * p.n_heads;
+  const int v = int(blockIdx.x) * kStepWarps + warp;
+  if (v < 2 * per_side) {
+    const int side = v / per_side, i = (v % per_side) / p.n_heads, h = v % p.n_heads;
+    const AppendFormat& F = p.fmt[side];
+    const int bits = F.f.bits;
+    // The input row first: its address needs nothing from the device.
+    const uint8_t* row = p.x[side] + (size_t(i) * p.n_heads + h) * D * (p.dtype == int(DType::f32) ? 4 : 2);
+    float raw[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) raw[j] = load_elem(row, p.dtype, lane * E + j);
+    // Its destination (as append_tile_at: nothing stored past the limit or
+    // for a row that stays dense).
+    const int seq = s.seqs[i], t = s.lengths[seq];
+    const bool store = t < s.limits[seq] && (s.active == nullptr || s.active[i] != 0);
+    // (A row that stores nothing raises no flag: its input may be stale.)
+    if (store) {
+    const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
+    uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[side] +
+                         (size_t(h) * p.page_tokens + t % s.page_tokens) * F.f.record_bytes;
+    if (MODE == int(AppendSearch::binary))
+      for (int k = lane; k < (1 << bits) - 1; k += 32) sbnd[warp][k] = F.f.boundaries[k];
+    const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
+    const int tbase = F.tab.base[lane];
+
+    // Rounded, signs applied (exact), squares for the norm.
+    int st = 0;
+    float x[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float a = round_input(raw[j], p.round_to, st);
+      x[j] = __uint_as_float(__float_as_uint(a) ^ F.sign_f32[lane * E + j]);
+      sq[warp][lane * E + j] = __fmul_rn(x[j], x[j]);
+    }
+    __syncwarp();
+    // Norm: partial sum j (lane j < 16) over elements j, 16 + j, ... in index
+    // order, then the tree w = 8, 4, 2, 1 (tree16 of mse_append_kernel.cuh).
+    float acc = sq[warp][lane % 16];
+#pragma unroll
+    for (int m = 1; m < D / 16; ++m) acc = __fadd_rn(acc, sq[warp][16 * m + lane % 16]);
+#pragma unroll
+    for (int w = 8; w >= 2; w /= 2) {
+      const float o = __shfl_down_sync(kFull, acc, w);
+      if (lane < w) acc = __fadd_rn(acc, o);
+    }
+    const float ss = __shfl_sync(kFull, __fadd_rn(acc, __shfl_down_sync(kFull, acc, 1)), 0);
+    const bool finite = isfinite(ss);
+    if (!finite) st |= kStatusNonFinite;
+    const float norm = __fsqrt_rn(ss);
+    const float mul = __fdiv_rn(1.0f, norm);
+    const bool keep = finite && norm != 0.0f;  // a zero vector: codes 0
+
+    // Rotation: stages h = 1, 2, .. in the lane's registers, then across lanes
+    // (the lower index's lane takes a + b, the upper's a - b, one rounding each).
+#pragma unroll
+    for (int h = 1; h < E; h *= 2)
+#pragma unroll
+      for (int j = 0; j < E; ++j)
+        if ((j & h) == 0) {
+          const float a = x[j], b = x[j + h];
+          x[j] = __fadd_rn(a, b);
+          x[j + h] = __fsub_rn(a, b);
+        }
+#pragma unroll
+    for (int lm = 1; lm < 32; lm *= 2) {
+      const float sgn = (lane & lm) ? -1.0f : 1.0f;
+#pragma unroll
+      for (int j = 0; j < E; ++j) x[j] = __fmaf_rn(sgn, x[j], __shfl_xor_sync(kFull, x[j], lm));
+    }
+
+    // Codes (AppendSearch), staged as bytes for the packing.
+    const float ps = F.f.post_scale, cs = F.tab.cell_scale;
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const float val = __fmul_rn(__fmul_rn(x[j], ps), mul);
+      unsigned c;
+      if constexpr (MODE == int(AppendSearch::binary)) {
+        int lo = 0;
+        for (int k = bits - 1; k >= 0; --k)
+          if (sbnd[warp][lo + (1 << k) - 1] < val) lo += 1 << k;
+        c = unsigned(lo);
+      } else {
+        const float tt = __fmaf_rn(val, cs, kMagic);
+        const int cell = __viaddmin_s32_relu(__float_as_int(tt), 16 - kMagicBits, 31);
+        c = unsigned(__shfl_sync(kFull, tbase, cell)) + lt01(__shfl_sync(kFull, tb0, cell), val);
+        if constexpr (MODE == int(AppendSearch::table2)) c += lt01(__shfl_sync(kFull, tb1, cell), val);
+      }
+      codes[warp][lane * E + j] = static_cast<uint8_t>(keep ? c : 0u);
+    }
+    __syncwarp();
+    {
+      // Packed as pack_ref packs (stream bit k is bit k % bits of code k /
+      // bits), then the scale.
+      const int cb = F.f.code_bytes;
+      for (int k = lane; k < cb; k += 32) {
+        const int i0 = (8 * k) / bits, i1 = min(D - 1, (8 * k + 7) / bits);
+        unsigned b = 0;
+        for (int e = i0; e <= i1; ++e) {
+          const int sh = e * bits - 8 * k;
+          const unsigned c = codes[warp][e];
+          b |= sh >= 0 ? c << sh : c >> (-sh);
+        }
+        rec[k] = static_cast<uint8_t>(b & 0xffu);
+      }
+      unsigned sbits;
+      int sbytes;
+      if (F.f.scale_f32) {
+        sbits = __float_as_uint(norm);
+        sbytes = 4;
+      } else {
+        if (!(norm <= kHalfMax) && finite) st |= kStatusScaleOverflow;
+        sbits = float_to_half_bits(norm);
+        sbytes = 2;
+      }
+      if (lane < sbytes) rec[cb + lane] = static_cast<uint8_t>((sbits >> (8 * lane)) & 0xffu);
+    }
+    st = __reduce_or_sync(kFull, unsigned(st));
+    if (lane == 0 && st != 0) atomicOr(p.status, st);
+    }  // store
+  }
+  // The block that finishes the step's last vector commits it (one count a block).
+  append_step_block_done(s, 1, int(gridDim.x), p.status);
+}
+
+template <int D>
+void launch_dim(const StepParams& p, int grid, AppendSearch mode, cudaStream_t stream) {
+  switch (mode) {
+    case AppendSearch::table1: mse_step_kernel<D, int(AppendSearch::table1)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
+    case AppendSearch::table2: mse_step_kernel<D, int(AppendSearch::table2)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
+    case AppendSearch::binary: mse_step_kernel<D, int(AppendSearch::binary)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
+  }
+  TQ_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf) {
+  return kf.f.dim == vf.f.dim && kf.tab.search == vf.tab.search;
+}
+
+void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
+                     int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
+                     const AppendFormat& vf, int* status, CUstream_st* stream) {
+  TQ_ASSERT(mse_step_supported(kf, vf) && step.seqs != nullptr && step.n >= 1);
+  StepParams p;
+  p.step = step;
+  p.x[0] = static_cast<const uint8_t*>(k);
+  p.x[1] = static_cast<const uint8_t*>(v);
+  p.dtype = int(dtype);
+  p.round_to = int(round_to);
+  p.n_heads = n_heads;
+  p.pool = k_region.pool;
+  p.page_bytes = k_region.page_bytes;
+  p.region_offset[0] = k_region.region_offset;
+  p.region_offset[1] = v_region_offset;
+  p.page_tokens = k_region.page_tokens;
+  p.status = status;
+  p.fmt[0] = kf;
+  p.fmt[1] = vf;
+  const int vectors = 2 * step.n * n_heads;
+  const int grid = (vectors + kStepWarps - 1) / kStepWarps;
+  switch (kf.f.dim) {
+    case 64: return launch_dim<64>(p, grid, kf.tab.search, stream);
+    case 128: return launch_dim<128>(p, grid, kf.tab.search, stream);
+    case 256: return launch_dim<256>(p, grid, kf.tab.search, stream);
+  }
+  TQ_ASSERT(false);
+}
+
+}  // namespace tq::cuda
