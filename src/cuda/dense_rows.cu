@@ -111,7 +111,53 @@ __global__ void dense_row_copies_kernel(const DenseRowCopy* __restrict__ copies,
     state[3 * states[4 * blockIdx.x] + threadIdx.x] = states[4 * blockIdx.x + 1 + threadIdx.x];
 }
 
+// Block i: the new row of the step's row i into its slot and the sequence's
+// next state (the decisions of dense_step_plan_kernel), unless the layer's
+// error word holds a refusal: the step's commit has run before.
+__global__ void dense_step_finish_kernel(const AppendStepTiles step, const void* __restrict__ k,
+                                         const void* __restrict__ v, int dtype, size_t row_elems,
+                                         const DenseStepRows d) {
+  if (__ldcg(step.sticky) != 0) return;
+  const int i = blockIdx.x, seq = step.seqs[i];
+  const int S = d.prefix_slots, W = d.window_slots;
+  int np = d.state[3 * seq], ws = d.state[3 * seq + 1], wc = d.state[3 * seq + 2], slot = -1;
+  if (np < S) {
+    slot = np++;
+  } else if (W > 0) {
+    if (wc < W) {
+      slot = S + (ws + wc) % W;
+      ++wc;
+    } else {  // the oldest went to the pages; the new row takes its slot
+      slot = S + ws;
+      ws = (ws + 1) % W;
+    }
+  }
+  if (slot >= 0) {
+    const size_t at = (size_t(seq) * (S + W) + slot) * row_elems;
+    uint16_t* const dk = reinterpret_cast<uint16_t*>(d.dense_k) + at;
+    uint16_t* const dv = reinterpret_cast<uint16_t*>(d.dense_v) + at;
+    int st = 0;  // (the step checked the values)
+    for (size_t e = threadIdx.x; e < row_elems; e += blockDim.x) {
+      dk[e] = element_to_f16(k, dtype, i * row_elems + e, st);
+      dv[e] = element_to_f16(v, dtype, i * row_elems + e, st);
+    }
+  }
+  __syncthreads();  // every thread has read the state
+  if (threadIdx.x == 0) {
+    d.state[3 * seq] = np;
+    d.state[3 * seq + 1] = ws;
+    d.state[3 * seq + 2] = wc;
+  }
+}
+
 }  // namespace
+
+void launch_dense_step_finish(const AppendStepTiles& step, const void* k, const void* v, DType dtype,
+                              int n_heads, int dim, const DenseStepRows& dense, cudaStream_t stream) {
+  if (step.n == 0) return;
+  dense_step_finish_kernel<<<step.n, 256, 0, stream>>>(step, k, v, int(dtype), size_t(n_heads) * dim, dense);
+  TQ_CUDA_CHECK(cudaGetLastError());
+}
 
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
                              int* state, const int* only_if_clean, int* sticky, cudaStream_t stream) {

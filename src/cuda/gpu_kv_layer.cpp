@@ -1296,8 +1296,19 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   const void* xv = v;
   DType xtype = dtype;
   Impl::StepDense sd{};
-  if (m.has_dense()) {  // the rows leaving the dense tokens are the append's input (f16)
+  const bool mse = !m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va);
+  DenseStepRows rows;  // tq-mse: the step kernel plans the dense rows itself
+  if (m.has_dense()) {
     sd = m.step_dense_parts();
+    rows.dense_k = m.dense_k.as<uint8_t>();
+    rows.dense_v = m.dense_v.as<uint8_t>();
+    rows.state = m.dense_state.as<int>();
+    rows.prefix_slots = m.cfg.dense_prefix;
+    rows.window_slots = m.cfg.dense_window;
+    rows.active = sd.active;
+    st.active = sd.active;
+  }
+  if (m.has_dense() && !mse) {  // the rows leaving the dense tokens are the tile kernels' input (f16)
     DenseStepPlan dp;
     dp.seqs = st.seqs;
     dp.n = st.n;
@@ -1319,15 +1330,15 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     dp.active = sd.active;
     dp.status = m.step_status();  // the f16 rounding's refusals keep the step uncommitted
     launch_dense_step_plan(dp, stream);
-    st.active = sd.active;
     xk = sd.page_k;
     xv = sd.page_v;
     xtype = DType::f16;
   }
-  if (!m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va)) {
+  if (mse) {
     // tq-mse K and V: one launch, a warp per vector (src/cuda/mse_step.cu).
     launch_mse_step(st, xk, xv, xtype, m.cfg.round_to, m.cfg.n_heads_kv, m.region(false),
-                    m.region(true).region_offset, m.ka, m.va, m.step_status(), stream);
+                    m.region(true).region_offset, m.ka, m.va, m.step_status(), m.has_dense() ? &rows : nullptr,
+                    stream);
   } else {  // the tile kernels, V beside K
     TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
     TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
@@ -1338,7 +1349,9 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   // (the block that finished the step's last vector or tile committed it)
   // The new rows into their slots and the states, only if the commit took
   // the step (a refusal is in the error word by then).
-  if (m.has_dense())
+  if (m.has_dense() && mse)
+    launch_dense_step_finish(st, k, v, dtype, m.cfg.n_heads_kv, m.hk.dim, rows, stream);
+  else if (m.has_dense())
     launch_dense_row_copies(sd.copies, m.step_n, m.dense_row_bytes(), sd.states, m.dense_state.as<int>(),
                             nullptr, m.sticky.as<int>(), stream);
   m.steps_captured = true;

@@ -244,10 +244,30 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
 // round_to; K's records into k_region, V's at v_region_offset of the same
 // pool; flags into *status; the last block commits (append_step_block_done).
 // Both formats must share head_dim and search mode (mse_step_supported).
+// dense (or null): a layer with dense tokens. Each warp then plans its row
+// from the device's state of the sequence, as append_batch_dense plans on
+// the host: the row that leaves the prefix / window (the ring's oldest, f16,
+// or the new row without a window) is the one encoded, active[i] says whether
+// row i has one, and the new rows' values are checked as launch_to_f16_rows
+// checks them (flags into *status); launch_dense_step_finish then moves the
+// new rows into their slots once the step is committed.
+struct DenseStepRows {
+  uint8_t* dense_k = nullptr;  // the layer's rows [max_seqs, prefix + window, n_heads, dim] f16
+  uint8_t* dense_v = nullptr;
+  int* state = nullptr;        // [max_seqs, 3] {n_pre, win_start, win_count}
+  int prefix_slots = 0, window_slots = 0;
+  int* active = nullptr;       // [n], written by the step
+};
 bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf);
 void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
                      int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
-                     const AppendFormat& vf, int* status, CUstream_st* stream);
+                     const AppendFormat& vf, int* status, const DenseStepRows* dense, CUstream_st* stream);
+// After launch_mse_step with dense rows: unless the layer's error word
+// (*sticky) holds a refusal, each sequence of the step's batch takes its new
+// row (k, v: [n, n_heads, dim] of dtype, rounded to f16) into the slot
+// append_batch_dense would give it, and its next state.
+void launch_dense_step_finish(const AppendStepTiles& step, const void* k, const void* v, DType dtype,
+                              int n_heads, int dim, const DenseStepRows& dense, CUstream_st* stream);
 
 // The search tables of a split's two segments (search_table of each
 // segment's boundaries; host side, built with the layer).

@@ -12,6 +12,10 @@
 // took ~6.5 us of device time beyond its graph launch). Here a vector is a
 // warp: head_dim / 32 elements a lane, the rotation's high stages by
 // shuffles, the norm's 16 partial sums over shared memory in the CPU's order.
+// On a layer with dense tokens each warp also plans its row from the
+// device's state of the sequence (no planning kernel; DenseStepRows), and
+// launch_dense_step_finish (src/cuda/dense_rows.cu) moves the new rows in
+// after the commit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -35,6 +39,7 @@ struct StepParams {
   size_t region_offset[2];  // K, V
   int page_tokens;
   int* status;              // the step's status word
+  DenseStepRows dense;      // dense.state null: no dense tokens
   AppendFormat fmt[2];      // K, V
 };
 
@@ -80,119 +85,142 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     const int side = v / per_side, i = (v % per_side) / p.n_heads, h = v % p.n_heads;
     const AppendFormat& F = p.fmt[side];
     const int bits = F.f.bits;
-    // The input row first: its address needs nothing from the device.
+    // The new row first: its address needs nothing from the device.
     const uint8_t* row = p.x[side] + (size_t(i) * p.n_heads + h) * D * (p.dtype == int(DType::f32) ? 4 : 2);
+    int dtype = p.dtype;
     float raw[E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) raw[j] = load_elem(row, p.dtype, lane * E + j);
-    // Its destination (as append_tile_at: nothing stored past the limit or
-    // for a row that stays dense).
+    for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, lane * E + j);
     const int seq = s.seqs[i], t = s.lengths[seq];
-    const bool store = t < s.limits[seq] && (s.active == nullptr || s.active[i] != 0);
-    // (A row that stores nothing raises no flag: its input may be stale.)
-    if (store) {
-    const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
-    uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[side] +
-                         (size_t(h) * p.page_tokens + t % s.page_tokens) * F.f.record_bytes;
-    if (MODE == int(AppendSearch::binary))
-      for (int k = lane; k < (1 << bits) - 1; k += 32) sbnd[warp][k] = F.f.boundaries[k];
-    const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
-    const int tbase = F.tab.base[lane];
-
-    // Rounded, signs applied (exact), squares for the norm.
+    bool to_pages = true;
     int st = 0;
-    float x[E];
+    if (p.dense.state != nullptr) {
+      // A layer with dense tokens: the new row goes to the prefix or the
+      // ring (its values checked as the f16 rows are), and where both are
+      // full the row leaving them is the one encoded (the ring's oldest).
+      const DenseStepRows& dn = p.dense;
+      const int S = dn.prefix_slots, W = dn.window_slots;
+      const int n_pre = dn.state[3 * seq], win_start = dn.state[3 * seq + 1], win_count = dn.state[3 * seq + 2];
+      to_pages = n_pre >= S && win_count >= W;
 #pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const float a = round_input(raw[j], p.round_to, st);
-      x[j] = __uint_as_float(__float_as_uint(a) ^ F.sign_f32[lane * E + j]);
-      sq[warp][lane * E + j] = __fmul_rn(x[j], x[j]);
+      for (int j = 0; j < E; ++j) {
+        if (!isfinite(raw[j])) st |= kStatusNonFinite;
+        else if (fabsf(raw[j]) > kHalfMax) st |= kStatusDenseOverflow;
+      }
+      if (side == 0 && h == 0 && lane == 0) dn.active[i] = to_pages ? 1 : 0;
+      if (to_pages && W > 0) {
+        row = (side ? dn.dense_v : dn.dense_k) +
+              ((size_t(seq) * (S + W) + S + win_start) * p.n_heads + h) * D * 2;
+        dtype = int(DType::f16);
+#pragma unroll
+        for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, lane * E + j);
+      }
     }
-    __syncwarp();
-    // Norm: partial sum j (lane j < 16) over elements j, 16 + j, ... in index
-    // order, then the tree w = 8, 4, 2, 1 (tree16 of mse_append_kernel.cuh).
-    float acc = sq[warp][lane % 16];
-#pragma unroll
-    for (int m = 1; m < D / 16; ++m) acc = __fadd_rn(acc, sq[warp][16 * m + lane % 16]);
-#pragma unroll
-    for (int w = 8; w >= 2; w /= 2) {
-      const float o = __shfl_down_sync(kFull, acc, w);
-      if (lane < w) acc = __fadd_rn(acc, o);
-    }
-    const float ss = __shfl_sync(kFull, __fadd_rn(acc, __shfl_down_sync(kFull, acc, 1)), 0);
-    const bool finite = isfinite(ss);
-    if (!finite) st |= kStatusNonFinite;
-    const float norm = __fsqrt_rn(ss);
-    const float mul = __fdiv_rn(1.0f, norm);
-    const bool keep = finite && norm != 0.0f;  // a zero vector: codes 0
+    // The destination (as append_tile_at: nothing stored past the limit or
+    // for a row that stays dense).
+    const bool store = to_pages && t < s.limits[seq];
+    if (store) {
+      const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
+      uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[side] +
+                           (size_t(h) * p.page_tokens + t % s.page_tokens) * F.f.record_bytes;
+      if (MODE == int(AppendSearch::binary))
+        for (int k = lane; k < (1 << bits) - 1; k += 32) sbnd[warp][k] = F.f.boundaries[k];
+      const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
+      const int tbase = F.tab.base[lane];
 
-    // Rotation: stages h = 1, 2, .. in the lane's registers, then across lanes
-    // (the lower index's lane takes a + b, the upper's a - b, one rounding each).
+      // Rounded, signs applied (exact), squares for the norm.
+      float x[E];
 #pragma unroll
-    for (int h = 1; h < E; h *= 2)
+      for (int j = 0; j < E; ++j) {
+        const float a = round_input(raw[j], p.round_to, st);
+        x[j] = __uint_as_float(__float_as_uint(a) ^ F.sign_f32[lane * E + j]);
+        sq[warp][lane * E + j] = __fmul_rn(x[j], x[j]);
+      }
+      __syncwarp();
+      // Norm: partial sum j (lane j < 16) over elements j, 16 + j, ... in index
+      // order, then the tree w = 8, 4, 2, 1 (tree16 of mse_append_kernel.cuh).
+      float acc = sq[warp][lane % 16];
 #pragma unroll
-      for (int j = 0; j < E; ++j)
-        if ((j & h) == 0) {
-          const float a = x[j], b = x[j + h];
-          x[j] = __fadd_rn(a, b);
-          x[j + h] = __fsub_rn(a, b);
-        }
+      for (int m = 1; m < D / 16; ++m) acc = __fadd_rn(acc, sq[warp][16 * m + lane % 16]);
 #pragma unroll
-    for (int lm = 1; lm < 32; lm *= 2) {
-      const float sgn = (lane & lm) ? -1.0f : 1.0f;
-#pragma unroll
-      for (int j = 0; j < E; ++j) x[j] = __fmaf_rn(sgn, x[j], __shfl_xor_sync(kFull, x[j], lm));
-    }
+      for (int w = 8; w >= 2; w /= 2) {
+        const float o = __shfl_down_sync(kFull, acc, w);
+        if (lane < w) acc = __fadd_rn(acc, o);
+      }
+      const float ss = __shfl_sync(kFull, __fadd_rn(acc, __shfl_down_sync(kFull, acc, 1)), 0);
+      const bool finite = isfinite(ss);
+      if (!finite) st |= kStatusNonFinite;
+      const float norm = __fsqrt_rn(ss);
+      const float mul = __fdiv_rn(1.0f, norm);
+      const bool keep = finite && norm != 0.0f;  // a zero vector: codes 0
 
-    // Codes (AppendSearch), staged as bytes for the packing.
-    const float ps = F.f.post_scale, cs = F.tab.cell_scale;
+      // Rotation: stages h = 1, 2, .. in the lane's registers, then across lanes
+      // (the lower index's lane takes a + b, the upper's a - b, one rounding each).
 #pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const float val = __fmul_rn(__fmul_rn(x[j], ps), mul);
-      unsigned c;
-      if constexpr (MODE == int(AppendSearch::binary)) {
-        int lo = 0;
-        for (int k = bits - 1; k >= 0; --k)
-          if (sbnd[warp][lo + (1 << k) - 1] < val) lo += 1 << k;
-        c = unsigned(lo);
-      } else {
-        const float tt = __fmaf_rn(val, cs, kMagic);
-        const int cell = __viaddmin_s32_relu(__float_as_int(tt), 16 - kMagicBits, 31);
-        c = unsigned(__shfl_sync(kFull, tbase, cell)) + lt01(__shfl_sync(kFull, tb0, cell), val);
-        if constexpr (MODE == int(AppendSearch::table2)) c += lt01(__shfl_sync(kFull, tb1, cell), val);
+      for (int h = 1; h < E; h *= 2)
+#pragma unroll
+        for (int j = 0; j < E; ++j)
+          if ((j & h) == 0) {
+            const float a = x[j], b = x[j + h];
+            x[j] = __fadd_rn(a, b);
+            x[j + h] = __fsub_rn(a, b);
+          }
+#pragma unroll
+      for (int lm = 1; lm < 32; lm *= 2) {
+        const float sgn = (lane & lm) ? -1.0f : 1.0f;
+#pragma unroll
+        for (int j = 0; j < E; ++j) x[j] = __fmaf_rn(sgn, x[j], __shfl_xor_sync(kFull, x[j], lm));
       }
-      codes[warp][lane * E + j] = static_cast<uint8_t>(keep ? c : 0u);
-    }
-    __syncwarp();
-    {
-      // Packed as pack_ref packs (stream bit k is bit k % bits of code k /
-      // bits), then the scale.
-      const int cb = F.f.code_bytes;
-      for (int k = lane; k < cb; k += 32) {
-        const int i0 = (8 * k) / bits, i1 = min(D - 1, (8 * k + 7) / bits);
-        unsigned b = 0;
-        for (int e = i0; e <= i1; ++e) {
-          const int sh = e * bits - 8 * k;
-          const unsigned c = codes[warp][e];
-          b |= sh >= 0 ? c << sh : c >> (-sh);
+
+      // Codes (AppendSearch), staged as bytes for the packing.
+      const float ps = F.f.post_scale, cs = F.tab.cell_scale;
+#pragma unroll
+      for (int j = 0; j < E; ++j) {
+        const float val = __fmul_rn(__fmul_rn(x[j], ps), mul);
+        unsigned c;
+        if constexpr (MODE == int(AppendSearch::binary)) {
+          int lo = 0;
+          for (int k = bits - 1; k >= 0; --k)
+            if (sbnd[warp][lo + (1 << k) - 1] < val) lo += 1 << k;
+          c = unsigned(lo);
+        } else {
+          const float tt = __fmaf_rn(val, cs, kMagic);
+          const int cell = __viaddmin_s32_relu(__float_as_int(tt), 16 - kMagicBits, 31);
+          c = unsigned(__shfl_sync(kFull, tbase, cell)) + lt01(__shfl_sync(kFull, tb0, cell), val);
+          if constexpr (MODE == int(AppendSearch::table2)) c += lt01(__shfl_sync(kFull, tb1, cell), val);
         }
-        rec[k] = static_cast<uint8_t>(b & 0xffu);
+        codes[warp][lane * E + j] = static_cast<uint8_t>(keep ? c : 0u);
       }
-      unsigned sbits;
-      int sbytes;
-      if (F.f.scale_f32) {
-        sbits = __float_as_uint(norm);
-        sbytes = 4;
-      } else {
-        if (!(norm <= kHalfMax) && finite) st |= kStatusScaleOverflow;
-        sbits = float_to_half_bits(norm);
-        sbytes = 2;
+      __syncwarp();
+      {
+        // Packed as pack_ref packs (stream bit k is bit k % bits of code k /
+        // bits), then the scale.
+        const int cb = F.f.code_bytes;
+        for (int k = lane; k < cb; k += 32) {
+          const int i0 = (8 * k) / bits, i1 = min(D - 1, (8 * k + 7) / bits);
+          unsigned b = 0;
+          for (int e = i0; e <= i1; ++e) {
+            const int sh = e * bits - 8 * k;
+            const unsigned c = codes[warp][e];
+            b |= sh >= 0 ? c << sh : c >> (-sh);
+          }
+          rec[k] = static_cast<uint8_t>(b & 0xffu);
+        }
+        unsigned sbits;
+        int sbytes;
+        if (F.f.scale_f32) {
+          sbits = __float_as_uint(norm);
+          sbytes = 4;
+        } else {
+          if (!(norm <= kHalfMax) && finite) st |= kStatusScaleOverflow;
+          sbits = float_to_half_bits(norm);
+          sbytes = 2;
+        }
+        if (lane < sbytes) rec[cb + lane] = static_cast<uint8_t>((sbits >> (8 * lane)) & 0xffu);
       }
-      if (lane < sbytes) rec[cb + lane] = static_cast<uint8_t>((sbits >> (8 * lane)) & 0xffu);
-    }
+    }  // store
     st = __reduce_or_sync(kFull, unsigned(st));
     if (lane == 0 && st != 0) atomicOr(p.status, st);
-    }  // store
   }
   // The block that finishes the step's last vector commits it (one count a block).
   append_step_block_done(s, 1, int(gridDim.x), p.status);
@@ -200,10 +228,17 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
 
 template <int D>
 void launch_dim(const StepParams& p, int grid, AppendSearch mode, cudaStream_t stream) {
+  constexpr int kThreads = 32 * kStepWarps;
   switch (mode) {
-    case AppendSearch::table1: mse_step_kernel<D, int(AppendSearch::table1)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
-    case AppendSearch::table2: mse_step_kernel<D, int(AppendSearch::table2)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
-    case AppendSearch::binary: mse_step_kernel<D, int(AppendSearch::binary)><<<grid, 32 * kStepWarps, 0, stream>>>(p); break;
+    case AppendSearch::table1:
+      mse_step_kernel<D, int(AppendSearch::table1)><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case AppendSearch::table2:
+      mse_step_kernel<D, int(AppendSearch::table2)><<<grid, kThreads, 0, stream>>>(p);
+      break;
+    case AppendSearch::binary:
+      mse_step_kernel<D, int(AppendSearch::binary)><<<grid, kThreads, 0, stream>>>(p);
+      break;
   }
   TQ_CUDA_CHECK_LAUNCH();
 }
@@ -216,7 +251,7 @@ bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf) {
 
 void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
                      int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
-                     const AppendFormat& vf, int* status, CUstream_st* stream) {
+                     const AppendFormat& vf, int* status, const DenseStepRows* dense, CUstream_st* stream) {
   TQ_ASSERT(mse_step_supported(kf, vf) && step.seqs != nullptr && step.n >= 1);
   StepParams p;
   p.step = step;
@@ -231,6 +266,7 @@ void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, 
   p.region_offset[1] = v_region_offset;
   p.page_tokens = k_region.page_tokens;
   p.status = status;
+  if (dense != nullptr) p.dense = *dense;
   p.fmt[0] = kf;
   p.fmt[1] = vf;
   const int vectors = 2 * step.n * n_heads;
