@@ -67,6 +67,29 @@ std::vector<float> kv_data(size_t n, int d, uint64_t seed) {
   return x;
 }
 
+// Rows kb, vb (f32) as input of type dtype: uploaded to bk, bv in dtype and
+// to fk, fv as the f32 values that input holds (kb, vb become those values).
+void upload_typed_rows(std::vector<float>& kb, std::vector<float>& vb, cuda::DType dtype, cuda::DeviceBuffer& bk,
+                       cuda::DeviceBuffer& bv, cuda::DeviceBuffer& fk, cuda::DeviceBuffer& fv) {
+  if (dtype != cuda::DType::f32) {
+    const bool bf = dtype == cuda::DType::bf16;
+    std::vector<uint16_t> hk(kb.size()), hv(vb.size());
+    for (size_t i = 0; i < kb.size(); ++i) {
+      hk[i] = bf ? float_to_bf16(kb[i]) : float_to_half(kb[i]);
+      hv[i] = bf ? float_to_bf16(vb[i]) : float_to_half(vb[i]);
+      kb[i] = bf ? bf16_to_float(hk[i]) : half_to_float(hk[i]);
+      vb[i] = bf ? bf16_to_float(hv[i]) : half_to_float(hv[i]);
+    }
+    bk.upload(hk.data(), hk.size() * 2);
+    bv.upload(hv.data(), hv.size() * 2);
+  } else {
+    bk.upload(kb.data(), kb.size() * 4);
+    bv.upload(vb.data(), vb.size() * 4);
+  }
+  fk.upload(kb.data(), kb.size() * 4);
+  fv.upload(vb.data(), vb.size() * 4);
+}
+
 // The pages of a sequence, downloaded.
 using HostSeqPages = std::vector<std::vector<uint8_t>>;
 HostSeqPages download_pages(const cuda::GpuKvLayer& layer, int seq) {
@@ -1947,23 +1970,7 @@ TEST(CudaGraph, CapturedDecodeStepsMatchBatchAppends) {
         std::copy(tok(v, s, prompt[s] + step), tok(v, s, prompt[s] + step) + row, vb.begin() + i * row);
       }
       if (nan) kb[row + 5] = std::numeric_limits<float>::quiet_NaN();
-      if (dtype != DType::f32) {
-        const bool bf = dtype == DType::bf16;
-        std::vector<uint16_t> hk(kb.size()), hv(vb.size());
-        for (size_t i = 0; i < kb.size(); ++i) {
-          hk[i] = bf ? float_to_bf16(kb[i]) : float_to_half(kb[i]);
-          hv[i] = bf ? float_to_bf16(vb[i]) : float_to_half(vb[i]);
-          kb[i] = bf ? bf16_to_float(hk[i]) : half_to_float(hk[i]);  // the values ref appends
-          vb[i] = bf ? bf16_to_float(hv[i]) : half_to_float(hv[i]);
-        }
-        bk.upload(hk.data(), hk.size() * 2);
-        bv.upload(hv.data(), hv.size() * 2);
-      } else {
-        bk.upload(kb.data(), kb.size() * 4);
-        bv.upload(vb.data(), vb.size() * 4);
-      }
-      fk.upload(kb.data(), kb.size() * 4);
-      fv.upload(vb.data(), vb.size() * 4);
+      upload_typed_rows(kb, vb, dtype, bk, bv, fk, fv);
     };
     const size_t nq = size_t(3) * hq * d;
     const auto q = test::random_gaussian(nq, 83);
@@ -2123,23 +2130,7 @@ TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
       }
       if (bad == 1) kb[row + 5] = std::numeric_limits<float>::quiet_NaN();
       if (bad == 2) vb[2 * row + 3] = 70000.0f;
-      if (dtype != DType::f32) {
-        const bool bf = dtype == DType::bf16;
-        std::vector<uint16_t> hk(kb.size()), hv(vb.size());
-        for (size_t i = 0; i < kb.size(); ++i) {
-          hk[i] = bf ? float_to_bf16(kb[i]) : float_to_half(kb[i]);
-          hv[i] = bf ? float_to_bf16(vb[i]) : float_to_half(vb[i]);
-          kb[i] = bf ? bf16_to_float(hk[i]) : half_to_float(hk[i]);
-          vb[i] = bf ? bf16_to_float(hv[i]) : half_to_float(hv[i]);
-        }
-        bk.upload(hk.data(), hk.size() * 2);
-        bv.upload(hv.data(), hv.size() * 2);
-      } else {
-        bk.upload(kb.data(), kb.size() * 4);
-        bv.upload(vb.data(), vb.size() * 4);
-      }
-      fk.upload(kb.data(), kb.size() * 4);
-      fv.upload(vb.data(), vb.size() * 4);
+      upload_typed_rows(kb, vb, dtype, bk, bv, fk, fv);
     };
     const size_t nq = size_t(3) * hq * d;
     const auto q = test::random_gaussian(nq, 93);

@@ -32,12 +32,25 @@ __global__ void to_f16_rows_kernel(const void* __restrict__ src, int dtype, size
   if (st) atomicOr(status, st);
 }
 
+// The slot of a sequence's new dense token (-1: none, the prefix is full and
+// there is no window) and the state after it, as append_batch_dense decides
+// on the host; a full ring's oldest token has left for the pages.
+__device__ __forceinline__ int dense_slot_of_new(int S, int W, int& n_pre, int& win_start, int& win_count) {
+  if (n_pre < S) return n_pre++;
+  if (W == 0) return -1;
+  if (win_count < W) return S + (win_start + win_count++) % W;
+  const int slot = S + win_start;  // the oldest's slot
+  win_start = (win_start + 1) % W;
+  return slot;
+}
+
 // Block i plans row i of a captured step (DenseStepPlan): the same decisions
 // as GpuKvLayer's append_batch_dense, from the device's state of the sequence.
 __global__ void dense_step_plan_kernel(const __grid_constant__ DenseStepPlan p) {
   const int i = blockIdx.x, seq = p.seqs[i];
-  const int S = p.prefix_slots, W = p.window_slots;
-  const int n_pre = p.state[3 * seq], win_start = p.state[3 * seq + 1], win_count = p.state[3 * seq + 2];
+  const DenseStepRows& d = p.rows;
+  const int S = d.prefix_slots, W = d.window_slots;
+  const int n_pre = d.state[3 * seq], win_start = d.state[3 * seq + 1], win_count = d.state[3 * seq + 2];
   const bool to_pages = n_pre >= S && win_count >= W;
   const size_t row = p.row_elems, rb = row * 2;
   uint16_t* const nk = reinterpret_cast<uint16_t*>(p.new_k + i * rb);
@@ -59,37 +72,27 @@ __global__ void dense_step_plan_kernel(const __grid_constant__ DenseStepPlan p) 
   const size_t slots = size_t(S + W);
   auto dense_row = [&](uint8_t* base, int slot) { return base + (size_t(seq) * slots + slot) * rb; };
   if (to_pages && W > 0) {  // the ring's oldest row leaves for the pages
-    const uint4* ok = reinterpret_cast<const uint4*>(dense_row(p.dense_k, S + win_start));
-    const uint4* ov = reinterpret_cast<const uint4*>(dense_row(p.dense_v, S + win_start));
+    const uint4* ok = reinterpret_cast<const uint4*>(dense_row(d.dense_k, S + win_start));
+    const uint4* ov = reinterpret_cast<const uint4*>(dense_row(d.dense_v, S + win_start));
     for (size_t j = threadIdx.x; j < rb / 16; j += blockDim.x) {
       reinterpret_cast<uint4*>(pk)[j] = ok[j];
       reinterpret_cast<uint4*>(pv)[j] = ov[j];
     }
   }
   if (threadIdx.x == 0) {
-    int np = n_pre, ws = win_start, wc = win_count, slot = -1;
-    if (np < S) {
-      slot = np++;
-    } else if (W > 0) {
-      if (wc < W) {
-        slot = S + (ws + wc) % W;
-        ++wc;
-      } else {  // the oldest went to the pages above; the new row takes its slot
-        slot = S + ws;
-        ws = (ws + 1) % W;
-      }
-    }
+    int np = n_pre, ws = win_start, wc = win_count;
+    const int slot = dense_slot_of_new(S, W, np, ws, wc);
     DenseRowCopy c;
     c.src_k = reinterpret_cast<const uint8_t*>(nk);
     c.src_v = reinterpret_cast<const uint8_t*>(nv);
-    c.dst_k = slot >= 0 ? dense_row(p.dense_k, slot) : nullptr;
-    c.dst_v = slot >= 0 ? dense_row(p.dense_v, slot) : nullptr;
+    c.dst_k = slot >= 0 ? dense_row(d.dense_k, slot) : nullptr;
+    c.dst_v = slot >= 0 ? dense_row(d.dense_v, slot) : nullptr;
     p.copies[i] = c;
     p.states[4 * i] = seq;
     p.states[4 * i + 1] = np;
     p.states[4 * i + 2] = ws;
     p.states[4 * i + 3] = wc;
-    p.active[i] = to_pages ? 1 : 0;
+    d.active[i] = to_pages ? 1 : 0;
   }
 }
 
@@ -120,18 +123,8 @@ __global__ void dense_step_finish_kernel(const AppendStepTiles step, const void*
   if (__ldcg(step.sticky) != 0) return;
   const int i = blockIdx.x, seq = step.seqs[i];
   const int S = d.prefix_slots, W = d.window_slots;
-  int np = d.state[3 * seq], ws = d.state[3 * seq + 1], wc = d.state[3 * seq + 2], slot = -1;
-  if (np < S) {
-    slot = np++;
-  } else if (W > 0) {
-    if (wc < W) {
-      slot = S + (ws + wc) % W;
-      ++wc;
-    } else {  // the oldest went to the pages; the new row takes its slot
-      slot = S + ws;
-      ws = (ws + 1) % W;
-    }
-  }
+  int np = d.state[3 * seq], ws = d.state[3 * seq + 1], wc = d.state[3 * seq + 2];
+  const int slot = dense_slot_of_new(S, W, np, ws, wc);
   if (slot >= 0) {
     const size_t at = (size_t(seq) * (S + W) + slot) * row_elems;
     uint16_t* const dk = reinterpret_cast<uint16_t*>(d.dense_k) + at;

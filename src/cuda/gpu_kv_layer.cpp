@@ -1316,18 +1316,13 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     dp.v = v;
     dp.dtype = dtype;
     dp.row_elems = size_t(m.cfg.n_heads_kv) * m.hk.dim;
-    dp.prefix_slots = m.cfg.dense_prefix;
-    dp.window_slots = m.cfg.dense_window;
-    dp.dense_k = m.dense_k.as<uint8_t>();
-    dp.dense_v = m.dense_v.as<uint8_t>();
-    dp.state = m.dense_state.as<int>();
+    dp.rows = rows;
     dp.new_k = sd.new_k;
     dp.new_v = sd.new_v;
     dp.page_k = sd.page_k;
     dp.page_v = sd.page_v;
     dp.copies = sd.copies;
     dp.states = sd.states;
-    dp.active = sd.active;
     dp.status = m.step_status();  // the f16 rounding's refusals keep the step uncommitted
     launch_dense_step_plan(dp, stream);
     xk = sd.page_k;

@@ -51,8 +51,18 @@ struct DenseRowCopy {
 void launch_dense_row_copies(const DenseRowCopy* copies, int n, size_t row_bytes, const int* states,
                              int* state, const int* only_if_clean, int* sticky, CUstream_st* stream);
 
-// The dense half of a captured decode step (GpuKvLayer::append_step_device
-// on a layer with dense tokens), planned on the device from the states as
+// The dense rows of a layer, as a captured step's kernels see them.
+struct DenseStepRows {
+  uint8_t* dense_k = nullptr;  // the layer's rows [max_seqs, prefix + window, n_heads, dim] f16
+  uint8_t* dense_v = nullptr;
+  int* state = nullptr;        // [max_seqs, 3] {n_pre, win_start, win_count}
+  int prefix_slots = 0, window_slots = 0;
+  int* active = nullptr;       // [n], written by the step
+};
+
+// The dense half of a captured decode step for the tile kernels (channel
+// splits; tq-mse steps plan inside launch_mse_step), planned on the device
+// from the states as
 // they are at replay, as append_batch_dense plans it on the host. Row i of
 // the batch (sequence seqs[i]; k, v: device [n, n_heads_kv, head_dim] of
 // dtype) is rounded to f16 into new_k / new_v [n, row] (flags OR'd into
@@ -68,14 +78,10 @@ struct DenseStepPlan {
   const void* v = nullptr;
   DType dtype = DType::f32;
   size_t row_elems = 0;                  // n_heads_kv * head_dim
-  int prefix_slots = 0, window_slots = 0;
-  uint8_t* dense_k = nullptr;            // the layer's rows [max_seqs, prefix + window, row] f16
-  uint8_t* dense_v = nullptr;
-  const int* state = nullptr;            // [max_seqs, 3] {n_pre, win_start, win_count}
+  DenseStepRows rows;
   uint8_t *new_k = nullptr, *new_v = nullptr, *page_k = nullptr, *page_v = nullptr;
   DenseRowCopy* copies = nullptr;
   int* states = nullptr;
-  int* active = nullptr;
   int* status = nullptr;
 };
 void launch_dense_step_plan(const DenseStepPlan& p, CUstream_st* stream);
@@ -244,20 +250,14 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
 // round_to; K's records into k_region, V's at v_region_offset of the same
 // pool; flags into *status; the last block commits (append_step_block_done).
 // Both formats must share head_dim and search mode (mse_step_supported).
-// dense (or null): a layer with dense tokens. Each warp then plans its row
-// from the device's state of the sequence, as append_batch_dense plans on
-// the host: the row that leaves the prefix / window (the ring's oldest, f16,
-// or the new row without a window) is the one encoded, active[i] says whether
-// row i has one, and the new rows' values are checked as launch_to_f16_rows
-// checks them (flags into *status); launch_dense_step_finish then moves the
-// new rows into their slots once the step is committed.
-struct DenseStepRows {
-  uint8_t* dense_k = nullptr;  // the layer's rows [max_seqs, prefix + window, n_heads, dim] f16
-  uint8_t* dense_v = nullptr;
-  int* state = nullptr;        // [max_seqs, 3] {n_pre, win_start, win_count}
-  int prefix_slots = 0, window_slots = 0;
-  int* active = nullptr;       // [n], written by the step
-};
+// dense (or null): a layer with dense tokens (DenseStepRows). Each warp then
+// plans its row from the device's state of the sequence, as
+// append_batch_dense plans on the host: the row that leaves the prefix /
+// window (the ring's oldest, f16, or the new row without a window) is the
+// one encoded, active[i] says whether row i has one, and the new rows'
+// values are checked as launch_to_f16_rows checks them (flags into
+// *status); launch_dense_step_finish then moves the new rows into their
+// slots once the step is committed.
 bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf);
 void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
                      int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
