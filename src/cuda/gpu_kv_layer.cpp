@@ -365,10 +365,11 @@ struct GpuKvLayer::Impl {
   // graph the host never sees may have moved the device's lengths (and
   // error word) at any time: from then on every settle() reads them back.
   DeviceBuffer step_buf, step_limits;
-  // A layer with dense tokens plans each step on the device
-  // (launch_dense_step_plan) into step_dense, also allocated once at its
-  // largest (max_seqs rows): [new k][new v][page k][page v] rows,
-  // [copies][states][active]; see StepDense.
+  // A layer with dense tokens plans each step on the device, into
+  // step_dense, also allocated once at its largest (max_seqs rows): [new
+  // k][new v][page k][page v] rows, [copies][states][active]; see StepDense.
+  // The tq-mse step kernel uses only `active` (it plans inside its warps);
+  // the channel splits' path (launch_dense_step_plan) all of it.
   DeviceBuffer step_dense;
   struct StepDense {
     uint8_t *new_k, *new_v, *page_k, *page_v;
