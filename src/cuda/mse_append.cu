@@ -18,21 +18,21 @@
 //
 // Layout of the work (issue 5: the append must run near the speed of one read
 // of its input):
-//  - a block of 128 threads (256 for head_dim 128) takes tiles of up to 128
+//  - a block of 256 threads (128 for head_dim 64) takes tiles of up to 128
 //    vectors (64 for head_dim 256; n tokens x nh heads of one page,
 //    AppendTile) in a persistent loop; a tile's input is one contiguous run
 //    of rows when nh == n_heads, brought into shared memory by cp.async
 //    (16-byte, coalesced), each thread's slice padded by 16 bytes so that the
 //    16-byte shared reads of 8 lanes hit 32 banks;
-//  - one thread per vector for head_dim 64, two adjacent lanes for 128 and
-//    256 (half the elements each: one thread per d-128 vector unrolls to so
-//    much code that its warps stall on instruction fetch). The vector lives
-//    in registers: signs are an xor of the sign bit (constant bank; shared
-//    memory with two lanes a vector), the norm's 16 partial sums are 16
-//    registers in the canonical order (the second lane continues the
-//    first's), the FWHT's stages are in-register butterflies and the last
-//    one pairs the two lanes (a shuffle and one fma(+-1, own, partner's)
-//    per element);
+//  - 64 elements a thread: one thread per vector for head_dim 64, two
+//    adjacent lanes for 128, four for 256 (more elements a thread unroll to
+//    so much code that the warps stall on instruction fetch). The vector
+//    lives in registers: signs are an xor of the sign bit (constant bank;
+//    shared memory with several lanes a vector), the norm's 16 partial sums
+//    are 16 registers in the canonical order (each lane continues the
+//    previous lane's), the FWHT's stages are in-register butterflies and the
+//    last one or two pair the lanes (a shuffle and one fma(+-1, own,
+//    partner's) per element);
 //  - codes come from a 32-cell table held one cell per lane and read by warp
 //    shuffles (AppendSearch in mse_append.hpp; the binary search in shared
 //    memory for 6 bits and more), packed into 32-bit words at compile-time

@@ -87,13 +87,15 @@ struct DenseStepPlan {
 void launch_dense_step_plan(const DenseStepPlan& p, CUstream_st* stream);
 
 // Elements of one vector per thread (the FWHT runs in registers), threads per
-// vector and threads per block: head_dim 64 one thread a vector, 128 and 256
-// two adjacent lanes. (One thread per d-128 vector unrolls to ~66 KB of hot
-// code, which stalls its warps on instruction fetch: docs/kernel-notes.md,
-// append v3.) head_dim 128 runs 256-thread blocks so that a tile still holds
-// 128 vectors (fewer tiles for the host to cut and upload).
-constexpr int append_elems_per_thread(int dim) { return dim <= 64 ? dim : dim / 2; }
-constexpr int append_threads(int dim) { return dim == 128 ? 256 : 128; }
+// vector and threads per block: 64 elements a thread, i.e. head_dim 64 one
+// thread a vector, 128 two adjacent lanes, 256 four. (More elements a thread
+// unroll to more hot code than the instruction caches hold: one thread per
+// d-128 vector, ~66 KB, and two per d-256 vector stalled their warps on
+// instruction fetch: docs/kernel-notes.md, append v3 and the twenty-third
+// session.) head_dim 128 and 256 run 256-thread blocks, so that a tile holds
+// 128 / 64 vectors (fewer tiles for the host to cut and upload).
+constexpr int append_elems_per_thread(int dim) { return dim <= 64 ? dim : 64; }
+constexpr int append_threads(int dim) { return dim == 64 ? 128 : 256; }
 constexpr int append_rows_per_tile(int dim) {
   return append_threads(dim) / (dim / append_elems_per_thread(dim));
 }

@@ -153,7 +153,7 @@ struct Params {
   int* status;
   int out_offset;  // shared-memory offsets (bytes) of the record staging
   int bnd_offset;  // and of the boundaries (binary search)
-  int sign_offset;  // and of the rotation's signs, per half vector (two threads a vector)
+  int sign_offset;  // and of the rotation's signs, per lane's part of a vector (2 or 4 threads a vector)
   AppendFormat fmt;
 };
 
@@ -168,12 +168,13 @@ struct Geo {
   static constexpr int kSlice = kE * kSz + 16;           // padded slice in shared memory
   static constexpr int kChunksPerSlice = kE * kSz / 16;
   static constexpr int kChunksPerRow = D * kSz / 16;
-  // Sign words of one half vector in shared memory (two threads a vector: the
-  // half is the lane's, so a constant-bank index would be a register, i.e. an
-  // LDC per word): f32 input one word per element, else one per pair; + 16
-  // bytes so that the two halves' 16-byte reads fall in different banks.
+  // Sign words of one lane's part of a vector in shared memory (2 or 4
+  // threads a vector: the part is the lane's, so a constant-bank index would
+  // be a register, i.e. an LDC per word): f32 input one word per element, else
+  // one per pair; + 16 bytes so that the parts' 16-byte reads fall in
+  // different banks.
   static constexpr int kSignHalfBytes = (IN == DType::f32 ? kE : kE / 2) * 4 + 16;
-  static_assert(kV == 1 || kV == 2, "one or two threads per vector");
+  static_assert(kV == 1 || kV == 2 || kV == 4, "1, 2 or 4 threads per vector");
 };
 
 // cp.async of a tile's rows into the per-thread slices (slice = row * V + q).
@@ -340,17 +341,16 @@ __device__ __forceinline__ void copy_runs_out(const uint8_t* out_stage, int run_
   }
 }
 
-// Resident blocks the register budget aims at. head_dim 128 (256-thread
-// blocks, 64 elements a thread, table search): 2 (128 registers; f16 input
-// spills 16 bytes there, on its bf16-rounding path). Otherwise 3 (168
-// registers) where the kernel fits that without spilling (16-bit input, table
-// search; f16 input at head_dim 256 does not), else 2 (255 registers).
-// (Checked with -Xptxas -v.)
+// Resident blocks the register budget aims at. head_dim 128 and 256
+// (256-thread blocks, 64 elements a thread): 2 (128 registers; f16 input
+// spills 16 bytes there, on its bf16-rounding path). head_dim 64 (128-thread
+// blocks, a vector a thread): 3 (168 registers) with 16-bit input and a table
+// search, else 2 (255 registers). (Checked with -Xptxas -v.)
 template <int D, DType IN, int MODE>
 constexpr int append_min_blocks() {
   const bool table = MODE != int(AppendSearch::binary);
-  if (D == 128 && table) return 2;
-  return table && (IN == DType::bf16 || (IN == DType::f16 && D <= 128)) ? 3 : 2;
+  if (D >= 128) return 2;
+  return table && IN != DType::f32 ? 3 : 2;
 }
 
 template <int D, int BITS, DType IN, int MODE>
@@ -370,11 +370,11 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
   const int rb = F.f.record_bytes;
   if (MODE == int(AppendSearch::binary))
     for (int i = tid; i < (1 << BITS) - 1; i += G::kThreads) sbnd[i] = F.f.boundaries[i];
-  // This lane's half of the signs (read after the first tile's barrier).
+  // This lane's part of the signs (read after the first tile's barrier).
   const unsigned* const ssign = reinterpret_cast<const unsigned*>(smem + p.sign_offset + q * G::kSignHalfBytes);
-  if constexpr (V == 2) {
+  if constexpr (V > 1) {
     constexpr int kHalfWords = (G::kSignHalfBytes - 16) / 4;
-    for (int i = tid; i < 2 * kHalfWords; i += G::kThreads) {
+    for (int i = tid; i < V * kHalfWords; i += G::kThreads) {
       const int h = i / kHalfWords, k = i % kHalfWords;
       *reinterpret_cast<unsigned*>(smem + p.sign_offset + h * G::kSignHalfBytes + 4 * k) =
           IN == DType::f32 ? F.sign_f32[i] : F.sign_pair[i];
@@ -475,19 +475,21 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
     // ---- norm: 16 partial sums in index order, then the tree ----------------
     float acc[16];
     sq_partials16<E>(x, acc);
-    if constexpr (V == 2) {
-      // Lane q = 1 holds elements E.. : its partial sums continue those of
-      // lane q = 0 (the order of additions is the CPU's).
+    // Lane q holds elements Eq ..: its partial sums continue those of lane
+    // q - 1 (the order of additions is the CPU's). Round k makes lane k's
+    // sums right (every lane computes; lanes past k are redone later, lanes
+    // before k are not read again), so the last lane ends with the CPU's.
+#pragma unroll
+    for (int k = 1; k < V; ++k)
 #pragma unroll
       for (int j = 0; j < 16; ++j) {
-        float a = __shfl_xor_sync(kFull, acc[j], 1);
+        float a = V == 2 ? __shfl_xor_sync(kFull, acc[j], 1) : __shfl_up_sync(kFull, acc[j], 1, V);
 #pragma unroll
         for (int m = 0; m < E / 16; ++m) a = __fadd_rn(a, __fmul_rn(x[16 * m + j], x[16 * m + j]));
-        acc[j] = a;  // meaningful on q = 1
+        acc[j] = a;
       }
-    }
     float ss = tree16(acc);
-    if constexpr (V == 2) ss = __shfl_sync(kFull, ss, lane | 1);
+    if constexpr (V > 1) ss = __shfl_sync(kFull, ss, lane | (V - 1));
     if (f16_from_bf16 && !(ss < kHalfMax * kHalfMax)) {
       // Some |x| may exceed 65504 (bf16 keeps such values; x^2 <= ss): find
       // out which (rare: needs a norm >= 65504).
@@ -505,14 +507,15 @@ __global__ void __launch_bounds__(append_threads(D), (append_min_blocks<D, IN, M
 
     // ---- rotation: FWHT in registers -----------------------------------------
     fwht_rn<E>(x);
-    if constexpr (V == 2) {
-      // Lane q holds elements Eq + rho; the last stage (h = E) pairs element
-      // rho (lane 0: a) with E + rho (lane 1: b): a + b on lane 0, a - b on
-      // lane 1, each as fma(+-1, own, partner's): +-own is exact, so the one
-      // rounding is the CPU's (signed zeros included).
-      const float sgn = q ? -1.0f : 1.0f;
+    // Lane q holds elements Eq + rho; the stages h = E lm (lm = 1, 2 .. V/2)
+    // pair lane q with q ^ lm: a + b on the lane whose bit lm is clear, a - b
+    // on the other, each as fma(+-1, own, partner's): +-own is exact, so the
+    // one rounding is the CPU's (signed zeros included).
 #pragma unroll
-      for (int i = 0; i < E; ++i) x[i] = __fmaf_rn(sgn, x[i], __shfl_xor_sync(kFull, x[i], 1));
+    for (int lm = 1; lm < V; lm *= 2) {
+      const float sgn = (q & lm) ? -1.0f : 1.0f;
+#pragma unroll
+      for (int i = 0; i < E; ++i) x[i] = __fmaf_rn(sgn, x[i], __shfl_xor_sync(kFull, x[i], lm));
     }
 
     // ---- codes, packed ------------------------------------------------------
@@ -575,7 +578,7 @@ void launch_typed(const AppendLaunch& a, const AppendFormat& fmt, cudaStream_t s
   p.out_offset = in_bytes;
   p.bnd_offset = in_bytes + out_bytes;
   p.sign_offset = p.bnd_offset + (MODE == int(AppendSearch::binary) ? 256 * 4 : 0);
-  const int smem = p.sign_offset + (G::kV == 2 ? 2 * G::kSignHalfBytes : 0);
+  const int smem = p.sign_offset + (G::kV > 1 ? G::kV * G::kSignHalfBytes : 0);
   p.fmt = fmt;
   const void* kernel = reinterpret_cast<const void*>(&mse_append_kernel<D, BITS, IN, MODE>);
   const int grid = std::min(a.n_tiles, append_blocks_per_sm(kernel, smem, G::kThreads) * append_sm_count());
