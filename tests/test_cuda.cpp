@@ -2221,13 +2221,15 @@ TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
   }
 }
 
-// The step kernel (src/cuda/mse_step.cu: a captured step's tq-mse K and V in
-// one launch, a warp per vector) writes the records of the tile kernels
-// (append_batch_device, same typed input) bit for bit: every width 1-8
-// (table and binary searches), d 64 / 128 / 256, K and V of different widths
-// and an f32 scale, f32 / f16 / bf16 input under round_to f16 / bf16 / f32,
-// on awkward rows (magnitudes 1e-6 .. 1e1: f16 subnormals; zero vectors and
-// zero components; components at the fp16 limit), over page boundaries.
+// The step kernel (src/cuda/mse_step.cu: a captured step's K and V in one
+// launch, a warp per tq-mse vector or per half of a two-halves split) writes
+// the records of the tile kernels (append_batch_device, same typed input) bit
+// for bit: every width 1-8 (table and binary searches), d 64 / 128 / 256, K
+// and V of different widths and an f32 scale, turbo2.5 / turbo3.5 halves
+// (and a split the step kernel leaves to the tile kernels beside a tq-mse V),
+// f32 / f16 / bf16 input under round_to f16 / bf16 / f32, on awkward rows
+// (magnitudes 1e-6 .. 1e1: f16 subnormals; zero vectors and zero components;
+// components at the fp16 limit), over page boundaries.
 TEST(CudaGraph, StepKernelMatchesTileKernels) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;
@@ -2248,6 +2250,12 @@ TEST(CudaGraph, StepKernelMatchesTileKernels) {
   cases.push_back({"tq-mse:b=4", "tq-mse:b=2", 256, DType::f16, DType::bf16});
   cases.push_back({"tq-mse:b=3", "tq-mse:b=3", 64, DType::bf16, DType::bf16});
   cases.push_back({"tq-mse:b=2", "tq-mse:b=2", 128, DType::f32, DType::bf16});
+  cases.push_back({"tq-mse:b=2.5", "tq-mse:b=2.5", 128, DType::f32, DType::f16});
+  cases.push_back({"tq-mse:b=3.5", "tq-mse:b=3.5", 64, DType::bf16, DType::bf16});
+  cases.push_back({"tq-mse:b=2.5", "tq-mse:b=3.5", 256, DType::f16, DType::f16});
+  cases.push_back({"tq-mse:b=3.5", "tq-mse:b=2.5", 128, DType::bf16, DType::f32});
+  cases.push_back({"tq-mse:b=2.5,sf=f32", "tq-mse:b=1.5", 64, DType::f32, DType::f32});
+  cases.push_back({"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, DType::f32, DType::f16});
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " input " +
                  cuda::to_string(c.in) + " round_to " + cuda::to_string(c.round_to));

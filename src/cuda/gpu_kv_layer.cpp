@@ -368,8 +368,9 @@ struct GpuKvLayer::Impl {
   // A layer with dense tokens plans each step on the device, into
   // step_dense, also allocated once at its largest (max_seqs rows): [new
   // k][new v][page k][page v] rows, [copies][states][active]; see StepDense.
-  // The tq-mse step kernel uses only `active` (it plans inside its warps);
-  // the channel splits' path (launch_dense_step_plan) all of it.
+  // The step kernel uses only `active` (it plans inside its warps); the
+  // tile kernels' path (launch_dense_step_plan: splits other than two
+  // halves) all of it.
   DeviceBuffer step_dense;
   struct StepDense {
     uint8_t *new_k, *new_v, *page_k, *page_v;
@@ -1297,8 +1298,13 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   const void* xv = v;
   DType xtype = dtype;
   Impl::StepDense sd{};
+  // The step kernel (a warp per vector, or per half of a two-halves split)
+  // where it serves both formats; the tile kernels otherwise.
   const bool mse = !m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va);
-  DenseStepRows rows;  // tq-mse: the step kernel plans the dense rows itself
+  const bool halves = m.hk.split && m.hv.split &&
+                      split_step_supported(m.ksf, m.vsf, m.ks_search, m.vs_search, m.hk.dim);
+  const bool kernel = mse || halves;
+  DenseStepRows rows;  // the step kernel plans the dense rows itself
   if (m.has_dense()) {
     sd = m.step_dense_parts();
     rows.dense_k = m.dense_k.as<uint8_t>();
@@ -1309,7 +1315,7 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     rows.active = sd.active;
     st.active = sd.active;
   }
-  if (m.has_dense() && !mse) {  // the rows leaving the dense tokens are the tile kernels' input (f16)
+  if (m.has_dense() && !kernel) {  // the rows leaving the dense tokens are the tile kernels' input (f16)
     DenseStepPlan dp;
     dp.seqs = st.seqs;
     dp.n = st.n;
@@ -1330,11 +1336,22 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     xv = sd.page_v;
     xtype = DType::f16;
   }
-  if (mse) {
-    // tq-mse K and V: one launch, a warp per vector (src/cuda/mse_step.cu).
-    launch_mse_step(st, xk, xv, xtype, m.cfg.round_to, m.cfg.n_heads_kv, m.region(false),
-                    m.region(true).region_offset, m.ka, m.va, m.step_status(), m.has_dense() ? &rows : nullptr,
-                    stream);
+  if (kernel) {
+    // K and V in one launch (src/cuda/mse_step.cu).
+    StepLaunch a;
+    a.step = st;
+    a.k = xk;
+    a.v = xv;
+    a.dtype = xtype;
+    a.round_to = m.cfg.round_to;
+    a.n_heads = m.cfg.n_heads_kv;
+    a.k_region = m.region(false);
+    a.v_region_offset = m.region(true).region_offset;
+    a.status = m.step_status();
+    a.dense = m.has_dense() ? &rows : nullptr;
+    if (mse) launch_mse_step(a, m.ka, m.va, stream);
+    else launch_split_step(a, m.hk.dim, m.ksf, m.vsf, m.ks_search, m.vs_search, m.hk.record_bytes,
+                           m.hv.record_bytes, stream);
   } else {  // the tile kernels, V beside K
     TQ_CUDA_CHECK(cudaEventRecord(m.step_fork, stream));
     TQ_CUDA_CHECK(cudaStreamWaitEvent(m.step_side, m.step_fork, 0));
@@ -1345,7 +1362,7 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   // (the block that finished the step's last vector or tile committed it)
   // The new rows into their slots and the states, only if the commit took
   // the step (a refusal is in the error word by then).
-  if (m.has_dense() && mse)
+  if (m.has_dense() && kernel)
     launch_dense_step_finish(st, k, v, dtype, m.cfg.n_heads_kv, m.hk.dim, rows, stream);
   else if (m.has_dense())
     launch_dense_row_copies(sd.copies, m.step_n, m.dense_row_bytes(), sd.states, m.dense_state.as<int>(),

@@ -245,13 +245,12 @@ struct AppendLaunch {
 
 void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUstream_st* stream);
 
-// The append of a captured step for tq-mse K and V (src/cuda/mse_step.cu):
-// one launch, a warp per vector (a step's few vectors would leave the tile
-// kernels' blocks mostly idle), the same records as the tile kernels. k, v:
-// device [step.n, n_heads, dim] of dtype, each element first rounded to
-// round_to; K's records into k_region, V's at v_region_offset of the same
-// pool; flags into *status; the last block commits (append_step_block_done).
-// Both formats must share head_dim and search mode (mse_step_supported).
+// The append of a captured step (src/cuda/mse_step.cu): one launch, a warp
+// per vector (a step's few vectors would leave the tile kernels' blocks
+// mostly idle), the same records as the tile kernels. k, v: device [step.n,
+// n_heads, dim] of dtype, each element first rounded to round_to; K's
+// records into k_region, V's at v_region_offset of the same pool; flags into
+// *status; the last block commits (append_step_block_done).
 // dense (or null): a layer with dense tokens (DenseStepRows). Each warp then
 // plans its row from the device's state of the sequence, as
 // append_batch_dense plans on the host: the row that leaves the prefix /
@@ -260,10 +259,20 @@ void launch_mse_append_tiles(const AppendLaunch& a, const AppendFormat& fmt, CUs
 // values are checked as launch_to_f16_rows checks them (flags into
 // *status); launch_dense_step_finish then moves the new rows into their
 // slots once the step is committed.
+struct StepLaunch {
+  AppendStepTiles step;
+  const void *k = nullptr, *v = nullptr;
+  DType dtype = DType::f32, round_to = DType::f16;
+  int n_heads = 0;
+  PagedRegion k_region;
+  size_t v_region_offset = 0;
+  int* status = nullptr;
+  const DenseStepRows* dense = nullptr;
+};
+// tq-mse K and V: both formats must share head_dim and search mode
+// (mse_step_supported).
 bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf);
-void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
-                     int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
-                     const AppendFormat& vf, int* status, const DenseStepRows* dense, CUstream_st* stream);
+void launch_mse_step(const StepLaunch& a, const AppendFormat& kf, const AppendFormat& vf, CUstream_st* stream);
 // After launch_mse_step with dense rows: unless the layer's error word
 // (*sticky) holds a refusal, each sequence of the step's batch takes its new
 // row (k, v: [n, n_heads, dim] of dtype, rounded to f16) into the slot
@@ -282,6 +291,15 @@ struct SplitSearch {
 // sub-records) in a.region, head_dim dim.
 void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, const SplitSearch& search, int dim,
                                int record_bytes, CUstream_st* stream);
+// The captured step's append (launch_mse_step) for K and V both split in two
+// halves of dim / 2 channels (SplitFormat::halves): a warp per half,
+// split_append.cu's arithmetic; all four halves must share a search mode
+// (split_step_supported). record_bytes: K's and V's records.
+bool split_step_supported(const SplitFormat& kf, const SplitFormat& vf, const SplitSearch& ks,
+                          const SplitSearch& vs, int dim);
+void launch_split_step(const StepLaunch& a, int dim, const SplitFormat& kf, const SplitFormat& vf,
+                       const SplitSearch& ks, const SplitSearch& vs, int k_record_bytes, int v_record_bytes,
+                       CUstream_st* stream);
 
 // Ordered after the append kernels of one append: writes the page-table
 // entries (index, page) unconditionally (entries past a sequence's pages are

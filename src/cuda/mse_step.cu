@@ -16,6 +16,10 @@
 // device's state of the sequence (no planning kernel; DenseStepRows), and
 // launch_dense_step_finish (src/cuda/dense_rows.cu) moves the new rows in
 // after the commit.
+// Channel splits in two halves (turbo2.5, turbo3.5: SplitFormat::halves)
+// take the same kernel with a warp per half (SPLIT): the half's channels
+// gathered from the row, its signs, one Hadamard block and its scale, its
+// table, its sub-record -- split_append.cu's arithmetic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,7 +33,7 @@ namespace {
 
 constexpr int kStepWarps = 4;  // warps (vectors) per block
 
-struct StepParams {
+struct StepCommon {
   AppendStepTiles step;     // seqs, n, lengths, limits, page table, done, sticky, active
   const uint8_t* x[2];      // K, V input: [n, n_heads, dim] of dtype
   int dtype, round_to;
@@ -40,7 +44,17 @@ struct StepParams {
   int page_tokens;
   int* status;              // the step's status word
   DenseStepRows dense;      // dense.state null: no dense tokens
-  AppendFormat fmt[2];      // K, V
+};
+// The formats, K then V: tq-mse (AppendFormat), or two halves (SPLIT).
+template <bool SPLIT>
+struct StepParams : StepCommon {
+  AppendFormat fmt[2];
+};
+template <>
+struct StepParams<true> : StepCommon {
+  SplitFormat split[2];
+  SplitSearch search[2];
+  int record_bytes[2];
 };
 
 // Element i of a row as a float (f32, f16 or bf16 input).
@@ -69,28 +83,67 @@ __device__ __forceinline__ float round_input(float a, int round_to, int& st) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
 }
 
-// Warp w of block b encodes vector v = b * kStepWarps + w: side v / (n * n_heads)
-// (0 K, 1 V), row (v % (n * n_heads)) / n_heads of the batch, head v % n_heads.
-template <int D, int MODE>
-__global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_constant__ StepParams p) {
-  constexpr int E = D / 32;  // elements a lane: i = lane * E + j
-  __shared__ float sq[kStepWarps][D];
-  __shared__ uint8_t codes[kStepWarps][D];
+// Warp w of block b encodes part v = b * kStepWarps + w: side v / (n * n_heads
+// * NSEG) (0 K, 1 V), then row of the batch, head, and (SPLIT) half, the last
+// fastest. N: elements of a part (head_dim, or head_dim / 2 for halves).
+template <int N, int MODE, bool SPLIT>
+__global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_constant__ StepParams<SPLIT> p) {
+  constexpr int E = N / 32;  // elements a lane: i = lane * E + j
+  constexpr int NSEG = SPLIT ? 2 : 1, D = N * NSEG;
+  __shared__ float sq[kStepWarps][N];
+  __shared__ uint8_t codes[kStepWarps][N];
   __shared__ float sbnd[kStepWarps][256];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const AppendStepTiles& s = p.step;
-  const int per_side = s.n * p.n_heads;
+  const int per_side = s.n * p.n_heads * NSEG;
   const int v = int(blockIdx.x) * kStepWarps + warp;
   if (v < 2 * per_side) {
-    const int side = v / per_side, i = (v % per_side) / p.n_heads, h = v % p.n_heads;
-    const AppendFormat& F = p.fmt[side];
-    const int bits = F.f.bits;
+    const int side = v / per_side, i = (v % per_side) / (p.n_heads * NSEG);
+    const int h = (v / NSEG) % p.n_heads, sg = v % NSEG;
+    // This part's format: bits, search table, boundaries (binary search),
+    // scale after the rotation, where its codes and scale go in the record.
+    int bits, code_bytes, scale_f32, rec_bytes, rec_off = 0, tbase;
+    float post_scale, cs, tb0, tb1;
+    const float* bnd;
+    const int* chan = nullptr;  // SPLIT: element j of the half is channel chan[j]
+    if constexpr (SPLIT) {
+      const SplitSegment& G = p.split[side].seg[sg];
+      bits = G.bits;
+      code_bytes = G.code_bytes;
+      scale_f32 = G.scale_f32;
+      rec_bytes = p.record_bytes[side];
+      rec_off = G.offset;
+      post_scale = G.rot.block_scale[0];
+      const SearchTable& T = p.search[side].seg[sg];
+      cs = T.cell_scale;
+      tb0 = T.b0[lane];
+      tb1 = T.b1[lane];
+      tbase = T.base[lane];
+      bnd = G.boundaries;
+      chan = p.split[side].channels + size_t(h) * D + sg * N;
+    } else {
+      const AppendFormat& F = p.fmt[side];
+      bits = F.f.bits;
+      code_bytes = F.f.code_bytes;
+      scale_f32 = F.f.scale_f32;
+      rec_bytes = F.f.record_bytes;
+      post_scale = F.f.post_scale;
+      cs = F.tab.cell_scale;
+      tb0 = F.tab.b0[lane];
+      tb1 = F.tab.b1[lane];
+      tbase = F.tab.base[lane];
+      bnd = F.f.boundaries;
+    }
+    auto elem_index = [&](int j) {
+      if constexpr (SPLIT) return __ldg(chan + lane * E + j);
+      else return lane * E + j;
+    };
     // The new row first: its address needs nothing from the device.
     const uint8_t* row = p.x[side] + (size_t(i) * p.n_heads + h) * D * (p.dtype == int(DType::f32) ? 4 : 2);
     int dtype = p.dtype;
     float raw[E];
 #pragma unroll
-    for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, lane * E + j);
+    for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
     const int seq = s.seqs[i], t = s.lengths[seq];
     bool to_pages = true;
     int st = 0;
@@ -107,13 +160,13 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
         if (!isfinite(raw[j])) st |= kStatusNonFinite;
         else if (fabsf(raw[j]) > kHalfMax) st |= kStatusDenseOverflow;
       }
-      if (side == 0 && h == 0 && lane == 0) dn.active[i] = to_pages ? 1 : 0;
+      if (side == 0 && h == 0 && sg == 0 && lane == 0) dn.active[i] = to_pages ? 1 : 0;
       if (to_pages && W > 0) {
         row = (side ? dn.dense_v : dn.dense_k) +
               ((size_t(seq) * (S + W) + S + win_start) * p.n_heads + h) * D * 2;
         dtype = int(DType::f16);
 #pragma unroll
-        for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, lane * E + j);
+        for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
       }
     }
     // The destination (as append_tile_at: nothing stored past the limit or
@@ -122,18 +175,20 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     if (store) {
       const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
       uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[side] +
-                           (size_t(h) * p.page_tokens + t % s.page_tokens) * F.f.record_bytes;
+                           (size_t(h) * p.page_tokens + t % s.page_tokens) * rec_bytes + rec_off;
       if (MODE == int(AppendSearch::binary))
-        for (int k = lane; k < (1 << bits) - 1; k += 32) sbnd[warp][k] = F.f.boundaries[k];
-      const float tb0 = F.tab.b0[lane], tb1 = F.tab.b1[lane];
-      const int tbase = F.tab.base[lane];
+        for (int k = lane; k < (1 << bits) - 1; k += 32) sbnd[warp][k] = bnd[k];
 
-      // Rounded, signs applied (exact), squares for the norm.
+      // Rounded, signs applied (exact: a sign-bit xor, or split_rotation's
+      // multiply by +-1), squares for the norm.
       float x[E];
 #pragma unroll
       for (int j = 0; j < E; ++j) {
         const float a = round_input(raw[j], p.round_to, st);
-        x[j] = __uint_as_float(__float_as_uint(a) ^ F.sign_f32[lane * E + j]);
+        if constexpr (SPLIT)
+          x[j] = __fmul_rn(a, __ldg(p.split[side].seg[sg].rot.signs1 + lane * E + j));
+        else
+          x[j] = __uint_as_float(__float_as_uint(a) ^ p.fmt[side].sign_f32[lane * E + j]);
         sq[warp][lane * E + j] = __fmul_rn(x[j], x[j]);
       }
       __syncwarp();
@@ -141,7 +196,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
       // order, then the tree w = 8, 4, 2, 1 (tree16 of mse_append_kernel.cuh).
       float acc = sq[warp][lane % 16];
 #pragma unroll
-      for (int m = 1; m < D / 16; ++m) acc = __fadd_rn(acc, sq[warp][16 * m + lane % 16]);
+      for (int m = 1; m < N / 16; ++m) acc = __fadd_rn(acc, sq[warp][16 * m + lane % 16]);
 #pragma unroll
       for (int w = 8; w >= 2; w /= 2) {
         const float o = __shfl_down_sync(kFull, acc, w);
@@ -173,7 +228,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
       }
 
       // Codes (AppendSearch), staged as bytes for the packing.
-      const float ps = F.f.post_scale, cs = F.tab.cell_scale;
+      const float ps = post_scale;
 #pragma unroll
       for (int j = 0; j < E; ++j) {
         const float val = __fmul_rn(__fmul_rn(x[j], ps), mul);
@@ -195,9 +250,9 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
       {
         // Packed as pack_ref packs (stream bit k is bit k % bits of code k /
         // bits), then the scale.
-        const int cb = F.f.code_bytes;
+        const int cb = code_bytes;
         for (int k = lane; k < cb; k += 32) {
-          const int i0 = (8 * k) / bits, i1 = min(D - 1, (8 * k + 7) / bits);
+          const int i0 = (8 * k) / bits, i1 = min(N - 1, (8 * k + 7) / bits);
           unsigned b = 0;
           for (int e = i0; e <= i1; ++e) {
             const int sh = e * bits - 8 * k;
@@ -208,7 +263,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
         }
         unsigned sbits;
         int sbytes;
-        if (F.f.scale_f32) {
+        if (scale_f32) {
           sbits = __float_as_uint(norm);
           sbytes = 4;
         } else {
@@ -226,21 +281,39 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
   append_step_block_done(s, 1, int(gridDim.x), p.status);
 }
 
-template <int D>
-void launch_dim(const StepParams& p, int grid, AppendSearch mode, cudaStream_t stream) {
+template <int N, bool SPLIT>
+void launch_mode(const StepParams<SPLIT>& p, int grid, AppendSearch mode, cudaStream_t stream) {
   constexpr int kThreads = 32 * kStepWarps;
   switch (mode) {
     case AppendSearch::table1:
-      mse_step_kernel<D, int(AppendSearch::table1)><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::table1), SPLIT><<<grid, kThreads, 0, stream>>>(p);
       break;
     case AppendSearch::table2:
-      mse_step_kernel<D, int(AppendSearch::table2)><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::table2), SPLIT><<<grid, kThreads, 0, stream>>>(p);
       break;
     case AppendSearch::binary:
-      mse_step_kernel<D, int(AppendSearch::binary)><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::binary), SPLIT><<<grid, kThreads, 0, stream>>>(p);
       break;
   }
   TQ_CUDA_CHECK_LAUNCH();
+}
+
+// The launch's common part of the parameters.
+void set_common(StepCommon& p, const StepLaunch& a) {
+  TQ_ASSERT(a.step.seqs != nullptr && a.step.n >= 1);
+  p.step = a.step;
+  p.x[0] = static_cast<const uint8_t*>(a.k);
+  p.x[1] = static_cast<const uint8_t*>(a.v);
+  p.dtype = int(a.dtype);
+  p.round_to = int(a.round_to);
+  p.n_heads = a.n_heads;
+  p.pool = a.k_region.pool;
+  p.page_bytes = a.k_region.page_bytes;
+  p.region_offset[0] = a.k_region.region_offset;
+  p.region_offset[1] = a.v_region_offset;
+  p.page_tokens = a.k_region.page_tokens;
+  p.status = a.status;
+  if (a.dense != nullptr) p.dense = *a.dense;
 }
 
 }  // namespace
@@ -249,32 +322,48 @@ bool mse_step_supported(const AppendFormat& kf, const AppendFormat& vf) {
   return kf.f.dim == vf.f.dim && kf.tab.search == vf.tab.search;
 }
 
-void launch_mse_step(const AppendStepTiles& step, const void* k, const void* v, DType dtype, DType round_to,
-                     int n_heads, const PagedRegion& k_region, size_t v_region_offset, const AppendFormat& kf,
-                     const AppendFormat& vf, int* status, const DenseStepRows* dense, CUstream_st* stream) {
-  TQ_ASSERT(mse_step_supported(kf, vf) && step.seqs != nullptr && step.n >= 1);
-  StepParams p;
-  p.step = step;
-  p.x[0] = static_cast<const uint8_t*>(k);
-  p.x[1] = static_cast<const uint8_t*>(v);
-  p.dtype = int(dtype);
-  p.round_to = int(round_to);
-  p.n_heads = n_heads;
-  p.pool = k_region.pool;
-  p.page_bytes = k_region.page_bytes;
-  p.region_offset[0] = k_region.region_offset;
-  p.region_offset[1] = v_region_offset;
-  p.page_tokens = k_region.page_tokens;
-  p.status = status;
-  if (dense != nullptr) p.dense = *dense;
+void launch_mse_step(const StepLaunch& a, const AppendFormat& kf, const AppendFormat& vf, CUstream_st* stream) {
+  TQ_ASSERT(mse_step_supported(kf, vf));
+  StepParams<false> p;
+  set_common(p, a);
   p.fmt[0] = kf;
   p.fmt[1] = vf;
-  const int vectors = 2 * step.n * n_heads;
-  const int grid = (vectors + kStepWarps - 1) / kStepWarps;
+  const int parts = 2 * a.step.n * a.n_heads;
+  const int grid = (parts + kStepWarps - 1) / kStepWarps;
   switch (kf.f.dim) {
-    case 64: return launch_dim<64>(p, grid, kf.tab.search, stream);
-    case 128: return launch_dim<128>(p, grid, kf.tab.search, stream);
-    case 256: return launch_dim<256>(p, grid, kf.tab.search, stream);
+    case 64: return launch_mode<64>(p, grid, kf.tab.search, stream);
+    case 128: return launch_mode<128>(p, grid, kf.tab.search, stream);
+    case 256: return launch_mode<256>(p, grid, kf.tab.search, stream);
+  }
+  TQ_ASSERT(false);
+}
+
+bool split_step_supported(const SplitFormat& kf, const SplitFormat& vf, const SplitSearch& ks,
+                          const SplitSearch& vs, int dim) {
+  if (!kf.halves(dim) || !vf.halves(dim)) return false;
+  const AppendSearch m = ks.seg[0].search;
+  return ks.seg[1].search == m && vs.seg[0].search == m && vs.seg[1].search == m;
+}
+
+void launch_split_step(const StepLaunch& a, int dim, const SplitFormat& kf, const SplitFormat& vf,
+                       const SplitSearch& ks, const SplitSearch& vs, int k_record_bytes, int v_record_bytes,
+                       CUstream_st* stream) {
+  TQ_ASSERT(split_step_supported(kf, vf, ks, vs, dim));
+  StepParams<true> p;
+  set_common(p, a);
+  p.split[0] = kf;
+  p.split[1] = vf;
+  p.search[0] = ks;
+  p.search[1] = vs;
+  p.record_bytes[0] = k_record_bytes;
+  p.record_bytes[1] = v_record_bytes;
+  const int parts = 2 * a.step.n * a.n_heads * 2;
+  const int grid = (parts + kStepWarps - 1) / kStepWarps;
+  const AppendSearch mode = ks.seg[0].search;
+  switch (dim) {
+    case 64: return launch_mode<32>(p, grid, mode, stream);
+    case 128: return launch_mode<64>(p, grid, mode, stream);
+    case 256: return launch_mode<128>(p, grid, mode, stream);
   }
   TQ_ASSERT(false);
 }
