@@ -5,7 +5,10 @@
 # NO_TEST=1, run on it), then `tq gpu-bench` runs the base and every variant
 # in turn, $ROUNDS rounds ($BENCH_ARGS, and $BENCH_ARGS2 if set, as in
 # ab_decode.sh). Prints the smaller round median of each case and each
-# variant's ratio to the base; raw JSON in $OUT/abn.json.
+# variant's ratio to the base (prefill-append rows too, kernel times, when
+# BENCH_ARGS has no --no-append); raw JSON in $OUT/abn.json. NCU=1 adds, per
+# variant, ncu's executed instructions, issue share and stall reasons of two
+# prefill-append launches ($NCU_SHAPE, default llama; turbo4 from bf16).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUNDS=${ROUNDS:-2}
 read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
@@ -48,12 +51,25 @@ for f in sorted(glob.glob("/tmp/abn/*.json")):
     for r in rows:
         if r.get("kind") == "attend":
             t[(r["shape"], r["preset"], str(r["batch"]), r["context"], v)].append(r["ms"])
+        elif r.get("kind") == "append" and r.get("kernel_ms") is not None:
+            t[(r["shape"], r["preset"] + "/" + r["input"], "append", r["tokens"], v)].append(r["kernel_ms"])
 json.dump(raw, open(sys.argv[1], "w"))
 print("shape  preset      batch context  " + "  ".join(f"{n:>9s}" for n in names) + "  " +
       "  ".join(f"{n + '/base':>10s}" for n in names[1:]))
 for k in sorted({k[:4] for k in t}):
     ms = [min(t.get(k + (n,), [float("nan")])) for n in names]
-    print(f"{k[0]:6s} {k[1]:11s} {k[2]:>5s} {k[3]:>7d}  " + "  ".join(f"{m:9.4f}" for m in ms) + "  " +
+    print(f"{k[0]:6s} {k[1]:11s} {k[2]:>6s} {k[3]:>7d}  " + "  ".join(f"{m:9.4f}" for m in ms) + "  " +
           "  ".join(f"{m / ms[0]:10.3f}" for m in ms[1:]))
 PY
+if [[ -n ${NCU:-} ]]; then
+  metrics=smsp__inst_executed.sum,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size
+  metrics+=",regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
+  for v in "${names[@]}"; do
+    timeout 150 ncu --kernel-name regex:mse_append_kernel --launch-skip 2 --launch-count 2 --metrics "$metrics" \
+      "/tmp/tq_$v" gpu-bench --shape "${NCU_SHAPE:-llama}" --batch 1 --context 4096 --preset turbo4 --runs 20 --append-runs 1 \
+      >"$OUT/ncu_$v.txt" 2>&1
+    echo "== ncu $v"; grep -E "mse_append_kernel<|inst_executed|time_duration|issue_active|registers|stalled_(no_inst|short|long|wait|barrier|mio|math)" "$OUT/ncu_$v.txt" |
+      sed 's/  */ /g' | cut -c1-120 | head -12
+  done
+fi
 echo "total $(( $(date +%s) - t0 )) s"
