@@ -144,7 +144,8 @@ step test_cuda_dense 150 "$TLOG" "$B/tests/test_cuda_dense"
 step test_cuda 200 "$TLOG" "$B/tests/test_cuda"
 
 # ---- benchmarks: SDPA first, so that gpu-bench can add its ratios --------------
-BENCH_ARGS=()
+# The presets, and the outlier-channel ones (tensor cores since the twenty-fourth session).
+BENCH_ARGS=(--preset 'turbo4,paper_mse,turbo3,turbo2.5,turbo4-out,paper_mse-out')
 SDPA_ARGS=()
 if ((QUICK)); then
   BENCH_ARGS=(--batch '1,8' --context '32768,131072')

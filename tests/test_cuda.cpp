@@ -1890,12 +1890,21 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
           }
         }
   worst.print("tensor-core kernel, channel-split halves (vs reference kernel)");
-  // Splits the kernel does not take: outlier channels at 6 bits, f32 scales,
-  // a split V under plain K.
-  for (const auto& [k, v] : {std::pair{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4"},
-                             std::pair{"tq-mse:b=2.5,sf=f32", "tq-mse:b=2.5,sf=f32"},
-                             std::pair{"tq-mse:b=4", "tq-mse:b=2.5"}}) {
-    auto kq = make_quantizer(k, 128, 3), vq = make_quantizer(v, 128, 4);
+  // Splits the kernel does not take, each with its reason: f32 scales, a
+  // split V under plain K, outlier channels of another count or width, or
+  // at d 64, or beside a 3-bit V.
+  struct Other {
+    const char *k, *v;
+    int d;
+    const char* why;
+  };
+  for (const Other& o : {Other{"tq-mse:b=2.5,sf=f32", "tq-mse:b=2.5,sf=f32", 128, "channel-split"},
+                         Other{"tq-mse:b=4", "tq-mse:b=2.5", 128, "channel-split"},
+                         Other{"tq-mse:b=4,hi=25%,hb=6", "tq-mse:b=4", 128, "channel-split"},
+                         Other{"tq-mse:b=4,hi=12.5%,hb=5", "tq-mse:b=4", 128, "outlier channels in K must have hb=6"},
+                         Other{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 64, "outlier channels in K need head_dim"},
+                         Other{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=3", 128, "outlier channels in K run beside"}}) {
+    auto kq = make_quantizer(o.k, o.d, 3), vq = make_quantizer(o.v, o.d, 4);
     cuda::GpuKvLayerConfig cfg;
     cfg.n_heads_kv = 2;
     cfg.page_tokens = 16;
@@ -1903,8 +1912,64 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
     cfg.max_pages_per_seq = 4;
     cuda::GpuKvLayer layer(*kq, *vq, cfg);
     const std::string why = layer.attend_kernel(8);
-    EXPECT_EQ(why.rfind("reference: channel-split", 0), 0u) << k << " / " << v << ": " << why;
+    EXPECT_EQ(why.rfind(std::string("reference: ") + o.why, 0), 0u) << o.k << " / " << o.v << ": " << why;
   }
+}
+
+// Outlier channels in K (turbo4-out, paper_mse-out: head_dim/8 channels at 6
+// bits with their own rotation, the rest at 4 or 3 bits with a two-round
+// rotation) beside a plain 4-bit V on the tensor-core kernel: the queries
+// rotated per segment by a small kernel first, the hi codes through a
+// single-code table, each segment's score with its scale. Against the
+// reference kernel (checked against KvCache in CudaSplit) over the same
+// pages: d 128 and 256, GQA 1 / 4 / 8, three page sizes, a mixed batch with
+// odd lengths, softcap + window + sinks, planned and smallest splits; tensor
+// and bulk copies bit-identical.
+TEST(CudaAttentionTc, OutlierChannelsInKMatchReference) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  const int H = 2;
+  const std::vector<int> lens = {1, 0, 17, 31, 33, 49, 256, 257, 2049};
+  const AttnCase cases[] = {{"plain", {}},
+                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
+                            {"window 300", {0.0f, 0.0f, 300, 0}}};
+  Worst worst;
+  for (const char* kspec : {"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=3,hi=12.5%,hb=6"})
+    for (const int P : {16, 32, 48})
+      for (int d : {128, 256})
+        for (int g : {1, 4, 8}) {
+          if (P != 16 && g != 4) continue;  // page sizes at one group: the copy paths
+          const int hq = H * g;
+          const uint64_t seed = 900 + d * 3 + g * 5 + P;
+          auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer("tq-mse:b=4", d, seed + 1);
+          // The layer chooses its hi channels from the first append.
+          cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2049));
+          for (size_t s = 0; s < lens.size(); ++s) {
+            layer.add_sequence();
+            auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
+            auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
+            layer.append(int(s), k.data(), v.data(), lens[s]);
+          }
+          EXPECT_EQ(layer.attend_kernel(hq), "tensor_core") << kspec << " d " << d;
+          const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
+          cuda::DeviceBuffer dq(q.size() * 4);
+          dq.upload(q.data(), q.size() * 4);
+          std::vector<HostSeq> host(lens.size());
+          for (size_t s = 0; s < lens.size(); ++s) host[s].len = lens[s];
+          for (const auto& c : cases) {
+            const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+            for (int split : {0, 1}) {
+              SCOPED_TRACE(std::string(kspec) + " d " + std::to_string(d) + " g " + std::to_string(g) + " " +
+                           c.name + (split ? " smallest split" : "") + " page " + std::to_string(P));
+              const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
+              check_tc(host, hq, d, tc, ref, ref, worst);
+              expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split,
+                                              /*tensor_copies=*/false));
+            }
+          }
+        }
+  worst.print("tensor-core kernel, outlier channels in K (vs reference kernel)");
 }
 
 // The halves' append kernel (two lanes a vector at d 64 / 128 / 256) reads

@@ -567,6 +567,21 @@ DecodeShape decode_shape(const DecodeAttentionParams& p) {
     s.split_halves = true;
     s.k_bits = s.v_bits = p.k_split.seg[0].bits;
   }
+  // Outlier channels in K beside a plain V: [hi: dim/8 channels][lo: the
+  // rest], fp16 scales, each sub-record's codes tightly packed, lo right
+  // after hi (any rotation: the queries are rotated per segment first).
+  if (s.k_split && !s.v_split) {
+    const SplitSegment &hi = p.k_split.seg[0], &lo = p.k_split.seg[1];
+    bool ok = hi.dim == s.head_dim / 8 && lo.dim == s.head_dim - hi.dim && hi.offset == 0 &&
+              lo.offset == hi.code_bytes + 2 && p.k.record_bytes == lo.offset + lo.code_bytes + 2;
+    for (const SplitSegment* g : {&hi, &lo})
+      ok = ok && !g->scale_f32 && g->code_bytes * 8 == g->dim * g->bits;
+    if (ok) {
+      s.k_outlier = true;
+      s.k_bits = lo.bits;
+      s.k_hi_bits = hi.bits;
+    }
+  }
   return s;
 }
 

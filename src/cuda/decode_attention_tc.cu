@@ -76,6 +76,8 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/launch.cuh"
+#include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -94,17 +96,30 @@ constexpr int warps_for(int d) { return d >= 256 ? 8 : 16; }  // d 256: ~170 reg
 // SPLIT: K and V records are channel splits of two halves (turbo2.5,
 // turbo3.5): [hi: D/2 codes at KB bits, fp16 scale][lo: D/2 codes at KB - 1
 // bits, fp16 scale], KB == VB, each half with its own one-block rotation.
-template <int D, int KB, int VB, bool SPLIT = false>
+// HB > 0 (OUT): K records are an outlier split (turbo4-out, paper_mse-out):
+// [hi: D/8 channels at HB bits, fp16 scale][lo: 7D/8 channels at KB bits,
+// fp16 scale], each segment with its own rotation (any: the queries arrive
+// rotated, rotate_outlier_queries_kernel); V is plain tq-mse at VB bits.
+template <int D, int KB, int VB, bool SPLIT = false, int HB = 0>
 struct Cfg {
   static_assert(!SPLIT || KB == VB, "split records: K and V of one format");
+  static_assert(HB == 0 || (!SPLIT && D % 128 == 0), "outlier K: hi channels D/8, a multiple of 16");
+  static constexpr bool kOut = HB > 0;
   static constexpr int kWarps = warps_for(D);
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kLB = SPLIT ? KB - 1 : 0;  // the lo half's bits
   static constexpr int kHiCode = SPLIT ? D / 2 * KB / 8 : 0, kLoCode = SPLIT ? D / 2 * kLB / 8 : 0;
   static constexpr int kLoOff = kHiCode + 2;  // split: the lo half's codes in a record
+  // Outlier K: the hi segment's dims, k steps and code bytes; the lo one's.
+  static constexpr int kOHiDims = kOut ? D / 8 : 0, kOLoDims = D - kOHiDims;
+  static constexpr int kOHiSteps = kOHiDims / 16, kOLoSteps = kOLoDims / 16;
+  static constexpr int kOHiCode = kOHiDims * HB / 8, kOLoCode = kOLoDims * KB / 8;
+  // Code words of a lane's part of each segment (QK: a quarter of its dims; +1 for the funnel shift).
+  static constexpr int kOHiW = (kOHiDims / 4 * HB + 31) / 32, kOLoW = (kOLoDims / 4 * KB + 31) / 32;
+  static_assert(kOHiSteps + kOLoSteps + kOHiW + kOLoW >= 0);  // (used by the outlier kernels only)
   // code bytes (not split: the fp16 scale follows; split: the hi scale follows)
-  static constexpr int kKCode = SPLIT ? kHiCode : D * KB / 8, kVCode = SPLIT ? kHiCode : D * VB / 8;
-  static constexpr int kKRec = SPLIT ? kHiCode + kLoCode + 4 : kKCode + 2;
+  static constexpr int kKCode = SPLIT ? kHiCode : kOut ? kOHiCode : D * KB / 8, kVCode = SPLIT ? kHiCode : D * VB / 8;
+  static constexpr int kKRec = SPLIT ? kHiCode + kLoCode + 4 : kOut ? kOHiCode + kOLoCode + 4 : kKCode + 2;
   static constexpr int kVRec = SPLIT ? kKRec : kVCode + 2;
   static constexpr int kKSeg = D * KB / 32;  // QK: code bytes of one lane (D/4 dims of a token)
   static constexpr int kKSegW = (kKSeg + 3) / 4;
@@ -126,12 +141,17 @@ struct Cfg {
   // Streams of a 3-bit K segment (bt_addr): 2 with tables A and B, 4 with
   // A only (K side, beside a 4-bit V table); 0: not byte tables. The lo
   // half of a byte-table split reads one stream.
-  static constexpr int kKStreams = kByte3 ? 2 : !SPLIT && KB == 3 ? 4 : 0;
+  static constexpr int kKStreams = kByte3 ? 2 : !SPLIT && !kOut && KB == 3 ? 4 : 0;
   static constexpr int kLoStreams = SPLIT && kByte3 ? 1 : 0;
   static_assert(kKStreams + kLoStreams >= 0);  // (each used by some kernels only)
-  static constexpr int kTableBytes = SPLIT    ? kLoTable + (kByte3 ? 65536 : 256 << (2 * kLB))
+  static constexpr int kPairTables = SPLIT    ? kLoTable + (kByte3 ? 65536 : 256 << (2 * kLB))
                                      : kByte3 ? 65536
                                               : 256 << (2 * (KB > VB ? KB : VB));
+  // Outlier K: the hi segment's codes one at a time, from a table of 2^HB
+  // entries after the pair tables (32 lane copies of a 4-byte word holding
+  // the fp16 centroid twice: entry e of lane l at kHiTable + e * 128 + 4 l).
+  static constexpr int kHiTable = kPairTables;
+  static constexpr int kTableBytes = kPairTables + (kOut ? (128 << HB) : 0);
   // sm_90 tensor copies (pool_tensor_maps): with K and V records of one
   // size one copy moves a pair's K and V runs back to back; otherwise K and V
   // are two copies and the V run starts 128-byte aligned (a tensor copy's
@@ -143,7 +163,8 @@ struct Cfg {
   // for the aligned over-read of the last code segment; stages are 128-byte
   // multiples.
   static constexpr int kStageBytes = (kVOff + kPairTok * kVRec + 16 + 127) / 128 * 128;
-  static constexpr int kQBytes = kMaxGroup * D * 2;
+  // sQ [8][D] fp16; outlier K: then the hi segment's fp16 residuals [8][D/8].
+  static constexpr int kQBytes = kMaxGroup * D * 2 + (kOut ? kMaxGroup * kOHiDims * 2 : 0);
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]; sScr: [kWarps] (byte offsets)
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup + kWarps);
   static constexpr int kBarBytes = 8 * kWarps * 2;  // one mbarrier per warp and stage (2)
@@ -467,6 +488,46 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
   }
 }
 
+// QK over the hi segment of an outlier K (Cfg::kOut): NS k steps of HB-bit
+// codes at bit `sh` of word offset `off` (rows 8 records apart at `rec8`
+// bytes), one table lookup a code (lbh: the lane's base in the hi table,
+// entries 128 bytes apart), two lookups' low halves joined by a PRMT.
+template <int HB, int NW, int NS>
+__device__ __forceinline__ void qk_single(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec8,
+                                          uint32_t lbh, const uint32_t (*qb)[2], const uint32_t (*qr)[2],
+                                          float (&s)[4]) {
+  uint32_t wa[NW], wb[NW];
+  load_seg(smem, off, sh, wa);
+  load_seg(smem, off + rec8, sh, wb);
+  auto look = [&](const uint32_t(&w)[NW], int i) {
+    const int bit = HB * i, wi = bit >> 5, o = bit & 31;
+    uint32_t v;  // code i at bits 7 .. 7 + HB
+    if (o + HB <= 32)
+      v = o >= 7 ? w[wi] >> (o - 7) : w[wi] << (7 - o);
+    else
+      v = __funnelshift_r(w[wi], w[wi + 1], o - 7);
+    return lds32(smem, (v & (((1u << HB) - 1u) << 7)) | lbh);
+  };
+  // A table entry holds the centroid (low half) and its fp16 residual (high
+  // half): K x (q + q_res) + K_res x q, three mma a step, in fp32 sums.
+  uint32_t c[4], r[4];
+  auto pair = [&](const uint32_t(&w)[NW], int pi, int k) {
+    const uint32_t e0 = look(w, 2 * pi), e1 = look(w, 2 * pi + 1);
+    c[k] = __byte_perm(e0, e1, 0x5410u);
+    r[k] = __byte_perm(e0, e1, 0x7632u);
+  };
+#pragma unroll
+  for (int j = 0; j < NS; ++j) {
+    pair(wa, 2 * j, 0);
+    pair(wb, 2 * j, 1);
+    pair(wa, 2 * j + 1, 2);
+    pair(wb, 2 * j + 1, 3);
+    mma16816(s, c[0], c[1], c[2], c[3], qb[j][0], qb[j][1]);
+    mma16816(s, c[0], c[1], c[2], c[3], qr[j][0], qr[j][1]);
+    mma16816(s, r[0], r[1], r[2], r[3], qb[j][0], qb[j][1]);
+  }
+}
+
 // PV over one code segment: the lane's tokens tq + 4e + 8f (records `rec`
 // bytes apart) from word offset `off` (shift sh), NT m tiles of B-bit codes
 // (NP pair words a token pair), weights pb0 / pb1, into acc[0 .. NT).
@@ -681,13 +742,14 @@ struct Producer {
   }
 };
 
-template <int D, int KB, int VB, bool SPLIT>
-__global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
+template <int D, int KB, int VB, bool SPLIT, int HB>
+__global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
                      float* __restrict__ part_o, float* __restrict__ part_lse,
                      const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
                      int tensor_copy) {
-  using C = Cfg<D, KB, VB, SPLIT>;
+  using C = Cfg<D, KB, VB, SPLIT, HB>;
+  constexpr bool OUT = C::kOut;
   constexpr int W = C::kWarps, S = C::kStages;
   constexpr int kHalfSteps = D / 32;  // split: QK k steps (= PV m tiles) of each half
   constexpr int kSteps = D / 16;   // QK k steps = PV m tiles
@@ -696,6 +758,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
   constexpr bool kSelPairs = D <= 128;  // v_pairs' SEL form (measured faster at d <= 128 only)
   extern __shared__ __align__(128) uint8_t smem[];
   __half* sQ = reinterpret_cast<__half*>(smem + C::kQOff);            // [8][D]
+  __half* sQr = sQ + kMaxGroup * D;                                    // outlier K: [8][D/8]
   float* sM = reinterpret_cast<float*>(smem + C::kSmallOff);          // [W][8]
   float* sL = sM + W * kMaxGroup;                                      // [W][8]
   float* sF = sL + W * kMaxGroup;                                      // [W][8]
@@ -741,7 +804,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
   {
     // One thread per (entry, side): its 32 lane copies as 8 16-byte stores,
     // started at chunk `lane % 8` so that a warp's stores spread over all banks.
-    constexpr int kEntries = C::kTableBytes / 256;
+    constexpr int kEntries = C::kPairTables / 256;
     for (int i = threadIdx.x; i < 2 * kEntries; i += C::kThreads) {
       const int e = i >> 1, side = i & 1;
       uint32_t val = 0;
@@ -754,6 +817,10 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
         const int bits = lo ? C::kLB : KB, el = lo ? e - (1 << (2 * KB)) : e;
         const float* cb = (side ? p.v_split : p.k_split).seg[lo ? 1 : 0].centroids;
         val = pack_half2(cb[el & ((1 << bits) - 1)], cb[el >> bits]);
+      } else if constexpr (OUT) {  // side 0: the lo segment's code pairs, side 1: V's
+        const int bits = side ? VB : KB;
+        const float* cb = side ? p.v.centroids : p.k_split.seg[1].centroids;
+        if (e < (1 << (2 * bits))) val = pack_half2(cb[e & ((1 << bits) - 1)], cb[e >> bits]);
       } else if constexpr (C::kByte3) {  // side 0: A[e] = pair(e & 63), side 1: B[e] = pair(e >> 2)
         const int pr = side ? e >> 2 : e & 63;
         val = pack_half2(p.k.centroids[pr & 7], p.k.centroids[pr >> 3]);
@@ -768,6 +835,17 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
       const uint4 v4 = make_uint4(val, val, val, val);
 #pragma unroll
       for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
+    }
+    if constexpr (OUT) {  // the hi segment's single-code table
+      const float* cb = p.k_split.seg[0].centroids;
+      for (int e = threadIdx.x; e < (1 << HB); e += C::kThreads) {
+        const float c = cb[e], r = c - __half2float(__float2half_rn(c));
+        const uint32_t w = pack_half2(c, r);  // the centroid in fp16 and what fp16 lost of it
+        const uint4 v4 = make_uint4(w, w, w, w);
+        uint4* dst = reinterpret_cast<uint4*>(smem + C::kHiTable + e * 128);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
+      }
     }
   }
 
@@ -788,7 +866,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     }
   };
   int q_item = -1;  // the item whose query qreg holds (loaded one item ahead)
-  if (warp < g) {
+  if (!OUT && warp < g) {  // (outlier K: q arrives rotated)
 #pragma unroll
     for (int r = 0; r < kQRegs; ++r) {
       if constexpr (SPLIT) {
@@ -800,6 +878,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     }
   }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Outlier K: q is the rotation kernel's output (this kernel may have been
+  // launched as its programmatic dependent).
+  if constexpr (OUT) asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
     const Item x = item_at(p, it);
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
@@ -812,33 +895,49 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     if (warp < g) {
       if (q_item != it) load_q(it);  // first item, or the prefetched one was empty
       float v[kQRegs];
-#pragma unroll
-      for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
-      if constexpr (SPLIT)
-        fwht_register_blocks<kQRegs / 2>(v);  // each half: D/64 registers a lane
-      else
-        fwht_registers(v);
-#pragma unroll
-      for (int h = 1; h < 32; h *= 2)
+      float amax = 0.0f;
+      if constexpr (OUT) {  // already [hi | lo], each segment rotated
 #pragma unroll
         for (int r = 0; r < kQRegs; ++r) {
-          const float o = __shfl_xor_sync(0xffffffffu, v[r], h);
-          v[r] = (lane & h) ? o - v[r] : v[r] + o;
+          v[r] = qreg[r];
+          amax = fmaxf(amax, fabsf(v[r]));
         }
-      float amax = 0.0f;
+      } else {
 #pragma unroll
-      for (int r = 0; r < kQRegs; ++r) {
+        for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
         if constexpr (SPLIT)
-          v[r] *= p.k_split.seg[r < kQRegs / 2 ? 0 : 1].rot.block_scale[0];
+          fwht_register_blocks<kQRegs / 2>(v);  // each half: D/64 registers a lane
         else
-          v[r] *= p.k.post_scale;
-        amax = fmaxf(amax, fabsf(v[r]));
+          fwht_registers(v);
+#pragma unroll
+        for (int h = 1; h < 32; h *= 2)
+#pragma unroll
+          for (int r = 0; r < kQRegs; ++r) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[r], h);
+            v[r] = (lane & h) ? o - v[r] : v[r] + o;
+          }
+#pragma unroll
+        for (int r = 0; r < kQRegs; ++r) {
+          if constexpr (SPLIT)
+            v[r] *= p.k_split.seg[r < kQRegs / 2 ? 0 : 1].rot.block_scale[0];
+          else
+            v[r] *= p.k.post_scale;
+          amax = fmaxf(amax, fabsf(v[r]));
+        }
       }
 #pragma unroll
       for (int o = 16; o >= 1; o /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
       const float qs = amax > 0.0f ? amax : 1.0f, inv = 1.0f / qs;
 #pragma unroll
-      for (int r = 0; r < kQRegs; ++r) sQ[warp * D + lane + 32 * r] = __float2half_rn(v[r] * inv);
+      for (int r = 0; r < kQRegs; ++r) {
+        const float x = v[r] * inv;
+        const __half h = __float2half_rn(x);
+        sQ[warp * D + lane + 32 * r] = h;
+        // Outlier K: the hi segment's query in two fp16 terms (its scores
+        // carry the largest keys; fp16 alone measured 1.6e-3 against KvCache).
+        if (OUT && lane + 32 * r < C::kOHiDims)
+          sQr[warp * C::kOHiDims + lane + 32 * r] = __float2half_rn(x - __half2float(h));
+      }
       if (lane == 0) sQs[warp] = qs;
     }
     __syncthreads();  // (A) table (first item), sQ; the last item's merge reads are done
@@ -854,7 +953,26 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     // rest the same dims of the lo half (each step inside one half, so that
     // the two halves' scores, with their own scales, are separate sums).
     uint32_t qb[kSteps][2];
-    if (gq < g) {
+    uint32_t qr[C::kOHiSteps > 0 ? C::kOHiSteps : 1][2];  // outlier K: the hi steps' query residuals
+    if (OUT && gq < g) {
+#pragma unroll
+      for (int j = 0; j < C::kOHiSteps; ++j) {
+        const uint2 t = *reinterpret_cast<const uint2*>(sQr + gq * C::kOHiDims + tq * (C::kOHiDims / 4) + 4 * j);
+        qr[j][0] = t.x;
+        qr[j][1] = t.y;
+      }
+      // Outlier K: k steps 0 .. kOHiSteps - 1 take the lane's quarter of the
+      // hi segment (D/32 dims from tq*D/32), the rest its quarter of the lo
+      // one (7D/32 dims from D/8 + tq*7D/32); 4 dims a step.
+#pragma unroll
+      for (int j = 0; j < kSteps; ++j) {
+        const int dim = j < C::kOHiSteps ? tq * (C::kOHiDims / 4) + 4 * j
+                                         : C::kOHiDims + tq * (C::kOLoDims / 4) + 4 * (j - C::kOHiSteps);
+        const uint2 t = *reinterpret_cast<const uint2*>(sQ + gq * D + dim);
+        qb[j][0] = t.x;
+        qb[j][1] = t.y;
+      }
+    } else if (gq < g) {
 #pragma unroll
       for (int i = 0; i < D / 32; ++i) {
         const uint4* src =
@@ -870,6 +988,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     } else {
 #pragma unroll
       for (int j = 0; j < kSteps; ++j) qb[j][0] = qb[j][1] = 0u;
+#pragma unroll
+      for (int j = 0; j < C::kOHiSteps; ++j) qr[j][0] = qr[j][1] = 0u;
     }
     const float kscale = p.sm_scale * (p.softcap > 0.0f ? 1.0f : kLog2e);
     float kmul[2];
@@ -908,6 +1028,14 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
     const uint32_t kscale_lo = uint32_t(tok_a * C::kKRec + C::kKRec - 2);
     const uint32_t vscale_lo = uint32_t(tok_a * C::kVRec + C::kVRec - 2);
     const uint32_t lbKlo = lbK | uint32_t(C::kLoTable);  // split: the lo half's side-0 base
+    // Outlier K: the lane's quarter of each segment (in bits: HB- and 3-bit
+    // parts need not start on a byte); the hi scale at kKCode, the lo one last.
+    const uint32_t kohi_bit = uint32_t(tok_a * C::kKRec * 8 + tq * (C::kOHiDims / 4) * HB);
+    const uint32_t kolo_bit =
+        uint32_t((tok_a * C::kKRec + C::kOHiCode + 2) * 8 + tq * (C::kOLoDims / 4) * KB);
+    const uint32_t kohi_off = (kohi_bit >> 3) & ~3u, kohi_sh = kohi_bit & 31u;
+    const uint32_t kolo_off = (kolo_bit >> 3) & ~3u, kolo_sh = kolo_bit & 31u;
+    const uint32_t lbKhi = lbK | uint32_t(C::kHiTable);
 
     // 4. The warp's tile pairs: tiles 2kp and 2kp + 1 for kp = warp, warp + W, ...
     for (int kp = warp; 2 * kp < x.n_tiles; kp += W) {
@@ -941,6 +1069,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
                                                                    lbK, qb, s);
           qk_segment<C::kLB, C::kKLoW, kHalfSteps, C::kLoStreams, true>(smem, kb + klo_off, klo_sh,
                                                                         8 * C::kKRec, lbKlo, qb + kHalfSteps, s2);
+        } else if constexpr (OUT) {
+          qk_single<(OUT ? HB : 1), C::kOHiW, C::kOHiSteps>(smem, kb + kohi_off, kohi_sh, 8 * C::kKRec, lbKhi, qb,
+                                                            qr, s);
+          qk_segment<KB, C::kOLoW, C::kOLoSteps>(smem, kb + kolo_off, kolo_sh, 8 * C::kKRec, lbK,
+                                                 qb + C::kOHiSteps, s2);
         } else {
           qk_segment<KB, C::kKSegW, kSteps, C::kKStreams>(smem, kb + koff, ksh, 8 * C::kKRec, lbK, qb, s, lbV);
         }
@@ -964,6 +1097,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
             const float ks2 = lds_half(smem, kb + kscale_lo + 8 * r * C::kKRec);
             vsc2[r] = lds_half(smem, vb + vscale_lo + 8 * r * C::kVRec);
             lv[r] = lg2(fmaxf(fmaxf(vsc[r], vsc2[r]), 0x1p-25f));
+#pragma unroll
+            for (int e = 0; e < 2; ++e) s[2 * r + e] = (s[2 * r + e] * ks + s2[2 * r + e] * ks2) * kmul[e];
+          } else if constexpr (OUT) {  // hi and lo scores, each with its scale
+            const float ks2 = lds_half(smem, kb + kscale_lo + 8 * r * C::kKRec);
+            lv[r] = lg2(fmaxf(vsc[r], 0x1p-25f));
 #pragma unroll
             for (int e = 0; e < 2; ++e) s[2 * r + e] = (s[2 * r + e] * ks + s2[2 * r + e] * ks2) * kmul[e];
           } else {
@@ -1127,6 +1265,28 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT>::kThreads, 1)
 #endif
 }
 
+// Outlier K (Cfg::kOut): each query gathered by its KV head's channels and
+// rotated per segment ([hi | lo], each segment's forward rotation, block
+// scales included), as the reference kernel rotates them; one block of D
+// threads a (query head, sequence). The tensor-core kernel reads the result
+// as its queries.
+template <int D>
+__global__ void __launch_bounds__(D)
+    rotate_outlier_queries_kernel(DecodeAttentionParams p, const float* __restrict__ q, float* __restrict__ q_rot) {
+  __shared__ float x[D], tmp[D];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // the decode kernel waits for all of us
+#endif
+  const int h = blockIdx.x, seq = blockIdx.y, hkv = h / p.group;
+  const size_t row = (size_t(seq) * p.n_heads_kv * p.group + h) * D;
+  x[threadIdx.x] = q[row + p.k_split.channels[size_t(hkv) * D + threadIdx.x]];
+  __syncthreads();
+  const int n0 = p.k_split.seg[0].dim;
+  SegmentRotator{p.k_split.seg[0].rot, x, tmp, 1, D}.forward();
+  SegmentRotator{p.k_split.seg[1].rot, x + n0, tmp + n0, 1, D}.forward();
+  q_rot[row + threadIdx.x] = x[threadIdx.x];
+}
+
 // ---- host side -----------------------------------------------------------------
 using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*, CUtensorMap, CUtensorMap,
                           int);
@@ -1136,43 +1296,53 @@ struct TcKernel {
   int threads = 0, smem = 0, tile_tokens = 0;
 };
 
-template <int D, int KB, int VB, bool SPLIT = false>
+template <int D, int KB, int VB, bool SPLIT = false, int HB = 0>
 TcKernel tc_kernel() {
-  using C = Cfg<D, KB, VB, SPLIT>;
-  return {decode_tc_kernel<D, KB, VB, SPLIT>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
+  using C = Cfg<D, KB, VB, SPLIT, HB>;
+  return {decode_tc_kernel<D, KB, VB, SPLIT, HB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
-template <int D>
-TcKernel tc_kernel_bits(int kb, int vb, bool split) {
-  if (split) return kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
-  if (kb == 3 && vb == 3) return tc_kernel<D, 3, 3>();
-  if (kb == 3 && vb == 4) return tc_kernel<D, 3, 4>();
-  if (kb == 4 && vb == 3) return tc_kernel<D, 4, 3>();
-  return tc_kernel<D, 4, 4>();
-}
+// The outlier-K kernels: hi segment at kOutHiBits (the -out presets' hb=6),
+// lo at 3 or 4 bits, V at 4 bits, d 128 / 256.
+constexpr int kOutHiBits = 6;
 
-// The instantiation for a shape decode_tc_unsupported accepted (split: the
-// halves' kernel, kb = vb = the hi half's bits), and its index among the 18.
-constexpr int kTcKernels = 18;
-TcKernel tc_kernel_for(int d, int kb, int vb, bool split) {
-  switch (d) {
-    case 64: return tc_kernel_bits<64>(kb, vb, split);
-    case 128: return tc_kernel_bits<128>(kb, vb, split);
-    default: return tc_kernel_bits<256>(kb, vb, split);
-  }
-}
-int tc_index(int d, int kb, int vb, bool split) {
-  const int di = d == 64 ? 0 : d == 128 ? 1 : 2;
-  return split ? 12 + di * 2 + (kb - 3) : di * 4 + (kb - 3) * 2 + (vb - 3);
-}
-// The kernel's view of p: split halves (kb = vb = the hi half's bits) or not.
+// The kernel's view of p: split halves (kb = vb = the hi half's bits),
+// outlier K (kb: the lo segment's bits, hb: the hi one's) or neither.
 struct TcBits {
   int kb, vb;
   bool split;
+  int hb;
 };
-TcBits tc_bits(const DecodeAttentionParams& p) {
-  if (p.k_split.n_seg != 0) return {p.k_split.seg[0].bits, p.k_split.seg[0].bits, true};
-  return {p.k.bits, p.v.bits, false};
+TcBits tc_bits(const DecodeShape& s) {
+  if (s.k_outlier) return {s.k_bits, s.v_bits, false, s.k_hi_bits};
+  return {s.k_bits, s.v_bits, s.split_halves, 0};
+}
+
+template <int D>
+TcKernel tc_kernel_bits(const TcBits& b) {
+  if (b.split) return b.kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
+  if constexpr (D >= 128)
+    if (b.hb > 0) return b.kb == 3 ? tc_kernel<D, 3, 4, false, kOutHiBits>() : tc_kernel<D, 4, 4, false, kOutHiBits>();
+  if (b.kb == 3 && b.vb == 3) return tc_kernel<D, 3, 3>();
+  if (b.kb == 3 && b.vb == 4) return tc_kernel<D, 3, 4>();
+  if (b.kb == 4 && b.vb == 3) return tc_kernel<D, 4, 3>();
+  return tc_kernel<D, 4, 4>();
+}
+
+// The instantiation for a shape decode_tc_unsupported accepted, and its index
+// among the 22.
+constexpr int kTcKernels = 22;
+TcKernel tc_kernel_for(int d, const TcBits& b) {
+  switch (d) {
+    case 64: return tc_kernel_bits<64>(b);
+    case 128: return tc_kernel_bits<128>(b);
+    default: return tc_kernel_bits<256>(b);
+  }
+}
+int tc_index(int d, const TcBits& b) {
+  const int di = d == 64 ? 0 : d == 128 ? 1 : 2;
+  if (b.hb > 0) return 18 + (di - 1) * 2 + (b.kb - 3);
+  return b.split ? 12 + di * 2 + (b.kb - 3) : di * 4 + (b.kb - 3) * 2 + (b.vb - 3);
 }
 int tc_slots(const DecodeAttentionParams& p);
 
@@ -1207,8 +1377,8 @@ int tc_cc_major() {
 }
 
 int tc_slots(const DecodeAttentionParams& p) {
-  const TcBits b = tc_bits(p);
-  return tc_slots(tc_kernel_for(p.k.dim, b.kb, b.vb, b.split), tc_index(p.k.dim, b.kb, b.vb, b.split));
+  const TcBits b = tc_bits(decode_shape(p));
+  return tc_slots(tc_kernel_for(p.k.dim, b), tc_index(p.k.dim, b));
 }
 
 std::atomic<int> g_split_override{0};
@@ -1323,9 +1493,15 @@ bool pool_tensor_maps(const DecodeAttentionParams& p, CUtensorMap& tmk, CUtensor
 const char* decode_tc_unsupported(const DecodeShape& s) {
   if (s.head_dim != 64 && s.head_dim != 128 && s.head_dim != 256)
     return "head_dim is not 64, 128 or 256";
-  if ((s.k_split || s.v_split) && !s.split_halves)
+  if ((s.k_split || s.v_split) && !s.split_halves && !s.k_outlier)
     return "channel-split formats other than K and V of one format in two halves of head_dim/2 channels "
-           "(turbo2.5, turbo3.5: hi= outlier channels, f32 scales, mixed splits) run on the reference kernel";
+           "(turbo2.5, turbo3.5) or outlier channels in K beside a plain V (turbo4-out, paper_mse-out: hi= of "
+           "head_dim/8 channels) run on the reference kernel (f32 scales, splits in V, other hi= counts)";
+  if (s.k_outlier) {
+    if (s.head_dim < 128) return "outlier channels in K need head_dim 128 or 256 (head_dim/8 a multiple of 16)";
+    if (s.k_hi_bits != kOutHiBits) return "outlier channels in K must have hb=6 (the kernels built)";
+    if (s.v_bits != 4) return "outlier channels in K run beside a 4-bit V only";
+  }
   if ((s.k_bits != 3 && s.k_bits != 4) || (s.v_bits != 3 && s.v_bits != 4))
     return "K and V codes must be 3 or 4 bits (other widths: reference kernel)";
   if (s.k_bits == 3 && s.v_bits == 3 && !s.kv_one_codebook)
@@ -1343,7 +1519,7 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   if (major < 8) return "the device has no mma.sync f16 (compute capability < 8.0)";
-  if (smem < tc_kernel_for(s.head_dim, s.k_bits, s.v_bits, s.split_halves).smem)
+  if (smem < tc_kernel_for(s.head_dim, tc_bits(s)).smem)
     return "the device has too little shared memory per block for the tables and stages";
   return nullptr;
 }
@@ -1394,16 +1570,33 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   if (p.n_seqs == 0) return;
   TQ_ASSERT(p.kernel == DecodeKernel::tensor_core && p.split_tokens > 0 &&
             p.split_tokens % decode_tc_tile_tokens(p.k.dim) == 0);
-  const TcBits b = tc_bits(p);
-  const TcKernel k = tc_kernel_for(p.k.dim, b.kb, b.vb, b.split);
+  const TcBits b = tc_bits(decode_shape(p));
+  const TcKernel k = tc_kernel_for(p.k.dim, b);
   const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
   const int grid = std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;
   CUtensorMap tmk{}, tmv{};
   const bool tensor_copy =
       sm90 && g_tensor_copies.load(std::memory_order_relaxed) && pool_tensor_maps(p, tmk, tmv);
-  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
-  TQ_CUDA_CHECK_LAUNCH();
+  if (b.hb > 0) {
+    // Outlier K: the kernel reads the queries rotated per segment, written
+    // by a small kernel first; on sm_90 the decode kernel is its
+    // programmatic dependent, so its prologue (page tables, first copies,
+    // tables) runs while the rotation does, and it waits before its first
+    // query load.
+    TQ_REQUIRE(p.q_rot != nullptr, "GPU decode attention: outlier channels in K need the rotated-query "
+               "workspace (DecodeAttentionParams::q_rot)");
+    const dim3 qgrid(p.n_heads_kv * p.group, p.n_seqs);
+    if (p.k.dim == 128) rotate_outlier_queries_kernel<128><<<qgrid, 128, 0, stream>>>(p, q, p.q_rot);
+    else rotate_outlier_queries_kernel<256><<<qgrid, 256, 0, stream>>>(p, q, p.q_rot);
+    TQ_CUDA_CHECK_LAUNCH();
+    launch_maybe_dependent_smem(k.fn, dim3(grid), dim3(k.threads), size_t(k.smem), stream, sm90, p, n_items,
+                                static_cast<const float*>(p.q_rot), partial_o, partial_lse, tmk, tmv,
+                                tensor_copy ? 1 : 0);
+  } else {
+    k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
+    TQ_CUDA_CHECK_LAUNCH();
+  }
   // Overlap only on sm_90 and only where the dependent kernels were compiled
   // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80
   // code on an H200 has no trigger and no wait, and then runs plainly). The

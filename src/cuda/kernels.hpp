@@ -104,8 +104,8 @@ struct PagedRegion {
 //                 tensor / bulk copies; older GPUs: cp.async), decoded to
 //                 fp16 through shared-memory tables, QK and PV on mma.sync.
 //                 Supports K and V bits 3 or 4 with fp16 scales (3-bit K
-//                 and V of one codebook; and the channel splits of
-//                 DecodeShape::split_halves), head_dim 64 /
+//                 and V of one codebook; the channel splits of
+//                 DecodeShape::split_halves and k_outlier), head_dim 64 /
 //                 128 / 256, GQA group <= 8, page_tokens a multiple of 16, and
 //                 a device with enough shared memory (decode_tc_unsupported).
 //  - automatic:   tensor_core where it is supported, else reference. The
@@ -142,6 +142,13 @@ struct DecodeShape {
   // (turbo2.5, turbo3.5): the tensor-core kernel takes these, with k_bits =
   // v_bits = b (decode_shape fills it). Other splits: reference kernel.
   bool split_halves = false;
+  // K split into its head_dim/8 outlier channels and the rest (hi= of the
+  // -out presets: turbo4-out, paper_mse-out), fp16 scales, beside a plain V:
+  // k_bits is then the lo segment's width and k_hi_bits the hi one's
+  // (decode_shape fills them). The tensor-core kernel takes hb=6 at d 128 /
+  // 256 with a 4-bit V.
+  bool k_outlier = false;
+  int k_hi_bits = 0;
   // K and V decode with the same centroids (DecodeAttentionParams::
   // kv_one_codebook): 3-bit K and V need it on the tensor-core kernel.
   bool kv_one_codebook = false;
@@ -215,6 +222,10 @@ struct DecodeAttentionParams {
   float* dense_o = nullptr;
   float* dense_lse = nullptr;
   int dense_splits = 0;
+  // Workspace [n_seqs, n_heads_q, dim] for the queries rotated per segment
+  // (the tensor-core kernel with outlier channels in K, DecodeShape::
+  // k_outlier, writes them before it reads them); unused otherwise.
+  float* q_rot = nullptr;
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
   int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
