@@ -76,8 +76,6 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
 #include "cuda/kernels.hpp"
-#include "cuda/launch.cuh"
-#include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -98,8 +96,9 @@ constexpr int warps_for(int d) { return d >= 256 ? 8 : 16; }  // d 256: ~170 reg
 // bits, fp16 scale], KB == VB, each half with its own one-block rotation.
 // HB > 0 (OUT): K records are an outlier split (turbo4-out, paper_mse-out):
 // [hi: D/8 channels at HB bits, fp16 scale][lo: 7D/8 channels at KB bits,
-// fp16 scale], each segment with its own rotation (any: the queries arrive
-// rotated, rotate_outlier_queries_kernel); V is plain tq-mse at VB bits.
+// fp16 scale], each segment with its own rotation (any SegmentRotation: the
+// kernel rotates each query per segment, warp_rotate_segment); V is plain
+// tq-mse at VB bits.
 template <int D, int KB, int VB, bool SPLIT = false, int HB = 0>
 struct Cfg {
   static_assert(!SPLIT || KB == VB, "split records: K and V of one format");
@@ -163,8 +162,12 @@ struct Cfg {
   // for the aligned over-read of the last code segment; stages are 128-byte
   // multiples.
   static constexpr int kStageBytes = (kVOff + kPairTok * kVRec + 16 + 127) / 128 * 128;
-  // sQ [8][D] fp16; outlier K: then the hi segment's fp16 residuals [8][D/8].
-  static constexpr int kQBytes = kMaxGroup * D * 2 + (kOut ? kMaxGroup * kOHiDims * 2 : 0);
+  // sQ [8][D] fp16; outlier K: then the hi segment's fp16 residuals [8][D/8],
+  // the query rotation's scratch (a warp's [D] floats, for 8 warps), its
+  // signs1 / signs2 / perm over [hi | lo] ([D] each) and the segments'
+  // blocks: RotMeta.
+  static constexpr int kRotBytes = kOut ? (kMaxGroup + 3) * D * 4 + 2 * 18 * 4 : 0;
+  static constexpr int kQBytes = kMaxGroup * D * 2 + (kOut ? kMaxGroup * kOHiDims * 2 : 0) + kRotBytes;
   // sM, sL, sF: [kWarps][8]; sQs, sInvL: [8]; sScr: [kWarps] (byte offsets)
   static constexpr int kSmallBytes = 4 * (3 * kWarps * kMaxGroup + 2 * kMaxGroup + kWarps);
   static constexpr int kBarBytes = 8 * kWarps * 2;  // one mbarrier per warp and stage (2)
@@ -488,6 +491,85 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
   }
 }
 
+// A channel-split segment's rotation blocks (SegmentRotation's, kept in
+// shared memory so that no loop indexes the kernel's parameters).
+struct RotMeta {
+  int blocks[kMaxRotationBlocks];
+  float scale[kMaxRotationBlocks];
+  int n_blocks, two_rounds;
+};
+static_assert(sizeof(RotMeta) == 18 * 4);
+
+// One segment's rotation after its first signs, by one warp, element i =
+// lane + 32 k of the segment in t[k] (i >= n: ignored), in
+// SegmentRotator::forward's order and operations: each Hadamard block's
+// butterflies stage by stage (h < 32 across lanes, larger h between
+// registers; the blocks are aligned to their power-of-two sizes, largest
+// first, so both elements of a butterfly are in one block), one multiply by
+// the block's scale; where there are two rounds the permutation with the
+// second signs (through x, the segment's [n] floats of shared scratch) and
+// the blocks again.
+template <int E>
+__device__ __forceinline__ void warp_rotate_regs(const RotMeta& m, int n, float (&t)[E], float* x, const float* s2,
+                                                 const int* perm, int lane) {
+  int nb[E];  // the block size of element i (1: none, i >= n)
+  float sc[E];
+#pragma unroll
+  for (int k = 0; k < E; ++k) {
+    nb[k] = 1;
+    sc[k] = 1.0f;
+  }
+  for (int b = 0, off = 0; b < m.n_blocks; ++b) {
+    const int sz = m.blocks[b];
+    const float bs = m.scale[b];
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int i = lane + 32 * k;
+      if (i >= off && i < off + sz) {
+        nb[k] = sz;
+        sc[k] = bs;
+      }
+    }
+    off += sz;
+  }
+  auto blocks = [&] {
+#pragma unroll
+    for (int h = 1; h < 32; h *= 2)
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        const float o = __shfl_xor_sync(0xffffffffu, t[k], h);
+        if (h < nb[k]) t[k] = (lane & h) ? __fsub_rn(o, t[k]) : __fadd_rn(t[k], o);
+      }
+#pragma unroll
+    for (int hk = 1; hk < E; hk *= 2) {
+      float u[E];
+#pragma unroll
+      for (int k = 0; k < E; ++k) u[k] = t[k];
+#pragma unroll
+      for (int k = 0; k < E; ++k) {
+        const int pk = k ^ hk;
+        if (pk < E && 32 * hk < nb[k]) t[k] = (k & hk) ? __fsub_rn(u[pk], u[k]) : __fadd_rn(u[k], u[pk]);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < E; ++k) t[k] = __fmul_rn(t[k], sc[k]);
+  };
+  blocks();
+  if (m.two_rounds) {
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      if (lane + 32 * k < n) x[lane + 32 * k] = t[k];
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < E; ++k) {
+      const int i = lane + 32 * k;
+      if (i < n) t[k] = __fmul_rn(x[perm[i]], s2[i]);
+    }
+    __syncwarp();  // x is written again after this
+    blocks();
+  }
+}
+
 // QK over the hi segment of an outlier K (Cfg::kOut): NS k steps of HB-bit
 // codes at bit `sh` of word offset `off` (rows 8 records apart at `rec8`
 // bytes), one table lookup a code (lbh: the lane's base in the hi table,
@@ -759,6 +841,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
   extern __shared__ __align__(128) uint8_t smem[];
   __half* sQ = reinterpret_cast<__half*>(smem + C::kQOff);            // [8][D]
   __half* sQr = sQ + kMaxGroup * D;                                    // outlier K: [8][D/8]
+  float* sRotX = reinterpret_cast<float*>(sQr + kMaxGroup * C::kOHiDims);  // outlier K: [8][D]
+  float* sRotS1 = sRotX + kMaxGroup * D;                                // [D]
+  float* sRotS2 = sRotS1 + D;                                           // [D]
+  int* sRotPerm = reinterpret_cast<int*>(sRotS2 + D);                   // [D]
+  RotMeta* sRotMeta = reinterpret_cast<RotMeta*>(sRotPerm + D);         // [2]
   float* sM = reinterpret_cast<float*>(smem + C::kSmallOff);          // [W][8]
   float* sL = sM + W * kMaxGroup;                                      // [W][8]
   float* sF = sL + W * kMaxGroup;                                      // [W][8]
@@ -836,6 +923,30 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
     }
+    if constexpr (OUT) {  // the query rotation's parameters, [hi | lo], and the segments' blocks
+      for (int i = threadIdx.x; i < D; i += C::kThreads) {
+        const bool lo = i >= C::kOHiDims;
+        const int j = lo ? i - C::kOHiDims : i;
+        const SegmentRotation& R0 = p.k_split.seg[0].rot;
+        const SegmentRotation& R1 = p.k_split.seg[1].rot;
+        const int* perm = lo ? R1.perm : R0.perm;
+        sRotS1[i] = (lo ? R1.signs1 : R0.signs1)[j];
+        sRotPerm[i] = perm != nullptr ? perm[j] : j;
+        sRotS2[i] = perm != nullptr ? (lo ? R1.signs2 : R0.signs2)[j] : 1.0f;
+      }
+      if (threadIdx.x < 2 * (kMaxRotationBlocks + 1)) {
+        const int sg = threadIdx.x / (kMaxRotationBlocks + 1), b = threadIdx.x % (kMaxRotationBlocks + 1);
+        const SegmentRotation& R0 = p.k_split.seg[0].rot;
+        const SegmentRotation& R1 = p.k_split.seg[1].rot;
+        if (b < kMaxRotationBlocks) {
+          sRotMeta[sg].blocks[b] = sg ? R1.blocks[b] : R0.blocks[b];
+          sRotMeta[sg].scale[b] = sg ? R1.block_scale[b] : R0.block_scale[b];
+        } else {
+          sRotMeta[sg].n_blocks = sg ? R1.n_blocks : R0.n_blocks;
+          sRotMeta[sg].two_rounds = (sg ? R1.perm : R0.perm) != nullptr;
+        }
+      }
+    }
     if constexpr (OUT) {  // the hi segment's single-code table
       const float* cb = p.k_split.seg[0].centroids;
       for (int e = threadIdx.x; e < (1 << HB); e += C::kThreads) {
@@ -850,13 +961,24 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
   }
 
   // The query rotation (warp h < g rotates head h): signs, FWHT, 1/sqrt(D).
-  float ksign[kQRegs], qreg[kQRegs];
+  // Outlier K: qreg[0] holds hi element `lane` (lane < D/8), qreg[1 + k] lo
+  // element lane + 32 k: each segment starts at lane 0 (warp_rotate_regs).
+  constexpr int kQR = OUT ? 1 + (C::kOLoDims + 31) / 32 : kQRegs;
+  float ksign[kQRegs], qreg[kQR];
   // Split: element j of [hi half | lo half] is channel channels[hkv][j];
   // each half has its own signs and scale.
   auto load_q = [&](int it) {
     const int hkv = it % p.n_heads_kv, seq = (it / p.n_heads_kv) % p.n_seqs;
     const float* qv = q + (size_t(seq) * n_heads_q + size_t(hkv) * g + warp) * D;
-    if constexpr (SPLIT) {
+    if constexpr (OUT) {
+      const int* ch = p.k_split.channels + size_t(hkv) * D;
+#pragma unroll
+      for (int r = 0; r < kQR; ++r) {
+        const int i = r == 0 ? lane : C::kOHiDims + lane + 32 * (r - 1);
+        const bool in = r == 0 ? lane < C::kOHiDims : i < D;
+        qreg[r] = in ? __ldg(qv + __ldg(ch + i)) : 0.0f;
+      }
+    } else if constexpr (SPLIT) {
       const int* ch = p.k_split.channels + size_t(hkv) * D;
 #pragma unroll
       for (int r = 0; r < kQRegs; ++r) qreg[r] = __ldg(qv + __ldg(ch + lane + 32 * r));
@@ -878,11 +1000,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     }
   }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Outlier K: q is the rotation kernel's output (this kernel may have been
-  // launched as its programmatic dependent).
-  if constexpr (OUT) asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
+  if constexpr (OUT) __syncthreads();  // the rotation's parameters, before the first item's query
   for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
     const Item x = item_at(p, it);
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
@@ -896,12 +1014,26 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
       if (q_item != it) load_q(it);  // first item, or the prefetched one was empty
       float v[kQRegs];
       float amax = 0.0f;
-      if constexpr (OUT) {  // already [hi | lo], each segment rotated
+      if constexpr (OUT) {  // gathered [hi | lo]: each segment's rotation, by this warp
+        constexpr int H = C::kOHiDims, EL = kQR - 1;
+        float* xr = sRotX + warp * D;  // [hi | lo]: the permutations' scratch, then the result
+        float th[1] = {lane < H ? __fmul_rn(qreg[0], sRotS1[lane]) : 0.0f}, tl[EL];
+#pragma unroll
+        for (int k = 0; k < EL; ++k)
+          tl[k] = H + lane + 32 * k < D ? __fmul_rn(qreg[1 + k], sRotS1[H + lane + 32 * k]) : 0.0f;
+        warp_rotate_regs(sRotMeta[0], H, th, xr, sRotS2, sRotPerm, lane);
+        warp_rotate_regs(sRotMeta[1], C::kOLoDims, tl, xr + H, sRotS2 + H, sRotPerm + H, lane);
+        if (lane < H) xr[lane] = th[0];
+#pragma unroll
+        for (int k = 0; k < EL; ++k)
+          if (H + lane + 32 * k < D) xr[H + lane + 32 * k] = tl[k];
+        __syncwarp();
 #pragma unroll
         for (int r = 0; r < kQRegs; ++r) {
-          v[r] = qreg[r];
+          v[r] = xr[lane + 32 * r];
           amax = fmaxf(amax, fabsf(v[r]));
         }
+        __syncwarp();  // the next item's rotation rewrites xr
       } else {
 #pragma unroll
         for (int r = 0; r < kQRegs; ++r) v[r] = qreg[r] * ksign[r];
@@ -1265,28 +1397,6 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #endif
 }
 
-// Outlier K (Cfg::kOut): each query gathered by its KV head's channels and
-// rotated per segment ([hi | lo], each segment's forward rotation, block
-// scales included), as the reference kernel rotates them; one block of D
-// threads a (query head, sequence). The tensor-core kernel reads the result
-// as its queries.
-template <int D>
-__global__ void __launch_bounds__(D)
-    rotate_outlier_queries_kernel(DecodeAttentionParams p, const float* __restrict__ q, float* __restrict__ q_rot) {
-  __shared__ float x[D], tmp[D];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // the decode kernel waits for all of us
-#endif
-  const int h = blockIdx.x, seq = blockIdx.y, hkv = h / p.group;
-  const size_t row = (size_t(seq) * p.n_heads_kv * p.group + h) * D;
-  x[threadIdx.x] = q[row + p.k_split.channels[size_t(hkv) * D + threadIdx.x]];
-  __syncthreads();
-  const int n0 = p.k_split.seg[0].dim;
-  SegmentRotator{p.k_split.seg[0].rot, x, tmp, 1, D}.forward();
-  SegmentRotator{p.k_split.seg[1].rot, x + n0, tmp + n0, 1, D}.forward();
-  q_rot[row + threadIdx.x] = x[threadIdx.x];
-}
-
 // ---- host side -----------------------------------------------------------------
 using KernelFn = void (*)(DecodeAttentionParams, int, const float*, float*, float*, CUtensorMap, CUtensorMap,
                           int);
@@ -1578,25 +1688,8 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   CUtensorMap tmk{}, tmv{};
   const bool tensor_copy =
       sm90 && g_tensor_copies.load(std::memory_order_relaxed) && pool_tensor_maps(p, tmk, tmv);
-  if (b.hb > 0) {
-    // Outlier K: the kernel reads the queries rotated per segment, written
-    // by a small kernel first; on sm_90 the decode kernel is its
-    // programmatic dependent, so its prologue (page tables, first copies,
-    // tables) runs while the rotation does, and it waits before its first
-    // query load.
-    TQ_REQUIRE(p.q_rot != nullptr, "GPU decode attention: outlier channels in K need the rotated-query "
-               "workspace (DecodeAttentionParams::q_rot)");
-    const dim3 qgrid(p.n_heads_kv * p.group, p.n_seqs);
-    if (p.k.dim == 128) rotate_outlier_queries_kernel<128><<<qgrid, 128, 0, stream>>>(p, q, p.q_rot);
-    else rotate_outlier_queries_kernel<256><<<qgrid, 256, 0, stream>>>(p, q, p.q_rot);
-    TQ_CUDA_CHECK_LAUNCH();
-    launch_maybe_dependent_smem(k.fn, dim3(grid), dim3(k.threads), size_t(k.smem), stream, sm90, p, n_items,
-                                static_cast<const float*>(p.q_rot), partial_o, partial_lse, tmk, tmv,
-                                tensor_copy ? 1 : 0);
-  } else {
-    k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
-    TQ_CUDA_CHECK_LAUNCH();
-  }
+  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
+  TQ_CUDA_CHECK_LAUNCH();
   // Overlap only on sm_90 and only where the dependent kernels were compiled
   // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80
   // code on an H200 has no trigger and no wait, and then runs plainly). The

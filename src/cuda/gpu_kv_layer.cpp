@@ -1527,9 +1527,7 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   // + the dense tokens' splits: [max_seqs, n_heads_q, dense splits] outputs and lse.
   const int parts =
       n_splits + decode_dense_part_splits(m.hk.dim, m.cfg.dense_prefix + m.cfg.dense_window);
-  // + a channel-split K's queries rotated per segment (DecodeAttentionParams::q_rot).
-  const size_t q_rot = m.hk.split ? size_t(m.cfg.max_seqs) * n_heads_q * m.hk.dim : 0;
-  return (size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) + q_rot) * sizeof(float);
+  return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float);
 }
 
 std::string GpuKvLayer::attend_kernel(int n_heads_q) const {
@@ -1564,11 +1562,6 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   plan_decode_attention(p, m.len.data());
   float* part_o = static_cast<float*>(workspace);
   float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;
-  // After every part's room (workspace_bytes): the rotated queries of a split K.
-  if (m.hk.split) {
-    const int n_parts = decode_max_splits(p) + decode_dense_part_splits(D, m.cfg.dense_prefix + m.cfg.dense_window);
-    p.q_rot = part_o + size_t(m.cfg.max_seqs) * n_heads_q * n_parts * (D + 1);
-  }
   if (m.has_dense()) {
     // The dense tokens have their own small kernel (launched with the page
     // kernel's), the pages hold the positions after the prefix and end a

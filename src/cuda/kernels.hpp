@@ -222,10 +222,6 @@ struct DecodeAttentionParams {
   float* dense_o = nullptr;
   float* dense_lse = nullptr;
   int dense_splits = 0;
-  // Workspace [n_seqs, n_heads_q, dim] for the queries rotated per segment
-  // (the tensor-core kernel with outlier channels in K, DecodeShape::
-  // k_outlier, writes them before it reads them); unused otherwise.
-  float* q_rot = nullptr;
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
   int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
