@@ -227,8 +227,9 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
         for (int j = 0; j < E; ++j) x[j] = __fmaf_rn(sgn, x[j], __shfl_xor_sync(kFull, x[j], lm));
       }
 
-      // Codes (AppendSearch), staged as bytes for the packing.
+      // Codes (AppendSearch).
       const float ps = post_scale;
+      unsigned cj[E];
 #pragma unroll
       for (int j = 0; j < E; ++j) {
         const float val = __fmul_rn(__fmul_rn(x[j], ps), mul);
@@ -244,14 +245,27 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
           c = unsigned(__shfl_sync(kFull, tbase, cell)) + lt01(__shfl_sync(kFull, tb0, cell), val);
           if constexpr (MODE == int(AppendSearch::table2)) c += lt01(__shfl_sync(kFull, tb1, cell), val);
         }
-        codes[warp][lane * E + j] = static_cast<uint8_t>(keep ? c : 0u);
+        cj[j] = keep ? c : 0u;
       }
-      __syncwarp();
       {
         // Packed as pack_ref packs (stream bit k is bit k % bits of code k /
-        // bits), then the scale.
+        // bits), then the scale. Where a lane's E codes fill whole bytes (d
+        // 256 at any width, 4-bit codes at d 64 / 128) it stores its own
+        // bytes; otherwise the codes are staged in shared memory and each
+        // lane packs a byte at a time.
         const int cb = code_bytes;
-        for (int k = lane; k < cb; k += 32) {
+        if ((E * bits) % 8 == 0) {
+          unsigned long long w = 0;
+#pragma unroll
+          for (int j = 0; j < E; ++j) w |= static_cast<unsigned long long>(cj[j]) << (j * bits);
+          const int nb = E * bits / 8;
+          for (int b = 0; b < nb; ++b) rec[lane * nb + b] = static_cast<uint8_t>(w >> (8 * b));
+        } else {
+#pragma unroll
+          for (int j = 0; j < E; ++j) codes[warp][lane * E + j] = static_cast<uint8_t>(cj[j]);
+          __syncwarp();
+        }
+        for (int k = lane; (E * bits) % 8 != 0 && k < cb; k += 32) {
           const int i0 = (8 * k) / bits, i1 = min(N - 1, (8 * k + 7) / bits);
           unsigned b = 0;
           for (int e = i0; e <= i1; ++e) {
