@@ -55,6 +55,15 @@
 // the head's channels and rotated per half, and the partials are in the
 // reference kernel's [hi | lo] rotated layout, so the merge is the same.
 //
+// Outlier channels in K (turbo4-out, paper_mse-out; HB > 0): K records are
+// [hi: D/8 channels at HB bits][lo: 7D/8 channels at KB bits], each with its
+// own rotation and scale, V plain. The first k steps take the hi segment's
+// codes one at a time (a 2^HB-entry table whose entries also hold the
+// centroid's fp16 residual; the hi query in two fp16 terms: three mma a
+// step), the rest the lo segment's pairs; the warps of the GQA group rotate
+// their queries per segment themselves (warp_rotate_regs: any
+// SegmentRotation, two rounds with a permutation included).
+//
 // Numerics: fp32 scores, softmax and accumulators; fp16 queries (scaled by
 // their max |q| per head first), centroids and weights. The V scale s_v is
 // folded into the fp16 weight w = 2^(x - M) * s_v with M a reference within
