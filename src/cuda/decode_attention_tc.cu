@@ -85,6 +85,7 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
 namespace {
@@ -500,85 +501,6 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
   }
 }
 
-// A channel-split segment's rotation blocks (SegmentRotation's, kept in
-// shared memory so that no loop indexes the kernel's parameters).
-struct RotMeta {
-  int blocks[kMaxRotationBlocks];
-  float scale[kMaxRotationBlocks];
-  int n_blocks, two_rounds;
-};
-static_assert(sizeof(RotMeta) == 18 * 4);
-
-// One segment's rotation after its first signs, by one warp, element i =
-// lane + 32 k of the segment in t[k] (i >= n: ignored), in
-// SegmentRotator::forward's order and operations: each Hadamard block's
-// butterflies stage by stage (h < 32 across lanes, larger h between
-// registers; the blocks are aligned to their power-of-two sizes, largest
-// first, so both elements of a butterfly are in one block), one multiply by
-// the block's scale; where there are two rounds the permutation with the
-// second signs (through x, the segment's [n] floats of shared scratch) and
-// the blocks again.
-template <int E>
-__device__ __forceinline__ void warp_rotate_regs(const RotMeta& m, int n, float (&t)[E], float* x, const float* s2,
-                                                 const int* perm, int lane) {
-  int nb[E];  // the block size of element i (1: none, i >= n)
-  float sc[E];
-#pragma unroll
-  for (int k = 0; k < E; ++k) {
-    nb[k] = 1;
-    sc[k] = 1.0f;
-  }
-  for (int b = 0, off = 0; b < m.n_blocks; ++b) {
-    const int sz = m.blocks[b];
-    const float bs = m.scale[b];
-#pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int i = lane + 32 * k;
-      if (i >= off && i < off + sz) {
-        nb[k] = sz;
-        sc[k] = bs;
-      }
-    }
-    off += sz;
-  }
-  auto blocks = [&] {
-#pragma unroll
-    for (int h = 1; h < 32; h *= 2)
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const float o = __shfl_xor_sync(0xffffffffu, t[k], h);
-        if (h < nb[k]) t[k] = (lane & h) ? __fsub_rn(o, t[k]) : __fadd_rn(t[k], o);
-      }
-#pragma unroll
-    for (int hk = 1; hk < E; hk *= 2) {
-      float u[E];
-#pragma unroll
-      for (int k = 0; k < E; ++k) u[k] = t[k];
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const int pk = k ^ hk;
-        if (pk < E && 32 * hk < nb[k]) t[k] = (k & hk) ? __fsub_rn(u[pk], u[k]) : __fadd_rn(u[k], u[pk]);
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < E; ++k) t[k] = __fmul_rn(t[k], sc[k]);
-  };
-  blocks();
-  if (m.two_rounds) {
-#pragma unroll
-    for (int k = 0; k < E; ++k)
-      if (lane + 32 * k < n) x[lane + 32 * k] = t[k];
-    __syncwarp();
-#pragma unroll
-    for (int k = 0; k < E; ++k) {
-      const int i = lane + 32 * k;
-      if (i < n) t[k] = __fmul_rn(x[perm[i]], s2[i]);
-    }
-    __syncwarp();  // x is written again after this
-    blocks();
-  }
-}
-
 // QK over the hi segment of an outlier K (Cfg::kOut): NS k steps of HB-bit
 // codes at bit `sh` of word offset `off` (rows 8 records apart at `rec8`
 // bytes), one table lookup a code (lbh: the lane's base in the hi table,
@@ -932,30 +854,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
     }
-    if constexpr (OUT) {  // the query rotation's parameters, [hi | lo], and the segments' blocks
-      for (int i = threadIdx.x; i < D; i += C::kThreads) {
-        const bool lo = i >= C::kOHiDims;
-        const int j = lo ? i - C::kOHiDims : i;
-        const SegmentRotation& R0 = p.k_split.seg[0].rot;
-        const SegmentRotation& R1 = p.k_split.seg[1].rot;
-        const int* perm = lo ? R1.perm : R0.perm;
-        sRotS1[i] = (lo ? R1.signs1 : R0.signs1)[j];
-        sRotPerm[i] = perm != nullptr ? perm[j] : j;
-        sRotS2[i] = perm != nullptr ? (lo ? R1.signs2 : R0.signs2)[j] : 1.0f;
-      }
-      if (threadIdx.x < 2 * (kMaxRotationBlocks + 1)) {
-        const int sg = threadIdx.x / (kMaxRotationBlocks + 1), b = threadIdx.x % (kMaxRotationBlocks + 1);
-        const SegmentRotation& R0 = p.k_split.seg[0].rot;
-        const SegmentRotation& R1 = p.k_split.seg[1].rot;
-        if (b < kMaxRotationBlocks) {
-          sRotMeta[sg].blocks[b] = sg ? R1.blocks[b] : R0.blocks[b];
-          sRotMeta[sg].scale[b] = sg ? R1.block_scale[b] : R0.block_scale[b];
-        } else {
-          sRotMeta[sg].n_blocks = sg ? R1.n_blocks : R0.n_blocks;
-          sRotMeta[sg].two_rounds = (sg ? R1.perm : R0.perm) != nullptr;
-        }
-      }
-    }
+    if constexpr (OUT) stage_split_rotation(p.k_split, C::kOHiDims, sRotS1, sRotS2, sRotPerm, sRotMeta);
     if constexpr (OUT) {  // the hi segment's single-code table
       const float* cb = p.k_split.seg[0].centroids;
       for (int e = threadIdx.x; e < (1 << HB); e += C::kThreads) {

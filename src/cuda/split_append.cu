@@ -7,9 +7,11 @@
 // (split_rotation.cuh, any dim), codes by the CPU's binary search, packed
 // little-endian into the sub-record, fp16 (or f32) norm after the codes.
 //
-// Three kernels. The general one (one warp a vector, in shared memory,
-// lanes over its elements) takes any split: outlier channels, segments that
-// are not powers of two. Splits in two halves with one-block rotations
+// Four kernels. The general one (one warp a vector, in shared memory,
+// lanes over its elements) takes any split; outlier_append_kernel the
+// splits whose first segment has at most 32 channels (the -out presets:
+// outlier channels, a second segment that is not a power of two), in
+// registers. Splits in two halves with one-block rotations
 // (turbo2.5, turbo3.5) take halves_lane_kernel at head_dim 64 / 128 / 256
 // (one lane a half-vector, its elements in registers, as in the tq-mse
 // kernel: 128K Llama tokens from bf16 0.51 ms for turbo2.5, ~3.9x one read
@@ -27,6 +29,7 @@
 #include "cuda/fwht_registers.cuh"
 #include "cuda/mse_append.hpp"
 #include "cuda/mse_append_kernel.cuh"
+#include "cuda/split_rotation.cuh"
 #include "turboquant/error.hpp"
 
 namespace tq::cuda {
@@ -323,6 +326,96 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
       }
       codes[lane + 32 * r] = static_cast<uint8_t>(lo);
     }
+    __syncwarp();
+    // 5. Packed bytes and scales, straight into the page.
+    write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    if (st) atomicOr(p.status, st);
+    __syncwarp();  // the codes are read: the next row may overwrite them
+  });
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
+}
+
+// Splits whose first segment has at most 32 channels (the -out presets'
+// outlier channels: head_dim / 8 of them; any rotation, two-round ones
+// included): one warp a vector as halves_append_kernel, in registers --
+// lane l holds element l of segment 0 and elements l + 32 k of segment 1,
+// so that each segment starts at lane 0 -- the norms by the canonical 16
+// lane sums (lanes 0-15 segment 0, lanes 16-31 segment 1), each segment's
+// rotation by warp_rotate_regs (SegmentRotator::forward's operations; its
+// parameters staged in shared memory once a block), the CPU's binary search
+// over boundaries in shared memory. Only the packing goes through shared
+// memory (write_record). The general kernel above took everything through
+// shared memory and global loads: 128K Llama tokens of turbo4-out keys from
+// bf16 4.29 ms.
+template <int D>
+__global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_constant__ SplitAppendParams p) {
+  constexpr int kWarps = kThreads / 32, EL = D / 32;  // segment 1's registers a lane (at most)
+  __shared__ uint8_t codes_all[kWarps][D];
+  __shared__ float scratch_all[kWarps][D];  // the permutations
+  __shared__ float bnd[2][256];             // each segment's boundaries
+  __shared__ float s1[D], s2[D];
+  __shared__ int perm[D];
+  __shared__ RotMeta meta[2];
+  const int n0 = p.f.seg[0].dim, n1 = D - n0;
+  for (int sg = 0; sg < 2; ++sg)
+    for (int i = threadIdx.x; i < (1 << p.f.seg[sg].bits) - 1; i += kThreads) bnd[sg][i] = p.f.seg[sg].boundaries[i];
+  stage_split_rotation(p.f, n0, s1, s2, perm, meta);
+  __syncthreads();
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
+  const int l16 = lane & 15, hsel = lane >> 4;
+  uint8_t* codes = codes_all[warp];
+  float* scratch = scratch_all[warp];
+  const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
+
+  for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
+    // 1. The head's channels, rounded: segment 0's element `lane`, segment 1's lane + 32 k.
+    int st = 0;
+    float x0[1] = {lane < n0 ? load_rounded(p, rw.base_in + __ldg(rw.ch + lane), st) : 0.0f};
+    float x1[EL];
+#pragma unroll
+    for (int k = 0; k < EL; ++k)
+      x1[k] = lane + 32 * k < n1 ? load_rounded(p, rw.base_in + __ldg(rw.ch + n0 + lane + 32 * k), st) : 0.0f;
+    // 2. Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m
+    // order (elements past the segment add +0: the sums are unchanged).
+    float acc = 0.0f;
+    const float o0 = __shfl_xor_sync(0xffffffffu, x0[0], 16);
+    {  // segment 0 (lanes 0-15): m = 0 is this lane's element, m = 1 lane l16 + 16's
+      const float v0 = hsel ? 0.0f : x0[0], v1 = hsel ? 0.0f : o0;
+      acc = __fadd_rn(acc, __fmul_rn(v0, v0));
+      if (n0 > 16) acc = hsel ? acc : __fadd_rn(acc, __fmul_rn(v1, v1));
+    }
+#pragma unroll
+    for (int k = 0; k < EL; ++k) {  // segment 1 (lanes 16-31): m = 2k in lane l16, m = 2k + 1 in lane l16 + 16
+      const float o = __shfl_xor_sync(0xffffffffu, x1[k], 16);
+      if (hsel) {
+        acc = __fadd_rn(acc, __fmul_rn(o, o));
+        acc = __fadd_rn(acc, __fmul_rn(x1[k], x1[k]));
+      }
+    }
+    float norm0, norm1;
+    segment_norms(acc, l16, norm0, norm1, st);
+    // 3. Each segment's rotation: its signs, then warp_rotate_regs.
+    x0[0] = lane < n0 ? __fmul_rn(x0[0], s1[lane]) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < EL; ++k)
+      if (lane + 32 * k < n1) x1[k] = __fmul_rn(x1[k], s1[n0 + lane + 32 * k]);
+    warp_rotate_regs(meta[0], n0, x0, scratch, s2, perm, lane);
+    warp_rotate_regs(meta[1], n1, x1, scratch + n0, s2 + n0, perm + n0, lane);
+    // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
+    // (or non-finite) norm gives codes 0.
+    const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
+    const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
+    auto search = [&](const float* b, int bits, float v) {
+      int lo = 0;
+      for (int step = 1 << (bits - 1); step >= 1; step /= 2)
+        if (b[lo + step - 1] < v) lo += step;
+      return lo;
+    };
+    if (lane < n0) codes[lane] = static_cast<uint8_t>(ok0 ? search(bnd[0], bits0, __fmul_rn(x0[0], inv0)) : 0);
+#pragma unroll
+    for (int k = 0; k < EL; ++k)
+      if (lane + 32 * k < n1)
+        codes[n0 + lane + 32 * k] = static_cast<uint8_t>(ok1 ? search(bnd[1], bits1, __fmul_rn(x1[k], inv1)) : 0);
     __syncwarp();
     // 5. Packed bytes and scales, straight into the page.
     write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
@@ -694,6 +787,11 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, cons
     if (dim == 64) launch(halves_append_kernel<64>);
     else if (dim == 128) launch(halves_append_kernel<128>);
     else launch(halves_append_kernel<256>);
+  } else if (f.seg[0].dim <= 32 && (dim == 64 || dim == 128 || dim == 256)) {
+    auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
+    if (dim == 64) launch(outlier_append_kernel<64>);
+    else if (dim == 128) launch(outlier_append_kernel<128>);
+    else launch(outlier_append_kernel<256>);
   } else {
     split_append_kernel<<<grid, kThreads, 0, stream>>>(p);
   }
