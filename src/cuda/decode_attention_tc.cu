@@ -107,7 +107,7 @@ constexpr int warps_for(int d) { return d >= 256 ? 8 : 16; }  // d 256: ~170 reg
 // HB > 0 (OUT): K records are an outlier split (turbo4-out, paper_mse-out):
 // [hi: D/8 channels at HB bits, fp16 scale][lo: 7D/8 channels at KB bits,
 // fp16 scale], each segment with its own rotation (any SegmentRotation: the
-// kernel rotates each query per segment, warp_rotate_segment); V is plain
+// kernel rotates each query per segment, warp_rotate_regs); V is plain
 // tq-mse at VB bits.
 template <int D, int KB, int VB, bool SPLIT = false, int HB = 0>
 struct Cfg {
@@ -504,7 +504,8 @@ __device__ __forceinline__ void qk_segment(const uint8_t* smem, uint32_t off, ui
 // QK over the hi segment of an outlier K (Cfg::kOut): NS k steps of HB-bit
 // codes at bit `sh` of word offset `off` (rows 8 records apart at `rec8`
 // bytes), one table lookup a code (lbh: the lane's base in the hi table,
-// entries 128 bytes apart), two lookups' low halves joined by a PRMT.
+// entries 128 bytes apart), two lookups joined by a PRMT for the
+// centroids and one for their residuals.
 template <int HB, int NW, int NS>
 __device__ __forceinline__ void qk_single(const uint8_t* smem, uint32_t off, uint32_t sh, uint32_t rec8,
                                           uint32_t lbh, const uint32_t (*qb)[2], const uint32_t (*qr)[2],
@@ -896,7 +897,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     }
   };
   int q_item = -1;  // the item whose query qreg holds (loaded one item ahead)
-  if (!OUT && warp < g) {  // (outlier K: q arrives rotated)
+  if (!OUT && warp < g) {  // (outlier K: the signs are staged in shared memory)
 #pragma unroll
     for (int r = 0; r < kQRegs; ++r) {
       if constexpr (SPLIT) {
