@@ -1837,6 +1837,54 @@ TEST(CudaAttentionTc, AwkwardNormsAndZeroVectors) {
   worst.print("tensor-core kernel, awkward norms");
 }
 
+// A channel-split layer (K kspec, V vspec; it chooses its hi channels from
+// the first append) of every head_dim in dims, GQA 1 / 4 / 8 at 16-token
+// pages and 32 / 48-token pages at GQA 4 (the copy paths), over a mixed
+// batch with odd lengths: the tensor-core kernel against the reference
+// kernel over the same pages (which stands in for the CPU: both checks of
+// check_tc against it), plain, softcap + window + sinks and a window of
+// 300, planned and smallest splits; tensor and bulk copies bit-identical.
+void check_split_tc_vs_reference(const char* kspec, const char* vspec, std::initializer_list<int> dims,
+                                 uint64_t seed0, Worst& worst) {
+  const int H = 2;
+  const std::vector<int> lens = {1, 0, 17, 31, 33, 49, 256, 257, 2049};
+  const AttnCase cases[] = {{"plain", {}},
+                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
+                            {"window 300", {0.0f, 0.0f, 300, 0}}};
+  for (const int P : {16, 32, 48})
+    for (int d : dims)
+      for (int g : {1, 4, 8}) {
+        if (P != 16 && g != 4) continue;
+        const int hq = H * g;
+        const uint64_t seed = seed0 + d * 3 + g * 5 + P;
+        auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer(vspec, d, seed + 1);
+        cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2049));
+        for (size_t s = 0; s < lens.size(); ++s) {
+          layer.add_sequence();
+          auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
+          auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
+          layer.append(int(s), k.data(), v.data(), lens[s]);
+        }
+        EXPECT_EQ(layer.attend_kernel(hq), "tensor_core") << kspec << " / " << vspec << " d " << d;
+        const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
+        cuda::DeviceBuffer dq(q.size() * 4);
+        dq.upload(q.data(), q.size() * 4);
+        std::vector<HostSeq> host(lens.size());
+        for (size_t s = 0; s < lens.size(); ++s) host[s].len = lens[s];
+        for (const auto& c : cases) {
+          const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
+          for (int split : {0, 1}) {
+            SCOPED_TRACE(std::string(kspec) + " / " + vspec + " d " + std::to_string(d) + " g " + std::to_string(g) +
+                         " " + c.name + (split ? " smallest split" : "") + " page " + std::to_string(P));
+            const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
+            check_tc(host, hq, d, tc, ref, ref, worst);
+            expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split,
+                                            /*tensor_copies=*/false));
+          }
+        }
+      }
+}
+
 // Channel splits in two halves (turbo2.5, turbo3.5) on the tensor-core
 // kernel: each half's codes through its own table, the scores and weights
 // with each half's scales. Against the reference kernel (itself checked
@@ -1848,47 +1896,9 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
   TQ_SKIP_WITHOUT_GPU();
   if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
     GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
-  const int H = 2;
-  const std::vector<int> lens = {1, 0, 17, 31, 33, 49, 256, 257, 2049};
-  const AttnCase cases[] = {{"plain", {}},
-                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
-                            {"window 300", {0.0f, 0.0f, 300, 0}}};
   Worst worst;
   for (const char* spec : {"tq-mse:b=2.5", "tq-mse:b=3.5"})
-    for (const int P : {16, 32, 48})
-      for (int d : {64, 128, 256})
-        for (int g : {1, 4, 8}) {
-          if (P != 16 && g != 4) continue;  // page sizes at one group: the copy paths
-          const int hq = H * g;
-          const uint64_t seed = 700 + d * 3 + g * 5 + P;
-          auto kq = make_quantizer(spec, d, seed), vq = make_quantizer(spec, d, seed + 1);
-          // The layer chooses its hi channels from the first append.
-          cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2049));
-          for (size_t s = 0; s < lens.size(); ++s) {
-            layer.add_sequence();
-            auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
-            auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
-            layer.append(int(s), k.data(), v.data(), lens[s]);
-          }
-          EXPECT_EQ(layer.attend_kernel(hq), "tensor_core") << spec << " d " << d;
-          const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
-          cuda::DeviceBuffer dq(q.size() * 4);
-          dq.upload(q.data(), q.size() * 4);
-          std::vector<HostSeq> host(lens.size());
-          for (size_t s = 0; s < lens.size(); ++s) host[s].len = lens[s];
-          for (const auto& c : cases) {
-            const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
-            for (int split : {0, 1}) {
-              SCOPED_TRACE(std::string(spec) + " d " + std::to_string(d) + " g " + std::to_string(g) + " " +
-                           c.name + (split ? " smallest split" : "") + " page " + std::to_string(P));
-              const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
-              // The reference kernel stands in for the CPU here (both checks against it).
-              check_tc(host, hq, d, tc, ref, ref, worst);
-              expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split,
-                                              /*tensor_copies=*/false));
-            }
-          }
-        }
+    check_split_tc_vs_reference(spec, spec, {64, 128, 256}, 700, worst);
   worst.print("tensor-core kernel, channel-split halves (vs reference kernel)");
   // Splits the kernel does not take, each with its reason: f32 scales, a
   // split V under plain K, outlier channels of another count or width, or
@@ -1919,56 +1929,16 @@ TEST(CudaAttentionTc, ChannelSplitHalvesMatchReference) {
 // Outlier channels in K (turbo4-out, paper_mse-out: head_dim/8 channels at 6
 // bits with their own rotation, the rest at 4 or 3 bits with a two-round
 // rotation) beside a plain 4-bit V on the tensor-core kernel: the queries
-// rotated per segment by a small kernel first, the hi codes through a
-// single-code table, each segment's score with its scale. Against the
-// reference kernel (checked against KvCache in CudaSplit) over the same
-// pages: d 128 and 256, GQA 1 / 4 / 8, three page sizes, a mixed batch with
-// odd lengths, softcap + window + sinks, planned and smallest splits; tensor
-// and bulk copies bit-identical.
+// rotated per segment by the GQA group's warps, the hi codes through a
+// single-code table, each segment's score with its scale; d 128 and 256
+// (check_split_tc_vs_reference).
 TEST(CudaAttentionTc, OutlierChannelsInKMatchReference) {
   TQ_SKIP_WITHOUT_GPU();
   if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
     GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
-  const int H = 2;
-  const std::vector<int> lens = {1, 0, 17, 31, 33, 49, 256, 257, 2049};
-  const AttnCase cases[] = {{"plain", {}},
-                            {"softcap+window+sinks", {0.0f, 30.0f, 40, 2}},
-                            {"window 300", {0.0f, 0.0f, 300, 0}}};
   Worst worst;
   for (const char* kspec : {"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=3,hi=12.5%,hb=6"})
-    for (const int P : {16, 32, 48})
-      for (int d : {128, 256})
-        for (int g : {1, 4, 8}) {
-          if (P != 16 && g != 4) continue;  // page sizes at one group: the copy paths
-          const int hq = H * g;
-          const uint64_t seed = 900 + d * 3 + g * 5 + P;
-          auto kq = make_quantizer(kspec, d, seed), vq = make_quantizer("tq-mse:b=4", d, seed + 1);
-          // The layer chooses its hi channels from the first append.
-          cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2049));
-          for (size_t s = 0; s < lens.size(); ++s) {
-            layer.add_sequence();
-            auto k = kv_data(size_t(lens[s]) * H, d, seed * 100 + s);
-            auto v = kv_data(size_t(lens[s]) * H, d, seed * 100 + s + 50);
-            layer.append(int(s), k.data(), v.data(), lens[s]);
-          }
-          EXPECT_EQ(layer.attend_kernel(hq), "tensor_core") << kspec << " d " << d;
-          const auto q = test::random_gaussian(lens.size() * hq * d, seed + 9);
-          cuda::DeviceBuffer dq(q.size() * 4);
-          dq.upload(q.data(), q.size() * 4);
-          std::vector<HostSeq> host(lens.size());
-          for (size_t s = 0; s < lens.size(); ++s) host[s].len = lens[s];
-          for (const auto& c : cases) {
-            const AttnOut ref = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::reference);
-            for (int split : {0, 1}) {
-              SCOPED_TRACE(std::string(kspec) + " d " + std::to_string(d) + " g " + std::to_string(g) + " " +
-                           c.name + (split ? " smallest split" : "") + " page " + std::to_string(P));
-              const AttnOut tc = run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split);
-              check_tc(host, hq, d, tc, ref, ref, worst);
-              expect_same_bits(tc, run_attend(layer, dq, hq, c.params, cuda::DecodeKernel::tensor_core, split,
-                                              /*tensor_copies=*/false));
-            }
-          }
-        }
+    check_split_tc_vs_reference(kspec, "tq-mse:b=4", {128, 256}, 900, worst);
   worst.print("tensor-core kernel, outlier channels in K (vs reference kernel)");
 }
 
