@@ -148,7 +148,7 @@ step test_cuda 200 "$TLOG" "$B/tests/test_cuda"
 BENCH_ARGS=(--preset 'turbo4,paper_mse,turbo3,turbo2.5,turbo4-out,paper_mse-out')
 SDPA_ARGS=()
 if ((QUICK)); then
-  BENCH_ARGS=(--batch '1,8' --context '32768,131072')
+  BENCH_ARGS+=(--batch '1,8' --context '32768,131072')
   SDPA_ARGS=(--quick)
 fi
 step sdpa_bench 200 "$OUT/sdpa.log" python3 "$ROOT/scripts/sdpa_bench.py" "${SDPA_ARGS[@]}" --out "$OUT/sdpa.json"

@@ -855,8 +855,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #pragma unroll
       for (int j = 0; j < 8; ++j) dst[(j + lane) & 7] = v4;
     }
-    if constexpr (OUT) stage_split_rotation(p.k_split, C::kOHiDims, sRotS1, sRotS2, sRotPerm, sRotMeta);
-    if constexpr (OUT) {  // the hi segment's single-code table
+    if constexpr (OUT) {  // the query rotation's parameters; the hi segment's single-code table
+      stage_split_rotation(p.k_split, C::kOHiDims, sRotS1, sRotS2, sRotPerm, sRotMeta);
       const float* cb = p.k_split.seg[0].centroids;
       for (int e = threadIdx.x; e < (1 << HB); e += C::kThreads) {
         const float c = cb[e], r = c - __half2float(__float2half_rn(c));
