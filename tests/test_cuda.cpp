@@ -912,35 +912,50 @@ TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
     grow(s0, 100, 11);
     grow(s1, 37, 13);
     const std::vector<float> q = test::random_gaussian(size_t(2) * hq * d, 17);
-    cuda::DeviceBuffer dq(q.size() * 4), direct(q.size() * 4), replayed(q.size() * 4),
-        ws(layer.workspace_bytes(hq));
+    cuda::DeviceBuffer dq(q.size() * 4), ws(layer.workspace_bytes(hq));
     dq.upload(q.data(), q.size() * 4);
-    auto attend = [&](cuda::DeviceBuffer& out, cuda::Stream stream) {
-      layer.attend(dq.as<float>(), hq, {}, out.as<float>(), nullptr, ws.data(), ws.size(), stream);
+    // Whole sequences, and a sliding window without sinks (the tensor-core
+    // kernel's splits start at the window, found on the device at each replay).
+    AttentionParams sliding;
+    sliding.window = 70;
+    const AttentionParams params[2] = {AttentionParams{}, sliding};
+    std::vector<cuda::DeviceBuffer> direct, replayed;
+    for (int i = 0; i < 2; ++i) {
+      direct.emplace_back(q.size() * 4);
+      replayed.emplace_back(q.size() * 4);
+    }
+    auto attend = [&](int i, cuda::DeviceBuffer& out, cuda::Stream stream) {
+      layer.attend(dq.as<float>(), hq, params[i], out.as<float>(), nullptr, ws.data(), ws.size(), stream);
     };
     auto host = [&](const cuda::DeviceBuffer& b) {
       std::vector<float> h(q.size());
       b.download(h.data(), h.size() * 4);
       return h;
     };
-    attend(direct, nullptr);  // also warms the per-device caches (kernel attributes, slots)
+    for (int i = 0; i < 2; ++i) attend(i, direct[i], nullptr);  // also warms the per-device caches
     cuda::bench::synchronize(nullptr);
     cuda::bench::CapturedGraph graph;
     graph.begin_capture();
-    attend(replayed, graph.stream());
+    for (int i = 0; i < 2; ++i) attend(i, replayed[i], graph.stream());
     graph.end_capture();
     graph.replay();
-    const std::vector<float> before = host(direct);
-    EXPECT_EQ(host(replayed), before);
+    std::vector<std::vector<float>> before;
+    for (int i = 0; i < 2; ++i) {
+      before.push_back(host(direct[i]));
+      EXPECT_EQ(host(replayed[i]), before[i]) << "params " << i;
+    }
 
     grow(s0, 300, 19);  // 100 -> 400 tokens: 19 more pages
     grow(s1, 5, 23);
-    attend(direct, nullptr);
+    for (int i = 0; i < 2; ++i) attend(i, direct[i], nullptr);
     cuda::bench::synchronize(nullptr);
     graph.replay();
-    const std::vector<float> after = host(direct);
-    EXPECT_EQ(host(replayed), after);
-    EXPECT_GT(test::norm_err(after.data(), before.data(), after.size()), 1e-3);  // the new tokens count
+    for (int i = 0; i < 2; ++i) {
+      const std::vector<float> after = host(direct[i]);
+      EXPECT_EQ(host(replayed[i]), after) << "params " << i;
+      EXPECT_GT(test::norm_err(after.data(), before[i].data(), after.size()), 1e-3)  // the new tokens count
+          << "params " << i;
+    }
   }
 }
 
@@ -1166,16 +1181,19 @@ double expect_cache_attention(const KvCache& cache, int n_seqs, int hq, const st
   return worst;
 }
 
-// Plain attention, a sliding window of `window` with `sinks` sinks, and a
+// Plain attention, a sliding window of `window` with `sinks` sinks and
+// without (the tensor-core kernel's splits then start at the window), and a
 // logit softcap of 5 (with an explicit scale where scale > 0).
 std::vector<AttentionParams> plain_sliding_capped(int window, int sinks, float scale) {
   AttentionParams sliding;
   sliding.window = window;
   sliding.n_sinks = sinks;
+  AttentionParams no_sinks;
+  no_sinks.window = window;
   AttentionParams capped;
   capped.softcap = 5.0f;
   capped.scale = scale;
-  return {AttentionParams{}, sliding, capped};
+  return {AttentionParams{}, sliding, no_sinks, capped};
 }
 
 // Sequence s of every layer holds totals[s] tokens, the first `prefix` and

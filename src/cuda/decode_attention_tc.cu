@@ -92,6 +92,7 @@ namespace {
 
 constexpr int kTileTok = 16;       // tokens per warp tile (one PV k step)
 constexpr int kPairTok = 2 * kTileTok;  // tokens per copy: a warp's two adjacent tiles
+static_assert(kPairTok == 32, "decode_split_start rounds to 32-token pairs");
 constexpr int kMaxGroup = 8;       // query heads per KV head (the mma's N)
 constexpr int kSmemLimit = 227 * 1024;  // opt-in shared memory per block on sm_90
 constexpr float kLog2e = 1.4426950408889634f;
@@ -370,7 +371,9 @@ __device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) 
   x.seq = r % p.n_seqs;
   x.split = r / p.n_seqs;
   const int len = p.lengths[x.seq];
-  x.t0 = x.split * p.split_tokens;
+  // Splits start at the window (decode_split_start), so dead splits of a
+  // windowed layer are not planned at all.
+  x.t0 = decode_split_start(len, p.window, p.window_tail, p.n_sinks) + x.split * p.split_tokens;
   x.t1 = min(len, x.t0 + p.split_tokens);
   x.n_tiles = x.t1 > x.t0 ? (x.t1 - x.t0 + kTileTok - 1) / kTileTok : 0;
   // The query is at page index len - 1 + window_tail (dense tokens follow the pages).
@@ -1564,13 +1567,17 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
   const long s_min = tc_min_split(p, slots);
   if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
     return int(std::max(s_min, round_up(forced, unit)));
+  // The tokens the splits of each sequence cover (from its window's start).
+  auto span = [&](int s) {
+    return long(host_lengths[s]) - decode_split_start(host_lengths[s], p.window, p.window_tail, p.n_sinks);
+  };
   long l_max = 0;
-  for (int s = 0; s < p.n_seqs; ++s) l_max = std::max<long>(l_max, host_lengths[s]);
+  for (int s = 0; s < p.n_seqs; ++s) l_max = std::max(l_max, span(s));
   long best = s_min;
   double best_cost = INFINITY;
   for (long split = s_min; split <= std::max(s_min, round_up(l_max, unit));) {
     long items = 0;
-    for (int s = 0; s < p.n_seqs; ++s) items += (host_lengths[s] + split - 1) / split;
+    for (int s = 0; s < p.n_seqs; ++s) items += (span(s) + split - 1) / split;
     items *= p.n_heads_kv;
     const long rounds = (items + slots - 1) / slots;
     const double cost = double(rounds) * double(split + unit);

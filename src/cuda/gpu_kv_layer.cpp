@@ -1557,8 +1557,13 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   p.softcap = params.softcap;
   p.window = params.window;
   p.n_sinks = params.n_sinks;
+  if (m.has_dense()) {  // page indices: the query is window_tail past the pages, the sinks after the prefix
+    p.window_tail = m.cfg.dense_window;
+    p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
+  }
   // Picks the kernel (tensor cores where supported, else the reference: see
-  // kernels.hpp) and its splits; the partials below use the planned count.
+  // kernels.hpp) and its splits (with a window, over the window only); the
+  // partials below use the planned count.
   plan_decode_attention(p, m.len.data());
   float* part_o = static_cast<float*>(workspace);
   float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;
@@ -1577,8 +1582,6 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
     p.dense_splits = decode_dense_part_splits(D, dt.prefix_slots + dt.window_slots);
     p.dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
     p.dense_lse = p.dense_o + size_t(m.cfg.max_seqs) * n_heads_q * p.dense_splits * D;
-    p.window_tail = m.cfg.dense_window;
-    p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
   }
   launch_decode_attention(p, q, part_o, part_lse, out, lse, stream);
 }

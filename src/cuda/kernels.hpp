@@ -229,6 +229,18 @@ struct DecodeAttentionParams {
 
 DecodeShape decode_shape(const DecodeAttentionParams& p);
 
+// The first page index the tensor-core kernel's splits start from for a
+// sequence of len paged tokens: with a sliding window and no sinks, the
+// window's first visible token rounded down to a tile pair (32 tokens, so
+// pairs keep their page alignment); else 0. Splits then cover only
+// [start, len), so a windowed layer's work and partials scale with the
+// window, not the context. Host (planning) and device (items) share it.
+TQ_HOST_DEVICE inline int decode_split_start(int len, int window, int window_tail, int n_sinks) {
+  if (window <= 0 || n_sinks > 0) return 0;
+  const int win_lo = len + window_tail - window;  // the first visible page index
+  return win_lo > 0 ? (win_lo & ~31) : 0;
+}
+
 // Most splits per sequence any kernel may plan for p's shape and capacity
 // (max_pages_per_seq): the workspace holds [max_seqs, n_heads_q, this] partials.
 int decode_max_splits(const DecodeAttentionParams& p);

@@ -64,6 +64,7 @@ struct Args {
   int append_tokens = 131072;
   int append_runs = 10;
   int dense_window = 0, dense_prefix = 0;  // the layer's dense tokens (GpuKvLayerConfig)
+  int window = 0;            // sliding-window attention (AttentionParams::window); 0: none
   bool no_append = false;
   uint64_t seed = 1;
   bool json_out = false;
@@ -243,9 +244,14 @@ class Bench {
   size_t free_bytes() const { return cb::device_info().free_bytes; }
 
   json base_row(const Shape& s, int batch, int context, const std::string& preset) const {
-    return {{"kind", "attend"},          {"shape", s.name},       {"n_heads_q", s.n_heads_q},
-            {"n_heads_kv", s.n_heads_kv}, {"head_dim", s.head_dim}, {"batch", batch},
-            {"context", context},          {"preset", preset}};
+    json r = {{"kind", "attend"},          {"shape", s.name},       {"n_heads_q", s.n_heads_q},
+              {"n_heads_kv", s.n_heads_kv}, {"head_dim", s.head_dim}, {"batch", batch},
+              {"context", context},          {"preset", preset}};
+    if (a_.window > 0) {
+      r["window"] = a_.window;
+      r["visible_tokens"] = visible(context);
+    }
+    return r;
   }
 
   // The read floor of `bytes` (cuda_bench.hpp): the median time of the
@@ -275,6 +281,9 @@ class Bench {
     return {best, name};
   }
 
+  // Tokens a query sees at this context (the whole context without --window).
+  int visible(int context) const { return a_.window > 0 ? std::min(context, a_.window) : context; }
+
   // Fills ms / bytes / bandwidth / ratios of a timed row and prints it.
   void finish_row(json& r, double ms, double bytes) {
     const double tb_s = bytes / (ms * 1e-3) / 1e12;
@@ -293,7 +302,8 @@ class Bench {
       r["speedup_vs_dense_bf16"] = dense_ms_ / ms;
       vs_dense = fmt("%.2fx", dense_ms_ / ms);
     }
-    auto it = sdpa_.find({r["shape"].get<std::string>(), r["batch"].get<int>(), r["context"].get<int>()});
+    // With --window, SDPA over the window's tokens (a dense engine attends a slice).
+    auto it = sdpa_.find({r["shape"].get<std::string>(), r["batch"].get<int>(), visible(r["context"].get<int>())});
     if (it != sdpa_.end()) {
       r["sdpa_ms"] = it->second.ms;
       r["sdpa_backend"] = it->second.backend;
@@ -337,11 +347,14 @@ class Bench {
     const double margin = 512.0 * (1 << 20);
     dense_ms_ = 0;
     info("gpu-bench: %s batch %d context %d", s.name.c_str(), batch, context);
+    const int n_vis = visible(context);
 
     // ---- dense bf16 (the baseline: first, so the others get a ratio) ----
+    // With --window it holds the window's tokens only (dense_decode_bf16 has
+    // no window mask; a dense engine keeps or slices the window).
     {
       json r = base_row(s, batch, context, kDense);
-      const size_t n = size_t(batch) * Hkv * size_t(context) * D;
+      const size_t n = size_t(batch) * Hkv * size_t(n_vis) * D;
       const double need = 2.0 * n * 2 + 3.0 * q_bytes + margin;
       if (need > double(free_bytes())) {
         note_row(r, "skipped", fmt("skipped: needs %.1f GiB, %.1f GiB free", gib(need), gib(free_bytes())));
@@ -350,14 +363,14 @@ class Bench {
         cb::fill_normal_bf16(k.as<uint16_t>(), n, a_.seed * 11 + 1, 0.0f, 1.0f, nullptr);
         cb::fill_normal_bf16(v.as<uint16_t>(), n, a_.seed * 11 + 2, 0.0f, 1.0f, nullptr);
         cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
-        const std::vector<int> lens(batch, context);
+        const std::vector<int> lens(batch, n_vis);
         len.upload(lens.data(), lens.size() * sizeof(int));
         cuda::DenseDecodeArgs da;
         da.batch = batch;
         da.n_heads_q = Hq;
         da.n_heads_kv = Hkv;
         da.head_dim = D;
-        da.max_ctx = context;
+        da.max_ctx = n_vis;
         da.k = k.as<uint16_t>();
         da.v = v.as<uint16_t>();
         da.lengths = len.as<int>();
@@ -426,8 +439,10 @@ class Bench {
       const double fill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       cuda::DeviceBuffer q(q_bytes), out(q_bytes), ws(layer.workspace_bytes(Hq));
       cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+      AttentionParams ap;
+      ap.window = a_.window;
       const double ms = time_median(
-          [&] { layer.attend(q.as<float>(), Hq, {}, out.as<float>(), nullptr, ws.data(), ws.size(), nullptr); },
+          [&] { layer.attend(q.as<float>(), Hq, ap, out.as<float>(), nullptr, ws.data(), ws.size(), nullptr); },
           a_.runs, *flush_);
       r["split_pages"] = cfg.split_pages;
       r["decode_kernel"] = layer.attend_kernel(Hq);
@@ -437,9 +452,12 @@ class Bench {
       r["finite"] = all_finite(out, q_bytes / 4);
       r["dense_window"] = a_.dense_window;
       r["dense_prefix"] = a_.dense_prefix;
-      // Dense tokens are read as f16 K and V rows (4 * D bytes per token and head).
-      const double n_dense = std::min<double>(context, a_.dense_window + a_.dense_prefix);
-      finish_row(r, ms, double(batch) * Hkv * ((context - n_dense) * rec + n_dense * 4.0 * D) + q_bytes);
+      // Dense tokens are read as f16 K and V rows (4 * D bytes per token and
+      // head); with --window only the visible tokens count (the prefix is
+      // outside a window shorter than the context).
+      const double n_dense = a_.window > 0 ? std::min(n_vis, a_.dense_window)
+                                           : std::min<double>(context, a_.dense_window + a_.dense_prefix);
+      finish_row(r, ms, double(batch) * Hkv * ((n_vis - n_dense) * rec + n_dense * 4.0 * D) + q_bytes);
       rows_.push_back(std::move(r));
     }
   }
@@ -714,6 +732,10 @@ Runner add_gpu_bench(CLI::App& app) {
   sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
   sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append, append_decode)");
   sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
+  sub->add_option("--window", a->window,
+                  "Sliding-window attention over the newest N tokens (AttentionParams::window; 0: none). The "
+                  "dense bf16 row and the --sdpa match then use min(context, N) tokens, what a dense engine reads")
+      ->check(CLI::Range(0, 1 << 30));
   sub->add_option("--sdpa", a->sdpa_file, "JSON of scripts/sdpa_bench.py: adds sdpa_ms and speedup_vs_sdpa");
   return [a] { return Bench(*a).run(); };
 }
