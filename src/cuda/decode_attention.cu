@@ -613,13 +613,8 @@ void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths) {
   p.kernel = decode_kernel_for(decode_shape(p));
   if (p.kernel == DecodeKernel::tensor_core) {
     p.split_tokens = decode_tc_split_tokens(p, host_lengths);
-    // Splits cover a sequence from decode_split_start on: at most the whole
-    // capacity, or with a window (no sinks) the window plus the 31 tokens
-    // its start is rounded down by -- whatever the lengths grow to later.
-    long cap = long(p.max_pages_per_seq) * p.page_tokens;
-    if (p.window > 0 && p.n_sinks == 0)
-      cap = std::clamp(long(p.window) - p.window_tail + 31, 1L, cap);
-    p.n_splits = int((cap + p.split_tokens - 1) / p.split_tokens);
+    const long span = decode_split_span_cap(p);
+    p.n_splits = int((span + p.split_tokens - 1) / p.split_tokens);
     TQ_ASSERT(p.n_splits <= decode_tc_max_splits(p));
   } else {
     p.split_tokens = p.split_pages * p.page_tokens;

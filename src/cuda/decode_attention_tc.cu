@@ -1564,7 +1564,13 @@ int decode_tc_max_splits(const DecodeAttentionParams& p) {
 int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths) {
   const int slots = tc_slots(p);
   const long unit = decode_tc_tile_tokens(p.k.dim);
-  const long s_min = tc_min_split(p, slots);
+  long s_min = tc_min_split(p, slots);
+  // A window's splits may be shorter: the workspace holds as many partials
+  // as the whole capacity would need at s_min.
+  if (const long span = decode_split_span_cap(p); span < long(p.max_pages_per_seq) * p.page_tokens) {
+    const long most = decode_tc_max_splits(p);
+    s_min = std::min(s_min, std::max(unit, round_up((span + most - 1) / most, unit)));
+  }
   if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
     return int(std::max(s_min, round_up(forced, unit)));
   // The tokens the splits of each sequence cover (from its window's start).

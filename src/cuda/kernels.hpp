@@ -229,6 +229,18 @@ struct DecodeAttentionParams {
 
 DecodeShape decode_shape(const DecodeAttentionParams& p);
 
+// The most tokens the splits of one sequence cover, whatever its length: its
+// capacity, or with a window and no sinks the window plus the 31 tokens
+// decode_split_start rounds down by (fewer where the dense tail holds part
+// of the window). n_splits is planned from this, so a captured plan stays
+// correct as the sequences grow.
+inline long decode_split_span_cap(const DecodeAttentionParams& p) {
+  const long cap = long(p.max_pages_per_seq) * p.page_tokens;
+  if (p.window <= 0 || p.n_sinks > 0) return cap;
+  const long span = long(p.window) - p.window_tail + 31;
+  return span < 1 ? 1 : span < cap ? span : cap;
+}
+
 // The first page index the tensor-core kernel's splits start from for a
 // sequence of len paged tokens: with a sliding window and no sinks, the
 // window's first visible token rounded down to a tile pair (32 tokens, so
