@@ -2543,6 +2543,110 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
   std::printf("channel splits: worst normalised error vs KvCache %.3g\n", worst);
 }
 
+// A sliding-window layer (GpuKvLayerConfig::sliding_window) gives back the
+// pages no later query can see: a pool far smaller than the sequences' full
+// length suffices, and attention (tensor-core and reference kernels, windows
+// up to W) and the records still held are bit-identical to a layer that keeps
+// every page, through prefill, synchronous and asynchronous decode appends,
+// with and without a dense window. What was freed is refused by name.
+TEST(CudaWindow, SlidingWindowFreesPagesAndKeepsAttention) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 2, g = 4, hq = H * g, d = 128, P = 16, W = 50, n_seqs = 2;
+  const std::vector<int> prompt = {300, 37};
+  const int steps = 300, total = 300 + steps;
+  for (const int dense_window : {0, 8}) {
+    SCOPED_TRACE("dense window " + std::to_string(dense_window));
+    auto kq = make_quantizer("tq-mse:b=4", d, 31), vq = make_quantizer("tq-mse:b=4", d, 32);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = P;
+    cfg.max_seqs = n_seqs;
+    cfg.max_pages_per_seq = (total + P - 1) / P;
+    cfg.dense_window = dense_window;
+    cuda::GpuKvLayer full(*kq, *vq, cfg);
+    cfg.sliding_window = W;
+    // A prefill's pages plus, per sequence, the window, its pair rounding and
+    // the open page: 26 pages against the 60 the sequences span.
+    cfg.max_pages = (prompt[0] + P - 1) / P + 7;
+    ASSERT_LT(cfg.max_pages, n_seqs * ((total + P - 1) / P) / 2);
+    cuda::GpuKvLayer sliding(*kq, *vq, cfg);
+    const size_t row = size_t(H) * d;
+    const auto k = kv_data(size_t(n_seqs) * total * H, d, 33), v = kv_data(size_t(n_seqs) * total * H, d, 34);
+    auto tok = [&](const std::vector<float>& x, int s, int t) { return x.data() + (size_t(s) * total + t) * row; };
+    for (cuda::GpuKvLayer* l : {&full, &sliding})
+      for (int s = 0; s < n_seqs; ++s) {
+        ASSERT_EQ(l->add_sequence(), s);
+        l->append(s, tok(k, s, 0), tok(v, s, 0), prompt[s]);
+      }
+    const std::vector<float> q = test::random_gaussian(size_t(n_seqs) * hq * d, 35);
+    cuda::DeviceBuffer dq(q.size() * 4), bk(n_seqs * row * 4), bv(n_seqs * row * 4);
+    dq.upload(q.data(), q.size() * 4);
+    AttentionParams narrow, whole;
+    narrow.window = 20;
+    whole.window = W;
+    auto same = [&](const std::string& when) {
+      for (const AttentionParams& ap : {narrow, whole})
+        for (const auto kern : {cuda::DecodeKernel::automatic, cuda::DecodeKernel::reference}) {
+          SCOPED_TRACE(when + " window " + std::to_string(ap.window) +
+                       (kern == cuda::DecodeKernel::reference ? " reference kernel" : ""));
+          const AttnOut a = run_attend(sliding, dq, hq, ap, kern), b = run_attend(full, dq, hq, ap, kern);
+          EXPECT_EQ(a.out, b.out);
+          EXPECT_EQ(a.lse, b.lse);
+        }
+      for (int s = 0; s < n_seqs; ++s) {
+        ASSERT_EQ(sliding.n_tokens(s), full.n_tokens(s));
+        const int first = sliding.first_record(s), end = full.n_tokens(s) - std::min(dense_window, full.n_tokens(s));
+        EXPECT_EQ(full.first_record(s), 0);
+        EXPECT_LE(first, std::max(0, full.n_tokens(s) - W));  // every record a window of W can see is kept
+        const int n = end - first;
+        std::vector<uint8_t> ak(size_t(n) * H * sliding.k_record_bytes()), av(size_t(n) * H * sliding.v_record_bytes());
+        std::vector<uint8_t> bk2(ak.size()), bv2(av.size());
+        sliding.read_records(s, first, n, ak.data(), av.data());
+        full.read_records(s, first, n, bk2.data(), bv2.data());
+        EXPECT_EQ(ak, bk2) << when << ": K records of sequence " << s;
+        EXPECT_EQ(av, bv2) << when << ": V records of sequence " << s;
+        if (first > 0) {
+          EXPECT_THROW(sliding.read_records(s, first - 1, 1, ak.data(), av.data()), Error);
+          EXPECT_THROW(sliding.download_page(s, first / P - 1, ak.data()), Error);
+        }
+      }
+    };
+    same("after the prefill");
+    const std::vector<int> all = {0, 1};
+    std::vector<int> at = prompt;
+    for (int step = 0; step < steps; ++step) {
+      std::vector<float> kb(n_seqs * row), vb(n_seqs * row);
+      for (int s = 0; s < n_seqs; ++s) {
+        std::copy(tok(k, s, at[s]), tok(k, s, at[s]) + row, kb.begin() + s * row);
+        std::copy(tok(v, s, at[s]), tok(v, s, at[s]) + row, vb.begin() + s * row);
+        ++at[s];
+      }
+      bk.upload(kb.data(), kb.size() * 4);
+      bv.upload(vb.data(), vb.size() * 4);
+      full.append_batch_device(all.data(), n_seqs, bk.as<float>(), bv.as<float>());
+      // Synchronous for the first half, then asynchronous, checked every 25 steps.
+      if (step < steps / 2) {
+        sliding.append_batch_device(all.data(), n_seqs, bk.as<float>(), bv.as<float>());
+      } else {
+        sliding.append_batch_device_async(all.data(), n_seqs, bk.as<float>(), bv.as<float>());
+        if (step % 25 == 24) sliding.check_appends();
+      }
+      if (step == steps / 2 - 1) same("after the synchronous steps");
+    }
+    sliding.check_appends();
+    same("after the asynchronous steps");
+    EXPECT_GT(sliding.first_record(1), prompt[1]);  // the short prompt's pages went too
+    // What the layer freed cannot be attended.
+    const size_t nq = q.size();
+    cuda::DeviceBuffer out(nq * 4), ws(sliding.workspace_bytes(hq));
+    AttentionParams wide = whole, sinks = narrow, none;
+    wide.window = W + 1;
+    sinks.n_sinks = 1;
+    for (const AttentionParams& ap : {wide, sinks, none})
+      EXPECT_THROW(sliding.attend(dq.as<float>(), hq, ap, out.as<float>(), nullptr, ws.data(), ws.size()), Error);
+  }
+}
+
 TEST(CudaAttention, RejectsBadShapes) {
   TQ_SKIP_WITHOUT_GPU();
   auto kq = make_quantizer("tq-mse:b=4", 128, 1), vq = make_quantizer("tq-mse:b=4", 128, 2);

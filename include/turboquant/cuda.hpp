@@ -104,6 +104,16 @@ struct GpuKvLayerConfig {
   // dense, not records).
   int dense_window = 0;
   int dense_prefix = 0;
+  // A sliding-window layer (as KvCacheConfig::sliding_window, e.g. Gemma's
+  // local layers), W > 0: attend() then takes AttentionParams::window in
+  // 1..W and no sinks (anything else is refused), and the layer gives the
+  // pages no later query can see back to the pool, so a sequence holds about
+  // W + 32 + page_tokens tokens of pages however long it grows: size
+  // max_pages for that. Pages are freed at the start of each synchronous
+  // call (append*, append_records, read_records, download_page,
+  // reserve_steps) and at check_appends(), never while an append is
+  // unchecked. The dense prefix, if any, stays. 0: keeps every token.
+  int sliding_window = 0;
   // Channel-split formats (fractional b, or hi=N,hb=B: turbo2.5, turbo3.5,
   // turbo4-out, paper_mse-out): per KV head, the channels coded at the
   // higher width (e.g. a loaded KvCache's KvCache::outlier_channels).
@@ -140,7 +150,11 @@ class GpuKvLayer {
   int add_sequence();   // ids 0, 1, 2, ...; throws past max_seqs
   int n_seqs() const;
   int n_tokens(int seq) const;  // all of them: dense prefix + pages + dense window
-  int n_pages(int seq) const;   // pages holding its tokens (reserve_steps may hold more)
+  int n_pages(int seq) const;   // pages its tokens span, freed ones included (reserve_steps may hold more)
+  // The first token position whose record the pages still hold: the dense
+  // prefix's length, or later where a sliding window freed pages.
+  // read_records and download_page refuse what lies before it.
+  int first_record(int seq) const;
 
   // Quantize-append of tokens at positions n_tokens(seq) ... Records are
   // kq/vq.encode_one of the input rounded to config().round_to (f16 by

@@ -477,9 +477,34 @@ struct GpuKvLayer::Impl {
     }
     calibrated = false;
   }
-  std::vector<std::vector<int>> pages;  // per sequence
+  std::vector<std::vector<int>> pages;  // per sequence; -1: freed by the sliding window
   std::vector<int> len;                 // per sequence
+  std::vector<int> first_page;          // per sequence: pages before it were freed (sliding window)
   std::vector<int> free_pages;          // stack
+
+  // Sliding window (cfg.sliding_window = W): gives back the pages no later
+  // query can see. A query at page index len - 1 + dense_window (a sequence
+  // with pages has a full dense window) with window <= W sees page indices
+  // >= lo = len + dense_window - W, and the tensor-core kernel's splits start
+  // at lo rounded down to a 32-token pair (decode_split_start), so the pages
+  // before that pair's page go. Only at points where every length is
+  // confirmed on the device (no unchecked append), so that no refusal can
+  // roll a sequence back below what was freed. The device page table keeps
+  // the old ids: the tensor-core kernel never reads them and the reference
+  // kernel reads them masked (any page of the pool holds finite records).
+  void evict() {
+    if (cfg.sliding_window <= 0) return;
+    const int P = cfg.page_tokens;
+    for (size_t s = 0; s < len.size(); ++s) {
+      const long lo = long(len[s]) + cfg.dense_window - cfg.sliding_window;
+      if (len[s] == 0 || lo <= 0) continue;
+      const int keep = int(std::min<long>((lo & ~31L) / P, len[s] / P));
+      for (; first_page[s] < keep; ++first_page[s]) {
+        free_pages.push_back(pages[s][first_page[s]]);
+        pages[s][first_page[s]] = -1;
+      }
+    }
+  }
   // Dense tokens (cfg.dense_prefix / dense_window): f16 rows [max_seqs,
   // prefix slots + window slots, n_heads_kv, dim], prefix slots first; the
   // window is a ring. dense_state: device [max_seqs, 3] {n_pre, win_start,
@@ -864,7 +889,7 @@ struct GpuKvLayer::Impl {
   // (recover_from_device) and throws. Steps may have been replayed on any
   // stream, so they are waited for by a device synchronisation.
   void settle() {
-    if (!async_unchecked && !steps_captured) return;
+    if (!async_unchecked && !steps_captured) return evict();
     if (steps_captured) TQ_CUDA_CHECK(cudaDeviceSynchronize());
     else TQ_CUDA_CHECK(cudaStreamSynchronize(async_stream));
     int st = 0;
@@ -877,7 +902,7 @@ struct GpuKvLayer::Impl {
         for (size_t s = 0; s < len.size(); ++s) len[s] = dl[s];
         if (has_dense()) read_dense_states();
       }
-      return;
+      return evict();
     }
     recover_from_device();
     const char* why = (st & kStatusNonFinite) ? "a key or value has a NaN/Inf component or its squared norm overflows float"
@@ -1031,6 +1056,8 @@ GpuKvLayer::GpuKvLayer(const Quantizer& kq, const Quantizer& vq, const GpuKvLaye
   TQ_REQUIRE(kq.dim() == vq.dim(), "GPU KV layer: K dim ", kq.dim(), " != V dim ", vq.dim());
   TQ_REQUIRE(cfg.dense_window >= 0 && cfg.dense_prefix >= 0, "GPU KV layer: dense_window ",
              cfg.dense_window, " and dense_prefix ", cfg.dense_prefix, " must be >= 0");
+  TQ_REQUIRE(cfg.sliding_window >= 0, "GPU KV layer: sliding_window must be >= 0 (0: keeps every token), got ",
+             cfg.sliding_window);
   TQ_REQUIRE((cfg.dense_window == 0 && cfg.dense_prefix == 0) || cfg.round_to == DType::f16,
              "GPU KV layer: dense_window / dense_prefix hold f16 tokens and need round_to f16 (got ",
              to_string(cfg.round_to), ")");
@@ -1109,6 +1136,7 @@ int GpuKvLayer::add_sequence() {
   TQ_REQUIRE(static_cast<int>(m.len.size()) < m.cfg.max_seqs, "GPU KV layer: already holds max_seqs = ",
              m.cfg.max_seqs, " sequences");
   m.len.push_back(0);
+  m.first_page.push_back(0);
   m.pages.emplace_back();
   m.dense.emplace_back();
   return static_cast<int>(m.len.size()) - 1;
@@ -1123,6 +1151,12 @@ int GpuKvLayer::n_pages(int seq) const {
   impl_->check_seq(seq);
   const int P = impl_->cfg.page_tokens;
   return (impl_->len[seq] + P - 1) / P;  // reserve_steps may have given it more
+}
+int GpuKvLayer::first_record(int seq) const {
+  impl_->settle();  // frees what the confirmed lengths allow
+  const Impl& m = *impl_;
+  m.check_seq(seq);
+  return m.dense[seq].n_pre + m.first_page[seq] * m.cfg.page_tokens;
 }
 
 void GpuKvLayer::append(int seq, const float* k, const float* v, int n_tokens) {
@@ -1258,8 +1292,11 @@ void GpuKvLayer::reserve_steps(const int* seqs, int n, int steps) {
       m.pages[s].push_back(m.free_pages.back());
       m.free_pages.pop_back();
     }
-    TQ_CUDA_CHECK(cudaMemcpy(m.page_table.as<int>() + size_t(s) * m.cfg.max_pages_per_seq, m.pages[s].data(),
-                             m.pages[s].size() * sizeof(int), cudaMemcpyHostToDevice));
+    // From the first page kept on: entries of freed pages keep their old ids (see evict).
+    const size_t f = size_t(m.first_page[s]);
+    TQ_CUDA_CHECK(cudaMemcpy(m.page_table.as<int>() + size_t(s) * m.cfg.max_pages_per_seq + f,
+                             m.pages[s].data() + f, (m.pages[s].size() - f) * sizeof(int),
+                             cudaMemcpyHostToDevice));
   }
   // Only this batch may step, each up to its limit.
   for (size_t s = 0; s < m.step_limit_host.size(); ++s) m.step_limit_host[s] = 0;
@@ -1387,6 +1424,9 @@ void GpuKvLayer::download_page(int seq, int page, uint8_t* out) const {
   const int held = n_pages(seq);
   TQ_REQUIRE(page >= 0 && page < held, "GPU KV layer: page ", page, " of sequence ", seq, " does not exist (",
              held, " pages)");
+  TQ_REQUIRE(page >= m.first_page[seq], "GPU KV layer: page ", page, " of sequence ", seq,
+             " was freed by the sliding window (sliding_window ", m.cfg.sliding_window, "; pages from ",
+             m.first_page[seq], " on are kept)");
   TQ_CUDA_CHECK(cudaMemcpy(out, m.pool.as<uint8_t>() + size_t(m.pages[seq][page]) * m.page_bytes,
                            m.page_bytes, cudaMemcpyDeviceToHost));
 }
@@ -1508,6 +1548,10 @@ void GpuKvLayer::read_records(int seq, int t0, int n, uint8_t* k, uint8_t* v) co
              ", whose compressed tokens are [", n_pre, ", ", n_pre + m.len[seq], ")");
   if (n == 0) return;
   TQ_REQUIRE(k != nullptr && v != nullptr, "GPU KV layer: read_records into a null pointer");
+  const int first = n_pre + m.first_page[seq] * m.cfg.page_tokens;
+  TQ_REQUIRE(t0 >= first, "GPU KV layer: read_records of tokens [", t0, ", ", int64_t(t0) + n, ") of sequence ",
+             seq, ": the sliding window (sliding_window ", m.cfg.sliding_window, ") freed the records before ",
+             first);
   copy_record_runs(m, seq, t0 - n_pre, n, k, v);
 }
 
@@ -1551,6 +1595,11 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
              " exceeds the kernel's shared memory (group * head_dim <= 16384)");
   TQ_REQUIRE(ws_bytes >= workspace_bytes(n_heads_q), "GPU attend: workspace of ", ws_bytes,
              " bytes, need ", workspace_bytes(n_heads_q));
+  TQ_REQUIRE(m.cfg.sliding_window == 0 || (params.window > 0 && params.window <= m.cfg.sliding_window &&
+                                           params.n_sinks == 0),
+             "GPU attend: this layer has sliding_window ", m.cfg.sliding_window,
+             " and frees the tokens before it: attend it with 0 < window <= ", m.cfg.sliding_window,
+             " and no sinks (got window ", params.window, ", n_sinks ", params.n_sinks, ")");
   DecodeAttentionParams p = layer_params(m, m.pool, n_heads_q);
   p.n_seqs = n_seqs();
   p.sm_scale = params.scale > 0 ? params.scale : 1.0f / std::sqrt(static_cast<float>(D));
