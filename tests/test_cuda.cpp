@@ -2146,7 +2146,8 @@ TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
   for (const Case& c : {Case{"tq-mse:b=4", "tq-mse:b=3", DType::bf16, 128, 8, 2, {30, 1, 9}},
                         Case{"tq-mse:b=2", "tq-mse:b=2", DType::f32, 64, 0, 3, {5, 1, 2}},
                         Case{"tq-mse:b=4", "tq-mse:b=4", DType::f16, 256, 6, 0, {3, 20, 6}},
-                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", DType::f32, 128, 5, 1, {40, 2, 7}}}) {
+                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", DType::f32, 128, 5, 1, {40, 2, 7}},
+                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", DType::bf16, 128, 4, 1, {35, 2, 8}}}) {
     const DType dtype = c.dtype;
     const int S = c.prefix, W = c.window;
     SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " window " +
@@ -2275,11 +2276,12 @@ TEST(CudaGraph, CapturedDecodeStepsWithDenseTokens) {
 }
 
 // The step kernel (src/cuda/mse_step.cu: a captured step's K and V in one
-// launch, a warp per tq-mse vector or per half of a two-halves split) writes
-// the records of the tile kernels (append_batch_device, same typed input) bit
-// for bit: every width 1-8 (table and binary searches), d 64 / 128 / 256, K
-// and V of different widths and an f32 scale, turbo2.5 / turbo3.5 halves
-// (and a split the step kernel leaves to the tile kernels beside a tq-mse V),
+// launch, a warp per tq-mse vector or per half of a two-halves split or per
+// outlier-split K vector) writes the records of the tile kernels
+// (append_batch_device, same typed input) bit for bit: every width 1-8 (table
+// and binary searches), d 64 / 128 / 256, K and V of different widths and an
+// f32 scale, turbo2.5 / turbo3.5 halves, outlier channels in K (turbo4-out,
+// paper_mse-out) beside tq-mse V at d 64 / 128 / 256,
 // f32 / f16 / bf16 input under round_to f16 / bf16 / f32, on awkward rows
 // (magnitudes 1e-6 .. 1e1: f16 subnormals; zero vectors and zero components;
 // components at the fp16 limit), over page boundaries.
@@ -2309,6 +2311,9 @@ TEST(CudaGraph, StepKernelMatchesTileKernels) {
   cases.push_back({"tq-mse:b=3.5", "tq-mse:b=2.5", 128, DType::bf16, DType::f32});
   cases.push_back({"tq-mse:b=2.5,sf=f32", "tq-mse:b=1.5", 64, DType::f32, DType::f32});
   cases.push_back({"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, DType::f32, DType::f16});
+  cases.push_back({"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256, DType::bf16, DType::f16});
+  cases.push_back({"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=3", 64, DType::f16, DType::bf16});
+  cases.push_back({"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=6", 128, DType::bf16, DType::f32});
   for (const Case& c : cases) {
     SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(c.d) + " input " +
                  cuda::to_string(c.in) + " round_to " + cuda::to_string(c.round_to));

@@ -1340,7 +1340,8 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   const bool mse = !m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va);
   const bool halves = m.hk.split && m.hv.split &&
                       split_step_supported(m.ksf, m.vsf, m.ks_search, m.vs_search, m.hk.dim);
-  const bool kernel = mse || halves;
+  const bool outk = m.hk.split && !m.hv.split && outlier_step_supported(m.ksf, m.va, m.hk.dim);
+  const bool kernel = mse || halves || outk;
   DenseStepRows rows;  // the step kernel plans the dense rows itself
   if (m.has_dense()) {
     sd = m.step_dense_parts();
@@ -1387,6 +1388,7 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     a.status = m.step_status();
     a.dense = m.has_dense() ? &rows : nullptr;
     if (mse) launch_mse_step(a, m.ka, m.va, stream);
+    else if (outk) launch_outlier_step(a, m.hk.dim, m.ksf, m.hk.record_bytes, m.va, stream);
     else launch_split_step(a, m.hk.dim, m.ksf, m.vsf, m.ks_search, m.vs_search, m.hk.record_bytes,
                            m.hv.record_bytes, stream);
   } else {  // the tile kernels, V beside K

@@ -300,6 +300,13 @@ bool split_step_supported(const SplitFormat& kf, const SplitFormat& vf, const Sp
 void launch_split_step(const StepLaunch& a, int dim, const SplitFormat& kf, const SplitFormat& vf,
                        const SplitSearch& ks, const SplitSearch& vs, int k_record_bytes, int v_record_bytes,
                        CUstream_st* stream);
+// The captured step's append for outlier channels in K (a split whose first
+// segment has <= 32 channels: turbo4-out, paper_mse-out) beside a tq-mse V
+// of the same head_dim (outlier_step_supported): one launch, a warp per
+// vector, K as split_append.cu's outlier_append_kernel encodes it.
+bool outlier_step_supported(const SplitFormat& kf, const AppendFormat& vf, int dim);
+void launch_outlier_step(const StepLaunch& a, int dim, const SplitFormat& kf, int k_record_bytes,
+                         const AppendFormat& vf, CUstream_st* stream);
 
 // Ordered after the append kernels of one append: writes the page-table
 // entries (index, page) unconditionally (entries past a sequence's pages are

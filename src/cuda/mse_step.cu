@@ -20,6 +20,11 @@
 // take the same kernel with a warp per half (SPLIT): the half's channels
 // gathered from the row, its signs, one Hadamard block and its scale, its
 // table, its sub-record -- split_append.cu's arithmetic.
+// Outlier channels in K beside a tq-mse V (turbo4-out, paper_mse-out:
+// StepParamsOut) take it too: a warp per K vector runs
+// outlier_append_kernel's arithmetic (each segment from lane 0, the
+// canonical 16-lane norms, warp_rotate_regs, the CPU's binary search), a
+// warp per V vector the tq-mse path.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -27,6 +32,10 @@
 #include "cuda/cuda_check.hpp"
 #include "cuda/mse_append.hpp"
 #include "cuda/mse_append_kernel.cuh"  // float_to_half_bits, round_bf16, lt01, kMagic: the same arithmetic
+#include "cuda/split_encode.cuh"
+#include "cuda/split_rotation.cuh"
+
+#include <type_traits>
 
 namespace tq::cuda {
 namespace {
@@ -56,6 +65,12 @@ struct StepParams<true> : StepCommon {
   SplitSearch search[2];
   int record_bytes[2];
 };
+// Outlier channels in K (a split whose first segment has <= 32 channels),
+// tq-mse V (fmt[1]; fmt[0] repeats it, unused).
+struct StepParamsOut : StepParams<false> {
+  SplitFormat kout;
+  int k_record_bytes;
+};
 
 // Element i of a row as a float (f32, f16 or bf16 input).
 __device__ __forceinline__ float load_elem(const uint8_t* row, int dtype, int i) {
@@ -83,17 +98,98 @@ __device__ __forceinline__ float round_input(float a, int round_to, int& st) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
 }
 
+// One K vector of an outlier split (p.kout), by one warp, as
+// outlier_append_kernel encodes it: lane l holds element l of segment 0 and
+// elements l + 32 k of segment 1, read through the head's channels from
+// `row` (dtype), rounded; rec0: its record. The rotation's parameters and
+// both segments' boundaries are in shared memory (staged by the block).
+template <int D>
+__device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, const uint8_t* row, int dtype, int h,
+                                                    uint8_t* rec0, uint8_t* codes, float* scratch,
+                                                    const float (&bnd)[2][256], const float* s1, const float* s2,
+                                                    const int* perm, const RotMeta (&meta)[2], int lane, int& st) {
+  constexpr int EL = D / 32;
+  const SplitFormat& F = p.kout;
+  const int n0 = F.seg[0].dim, n1 = D - n0, l16 = lane & 15, hsel = lane >> 4;
+  const int* ch = F.channels + size_t(h) * D;
+  float x0[1] = {lane < n0 ? round_input(load_elem(row, dtype, __ldg(ch + lane)), p.round_to, st) : 0.0f};
+  float x1[EL];
+#pragma unroll
+  for (int k = 0; k < EL; ++k)
+    x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
+                               : 0.0f;
+  // Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m order.
+  float acc = 0.0f;
+  const float o0 = __shfl_xor_sync(kFull, x0[0], 16);
+  {
+    const float v0 = hsel ? 0.0f : x0[0], v1 = hsel ? 0.0f : o0;
+    acc = __fadd_rn(acc, __fmul_rn(v0, v0));
+    if (n0 > 16) acc = hsel ? acc : __fadd_rn(acc, __fmul_rn(v1, v1));
+  }
+#pragma unroll
+  for (int k = 0; k < EL; ++k) {
+    const float o = __shfl_xor_sync(kFull, x1[k], 16);
+    if (hsel) {
+      acc = __fadd_rn(acc, __fmul_rn(o, o));
+      acc = __fadd_rn(acc, __fmul_rn(x1[k], x1[k]));
+    }
+  }
+  float norm0, norm1;
+  segment_norms(acc, l16, norm0, norm1, st);
+  // Each segment's rotation: its signs, then warp_rotate_regs.
+  x0[0] = lane < n0 ? __fmul_rn(x0[0], s1[lane]) : 0.0f;
+#pragma unroll
+  for (int k = 0; k < EL; ++k)
+    if (lane + 32 * k < n1) x1[k] = __fmul_rn(x1[k], s1[n0 + lane + 32 * k]);
+  warp_rotate_regs(meta[0], n0, x0, scratch, s2, perm, lane);
+  warp_rotate_regs(meta[1], n1, x1, scratch + n0, s2 + n0, perm + n0, lane);
+  // Codes by the CPU's binary search; a zero (or non-finite) norm gives codes 0.
+  const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
+  const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
+  auto search = [&](const float* b, int bits, float v) {
+    int lo = 0;
+    for (int step = 1 << (bits - 1); step >= 1; step /= 2)
+      if (b[lo + step - 1] < v) lo += step;
+    return lo;
+  };
+  if (lane < n0) codes[lane] = static_cast<uint8_t>(ok0 ? search(bnd[0], F.seg[0].bits, __fmul_rn(x0[0], inv0)) : 0);
+#pragma unroll
+  for (int k = 0; k < EL; ++k)
+    if (lane + 32 * k < n1)
+      codes[n0 + lane + 32 * k] =
+          static_cast<uint8_t>(ok1 ? search(bnd[1], F.seg[1].bits, __fmul_rn(x1[k], inv1)) : 0);
+  __syncwarp();
+  write_split_record(rec0, F, codes, norm0, norm1, lane, st);
+}
+
 // Warp w of block b encodes part v = b * kStepWarps + w: side v / (n * n_heads
 // * NSEG) (0 K, 1 V), then row of the batch, head, and (SPLIT) half, the last
 // fastest. N: elements of a part (head_dim, or head_dim / 2 for halves).
-template <int N, int MODE, bool SPLIT>
-__global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_constant__ StepParams<SPLIT> p) {
+// P = StepParamsOut: K is an outlier split (outlier_step_vector).
+template <int N, int MODE, bool SPLIT, class P = StepParams<SPLIT>>
+__global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_constant__ P p) {
+  constexpr bool OUTK = std::is_same_v<P, StepParamsOut>;
   constexpr int E = N / 32;  // elements a lane: i = lane * E + j
   constexpr int NSEG = SPLIT ? 2 : 1, D = N * NSEG;
   __shared__ float sq[kStepWarps][N];
   __shared__ uint8_t codes[kStepWarps][N];
   __shared__ float sbnd[kStepWarps][256];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  // Outlier K: the rotations' parameters and the segments' boundaries, once a block.
+  struct OutShared {
+    float bnd[2][256];
+    float s1[D], s2[D];
+    int perm[D];
+    RotMeta meta[2];
+  };
+  __shared__ std::conditional_t<OUTK, OutShared, char> out_sh;
+  if constexpr (OUTK) {
+    for (int sg = 0; sg < 2; ++sg)
+      for (int i = threadIdx.x; i < (1 << p.kout.seg[sg].bits) - 1; i += 32 * kStepWarps)
+        out_sh.bnd[sg][i] = p.kout.seg[sg].boundaries[i];
+    stage_split_rotation(p.kout, p.kout.seg[0].dim, out_sh.s1, out_sh.s2, out_sh.perm, out_sh.meta);
+    __syncthreads();
+  }
   const AppendStepTiles& s = p.step;
   const int per_side = s.n * p.n_heads * NSEG;
   const int v = int(blockIdx.x) * kStepWarps + warp;
@@ -172,7 +268,17 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     // The destination (as append_tile_at: nothing stored past the limit or
     // for a row that stays dense).
     const bool store = to_pages && t < s.limits[seq];
-    if (store) {
+    if (OUTK && side == 0) {
+      if constexpr (OUTK) {
+        if (store) {
+          const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
+          uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[0] +
+                               (size_t(h) * p.page_tokens + t % s.page_tokens) * p.k_record_bytes;
+          outlier_step_vector<D>(p, row, dtype, h, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.s1, out_sh.s2,
+                                 out_sh.perm, out_sh.meta, lane, st);
+        }
+      }
+    } else if (store) {
       const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
       uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[side] +
                            (size_t(h) * p.page_tokens + t % s.page_tokens) * rec_bytes + rec_off;
@@ -295,18 +401,18 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
   append_step_block_done(s, 1, int(gridDim.x), p.status);
 }
 
-template <int N, bool SPLIT>
-void launch_mode(const StepParams<SPLIT>& p, int grid, AppendSearch mode, cudaStream_t stream) {
+template <int N, bool SPLIT, class P>
+void launch_mode(const P& p, int grid, AppendSearch mode, cudaStream_t stream) {
   constexpr int kThreads = 32 * kStepWarps;
   switch (mode) {
     case AppendSearch::table1:
-      mse_step_kernel<N, int(AppendSearch::table1), SPLIT><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::table1), SPLIT, P><<<grid, kThreads, 0, stream>>>(p);
       break;
     case AppendSearch::table2:
-      mse_step_kernel<N, int(AppendSearch::table2), SPLIT><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::table2), SPLIT, P><<<grid, kThreads, 0, stream>>>(p);
       break;
     case AppendSearch::binary:
-      mse_step_kernel<N, int(AppendSearch::binary), SPLIT><<<grid, kThreads, 0, stream>>>(p);
+      mse_step_kernel<N, int(AppendSearch::binary), SPLIT, P><<<grid, kThreads, 0, stream>>>(p);
       break;
   }
   TQ_CUDA_CHECK_LAUNCH();
@@ -345,9 +451,33 @@ void launch_mse_step(const StepLaunch& a, const AppendFormat& kf, const AppendFo
   const int parts = 2 * a.step.n * a.n_heads;
   const int grid = (parts + kStepWarps - 1) / kStepWarps;
   switch (kf.f.dim) {
-    case 64: return launch_mode<64>(p, grid, kf.tab.search, stream);
-    case 128: return launch_mode<128>(p, grid, kf.tab.search, stream);
-    case 256: return launch_mode<256>(p, grid, kf.tab.search, stream);
+    case 64: return launch_mode<64, false>(p, grid, kf.tab.search, stream);
+    case 128: return launch_mode<128, false>(p, grid, kf.tab.search, stream);
+    case 256: return launch_mode<256, false>(p, grid, kf.tab.search, stream);
+  }
+  TQ_ASSERT(false);
+}
+
+bool outlier_step_supported(const SplitFormat& kf, const AppendFormat& vf, int dim) {
+  return kf.n_seg == 2 && !kf.halves(dim) && kf.seg[0].dim <= 32 && vf.f.dim == dim &&
+         (dim == 64 || dim == 128 || dim == 256);
+}
+
+void launch_outlier_step(const StepLaunch& a, int dim, const SplitFormat& kf, int k_record_bytes,
+                         const AppendFormat& vf, CUstream_st* stream) {
+  TQ_ASSERT(outlier_step_supported(kf, vf, dim));
+  StepParamsOut p;
+  set_common(p, a);
+  p.fmt[0] = vf;  // (K's parts read kout)
+  p.fmt[1] = vf;
+  p.kout = kf;
+  p.k_record_bytes = k_record_bytes;
+  const int parts = 2 * a.step.n * a.n_heads;
+  const int grid = (parts + kStepWarps - 1) / kStepWarps;
+  switch (dim) {
+    case 64: return launch_mode<64, false>(p, grid, vf.tab.search, stream);
+    case 128: return launch_mode<128, false>(p, grid, vf.tab.search, stream);
+    case 256: return launch_mode<256, false>(p, grid, vf.tab.search, stream);
   }
   TQ_ASSERT(false);
 }
@@ -375,9 +505,9 @@ void launch_split_step(const StepLaunch& a, int dim, const SplitFormat& kf, cons
   const int grid = (parts + kStepWarps - 1) / kStepWarps;
   const AppendSearch mode = ks.seg[0].search;
   switch (dim) {
-    case 64: return launch_mode<32>(p, grid, mode, stream);
-    case 128: return launch_mode<64>(p, grid, mode, stream);
-    case 256: return launch_mode<128>(p, grid, mode, stream);
+    case 64: return launch_mode<32, true>(p, grid, mode, stream);
+    case 128: return launch_mode<64, true>(p, grid, mode, stream);
+    case 256: return launch_mode<128, true>(p, grid, mode, stream);
   }
   TQ_ASSERT(false);
 }

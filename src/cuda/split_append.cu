@@ -29,6 +29,7 @@
 #include "cuda/fwht_registers.cuh"
 #include "cuda/mse_append.hpp"
 #include "cuda/mse_append_kernel.cuh"
+#include "cuda/split_encode.cuh"
 #include "cuda/split_rotation.cuh"
 #include "turboquant/error.hpp"
 
@@ -113,19 +114,6 @@ __device__ void warp_rotate(float* x, float* tmp, const SegmentRotation& R, int 
   }
 }
 
-// The two segments' norms from lane sums (lanes 0-15: segment 0's 16 lane
-// sums, 16-31: segment 1's) by the tree w = 8, 4, 2, 1 of kernels_ref.cpp.
-__device__ __forceinline__ void segment_norms(float acc, int l16, float& norm0, float& norm1, int& st) {
-#pragma unroll
-  for (int w = 8; w >= 1; w /= 2) {
-    const float o = __shfl_down_sync(0xffffffffu, acc, w);
-    if (l16 < w) acc = __fadd_rn(acc, o);
-  }
-  norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
-  norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
-  if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
-}
-
 // Row `row` of tile t (token-major: row / nh is the token, row % nh the head):
 // its token in the tile, head, the head's channel order and where its input starts.
 struct Row {
@@ -153,47 +141,12 @@ __device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int war
   }
 }
 
-// The record of row (tile t, token tl, head): each segment's codes packed
-// (pack_ref: stream bit k is bit k % b of code k / b), then its scale. codes:
-// the row's codes in [seg 0 | seg 1] order (shared memory, written before a
-// __syncwarp); every lane of the warp takes part.
+// The record of row (tile t, token tl, head) (write_split_record).
 __device__ void write_record(const SplitAppendParams& p, const AppendTile& t, int tl, int head,
                              const uint8_t* codes, float norm0, float norm1, int lane, int& st) {
-  const int n0 = p.f.seg[0].dim;
   uint8_t* rec0 = p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
                   (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const SplitSegment& g = p.f.seg[s];
-    const int b = g.bits, base = s ? n0 : 0, total = g.code_bytes + (g.scale_f32 ? 4 : 2);
-    const float norm = s ? norm1 : norm0;
-    uint8_t* rec = rec0 + g.offset;
-    for (int k = lane; k < total; k += 32) {
-      if (k < g.code_bytes) {
-        const int i0 = (8 * k) / b, i1 = min(g.dim - 1, (8 * k + 7) / b);
-        unsigned v = 0;
-        constexpr int kMaxCodes = 9;  // codes touching a byte, at most
-#pragma unroll
-        for (int u = 0; u < kMaxCodes; ++u) {
-          const int i = i0 + u;
-          if (i > i1) break;
-          const int sh = i * b - 8 * k;  // negative: the code started in the byte before
-          const unsigned c = codes[base + i];
-          v |= sh >= 0 ? c << sh : c >> (-sh);
-        }
-        rec[k] = static_cast<uint8_t>(v & 0xffu);
-      } else {
-        unsigned bits;
-        if (g.scale_f32) {
-          bits = __float_as_uint(norm);
-        } else {
-          if (!(norm <= kHalfMax) && isfinite(norm)) st |= kStatusScaleOverflow;
-          bits = float_to_half_bits(norm);
-        }
-        rec[k] = static_cast<uint8_t>((bits >> (8 * (k - g.code_bytes))) & 0xffu);
-      }
-    }
-  }
+  write_split_record(rec0, p.f, codes, norm0, norm1, lane, st);
 }
 
 // One warp per vector: its rows of the tile, each through the whole
