@@ -154,17 +154,22 @@ fi
 step sdpa_bench 200 "$OUT/sdpa.log" python3 "$ROOT/scripts/sdpa_bench.py" "${SDPA_ARGS[@]}" --out "$OUT/sdpa.json"
 [[ -s $OUT/sdpa.json ]] && BENCH_ARGS+=(--sdpa "$OUT/sdpa.json")
 step gpu_bench 240 "$OUT/gpu_bench.log" "$B/tools/tq/tq" gpu-bench "${BENCH_ARGS[@]}" --json-file "$OUT/gpu_bench.json"
+# Sliding-window layers (Gemma's local ones, window 1024): the window's tokens
+# only; the dense bf16 row reads the window too (table in gpu_bench.log; no
+# JSON file: the device returns at most 8 files).
+step gpu_bench_window 90 "$OUT/gpu_bench.log" "$B/tools/tq/tq" gpu-bench --shape gemma,llama --batch 1,8 \
+  --context 131072 --preset turbo4,paper_mse --window 1024 --no-append
 
 # ---- compute-sanitizer (last: the slowest and least predictable) ---------------
 SLOG=$OUT/sanitizer.log
 : >"$SLOG"
 if command -v compute-sanitizer >/dev/null; then
   DENSE_SMALL='CudaDense.Bf16QueryExplicitScaleAndOddGroups:CudaDense.PlanAndArgumentChecks'
-  LAYER_SMALL='CudaBench.ReadFloorVariantsTakeAnySizeAndRefuseBadArguments:CudaSplit.HalvesAppendInputTypesAgree:CudaAppend.BatchOfDecodeTokensLandsInEachSequence:CudaAppend.AsyncBatchMatchesSyncAndRefusalIsStickyThenRecovered:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAppend.MisalignedDevicePointers:CudaAppend.KernelOnlyRewriteIsIdempotent:CudaAttention.MatchesKvCacheAttend:CudaAttention.RejectsBadShapes:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache'
+  LAYER_SMALL='CudaBench.ReadFloorVariantsTakeAnySizeAndRefuseBadArguments:CudaSplit.HalvesAppendInputTypesAgree:CudaAppend.BatchOfDecodeTokensLandsInEachSequence:CudaAppend.AsyncBatchMatchesSyncAndRefusalIsStickyThenRecovered:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAppend.MisalignedDevicePointers:CudaAppend.KernelOnlyRewriteIsIdempotent:CudaAttention.MatchesKvCacheAttend:CudaAttention.RejectsBadShapes:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache:CudaWindow.SlidingWindowFreesPagesAndKeepsAttention:CudaGraph.StepKernelMatchesTileKernels'
   step memcheck_dense 90 "$SLOG" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/tests/test_cuda_dense" --gtest_filter="$DENSE_SMALL"
   step memcheck_layer 90 "$SLOG" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter="$LAYER_SMALL"
   step racecheck_dense 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda_dense" --gtest_filter='CudaDense.Bf16QueryExplicitScaleAndOddGroups'
-  step racecheck_layer 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter='CudaAppend.KernelOnlyRewriteIsIdempotent:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAttention.MatchesKvCacheAttend:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache'
+  step racecheck_layer 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter='CudaAppend.KernelOnlyRewriteIsIdempotent:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAttention.MatchesKvCacheAttend:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache:CudaWindow.SlidingWindowFreesPagesAndKeepsAttention:CudaGraph.StepKernelMatchesTileKernels'
 else
   say "[sanitizers] SKIPPED: compute-sanitizer is not on the PATH"
 fi
@@ -179,7 +184,7 @@ fi
   echo "---- sdpa (fastest backend per shape)"
   sed -n '/^fastest per shape/,$p' "$OUT/sdpa.log" 2>/dev/null | head -20
   echo "---- tq gpu-bench"
-  grep -vE "^gpu-bench: " "$OUT/gpu_bench.log" 2>/dev/null | grep -vE "^==> " | head -80
+  grep -vE "^gpu-bench: " "$OUT/gpu_bench.log" 2>/dev/null | grep -vE "^==> " | head -110
   echo "---- total $((SECONDS - T0)) s; files in $OUT: $(find "$OUT" -maxdepth 1 -type f -printf '%f ')"
 } | tee -a "$SUMMARY"
 if ((${#failed[@]})); then
