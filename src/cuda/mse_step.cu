@@ -98,52 +98,26 @@ __device__ __forceinline__ float round_input(float a, int round_to, int& st) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
 }
 
-// Outlier K: what a warp stages for its vector (the rotations' parameters,
-// both segments' boundaries), per warp so that no block barrier waits on it.
-template <int D>
-struct OutlierStage {
-  float bnd[2][256];
-  float s1[D], s2[D];
-  int perm[D];
-  RotMeta meta[2];
-};
-
-// An outlier-split K vector's elements as outlier_step_vector holds them:
-// lane l element l of segment 0, elements l + 32 k of segment 1, read
-// through head h's channels from `row` (dtype), not yet rounded.
-template <int D>
-__device__ __forceinline__ void outlier_gather(const SplitFormat& F, const uint8_t* row, int dtype, int h,
-                                               float (&x0)[1], float (&x1)[D / 32], int lane) {
-  const int n0 = F.seg[0].dim, n1 = D - n0;
-  const int* ch = F.channels + size_t(h) * D;
-  x0[0] = lane < n0 ? load_elem(row, dtype, __ldg(ch + lane)) : 0.0f;
-#pragma unroll
-  for (int k = 0; k < D / 32; ++k) x1[k] = lane + 32 * k < n1 ? load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)) : 0.0f;
-}
-
 // One K vector of an outlier split (p.kout), by one warp, as
-// outlier_append_kernel encodes it, from its gathered elements x0 / x1
-// (outlier_gather); rec0: its record. The warp stages the rotations'
-// parameters and boundaries into `stage` first.
+// outlier_append_kernel encodes it: lane l holds element l of segment 0 and
+// elements l + 32 k of segment 1, read through the head's channels from
+// `row` (dtype), rounded; rec0: its record. The rotation's parameters and
+// both segments' boundaries are in shared memory (staged by the block).
 template <int D>
-__device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, float (&x0)[1], float (&x1)[D / 32],
+__device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, const uint8_t* row, int dtype, int h,
                                                     uint8_t* rec0, uint8_t* codes, float* scratch,
-                                                    OutlierStage<D>& stage, int lane, int& st) {
+                                                    const float (&bnd)[2][256], const float* s1, const float* s2,
+                                                    const int* perm, const RotMeta (&meta)[2], int lane, int& st) {
   constexpr int EL = D / 32;
   const SplitFormat& F = p.kout;
   const int n0 = F.seg[0].dim, n1 = D - n0, l16 = lane & 15, hsel = lane >> 4;
-  for (int sg = 0; sg < 2; ++sg)
-    for (int i = lane; i < (1 << F.seg[sg].bits) - 1; i += 32) stage.bnd[sg][i] = F.seg[sg].boundaries[i];
-  stage_split_rotation(F, n0, stage.s1, stage.s2, stage.perm, stage.meta, unsigned(lane), 32u);
-  const float(&bnd)[2][256] = stage.bnd;
-  const float* s1 = stage.s1;
-  const float* s2 = stage.s2;
-  const int* perm = stage.perm;
-  const RotMeta(&meta)[2] = stage.meta;
-  x0[0] = lane < n0 ? round_input(x0[0], p.round_to, st) : 0.0f;
+  const int* ch = F.channels + size_t(h) * D;
+  float x0[1] = {lane < n0 ? round_input(load_elem(row, dtype, __ldg(ch + lane)), p.round_to, st) : 0.0f};
+  float x1[EL];
 #pragma unroll
-  for (int k = 0; k < EL; ++k) x1[k] = lane + 32 * k < n1 ? round_input(x1[k], p.round_to, st) : 0.0f;
-  __syncwarp();  // the stage
+  for (int k = 0; k < EL; ++k)
+    x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
+                               : 0.0f;
   // Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m order.
   float acc = 0.0f;
   const float o0 = __shfl_xor_sync(kFull, x0[0], 16);
@@ -201,7 +175,21 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
   __shared__ uint8_t codes[kStepWarps][N];
   __shared__ float sbnd[kStepWarps][256];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __shared__ std::conditional_t<OUTK, OutlierStage<D>, char> out_stage[kStepWarps];
+  // Outlier K: the rotations' parameters and the segments' boundaries, once a block.
+  struct OutShared {
+    float bnd[2][256];
+    float s1[D], s2[D];
+    int perm[D];
+    RotMeta meta[2];
+  };
+  __shared__ std::conditional_t<OUTK, OutShared, char> out_sh;
+  if constexpr (OUTK) {
+    for (int sg = 0; sg < 2; ++sg)
+      for (int i = threadIdx.x; i < (1 << p.kout.seg[sg].bits) - 1; i += 32 * kStepWarps)
+        out_sh.bnd[sg][i] = p.kout.seg[sg].boundaries[i];
+    stage_split_rotation(p.kout, p.kout.seg[0].dim, out_sh.s1, out_sh.s2, out_sh.perm, out_sh.meta);
+    __syncthreads();
+  }
   const AppendStepTiles& s = p.step;
   const int per_side = s.n * p.n_heads * NSEG;
   const int v = int(blockIdx.x) * kStepWarps + warp;
@@ -249,11 +237,6 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     // The new row first: its address needs nothing from the device.
     const uint8_t* row = p.x[side] + (size_t(i) * p.n_heads + h) * D * (p.dtype == int(DType::f32) ? 4 : 2);
     int dtype = p.dtype;
-    // Outlier K: the head's channels gathered first (their loads in flight
-    // with the sequence's length and page below).
-    float g0[1], g1[D / 32];
-    if constexpr (OUTK)
-      if (side == 0) outlier_gather<D>(p.kout, row, dtype, h, g0, g1, lane);
     float raw[E];
 #pragma unroll
     for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
@@ -280,8 +263,6 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
         dtype = int(DType::f16);
 #pragma unroll
         for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
-        if constexpr (OUTK)
-          if (side == 0) outlier_gather<D>(p.kout, row, dtype, h, g0, g1, lane);  // the ring's oldest
       }
     }
     // The destination (as append_tile_at: nothing stored past the limit or
@@ -293,7 +274,8 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
           const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
           uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[0] +
                                (size_t(h) * p.page_tokens + t % s.page_tokens) * p.k_record_bytes;
-          outlier_step_vector<D>(p, g0, g1, rec, codes[warp], sq[warp], out_stage[warp], lane, st);
+          outlier_step_vector<D>(p, row, dtype, h, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.s1, out_sh.s2,
+                                 out_sh.perm, out_sh.meta, lane, st);
         }
       }
     } else if (store) {

@@ -101,14 +101,13 @@ static_assert(sizeof(RotMeta) == 18 * 4);
 // Stages what warp_rotate_regs reads of split f's two segment rotations in
 // shared memory: signs1, signs2 (1 where a segment has one round) and perm
 // (the identity there) over [seg 0 | seg 1], [n0 + seg 1's dim] each, perm
-// relative to its segment; meta[2]. Threads tid of n_threads stage it (the
-// overload below: the whole block, published by the caller's barrier; or a
-// warp's lanes, published by its __syncwarp).
+// relative to its segment; meta[2]. Every thread of the block calls it; the
+// caller's barrier publishes it.
 __device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n0, float* s1, float* s2, int* perm,
-                                                     RotMeta* meta, unsigned tid, unsigned n_threads) {
+                                                     RotMeta* meta) {
   const SegmentRotation& R0 = f.seg[0].rot;
   const SegmentRotation& R1 = f.seg[1].rot;
-  for (int i = tid; i < n0 + R1.dim; i += n_threads) {
+  for (int i = threadIdx.x; i < n0 + R1.dim; i += blockDim.x) {
     const bool lo = i >= n0;
     const int j = lo ? i - n0 : i;
     const int* pm = lo ? R1.perm : R0.perm;
@@ -116,8 +115,8 @@ __device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n
     perm[i] = pm != nullptr ? pm[j] : j;
     s2[i] = pm != nullptr ? (lo ? R1.signs2 : R0.signs2)[j] : 1.0f;
   }
-  if (tid < 2 * (kMaxRotationBlocks + 1)) {
-    const int sg = tid / (kMaxRotationBlocks + 1), b = tid % (kMaxRotationBlocks + 1);
+  if (threadIdx.x < 2 * (kMaxRotationBlocks + 1)) {
+    const int sg = threadIdx.x / (kMaxRotationBlocks + 1), b = threadIdx.x % (kMaxRotationBlocks + 1);
     if (b < kMaxRotationBlocks) {
       meta[sg].blocks[b] = sg ? R1.blocks[b] : R0.blocks[b];
       meta[sg].scale[b] = sg ? R1.block_scale[b] : R0.block_scale[b];
@@ -126,10 +125,6 @@ __device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n
       meta[sg].two_rounds = (sg ? R1.perm : R0.perm) != nullptr;
     }
   }
-}
-__device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n0, float* s1, float* s2, int* perm,
-                                                     RotMeta* meta) {
-  stage_split_rotation(f, n0, s1, s2, perm, meta, threadIdx.x, blockDim.x);
 }
 
 
