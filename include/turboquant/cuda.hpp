@@ -270,7 +270,9 @@ class GpuKvLayer {
   // window, sinks and softcap from params). Never allocates; ordered on
   // `stream`. q, out: device [n_seqs(), n_heads_q, head_dim]; lse: device
   // [n_seqs(), n_heads_q] or nullptr. A sequence with no visible key gives
-  // out = 0, lse = -inf.
+  // out = 0, lse = -inf. With a window and no sinks the work (and the
+  // partials the merge reads) scale with the window, not the context. A
+  // sliding_window layer refuses a window of 0 or above it, and sinks.
   void attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
               float* lse, void* workspace, size_t workspace_bytes, Stream stream = nullptr) const;
 
