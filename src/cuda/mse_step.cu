@@ -98,35 +98,26 @@ __device__ __forceinline__ float round_input(float a, int round_to, int& st) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(float_to_half_bits(a))));
 }
 
-// An outlier-split K vector's elements as outlier_step_vector takes them:
-// lane l element l of segment 0, elements l + 32 k of segment 1, read
-// through head h's channels from `row` (dtype), not yet rounded.
-template <int D>
-__device__ __forceinline__ void outlier_gather(const SplitFormat& F, const uint8_t* row, int dtype, int h,
-                                               float (&x0)[1], float (&x1)[D / 32], int lane) {
-  const int n0 = F.seg[0].dim, n1 = D - n0;
-  const int* ch = F.channels + size_t(h) * D;
-  x0[0] = lane < n0 ? load_elem(row, dtype, __ldg(ch + lane)) : 0.0f;
-#pragma unroll
-  for (int k = 0; k < D / 32; ++k)
-    x1[k] = lane + 32 * k < n1 ? load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)) : 0.0f;
-}
-
 // One K vector of an outlier split (p.kout), by one warp, as
-// outlier_append_kernel encodes it, from its gathered elements x0 / x1
-// (outlier_gather); rec0: its record. The rotation's parameters and both
-// segments' boundaries are in shared memory (staged by the block).
+// outlier_append_kernel encodes it: lane l holds element l of segment 0 and
+// elements l + 32 k of segment 1, read through the head's channels from
+// `row` (dtype), rounded; rec0: its record. The rotation's parameters and
+// both segments' boundaries are in shared memory (staged by the block).
 template <int D>
-__device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, float (&x0)[1], float (&x1)[D / 32],
+__device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, const uint8_t* row, int dtype, int h,
                                                     uint8_t* rec0, uint8_t* codes, float* scratch,
                                                     const float (&bnd)[2][256], const float* s1, const float* s2,
                                                     const int* perm, const RotMeta (&meta)[2], int lane, int& st) {
   constexpr int EL = D / 32;
   const SplitFormat& F = p.kout;
   const int n0 = F.seg[0].dim, n1 = D - n0, l16 = lane & 15, hsel = lane >> 4;
-  x0[0] = lane < n0 ? round_input(x0[0], p.round_to, st) : 0.0f;
+  const int* ch = F.channels + size_t(h) * D;
+  float x0[1] = {lane < n0 ? round_input(load_elem(row, dtype, __ldg(ch + lane)), p.round_to, st) : 0.0f};
+  float x1[EL];
 #pragma unroll
-  for (int k = 0; k < EL; ++k) x1[k] = lane + 32 * k < n1 ? round_input(x1[k], p.round_to, st) : 0.0f;
+  for (int k = 0; k < EL; ++k)
+    x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
+                               : 0.0f;
   // Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m order.
   float acc = 0.0f;
   const float o0 = __shfl_xor_sync(kFull, x0[0], 16);
@@ -192,21 +183,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     RotMeta meta[2];
   };
   __shared__ std::conditional_t<OUTK, OutShared, char> out_sh;
-  // Outlier K: this warp's part's first loads -- the sequence's length and
-  // (a K part) the head's channels of the new row -- go out before the
-  // staging, so that their latencies overlap it and its barrier.
-  float g0[1], g1[D / 32];
-  int pre_seq = 0, pre_t = 0;
   if constexpr (OUTK) {
-    const int per = p.step.n * p.n_heads, v0 = int(blockIdx.x) * kStepWarps + warp;
-    if (v0 < 2 * per) {
-      const int i0 = (v0 % per) / p.n_heads, h0 = v0 % p.n_heads;
-      pre_seq = p.step.seqs[i0];
-      pre_t = p.step.lengths[pre_seq];
-      if (v0 < per)
-        outlier_gather<D>(p.kout, p.x[0] + (size_t(i0) * p.n_heads + h0) * D * (p.dtype == int(DType::f32) ? 4 : 2),
-                          p.dtype, h0, g0, g1, lane);
-    }
     for (int sg = 0; sg < 2; ++sg)
       for (int i = threadIdx.x; i < (1 << p.kout.seg[sg].bits) - 1; i += 32 * kStepWarps)
         out_sh.bnd[sg][i] = p.kout.seg[sg].boundaries[i];
@@ -263,14 +240,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
     float raw[E];
 #pragma unroll
     for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
-    int seq, t;
-    if constexpr (OUTK) {
-      seq = pre_seq;
-      t = pre_t;
-    } else {
-      seq = s.seqs[i];
-      t = s.lengths[seq];
-    }
+    const int seq = s.seqs[i], t = s.lengths[seq];
     bool to_pages = true;
     int st = 0;
     if (p.dense.state != nullptr) {
@@ -293,8 +263,6 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
         dtype = int(DType::f16);
 #pragma unroll
         for (int j = 0; j < E; ++j) raw[j] = load_elem(row, dtype, elem_index(j));
-        if constexpr (OUTK)
-          if (side == 0) outlier_gather<D>(p.kout, row, dtype, h, g0, g1, lane);  // the ring's oldest
       }
     }
     // The destination (as append_tile_at: nothing stored past the limit or
@@ -306,7 +274,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
           const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
           uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[0] +
                                (size_t(h) * p.page_tokens + t % s.page_tokens) * p.k_record_bytes;
-          outlier_step_vector<D>(p, g0, g1, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.s1, out_sh.s2,
+          outlier_step_vector<D>(p, row, dtype, h, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.s1, out_sh.s2,
                                  out_sh.perm, out_sh.meta, lane, st);
         }
       }
