@@ -2325,6 +2325,9 @@ TEST(CudaGraph, StepKernelMatchesTileKernels) {
     cfg.max_pages_per_seq = 4;
     cfg.round_to = c.round_to;
     cuda::GpuKvLayer ref(*kq, *vq, cfg), step(*kq, *vq, cfg);
+    // The cases are chosen for the step kernel: a silent fallback to the
+    // tile kernels would compare them with themselves.
+    EXPECT_EQ(step.step_kernel().rfind("step kernel", 0), 0u) << step.step_kernel();
     const int H = 3, d = c.d, steps = 12;
     const std::vector<int> prompt = {5, 14, 1}, batch = {1, 2, 0};
     const auto pk = kv_data(size_t(3) * 16 * H, d, 41), pv = kv_data(size_t(3) * 16 * H, d, 42);

@@ -241,6 +241,10 @@ class GpuKvLayer {
   // (the layer keeps every token appended before it; the reservations are
   // given up). Until that check, n_tokens() does not count the steps.
   void append_step_device(const void* k, const void* v, DType dtype, Stream stream = nullptr);
+  // Which kernels a captured step's append runs: "step kernel: ..." (one
+  // launch, a warp per vector: tq-mse K and V, two-halves splits, or
+  // outlier channels in K beside a tq-mse V) or "tile kernels: <why>".
+  std::string step_kernel() const;
   // A channel-split format's hi channels of a KV head (K or V), as given or
   // as the layer chose them; empty for other formats and while not chosen.
   std::vector<int> hi_channels(int head, bool key) const;

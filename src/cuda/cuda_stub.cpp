@@ -40,6 +40,7 @@ int GpuKvLayer::n_seqs() const { no_cuda(); }
 int GpuKvLayer::n_tokens(int) const { no_cuda(); }
 int GpuKvLayer::n_pages(int) const { no_cuda(); }
 int GpuKvLayer::first_record(int) const { no_cuda(); }
+std::string GpuKvLayer::step_kernel() const { no_cuda(); }
 void GpuKvLayer::append(int, const float*, const float*, int) { no_cuda(); }
 void GpuKvLayer::append(int, const void*, const void*, int, DType) { no_cuda(); }
 void GpuKvLayer::append_device(int, const float*, const float*, int, Stream) { no_cuda(); }

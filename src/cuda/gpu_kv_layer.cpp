@@ -477,6 +477,17 @@ struct GpuKvLayer::Impl {
     }
     calibrated = false;
   }
+  // Which kernel a captured step's append runs (append_step_device): the
+  // step kernel for tq-mse K and V, two-halves splits on both, or outlier
+  // channels in K beside a tq-mse V; the tile kernels otherwise.
+  enum class StepPath { mse, halves, outlier_k, tiles };
+  StepPath step_path() const {
+    if (!hk.split && !hv.split && mse_step_supported(ka, va)) return StepPath::mse;
+    if (hk.split && hv.split && split_step_supported(ksf, vsf, ks_search, vs_search, hk.dim)) return StepPath::halves;
+    if (hk.split && !hv.split && outlier_step_supported(ksf, va, hk.dim)) return StepPath::outlier_k;
+    return StepPath::tiles;
+  }
+
   std::vector<std::vector<int>> pages;  // per sequence; -1: freed by the sliding window
   std::vector<int> len;                 // per sequence
   std::vector<int> first_page;          // per sequence: pages before it were freed (sliding window)
@@ -1337,11 +1348,9 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
   Impl::StepDense sd{};
   // The step kernel (a warp per vector, or per half of a two-halves split)
   // where it serves both formats; the tile kernels otherwise.
-  const bool mse = !m.hk.split && !m.hv.split && mse_step_supported(m.ka, m.va);
-  const bool halves = m.hk.split && m.hv.split &&
-                      split_step_supported(m.ksf, m.vsf, m.ks_search, m.vs_search, m.hk.dim);
-  const bool outk = m.hk.split && !m.hv.split && outlier_step_supported(m.ksf, m.va, m.hk.dim);
-  const bool kernel = mse || halves || outk;
+  const Impl::StepPath path = m.step_path();
+  const bool mse = path == Impl::StepPath::mse, outk = path == Impl::StepPath::outlier_k;
+  const bool kernel = path != Impl::StepPath::tiles;
   DenseStepRows rows;  // the step kernel plans the dense rows itself
   if (m.has_dense()) {
     sd = m.step_dense_parts();
@@ -1407,6 +1416,16 @@ void GpuKvLayer::append_step_device(const void* k, const void* v, DType dtype, S
     launch_dense_row_copies(sd.copies, m.step_n, m.dense_row_bytes(), sd.states, m.dense_state.as<int>(),
                             nullptr, m.sticky.as<int>(), stream);
   m.steps_captured = true;
+}
+
+std::string GpuKvLayer::step_kernel() const {
+  switch (impl_->step_path()) {
+    case Impl::StepPath::mse: return "step kernel: tq-mse K and V";
+    case Impl::StepPath::halves: return "step kernel: two-halves splits";
+    case Impl::StepPath::outlier_k: return "step kernel: outlier channels in K, tq-mse V";
+    case Impl::StepPath::tiles: break;
+  }
+  return "tile kernels: no step kernel for these K / V formats (search modes, dims or split kinds differ)";
 }
 
 std::vector<int> GpuKvLayer::hi_channels(int head, bool key) const {

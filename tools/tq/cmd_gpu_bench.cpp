@@ -663,6 +663,7 @@ class Bench {
                     {"wall_ms", ms}, {"us_per_seq", 1000.0 * ms / batch}, {"async_host_ms", async_ms},
                     {"async_ms", async_all_ms}};
           r["graph_step_ms"] = graph_ms;
+          r["step_kernel"] = layer.step_kernel();
           if (!a_.json_out) {
             if (!header)
               std::printf("decode-step append (one token per sequence, dense %d + %d): append_batch_device "
