@@ -195,6 +195,41 @@ std::vector<float> append_vectors(size_t n_vec, int d, uint64_t seed) {
   return x;
 }
 
+// Where a windowed attend's splits start (host and device share
+// decode_split_start) and how many tokens they may cover
+// (decode_split_span_cap, which sizes n_splits once for any later length):
+// no visible token is ever before the start, the start keeps 32-token pair
+// alignment, and what follows it fits the span. Host arithmetic: runs
+// without a GPU.
+TEST(CudaPlan, WindowSplitsCoverEveryVisibleToken) {
+  cuda::DecodeAttentionParams p;
+  p.page_tokens = 48;
+  p.max_pages_per_seq = 70;  // capacity 3360 tokens
+  const long cap = long(p.max_pages_per_seq) * p.page_tokens;
+  for (const int sinks : {0, 2})
+    for (const int wt : {0, 8})
+      for (const int w : {1, 16, 31, 32, 33, 300, 1024, 5000}) {
+        p.window = w;
+        p.window_tail = wt;
+        p.n_sinks = sinks;
+        const long span = cuda::decode_split_span_cap(p);
+        for (int len = 0; len <= int(cap); ++len) {
+          SCOPED_TRACE("len " + std::to_string(len) + " window " + std::to_string(w) + " tail " +
+                       std::to_string(wt) + " sinks " + std::to_string(sinks));
+          const int start = cuda::decode_split_start(len, w, wt, sinks);
+          ASSERT_EQ(start % 32, 0);
+          ASSERT_GE(start, 0);
+          if (sinks > 0) ASSERT_EQ(start, 0);  // the sinks are at the start
+          const int first_visible = std::max(0, len + wt - w);  // page index of the window's first key
+          ASSERT_LE(start, std::max(first_visible, 0));
+          ASSERT_LE(long(len) - std::min(start, len), span);
+        }
+      }
+  p.window = 0;
+  EXPECT_EQ(cuda::decode_split_span_cap(p), cap);
+  EXPECT_EQ(cuda::decode_split_start(1000, 0, 0, 0), 0);
+}
+
 TEST(Cuda, DeviceQuery) {
   TQ_SKIP_WITHOUT_GPU();
   EXPECT_GT(cuda::cuda_device_count(), 0);
