@@ -110,7 +110,7 @@ __device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, cons
                                                     const int* perm, const RotMeta (&meta)[2], int lane, int& st) {
   constexpr int EL = D / 32;
   const SplitFormat& F = p.kout;
-  const int n0 = F.seg[0].dim, n1 = D - n0, l16 = lane & 15, hsel = lane >> 4;
+  const int n0 = F.seg[0].dim, n1 = D - n0;
   const int* ch = F.channels + size_t(h) * D;
   float x0[1] = {lane < n0 ? round_input(load_elem(row, dtype, __ldg(ch + lane)), p.round_to, st) : 0.0f};
   float x1[EL];
@@ -118,46 +118,9 @@ __device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, cons
   for (int k = 0; k < EL; ++k)
     x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
                                : 0.0f;
-  // Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m order.
-  float acc = 0.0f;
-  const float o0 = __shfl_xor_sync(kFull, x0[0], 16);
-  {
-    const float v0 = hsel ? 0.0f : x0[0], v1 = hsel ? 0.0f : o0;
-    acc = __fadd_rn(acc, __fmul_rn(v0, v0));
-    if (n0 > 16) acc = hsel ? acc : __fadd_rn(acc, __fmul_rn(v1, v1));
-  }
-#pragma unroll
-  for (int k = 0; k < EL; ++k) {
-    const float o = __shfl_xor_sync(kFull, x1[k], 16);
-    if (hsel) {
-      acc = __fadd_rn(acc, __fmul_rn(o, o));
-      acc = __fadd_rn(acc, __fmul_rn(x1[k], x1[k]));
-    }
-  }
   float norm0, norm1;
-  segment_norms(acc, l16, norm0, norm1, st);
-  // Each segment's rotation: its signs, then warp_rotate_regs.
-  x0[0] = lane < n0 ? __fmul_rn(x0[0], s1[lane]) : 0.0f;
-#pragma unroll
-  for (int k = 0; k < EL; ++k)
-    if (lane + 32 * k < n1) x1[k] = __fmul_rn(x1[k], s1[n0 + lane + 32 * k]);
-  warp_rotate_regs(meta[0], n0, x0, scratch, s2, perm, lane);
-  warp_rotate_regs(meta[1], n1, x1, scratch + n0, s2 + n0, perm + n0, lane);
-  // Codes by the CPU's binary search; a zero (or non-finite) norm gives codes 0.
-  const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
-  const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
-  auto search = [&](const float* b, int bits, float v) {
-    int lo = 0;
-    for (int step = 1 << (bits - 1); step >= 1; step /= 2)
-      if (b[lo + step - 1] < v) lo += step;
-    return lo;
-  };
-  if (lane < n0) codes[lane] = static_cast<uint8_t>(ok0 ? search(bnd[0], F.seg[0].bits, __fmul_rn(x0[0], inv0)) : 0);
-#pragma unroll
-  for (int k = 0; k < EL; ++k)
-    if (lane + 32 * k < n1)
-      codes[n0 + lane + 32 * k] =
-          static_cast<uint8_t>(ok1 ? search(bnd[1], F.seg[1].bits, __fmul_rn(x1[k], inv1)) : 0);
+  outlier_encode<D>(x0, x1, n0, F.seg[0].bits, F.seg[1].bits, bnd[0], bnd[1], s1, s2, perm, meta, scratch, codes, lane,
+                    norm0, norm1, st);
   __syncwarp();
   write_split_record(rec0, F, codes, norm0, norm1, lane, st);
 }

@@ -315,7 +315,6 @@ __global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_c
   stage_split_rotation(p.f, n0, s1, s2, perm, meta);
   __syncthreads();
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
-  const int l16 = lane & 15, hsel = lane >> 4;
   uint8_t* codes = codes_all[warp];
   float* scratch = scratch_all[warp];
   const int bits0 = p.f.seg[0].bits, bits1 = p.f.seg[1].bits;
@@ -328,47 +327,10 @@ __global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_c
 #pragma unroll
     for (int k = 0; k < EL; ++k)
       x1[k] = lane + 32 * k < n1 ? load_rounded(p, rw.base_in + __ldg(rw.ch + n0 + lane + 32 * k), st) : 0.0f;
-    // 2. Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m
-    // order (elements past the segment add +0: the sums are unchanged).
-    float acc = 0.0f;
-    const float o0 = __shfl_xor_sync(0xffffffffu, x0[0], 16);
-    {  // segment 0 (lanes 0-15): m = 0 is this lane's element, m = 1 lane l16 + 16's
-      const float v0 = hsel ? 0.0f : x0[0], v1 = hsel ? 0.0f : o0;
-      acc = __fadd_rn(acc, __fmul_rn(v0, v0));
-      if (n0 > 16) acc = hsel ? acc : __fadd_rn(acc, __fmul_rn(v1, v1));
-    }
-#pragma unroll
-    for (int k = 0; k < EL; ++k) {  // segment 1 (lanes 16-31): m = 2k in lane l16, m = 2k + 1 in lane l16 + 16
-      const float o = __shfl_xor_sync(0xffffffffu, x1[k], 16);
-      if (hsel) {
-        acc = __fadd_rn(acc, __fmul_rn(o, o));
-        acc = __fadd_rn(acc, __fmul_rn(x1[k], x1[k]));
-      }
-    }
+    // 2-4. Norms, each segment's rotation, codes (outlier_encode).
     float norm0, norm1;
-    segment_norms(acc, l16, norm0, norm1, st);
-    // 3. Each segment's rotation: its signs, then warp_rotate_regs.
-    x0[0] = lane < n0 ? __fmul_rn(x0[0], s1[lane]) : 0.0f;
-#pragma unroll
-    for (int k = 0; k < EL; ++k)
-      if (lane + 32 * k < n1) x1[k] = __fmul_rn(x1[k], s1[n0 + lane + 32 * k]);
-    warp_rotate_regs(meta[0], n0, x0, scratch, s2, perm, lane);
-    warp_rotate_regs(meta[1], n1, x1, scratch + n0, s2 + n0, perm + n0, lane);
-    // 4. Codes: #{boundaries < y / norm} by the CPU's binary search; a zero
-    // (or non-finite) norm gives codes 0.
-    const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
-    const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
-    auto search = [&](const float* b, int bits, float v) {
-      int lo = 0;
-      for (int step = 1 << (bits - 1); step >= 1; step /= 2)
-        if (b[lo + step - 1] < v) lo += step;
-      return lo;
-    };
-    if (lane < n0) codes[lane] = static_cast<uint8_t>(ok0 ? search(bnd[0], bits0, __fmul_rn(x0[0], inv0)) : 0);
-#pragma unroll
-    for (int k = 0; k < EL; ++k)
-      if (lane + 32 * k < n1)
-        codes[n0 + lane + 32 * k] = static_cast<uint8_t>(ok1 ? search(bnd[1], bits1, __fmul_rn(x1[k], inv1)) : 0);
+    outlier_encode<D>(x0, x1, n0, bits0, bits1, bnd[0], bnd[1], s1, s2, perm, meta, scratch, codes, lane, norm0,
+                      norm1, st);
     __syncwarp();
     // 5. Packed bytes and scales, straight into the page.
     write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);

@@ -1,14 +1,16 @@
-// Internal: the two steps of a channel-split record's encoding that the
-// prefill append (split_append.cu) and the captured step (mse_step.cu)
-// share -- the segments' norms from the canonical lane sums, and the packed
-// record -- so that both write the CPU encoder's bytes (kernels_ref.cpp's
-// norm tree, pack_ref's bit order). Include after mse_append_kernel.cuh
-// (kHalfMax, float_to_half_bits).
+// Internal: what the prefill append (split_append.cu) and the captured step
+// (mse_step.cu) share of a channel-split record's encoding -- the segments'
+// norms from the canonical lane sums, an outlier split's codes in registers,
+// and the packed record -- so that both write the CPU encoder's bytes
+// (kernels_ref.cpp's norm tree, Rotation::forward, the binary search,
+// pack_ref's bit order). Include after mse_append_kernel.cuh (kHalfMax,
+// float_to_half_bits).
 #pragma once
 
 #include <cstdint>
 
 #include "cuda/kernels.hpp"
+#include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
 
@@ -23,6 +25,65 @@ __device__ __forceinline__ void segment_norms(float acc, int l16, float& norm0, 
   norm0 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 0));
   norm1 = __fsqrt_rn(__shfl_sync(0xffffffffu, acc, 16));
   if (!isfinite(norm0) || !isfinite(norm1)) st |= kStatusNonFinite;
+}
+
+// The codes of one vector of a split whose first segment has at most 32
+// channels (the -out presets' outlier channels), by one warp, in registers:
+// lane l holds element l of segment 0 in x0 and elements l + 32 k of segment
+// 1 in x1, rounded. The norms by the canonical 16 lane sums (lanes 0-15
+// segment 0, lanes 16-31 segment 1), each segment's signs and rotation
+// (warp_rotate_regs; s1 / s2 / perm / meta as stage_split_rotation stages
+// them, scratch: D floats of the warp's shared memory), then the codes by the
+// CPU's binary search over each segment's boundaries (bnd0 / bnd1, shared
+// memory) into codes[0 .. D) ([seg 0 | seg 1]; the caller's __syncwarp
+// publishes them). A zero (or non-finite) norm gives codes 0.
+template <int D>
+__device__ __forceinline__ void outlier_encode(float (&x0)[1], float (&x1)[D / 32], int n0, int bits0, int bits1,
+                                               const float* bnd0, const float* bnd1, const float* s1,
+                                               const float* s2, const int* perm, const RotMeta (&meta)[2],
+                                               float* scratch, uint8_t* codes, int lane, float& norm0,
+                                               float& norm1, int& st) {
+  constexpr int EL = D / 32;
+  const int n1 = D - n0, l16 = lane & 15, hsel = lane >> 4;
+  // Norms: lane sum l16 of a segment adds its elements l16 + 16 m in m
+  // order (elements past the segment add +0: the sums are unchanged).
+  float acc = 0.0f;
+  const float o0 = __shfl_xor_sync(0xffffffffu, x0[0], 16);
+  {  // segment 0 (lanes 0-15): m = 0 is this lane's element, m = 1 lane l16 + 16's
+    const float v0 = hsel ? 0.0f : x0[0], v1 = hsel ? 0.0f : o0;
+    acc = __fadd_rn(acc, __fmul_rn(v0, v0));
+    if (n0 > 16) acc = hsel ? acc : __fadd_rn(acc, __fmul_rn(v1, v1));
+  }
+#pragma unroll
+  for (int k = 0; k < EL; ++k) {  // segment 1 (lanes 16-31): m = 2k in lane l16, m = 2k + 1 in lane l16 + 16
+    const float o = __shfl_xor_sync(0xffffffffu, x1[k], 16);
+    if (hsel) {
+      acc = __fadd_rn(acc, __fmul_rn(o, o));
+      acc = __fadd_rn(acc, __fmul_rn(x1[k], x1[k]));
+    }
+  }
+  segment_norms(acc, l16, norm0, norm1, st);
+  // Each segment's rotation: its signs, then warp_rotate_regs.
+  x0[0] = lane < n0 ? __fmul_rn(x0[0], s1[lane]) : 0.0f;
+#pragma unroll
+  for (int k = 0; k < EL; ++k)
+    if (lane + 32 * k < n1) x1[k] = __fmul_rn(x1[k], s1[n0 + lane + 32 * k]);
+  warp_rotate_regs(meta[0], n0, x0, scratch, s2, perm, lane);
+  warp_rotate_regs(meta[1], n1, x1, scratch + n0, s2 + n0, perm + n0, lane);
+  // Codes: #{boundaries < y / norm} by the CPU's binary search.
+  const bool ok0 = norm0 != 0.0f && isfinite(norm0), ok1 = norm1 != 0.0f && isfinite(norm1);
+  const float inv0 = ok0 ? __fdiv_rn(1.0f, norm0) : 0.0f, inv1 = ok1 ? __fdiv_rn(1.0f, norm1) : 0.0f;
+  auto search = [&](const float* b, int bits, float v) {
+    int lo = 0;
+    for (int step = 1 << (bits - 1); step >= 1; step /= 2)
+      if (b[lo + step - 1] < v) lo += step;
+    return lo;
+  };
+  if (lane < n0) codes[lane] = static_cast<uint8_t>(ok0 ? search(bnd0, bits0, __fmul_rn(x0[0], inv0)) : 0);
+#pragma unroll
+  for (int k = 0; k < EL; ++k)
+    if (lane + 32 * k < n1)
+      codes[n0 + lane + 32 * k] = static_cast<uint8_t>(ok1 ? search(bnd1, bits1, __fmul_rn(x1[k], inv1)) : 0);
 }
 
 // The record at rec0 of split f: each segment's codes packed (pack_ref:
