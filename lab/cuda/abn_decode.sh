@@ -8,7 +8,8 @@
 # variant's ratio to the base (prefill-append rows too, kernel times, when
 # BENCH_ARGS has no --no-append); raw JSON in $OUT/abn.json. NCU=1 adds, per
 # variant, ncu's executed instructions, issue share and stall reasons of two
-# prefill-append launches ($NCU_SHAPE, default llama; turbo4 from bf16).
+# prefill-append launches ($NCU_SHAPE, default llama; turbo4 from bf16;
+# NCU_KERNEL / NCU_PRESET / NCU_SKIP / NCU_COUNT / NCU_LINES pick others).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 ROUNDS=${ROUNDS:-2}
 read -r -a ARGS <<<"${BENCH_ARGS:---shape llama --batch 1,8 --context 32768,131072 --preset turbo4,paper_mse,turbo3 --no-append --runs 30}"
@@ -65,11 +66,12 @@ if [[ -n ${NCU:-} ]]; then
   metrics=smsp__inst_executed.sum,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size
   metrics+=",regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
   for v in "${names[@]}"; do
-    timeout 150 ncu --kernel-name regex:mse_append_kernel --launch-skip 2 --launch-count 2 --metrics "$metrics" \
-      "/tmp/tq_$v" gpu-bench --shape "${NCU_SHAPE:-llama}" --batch 1 --context 4096 --preset turbo4 --runs 20 --append-runs 1 \
-      >"$OUT/ncu_$v.txt" 2>&1
-    echo "== ncu $v"; grep -E "mse_append_kernel<|inst_executed|time_duration|issue_active|registers|stalled_(no_inst|short|long|wait|barrier|mio|math)" "$OUT/ncu_$v.txt" |
-      sed 's/  */ /g' | cut -c1-120 | head -12
+    timeout 150 ncu --kernel-name regex:"${NCU_KERNEL:-mse_append_kernel}" --launch-skip "${NCU_SKIP:-2}" \
+      --launch-count "${NCU_COUNT:-2}" --metrics "$metrics" \
+      "/tmp/tq_$v" gpu-bench --shape "${NCU_SHAPE:-llama}" --batch 1 --context 4096 --preset "${NCU_PRESET:-turbo4}" \
+      --runs 20 --append-runs 1 >"$OUT/ncu_$v.txt" 2>&1
+    echo "== ncu $v"; grep -E "${NCU_KERNEL:-mse_append_kernel}.*<|inst_executed|time_duration|issue_active|registers|stalled_(no_inst|short|long|wait|barrier|mio|math|not_sel)" "$OUT/ncu_$v.txt" |
+      sed 's/  */ /g' | cut -c1-120 | head -${NCU_LINES:-12}
   done
 fi
 echo "total $(( $(date +%s) - t0 )) s"

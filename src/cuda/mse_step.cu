@@ -106,8 +106,8 @@ __device__ __forceinline__ float round_input(float a, int round_to, int& st) {
 template <int D>
 __device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, const uint8_t* row, int dtype, int h,
                                                     uint8_t* rec0, uint8_t* codes, float* scratch,
-                                                    const float (&bnd)[2][256], const float* s1, const float* s2,
-                                                    const int* perm, const RotMeta (&meta)[2], int lane, int& st) {
+                                                    const float (&bnd)[2][256], const OutlierElem* elems, int lane,
+                                                    int& st) {
   constexpr int EL = D / 32;
   const SplitFormat& F = p.kout;
   const int n0 = F.seg[0].dim, n1 = D - n0;
@@ -119,8 +119,8 @@ __device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, cons
     x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
                                : 0.0f;
   float norm0, norm1;
-  outlier_encode<D>(x0, x1, n0, F.seg[0].bits, F.seg[1].bits, bnd[0], bnd[1], s1, s2, perm, meta, scratch, codes, lane,
-                    norm0, norm1, st);
+  outlier_encode<D>(x0, x1, n0, F.seg[0].bits, F.seg[1].bits, bnd[0], bnd[1], elems, F.seg[0].rot.perm != nullptr,
+                    F.seg[1].rot.perm != nullptr, scratch, codes, lane, norm0, norm1, st);
   __syncwarp();
   write_split_record(rec0, F, codes, norm0, norm1, lane, st);
 }
@@ -141,16 +141,14 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
   // Outlier K: the rotations' parameters and the segments' boundaries, once a block.
   struct OutShared {
     float bnd[2][256];
-    float s1[D], s2[D];
-    int perm[D];
-    RotMeta meta[2];
+    OutlierElem elems[D];
   };
   __shared__ std::conditional_t<OUTK, OutShared, char> out_sh;
   if constexpr (OUTK) {
     for (int sg = 0; sg < 2; ++sg)
       for (int i = threadIdx.x; i < (1 << p.kout.seg[sg].bits) - 1; i += 32 * kStepWarps)
         out_sh.bnd[sg][i] = p.kout.seg[sg].boundaries[i];
-    stage_split_rotation(p.kout, p.kout.seg[0].dim, out_sh.s1, out_sh.s2, out_sh.perm, out_sh.meta);
+    stage_outlier_elems(p.kout, p.kout.seg[0].dim, D, out_sh.elems);
     __syncthreads();
   }
   const AppendStepTiles& s = p.step;
@@ -237,8 +235,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
           const int page = s.page_table[size_t(seq) * s.max_pages_per_seq + t / s.page_tokens];
           uint8_t* const rec = p.pool + size_t(page) * p.page_bytes + p.region_offset[0] +
                                (size_t(h) * p.page_tokens + t % s.page_tokens) * p.k_record_bytes;
-          outlier_step_vector<D>(p, row, dtype, h, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.s1, out_sh.s2,
-                                 out_sh.perm, out_sh.meta, lane, st);
+          outlier_step_vector<D>(p, row, dtype, h, rec, codes[warp], sq[warp], out_sh.bnd, out_sh.elems, lane, st);
         }
       }
     } else if (store) {

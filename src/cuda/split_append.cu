@@ -141,12 +141,15 @@ __device__ __forceinline__ void for_each_row(const SplitAppendParams& p, int war
   }
 }
 
+// Where the record of row (tile t, token tl, head) goes.
+__device__ __forceinline__ uint8_t* record_at(const SplitAppendParams& p, const AppendTile& t, int tl, int head) {
+  return p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
+         (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
+}
 // The record of row (tile t, token tl, head) (write_split_record).
 __device__ void write_record(const SplitAppendParams& p, const AppendTile& t, int tl, int head,
                              const uint8_t* codes, float norm0, float norm1, int lane, int& st) {
-  uint8_t* rec0 = p.pool + size_t(t.page) * p.page_bytes + p.region_offset +
-                  (size_t(head) * p.page_tokens + t.slot0 + tl) * p.record_bytes;
-  write_split_record(rec0, p.f, codes, norm0, norm1, lane, st);
+  write_split_record(record_at(p, t, tl, head), p.f, codes, norm0, norm1, lane, st);
 }
 
 // One warp per vector: its rows of the tile, each through the whole
@@ -294,7 +297,7 @@ __global__ void __launch_bounds__(kThreads) halves_append_kernel(const __grid_co
 // lane l holds element l of segment 0 and elements l + 32 k of segment 1,
 // so that each segment starts at lane 0 -- the norms by the canonical 16
 // lane sums (lanes 0-15 segment 0, lanes 16-31 segment 1), each segment's
-// rotation by warp_rotate_regs (SegmentRotator::forward's operations; its
+// rotation by outlier_rotate (SegmentRotator::forward's operations; its
 // parameters staged in shared memory once a block), the CPU's binary search
 // over boundaries in shared memory. Only the packing goes through shared
 // memory (write_record). The general kernel above took everything through
@@ -306,14 +309,13 @@ __global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_c
   __shared__ uint8_t codes_all[kWarps][D];
   __shared__ float scratch_all[kWarps][D];  // the permutations
   __shared__ float bnd[2][256];             // each segment's boundaries
-  __shared__ float s1[D], s2[D];
-  __shared__ int perm[D];
-  __shared__ RotMeta meta[2];
+  __shared__ OutlierElem elems[D];          // the rotations' per-element parameters
   const int n0 = p.f.seg[0].dim, n1 = D - n0;
   for (int sg = 0; sg < 2; ++sg)
     for (int i = threadIdx.x; i < (1 << p.f.seg[sg].bits) - 1; i += kThreads) bnd[sg][i] = p.f.seg[sg].boundaries[i];
-  stage_split_rotation(p.f, n0, s1, s2, perm, meta);
+  stage_outlier_elems(p.f, n0, D, elems);
   __syncthreads();
+  const bool two0 = p.f.seg[0].rot.perm != nullptr, two1 = p.f.seg[1].rot.perm != nullptr;
   const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
   uint8_t* codes = codes_all[warp];
   float* scratch = scratch_all[warp];
@@ -329,11 +331,55 @@ __global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_c
       x1[k] = lane + 32 * k < n1 ? load_rounded(p, rw.base_in + __ldg(rw.ch + n0 + lane + 32 * k), st) : 0.0f;
     // 2-4. Norms, each segment's rotation, codes (outlier_encode).
     float norm0, norm1;
-    outlier_encode<D>(x0, x1, n0, bits0, bits1, bnd[0], bnd[1], s1, s2, perm, meta, scratch, codes, lane, norm0,
+    outlier_encode<D>(x0, x1, n0, bits0, bits1, bnd[0], bnd[1], elems, two0, two1, scratch, codes, lane, norm0,
                       norm1, st);
     __syncwarp();
     // 5. Packed bytes and scales, straight into the page.
     write_record(p, t, rw.tl, rw.head, codes, norm0, norm1, lane, st);
+    if (st) atomicOr(p.status, st);
+    __syncwarp();  // the codes are read: the next row may overwrite them
+  });
+  append_step_block_done(p.step, append_tiles_of_block(p.n_tiles), 2 * p.n_tiles, p.status);
+}
+
+// The -out presets themselves (the OutlierStd layout at head_dim 128 / 256,
+// segment widths B0 / B1): outlier_append_kernel's work with the rotation's
+// extents, the searches and the packing unrolled (outlier_encode_std,
+// write_outlier_record_std): 128K Llama tokens of turbo4-out keys from bf16
+// took ~2.4 ms in outlier_append_kernel (~2,000 warp instructions a vector,
+// issue-bound).
+template <int D, int B0, int B1>
+__global__ void __launch_bounds__(kThreads, 4) outlier_std_kernel(const __grid_constant__ SplitAppendParams p) {
+  constexpr int kWarps = kThreads / 32, EL = D / 32;
+  using L = OutlierStd<D>;
+  __shared__ __align__(16) uint8_t codes_all[kWarps][D];
+  __shared__ float scratch_all[kWarps][D];  // the permutation
+  __shared__ float bnd[2][1 << B0];         // each segment's boundaries
+  __shared__ OutlierElem elems[D];          // the rotations' per-element parameters
+  static_assert(B1 <= B0);
+  for (int sg = 0; sg < 2; ++sg)
+    for (int i = threadIdx.x; i < (1 << (sg ? B1 : B0)) - 1; i += kThreads) bnd[sg][i] = p.f.seg[sg].boundaries[i];
+  stage_outlier_elems(p.f, L::kN0, D, elems);
+  __syncthreads();
+  const int warp = __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0), lane = threadIdx.x % 32;
+  uint8_t* codes = codes_all[warp];
+  float* scratch = scratch_all[warp];
+  float sg[5];
+#pragma unroll
+  for (int j = 0; j < 5; ++j) sg[j] = (lane >> j) & 1 ? -1.0f : 1.0f;
+
+  for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
+    int st = 0;
+    float x0[1] = {lane < L::kN0 ? load_rounded(p, rw.base_in + __ldg(rw.ch + lane), st) : 0.0f};
+    float x1[EL];
+#pragma unroll
+    for (int k = 0; k < EL; ++k)
+      x1[k] = lane + 32 * k < L::kN1 ? load_rounded(p, rw.base_in + __ldg(rw.ch + L::kN0 + lane + 32 * k), st) : 0.0f;
+    float norm0, norm1;
+    outlier_encode_std<D, B0, B1>(x0, x1, bnd[0], bnd[1], elems, p.f.seg[0].rot, p.f.seg[1].rot, sg, scratch, codes,
+                                  lane, norm0, norm1, st);
+    __syncwarp();
+    write_outlier_record_std<D, B0, B1>(record_at(p, t, rw.tl, rw.head), p.f, codes, norm0, norm1, lane, st);
     if (st) atomicOr(p.status, st);
     __syncwarp();  // the codes are read: the next row may overwrite them
   });
@@ -702,6 +748,11 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, cons
     if (dim == 64) launch(halves_append_kernel<64>);
     else if (dim == 128) launch(halves_append_kernel<128>);
     else launch(halves_append_kernel<256>);
+  } else if (outlier_std_layout(f, dim) && f.seg[0].bits == 6 && (f.seg[1].bits == 4 || f.seg[1].bits == 3)) {
+    // turbo4-out / paper_mse-out at head_dim 128 / 256.
+    auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
+    if (dim == 128) f.seg[1].bits == 4 ? launch(outlier_std_kernel<128, 6, 4>) : launch(outlier_std_kernel<128, 6, 3>);
+    else f.seg[1].bits == 4 ? launch(outlier_std_kernel<256, 6, 4>) : launch(outlier_std_kernel<256, 6, 3>);
   } else if (f.seg[0].dim <= 32 && (dim == 64 || dim == 128 || dim == 256)) {
     auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
     if (dim == 64) launch(outlier_append_kernel<64>);
