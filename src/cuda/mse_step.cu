@@ -70,6 +70,7 @@ struct StepParams<true> : StepCommon {
 struct StepParamsOut : StepParams<false> {
   SplitFormat kout;
   int k_record_bytes;
+  int kout_std;  // kout has the OutlierStd layout with 6-bit outliers: segment 1's bits (3 or 4); else 0
 };
 
 // Element i of a row as a float (f32, f16 or bf16 input).
@@ -119,6 +120,23 @@ __device__ __forceinline__ void outlier_step_vector(const StepParamsOut& p, cons
     x1[k] = lane + 32 * k < n1 ? round_input(load_elem(row, dtype, __ldg(ch + n0 + lane + 32 * k)), p.round_to, st)
                                : 0.0f;
   float norm0, norm1;
+  if constexpr (D == 128 || D == 256) {
+    if (p.kout_std != 0) {  // the -out presets: the prefill kernel's unrolled encoder
+      float sg[5];
+#pragma unroll
+      for (int j = 0; j < 5; ++j) sg[j] = (lane >> j) & 1 ? -1.0f : 1.0f;
+      auto std_path = [&](auto b1) {
+        constexpr int B1 = decltype(b1)::value;
+        outlier_encode_std<D, 6, B1>(x0, x1, bnd[0], bnd[1], elems, F.seg[0].rot, F.seg[1].rot, sg, scratch, codes,
+                                     lane, norm0, norm1, st);
+        __syncwarp();
+        write_outlier_record_std<D, 6, B1>(rec0, F, codes, norm0, norm1, lane, st);
+      };
+      if (p.kout_std == 4) std_path(std::integral_constant<int, 4>{});
+      else std_path(std::integral_constant<int, 3>{});
+      return;
+    }
+  }
   outlier_encode<D>(x0, x1, n0, F.seg[0].bits, F.seg[1].bits, bnd[0], bnd[1], elems, F.seg[0].rot.perm != nullptr,
                     F.seg[1].rot.perm != nullptr, scratch, codes, lane, norm0, norm1, st);
   __syncwarp();
@@ -135,7 +153,7 @@ __global__ void __launch_bounds__(32 * kStepWarps) mse_step_kernel(const __grid_
   constexpr int E = N / 32;  // elements a lane: i = lane * E + j
   constexpr int NSEG = SPLIT ? 2 : 1, D = N * NSEG;
   __shared__ float sq[kStepWarps][N];
-  __shared__ uint8_t codes[kStepWarps][N];
+  __shared__ __align__(16) uint8_t codes[kStepWarps][N];  // 16-byte aligned: write_outlier_record_std reads 8 at a time
   __shared__ float sbnd[kStepWarps][256];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   // Outlier K: the rotations' parameters and the segments' boundaries, once a block.
@@ -432,6 +450,9 @@ void launch_outlier_step(const StepLaunch& a, int dim, const SplitFormat& kf, in
   p.fmt[1] = vf;
   p.kout = kf;
   p.k_record_bytes = k_record_bytes;
+  p.kout_std = outlier_std_layout(kf, dim) && kf.seg[0].bits == 6 && (kf.seg[1].bits == 3 || kf.seg[1].bits == 4)
+                   ? kf.seg[1].bits
+                   : 0;
   const int parts = 2 * a.step.n * a.n_heads;
   const int grid = (parts + kStepWarps - 1) / kStepWarps;
   switch (dim) {

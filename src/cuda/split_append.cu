@@ -79,6 +79,15 @@ __device__ __forceinline__ float load_rounded(const SplitAppendParams& p, size_t
   else a = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.x)[idx]);
   return round_checked(p, a, st);
 }
+// load_rounded for input type T (the caller dispatched on p.dtype).
+template <typename T>
+__device__ __forceinline__ float load_rounded_t(const SplitAppendParams& p, size_t idx, int& st) {
+  float a;
+  if constexpr (std::is_same_v<T, float>) a = reinterpret_cast<const float*>(p.x)[idx];
+  else if constexpr (std::is_same_v<T, __half>) a = __half2float(reinterpret_cast<const __half*>(p.x)[idx]);
+  else a = __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p.x)[idx]);
+  return round_checked(p, a, st);
+}
 // One segment's rotation by one warp on its vector in shared memory
 // (Rotation::forward, operation for operation; see split_rotation.cuh).
 __device__ __forceinline__ void warp_hadamard_blocks(float* x, const SegmentRotation& R, int lane) {
@@ -348,7 +357,7 @@ __global__ void __launch_bounds__(kThreads) outlier_append_kernel(const __grid_c
 // write_outlier_record_std): 128K Llama tokens of turbo4-out keys from bf16
 // took ~2.4 ms in outlier_append_kernel (~2,000 warp instructions a vector,
 // issue-bound).
-template <int D, int B0, int B1>
+template <int D, int B0, int B1, typename T>
 __global__ void __launch_bounds__(kThreads, 4) outlier_std_kernel(const __grid_constant__ SplitAppendParams p) {
   constexpr int kWarps = kThreads / 32, EL = D / 32;
   using L = OutlierStd<D>;
@@ -370,11 +379,12 @@ __global__ void __launch_bounds__(kThreads, 4) outlier_std_kernel(const __grid_c
 
   for_each_row(p, warp, kWarps, D, [&](const AppendTile& t, const Row& rw) {
     int st = 0;
-    float x0[1] = {lane < L::kN0 ? load_rounded(p, rw.base_in + __ldg(rw.ch + lane), st) : 0.0f};
+    float x0[1] = {lane < L::kN0 ? load_rounded_t<T>(p, rw.base_in + __ldg(rw.ch + lane), st) : 0.0f};
     float x1[EL];
 #pragma unroll
     for (int k = 0; k < EL; ++k)
-      x1[k] = lane + 32 * k < L::kN1 ? load_rounded(p, rw.base_in + __ldg(rw.ch + L::kN0 + lane + 32 * k), st) : 0.0f;
+      x1[k] = lane + 32 * k < L::kN1 ? load_rounded_t<T>(p, rw.base_in + __ldg(rw.ch + L::kN0 + lane + 32 * k), st)
+                                     : 0.0f;
     float norm0, norm1;
     outlier_encode_std<D, B0, B1>(x0, x1, bnd[0], bnd[1], elems, p.f.seg[0].rot, p.f.seg[1].rot, sg, scratch, codes,
                                   lane, norm0, norm1, st);
@@ -751,8 +761,18 @@ void launch_split_append_tiles(const AppendLaunch& a, const SplitFormat& f, cons
   } else if (outlier_std_layout(f, dim) && f.seg[0].bits == 6 && (f.seg[1].bits == 4 || f.seg[1].bits == 3)) {
     // turbo4-out / paper_mse-out at head_dim 128 / 256.
     auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
-    if (dim == 128) f.seg[1].bits == 4 ? launch(outlier_std_kernel<128, 6, 4>) : launch(outlier_std_kernel<128, 6, 3>);
-    else f.seg[1].bits == 4 ? launch(outlier_std_kernel<256, 6, 4>) : launch(outlier_std_kernel<256, 6, 3>);
+    auto by_type = [&](auto d, auto b1) {
+      constexpr int D = decltype(d)::value, B1 = decltype(b1)::value;
+      if (a.dtype == DType::bf16) launch(outlier_std_kernel<D, 6, B1, __nv_bfloat16>);
+      else if (a.dtype == DType::f16) launch(outlier_std_kernel<D, 6, B1, __half>);
+      else launch(outlier_std_kernel<D, 6, B1, float>);
+    };
+    using I128 = std::integral_constant<int, 128>;
+    using I256 = std::integral_constant<int, 256>;
+    using I3 = std::integral_constant<int, 3>;
+    using I4 = std::integral_constant<int, 4>;
+    if (dim == 128) f.seg[1].bits == 4 ? by_type(I128{}, I4{}) : by_type(I128{}, I3{});
+    else f.seg[1].bits == 4 ? by_type(I256{}, I4{}) : by_type(I256{}, I3{});
   } else if (f.seg[0].dim <= 32 && (dim == 64 || dim == 128 || dim == 256)) {
     auto launch = [&](auto kernel) { kernel<<<grid, kThreads, 0, stream>>>(p); };
     if (dim == 64) launch(outlier_append_kernel<64>);
