@@ -1995,10 +1995,12 @@ TEST(CudaAttentionTc, OutlierChannelsInKMatchReference) {
   worst.print("tensor-core kernel, outlier channels in K (vs reference kernel)");
 }
 
-// The halves' append kernel (two lanes a vector at d 64 / 128 / 256) reads
-// every input type: a layer appended from f16 or bf16 holds the records of
-// one appended from the same values in f32 (the f32 path is checked against
-// KvCache in RecordsAndAttentionMatchKvCache), with zero rows, rows at the
+// (CudaSplit.AppendInputTypesAgree, below.) The split append kernels -- the
+// halves' (two lanes a vector at d 64 / 128 / 256) and the -out presets'
+// (turbo4-out / paper_mse-out keys at d 128 / 256) -- read every input type:
+// a layer appended from f16 or bf16 holds the records of one appended from
+// the same values in f32 (the f32 path is checked against KvCache in
+// RecordsAndAttentionMatchKvCache), with zero rows, rows at the
 // fp16 limit and tiny values among them, and both choose the same hi
 // channels; under round_to f32 too (f32 input then takes the kernel's
 // ungathered path).
@@ -2398,18 +2400,28 @@ TEST(CudaGraph, StepKernelMatchesTileKernels) {
   }
 }
 
-TEST(CudaSplit, HalvesAppendInputTypesAgree) {
+TEST(CudaSplit, AppendInputTypesAgree) {
   TQ_SKIP_WITHOUT_GPU();
   using cuda::DType;
   const int H = 2, P = 16, n = 150;
-  for (const auto& [spec, d] : {std::pair{"tq-mse:b=2.5", 128}, std::pair{"tq-mse:b=3.5", 64},
-                                std::pair{"tq-mse:b=3.5", 128}, std::pair{"tq-mse:b=2.5", 256}})
+  struct Case {
+    const char *kspec, *vspec;
+    int d;
+  };
+  for (const Case& c : {Case{"tq-mse:b=2.5", "tq-mse:b=2.5", 128}, Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 64},
+                        Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 128}, Case{"tq-mse:b=2.5", "tq-mse:b=2.5", 256},
+                        // the -out presets' kernel at both widths and dims
+                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128},
+                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 128},
+                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 256},
+                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256}})
     for (const auto [in, rt] : {std::pair{DType::f16, DType::f16}, std::pair{DType::bf16, DType::f16},
                                 std::pair{DType::bf16, DType::bf16}, std::pair{DType::f16, DType::bf16},
                                 std::pair{DType::f16, DType::f32}, std::pair{DType::bf16, DType::f32}}) {
-      SCOPED_TRACE(std::string(spec) + " d " + std::to_string(d) + " input " + cuda::to_string(in) +
-                   " round_to " + cuda::to_string(rt));
-      auto kq = make_quantizer(spec, d, 5), vq = make_quantizer(spec, d, 6);
+      const int d = c.d;
+      SCOPED_TRACE(std::string(c.kspec) + " / " + c.vspec + " d " + std::to_string(d) + " input " +
+                   cuda::to_string(in) + " round_to " + cuda::to_string(rt));
+      auto kq = make_quantizer(c.kspec, d, 5), vq = make_quantizer(c.vspec, d, 6);
       const auto k = append_vectors(size_t(n) * H, d, 77), v = append_vectors(size_t(n) * H, d, 78);
       const TypedInput tk = typed_input(k, in), tv = typed_input(v, in);
       cuda::GpuKvLayerConfig cfg;
@@ -2461,6 +2473,8 @@ TEST(CudaSplit, RecordsAndAttentionMatchKvCache) {
                        Case{"tq-mse:b=3.5", "tq-mse:b=3.5", 256, 8, 16, 4},  // tensor cores + dense part
                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, 8, 16, 4},
                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256, 4, 8, 2},
+                       Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 128, 4, 0, 0},
+                       Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 256, 8, 0, 0},
                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=2.5,hi=32%", 64, 4, 0, 3},
                        Case{"tq-mse:b=4", "tq-mse:b=2.5,sf=f32", 128, 2, 0, 0}}) {
     SCOPED_TRACE(std::string("K ") + c.k + " V " + c.v + " d " + std::to_string(c.d) + " window " +
