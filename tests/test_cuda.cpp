@@ -1776,6 +1776,63 @@ TEST(CudaAttentionTc, MatchesReferenceAndCpu) {
   }
 }
 
+// A windowed layer whose window fits one split a sequence (at most 5 tile
+// pairs a warp) gets its output from the decode kernel itself, no merge
+// kernel (DecodeAttentionParams::direct): bit for bit what the merge of that
+// one split writes (the hook turns the direct output off, same plan), for
+// every head_dim, GQA 1 and 8 (several combine rounds at d 256), tq-mse and
+// outlier-K instantiations, an empty sequence, softcap; a window too long
+// for one split, sinks or a dense window keep the merge.
+TEST(CudaAttentionTc, DirectOutputIsTheMergedSplit) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  struct Restore {
+    ~Restore() { cuda::set_decode_tc_direct_output(true); }
+  } restore;
+  struct Case {
+    const char *k, *v;
+    int d;
+  };
+  const int H = 2, P = 16;
+  const std::vector<int> lens = {0, 1, 33, 700, 2000};
+  for (const Case& c : {Case{"tq-mse:b=4", "tq-mse:b=4", 64}, Case{"tq-mse:b=3", "tq-mse:b=4", 128},
+                        Case{"tq-mse:b=4", "tq-mse:b=3", 256}, Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128},
+                        Case{"tq-mse:b=3,hi=12.5%,hb=6", "tq-mse:b=4", 256}})
+    for (int g : {1, 8}) {
+      const int hq = H * g, d = c.d;
+      const uint64_t seed = 700 + d + g;
+      auto kq = make_quantizer(c.k, d, seed), vq = make_quantizer(c.v, d, seed + 1);
+      cuda::GpuKvLayer layer(*kq, *vq, tc_test_config(H, P, int(lens.size()), 2000));
+      for (size_t s = 0; s < lens.size(); ++s) {
+        layer.add_sequence();
+        const auto k = kv_data(size_t(lens[s]) * H, d, seed * 10 + s), v = kv_data(size_t(lens[s]) * H, d, seed * 10 + s + 5);
+        layer.append(int(s), k.data(), v.data(), lens[s]);
+      }
+      const auto q = test::random_gaussian(lens.size() * hq * d, seed + 3);
+      cuda::DeviceBuffer dq(q.size() * 4);
+      dq.upload(q.data(), q.size() * 4);
+      for (const AttentionParams prm : {AttentionParams{0.0f, 0.0f, 1, 0}, AttentionParams{0.0f, 0.0f, 100, 0},
+                                        AttentionParams{0.0f, 30.0f, 1024, 0}, AttentionParams{0.0f, 0.0f, 1300, 0},
+                                        AttentionParams{0.0f, 0.0f, 100, 2}}) {
+        SCOPED_TRACE(std::string(c.k) + " / " + c.v + " d " + std::to_string(d) + " g " + std::to_string(g) +
+                     " window " + std::to_string(prm.window) + " sinks " + std::to_string(prm.n_sinks));
+        // One split: windows up to 5 pairs a warp (16 warps at d <= 128, 8 at 256), no sinks.
+        const bool one = prm.n_sinks == 0 && prm.window + 31 <= 160 * (d >= 256 ? 8 : 16);
+        const long before = cuda::decode_tc_direct_launches();
+        const AttnOut direct = run_attend(layer, dq, hq, prm, cuda::DecodeKernel::tensor_core);
+        EXPECT_EQ(cuda::decode_tc_direct_launches() - before, one ? 1 : 0);
+        cuda::set_decode_tc_direct_output(false);
+        const AttnOut merged = run_attend(layer, dq, hq, prm, cuda::DecodeKernel::tensor_core);
+        cuda::set_decode_tc_direct_output(true);
+        EXPECT_EQ(cuda::decode_tc_direct_launches() - before, one ? 1 : 0);
+        expect_same_bits(direct, merged);
+        for (int h = 0; h < hq; ++h) EXPECT_EQ(direct.lse[h], kEmptyLse) << "empty sequence 0, head " << h;
+        for (int i = 0; i < hq * d; ++i) ASSERT_EQ(direct.out[i], 0.0f) << "empty sequence 0, elem " << i;
+      }
+    }
+}
+
 // The shapes at 256-token pages: Llama (Hq 32 / Hkv 8 / d 128) and
 // Gemma (Hq 4 / Hkv 1 / d 256) with turbo4, turbo3 and paper_mse records,
 // lengths up to 16K in one mixed batch; attend()'s default must be the

@@ -78,6 +78,8 @@ void set_decode_kernel_override(DecodeKernel) {}
 DecodeKernel decode_kernel_override() { return DecodeKernel::automatic; }
 void set_decode_tc_split_override(int) {}
 void set_decode_tc_tensor_copies(bool) {}
+void set_decode_tc_direct_output(bool) {}
+long decode_tc_direct_launches() { return 0; }
 const char* decode_tc_unsupported(const DecodeShape&) { return "turboquant was built without CUDA"; }
 DecodeKernel decode_kernel_for(const DecodeShape&) { return DecodeKernel::reference; }
 

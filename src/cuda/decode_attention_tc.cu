@@ -759,7 +759,9 @@ struct Producer {
   }
 };
 
-template <int D, int KB, int VB, bool SPLIT, int HB>
+// DIRECT: the output written here, no merge kernel (DecodeAttentionParams::direct;
+// its own instantiation, so that the other kernels compile as without it).
+template <int D, int KB, int VB, bool SPLIT, int HB, bool DIRECT>
 __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
                      float* __restrict__ part_o, float* __restrict__ part_lse,
@@ -917,7 +919,14 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     const Item x = item_at(p, it);
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
     if (x.n_tiles == 0) {  // past the sequence: a neutral partial (the merge skips its o)
-      if (int(threadIdx.x) < g) part_lse[row0 + size_t(threadIdx.x) * p.n_splits] = kNegInf;
+      if constexpr (DIRECT) {  // what the merge writes for it: the rotation of 0, lse -inf
+        const size_t orow = size_t(x.seq) * n_heads_q + size_t(x.hkv) * g;
+        for (int idx = threadIdx.x; idx < g * D; idx += C::kThreads)
+          p.direct_out[orow * D + idx] = 0.0f * __ldg(p.v.signs + idx % D);
+        if (p.direct_lse != nullptr && int(threadIdx.x) < g) p.direct_lse[orow + threadIdx.x] = kNegInf;
+      } else if (int(threadIdx.x) < g) {
+        part_lse[row0 + size_t(threadIdx.x) * p.n_splits] = kNegInf;
+      }
       continue;
     }
 
@@ -1288,19 +1297,87 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
           for (int o = 16; o >= 1; o /= 2) L += __shfl_xor_sync(0xffffffffu, L, o);
           if (lane == 0) {
             sInvL[h] = L > 0.0f ? 1.0f / L : 0.0f;
-            part_lse[row0 + size_t(h) * p.n_splits] = L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
+            if constexpr (!DIRECT) {
+              part_lse[row0 + size_t(h) * p.n_splits] = L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
+            } else if (p.direct_lse != nullptr) {
+              p.direct_lse[size_t(x.seq) * n_heads_q + size_t(x.hkv) * g + h] =
+                  L > 0.0f ? (mx + log2f(L)) * kLn2 : kNegInf;
+            }
           }
         }
         __syncthreads();  // (C) sF, sInvL
       }
       const int nh = min(C::kCombineHeads, g - h0);
-      for (int idx = threadIdx.x; idx < nh * D; idx += C::kThreads) {
-        const int hl = idx / D, d = idx % D, h = h0 + hl;
-        float o = 0.0f;
+      if constexpr (!DIRECT) {
+        for (int idx = threadIdx.x; idx < nh * D; idx += C::kThreads) {
+          const int hl = idx / D, d = idx % D, h = h0 + hl;
+          float o = 0.0f;
 #pragma unroll 4
-        for (int w = 0; w < W; ++w)
-          o += reinterpret_cast<const float*>(smem + sScr[w])[hl * D + d] * sF[w * kMaxGroup + h];
-        part_o[(row0 + size_t(h) * p.n_splits) * D + d] = o * sInvL[h];
+          for (int w = 0; w < W; ++w)
+            o += reinterpret_cast<const float*>(smem + sScr[w])[hl * D + d] * sF[w * kMaxGroup + h];
+          part_o[(row0 + size_t(h) * p.n_splits) * D + d] = o * sInvL[h];
+        }
+      } else {
+        // Head h's output element d (this item's normalised partial, as the
+        // loop above writes it).
+        auto combined = [&](int hl, int d, int h) {
+          float o = 0.0f;
+#pragma unroll 4
+          for (int w = 0; w < W; ++w)
+            o += reinterpret_cast<const float*>(smem + sScr[w])[hl * D + d] * sF[w * kMaxGroup + h];
+          return o * sInvL[h];
+        };
+        // The merge of one split, done here: its partial is the output in
+        // the rotated domain, so out = row_fwht(partial) * post_scale * signs
+        // with decode_merge_kernel's operations in its order (stages of
+        // stride < 32 by shuffles, the rest in registers after one exchange
+        // through shared memory; the merge's weight 1 and sum 1 are exact),
+        // and lse the partial's. Rows of D threads; warp 0's scratch stage
+        // holds the exchange once every scratch read is done.
+        constexpr int kIt = (C::kCombineHeads * D + C::kThreads - 1) / C::kThreads;
+        static_assert(C::kThreads % D == 0, "whole rows a pass");
+        float v[kIt];
+#pragma unroll
+        for (int k = 0; k < kIt; ++k) {
+          const int idx = threadIdx.x + k * C::kThreads;
+          v[k] = idx < nh * D ? combined(idx / D, idx % D, h0 + idx / D) : 0.0f;
+        }
+        float* xr = reinterpret_cast<float*>(smem + sScr[0]);
+        __syncthreads();  // every scratch read above is done
+#pragma unroll
+        for (int k = 0; k < kIt; ++k) {
+          const int idx = threadIdx.x + k * C::kThreads, i = idx % D;
+#pragma unroll
+          for (int h = 1; h < 32; h *= 2) {
+            const float o = __shfl_xor_sync(0xffffffffu, v[k], h);
+            v[k] = (i & h) ? o - v[k] : v[k] + o;
+          }
+          if (idx < nh * D) xr[idx] = v[k];
+        }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // a bulk copy refills this stage later
+#endif
+        __syncthreads();
+        const float post = p.v.post_scale;
+        float* const orow = p.direct_out + (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g + h0) * D;
+#pragma unroll
+        for (int k = 0; k < kIt; ++k) {
+          const int idx = threadIdx.x + k * C::kThreads;
+          if (idx < nh * D) {
+            const int i = idx % D, base = idx - i;
+            float gk[D / 32];
+#pragma unroll
+            for (int j = 0; j < D / 32; ++j) gk[j] = xr[base + (i & 31) + 32 * j];
+            fwht_registers(gk);
+            // gk[i >> 5] by a tree of selects on its bits (an index, or a
+            // chain of compares, puts gk in local memory).
+#pragma unroll
+            for (int b = 1; b < D / 32; b *= 2)
+#pragma unroll
+              for (int j = 0; j < D / 32; j += 2 * b) gk[j] = ((i >> 5) & b) ? gk[j + b] : gk[j];
+            orow[idx] = gk[0] * post * __ldg(p.v.signs + i);
+          }
+        }
       }
     }
   }
@@ -1318,10 +1395,10 @@ struct TcKernel {
   int threads = 0, smem = 0, tile_tokens = 0;
 };
 
-template <int D, int KB, int VB, bool SPLIT = false, int HB = 0>
+template <int D, int KB, int VB, bool SPLIT = false, int HB = 0, bool DIRECT = false>
 TcKernel tc_kernel() {
   using C = Cfg<D, KB, VB, SPLIT, HB>;
-  return {decode_tc_kernel<D, KB, VB, SPLIT, HB>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
+  return {decode_tc_kernel<D, KB, VB, SPLIT, HB, DIRECT>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
 // The outlier-K kernels: hi segment at kOutHiBits (the -out presets' hb=6),
@@ -1340,25 +1417,36 @@ TcBits tc_bits(const DecodeShape& s) {
   return {s.k_bits, s.v_bits, s.split_halves, 0};
 }
 
-template <int D>
+template <int D, bool DIRECT>
 TcKernel tc_kernel_bits(const TcBits& b) {
-  if (b.split) return b.kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
+  if constexpr (!DIRECT)  // (split V: no direct output)
+    if (b.split) return b.kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
   if constexpr (D >= 128)
-    if (b.hb > 0) return b.kb == 3 ? tc_kernel<D, 3, 4, false, kOutHiBits>() : tc_kernel<D, 4, 4, false, kOutHiBits>();
-  if (b.kb == 3 && b.vb == 3) return tc_kernel<D, 3, 3>();
-  if (b.kb == 3 && b.vb == 4) return tc_kernel<D, 3, 4>();
-  if (b.kb == 4 && b.vb == 3) return tc_kernel<D, 4, 3>();
-  return tc_kernel<D, 4, 4>();
+    if (b.hb > 0)
+      return b.kb == 3 ? tc_kernel<D, 3, 4, false, kOutHiBits, DIRECT>() : tc_kernel<D, 4, 4, false, kOutHiBits, DIRECT>();
+  if (b.kb == 3 && b.vb == 3) return tc_kernel<D, 3, 3, false, 0, DIRECT>();
+  if (b.kb == 3 && b.vb == 4) return tc_kernel<D, 3, 4, false, 0, DIRECT>();
+  if (b.kb == 4 && b.vb == 3) return tc_kernel<D, 4, 3, false, 0, DIRECT>();
+  return tc_kernel<D, 4, 4, false, 0, DIRECT>();
 }
 
 // The instantiation for a shape decode_tc_unsupported accepted, and its index
-// among the 22.
+// among the 22 (direct: its direct-output twin, same resources but registers;
+// never for split halves).
 constexpr int kTcKernels = 22;
-TcKernel tc_kernel_for(int d, const TcBits& b) {
+TcKernel tc_kernel_for(int d, const TcBits& b, bool direct = false) {
+  if (direct) {
+    TQ_ASSERT(!b.split);
+    switch (d) {
+      case 64: return tc_kernel_bits<64, true>(b);
+      case 128: return tc_kernel_bits<128, true>(b);
+      default: return tc_kernel_bits<256, true>(b);
+    }
+  }
   switch (d) {
-    case 64: return tc_kernel_bits<64>(b);
-    case 128: return tc_kernel_bits<128>(b);
-    default: return tc_kernel_bits<256>(b);
+    case 64: return tc_kernel_bits<64, false>(b);
+    case 128: return tc_kernel_bits<128, false>(b);
+    default: return tc_kernel_bits<256, false>(b);
   }
 }
 int tc_index(int d, const TcBits& b) {
@@ -1374,7 +1462,10 @@ int tc_slots(const DecodeAttentionParams& p);
 constexpr int kMaxDevices = 64;
 std::atomic<int> g_slots[kMaxDevices][kTcKernels];
 
-int tc_slots(const TcKernel& k, int index) {
+// (direct: the kernel's direct-output twin, whose shared-memory opt-in is
+// set here too: plan and launch may run inside a stream capture, after a
+// first plan outside it.)
+int tc_slots(const TcKernel& k, int index, KernelFn direct = nullptr) {
   int dev = 0;
   TQ_CUDA_CHECK(cudaGetDevice(&dev));
   std::atomic<int>* cached = dev < kMaxDevices ? &g_slots[dev][index] : nullptr;
@@ -1383,6 +1474,8 @@ int tc_slots(const TcKernel& k, int index) {
   int n_sm = 0, per_sm = 0;
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
   TQ_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+  if (direct != nullptr)
+    TQ_CUDA_CHECK(cudaFuncSetAttribute(direct, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
   TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
   TQ_REQUIRE(per_sm >= 1, "GPU decode attention: the tensor-core kernel does not fit on an SM (",
              k.smem, " bytes of shared memory, ", k.threads, " threads)");
@@ -1400,11 +1493,14 @@ int tc_cc_major() {
 
 int tc_slots(const DecodeAttentionParams& p) {
   const TcBits b = tc_bits(decode_shape(p));
-  return tc_slots(tc_kernel_for(p.k.dim, b), tc_index(p.k.dim, b));
+  return tc_slots(tc_kernel_for(p.k.dim, b), tc_index(p.k.dim, b),
+                  b.split ? nullptr : tc_kernel_for(p.k.dim, b, true).fn);
 }
 
 std::atomic<int> g_split_override{0};
 std::atomic<bool> g_tensor_copies{true};
+std::atomic<bool> g_direct_output{true};
+std::atomic<long> g_direct_launches{0};
 
 long round_up(long x, long m) { return (x + m - 1) / m * m; }
 
@@ -1548,6 +1644,25 @@ const char* decode_tc_unsupported(const DecodeShape& s) {
 
 void set_decode_tc_split_override(int split_tokens) { g_split_override = split_tokens; }
 void set_decode_tc_tensor_copies(bool enabled) { g_tensor_copies = enabled; }
+void set_decode_tc_direct_output(bool enabled) { g_direct_output = enabled; }
+long decode_tc_direct_launches() { return g_direct_launches.load(std::memory_order_relaxed); }
+
+namespace {
+// A window of at most this many tokens a warp (5 tile pairs) is one split
+// with the output written by the decode kernel: the merge kernel's ~3 us of
+// launch and latency chain (eighteenth session) is more than the few pairs a
+// warp reads in a row. Gemma's local layers (window 1024, d 256: 8 warps)
+// and Llama's (d 128: 16 warps) fit.
+constexpr long kDirectTokensPerWarp = 5 * kPairTok;
+// Whether p can take the direct output: V one rotation (the merge's
+// row_fwht), no dense tokens (the merge joins them), and a window (the splits
+// then cover window + 31 tokens at any length).
+bool direct_possible(const DecodeAttentionParams& p) {
+  return p.v_split.n_seg == 0 &&
+         p.dense.prefix_slots + p.dense.window_slots == 0 &&
+         decode_split_span_cap(p) < long(p.max_pages_per_seq) * p.page_tokens;
+}
+}  // namespace
 
 int decode_tc_tile_tokens(int head_dim) { return kPairTok * warps_for(head_dim); }
 
@@ -1573,6 +1688,9 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
   }
   if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
     return int(std::max(s_min, round_up(forced, unit)));
+  if (const long span = decode_split_span_cap(p);
+      direct_possible(p) && span <= kDirectTokensPerWarp * warps_for(p.k.dim))
+    return int(round_up(span, unit));  // one split: the kernel writes the output (launch_decode_attention_tc)
   // The tokens the splits of each sequence cover (from its window's start).
   auto span = [&](int s) {
     return long(host_lengths[s]) - decode_split_start(host_lengths[s], p.window, p.window_tail, p.n_sinks);
@@ -1597,13 +1715,21 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
   return int(best);
 }
 
-void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, float* partial_o,
+void launch_decode_attention_tc(const DecodeAttentionParams& plan, const float* q, float* partial_o,
                                 float* partial_lse, float* out, float* lse, CUstream_st* stream) {
-  if (p.n_seqs == 0) return;
-  TQ_ASSERT(p.kernel == DecodeKernel::tensor_core && p.split_tokens > 0 &&
-            p.split_tokens % decode_tc_tile_tokens(p.k.dim) == 0);
+  if (plan.n_seqs == 0) return;
+  TQ_ASSERT(plan.kernel == DecodeKernel::tensor_core && plan.split_tokens > 0 &&
+            plan.split_tokens % decode_tc_tile_tokens(plan.k.dim) == 0);
+  DecodeAttentionParams p = plan;
+  p.direct = p.n_splits == 1 && p.dense_o == nullptr && direct_possible(p) &&
+                     g_direct_output.load(std::memory_order_relaxed)
+                 ? 1
+                 : 0;
+  if (p.direct) g_direct_launches.fetch_add(1, std::memory_order_relaxed);
+  p.direct_out = out;
+  p.direct_lse = lse;
   const TcBits b = tc_bits(decode_shape(p));
-  const TcKernel k = tc_kernel_for(p.k.dim, b);
+  const TcKernel k = tc_kernel_for(p.k.dim, b, p.direct != 0);
   const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
   const int grid = std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;
@@ -1618,6 +1744,7 @@ void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, 
   // dense tokens' part, if any, sits between the two: it needs nothing of
   // this kernel, so it runs on the SMs this one leaves free.
   const bool overlap = sm90;
+  if (p.direct) return;  // the kernel wrote out / lse
   if (p.dense_o != nullptr) launch_decode_dense_part(p, q, stream, overlap);
   launch_decode_merge(p, partial_o, partial_lse, out, lse, stream, overlap);
 }

@@ -1630,6 +1630,8 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   if (m.has_dense()) {  // page indices: the query is window_tail past the pages, the sinks after the prefix
     p.window_tail = m.cfg.dense_window;
     p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
+    p.dense.prefix_slots = m.cfg.dense_prefix;  // (the plan needs to know there are dense tokens)
+    p.dense.window_slots = m.cfg.dense_window;
   }
   // Picks the kernel (tensor cores where supported, else the reference: see
   // kernels.hpp) and its splits (with a window, over the window only); the

@@ -128,6 +128,11 @@ void set_decode_tc_split_override(int split_tokens);
 // DecodeAttentionParams::pool_pages describes the pool). The two paths copy
 // the same bytes to the same places, so outputs are bit-identical.
 void set_decode_tc_tensor_copies(bool enabled);
+// Test hook: false runs a one-split plan's merge kernel instead of the direct
+// output (DecodeAttentionParams::direct; default true): the same outputs bit
+// for bit. decode_tc_direct_launches counts the launches that wrote directly.
+void set_decode_tc_direct_output(bool enabled);
+long decode_tc_direct_launches();
 
 // The shape facts that decide the kernel.
 struct DecodeShape {
@@ -225,6 +230,13 @@ struct DecodeAttentionParams {
   // Set by plan_decode_attention:
   DecodeKernel kernel = DecodeKernel::automatic;
   int split_tokens = 0;         // tokens per split (tensor_core; reference: split_pages * page_tokens)
+  // Set by the tensor-core launch: 1 where one split covers each sequence's
+  // window, V is one rotation and there are no dense tokens -- the kernel
+  // then writes out / lse itself (the inverse rotation of its one partial,
+  // what the merge would write bit for bit) and no merge kernel runs.
+  int direct = 0;
+  float* direct_out = nullptr;  // out of launch_decode_attention
+  float* direct_lse = nullptr;  // lse of launch_decode_attention (may be null)
 };
 
 DecodeShape decode_shape(const DecodeAttentionParams& p);
