@@ -1648,12 +1648,18 @@ void set_decode_tc_direct_output(bool enabled) { g_direct_output = enabled; }
 long decode_tc_direct_launches() { return g_direct_launches.load(std::memory_order_relaxed); }
 
 namespace {
-// A window of at most this many tokens a warp (5 tile pairs) is one split
-// with the output written by the decode kernel: the merge kernel's ~3 us of
-// launch and latency chain (eighteenth session) is more than the few pairs a
-// warp reads in a row. Gemma's local layers (window 1024, d 256: 8 warps)
-// and Llama's (d 128: 16 warps) fit.
+// A window of at most this many tokens a warp (5 tile pairs) may be one
+// split with the output written by the decode kernel, where the split cost
+// model below says so.
 constexpr long kDirectTokensPerWarp = 5 * kPairTok;
+// What the merge kernel costs, in the split cost model's unit (a block's
+// tile row: one pair a warp): ~3 us of launch and latency chain (eighteenth
+// session) against ~2.3 us a pair-round of a lone block (twenty-sixth
+// session: one split over a 1024-token window took Gemma 8 warps 4-5 pair
+// rounds and 6.4 us more than 8 splits and the merge; Llama's 16 warps 2-3
+// rounds and 0.4 us more at batch 1, 1.0 us less at batch 8, where the
+// splits already ran 2 rounds).
+constexpr double kMergeUnits = 1.3;
 // Whether p can take the direct output: V one rotation (the merge's
 // row_fwht), no dense tokens (the merge joins them), and a window (the splits
 // then cover window + 31 tokens at any length).
@@ -1688,9 +1694,6 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
   }
   if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
     return int(std::max(s_min, round_up(forced, unit)));
-  if (const long span = decode_split_span_cap(p);
-      direct_possible(p) && span <= kDirectTokensPerWarp * warps_for(p.k.dim))
-    return int(round_up(span, unit));  // one split: the kernel writes the output (launch_decode_attention_tc)
   // The tokens the splits of each sequence cover (from its window's start).
   auto span = [&](int s) {
     return long(host_lengths[s]) - decode_split_start(host_lengths[s], p.window, p.window_tail, p.n_sinks);
@@ -1711,6 +1714,15 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
     }
     const long k_units = split / unit;  // every step up to 64 rows, then ~1/16 apart
     split += unit * std::max(1L, k_units / 16);
+  }
+  // One split a sequence over the whole window, the output written by the
+  // decode kernel (launch_decode_attention_tc): no merge kernel, where that
+  // saves more than the longer splits cost.
+  if (const long cap = decode_split_span_cap(p);
+      direct_possible(p) && cap <= kDirectTokensPerWarp * warps_for(p.k.dim)) {
+    const long items = long(p.n_seqs) * p.n_heads_kv;
+    const double cost = double((items + slots - 1) / slots) * double(round_up(std::max(l_max, 1L), unit) + unit);
+    if (cost <= best_cost + kMergeUnits * double(unit)) return int(round_up(cap, unit));
   }
   return int(best);
 }
