@@ -28,3 +28,10 @@ lab_build_mode() {
   sed -i "s/^#define TQ_LAB_MODE [0-9]/#define TQ_LAB_MODE $1/" src/cuda/decode_attention_tc.cu
   lab_build tq && cp "$B/tools/tq/tq" "$2"
 }
+# lab_build_lineinfo DIR: tq alone, -lineinfo (ncu's source page), sm_90, into DIR.
+lab_build_lineinfo() {
+  cmake -S . -B "$1" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON -DTQ_BUILD_TESTS=OFF -DTQ_BUILD_TOOLS=ON \
+    -DTQ_BUILD_BENCH=OFF -DTQ_CUDA_ARCHS=90-real -DCMAKE_CUDA_FLAGS=-lineinfo "-DCMAKE_PREFIX_PATH=$PWD/build/gpu-deps" \
+    >"$OUT/lines_build.log" 2>&1 && cmake --build "$1" -j 16 --target tq >>"$OUT/lines_build.log" 2>&1 ||
+    { tail -30 "$OUT/lines_build.log"; return 1; }
+}

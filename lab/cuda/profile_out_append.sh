@@ -7,10 +7,7 @@
 # 131,072 tokens x 8 KV heads). Carry build/gpu-deps. Output in $OUT.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 LB=/tmp/tq-lines-build
-cmake -S . -B "$LB" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTQ_CUDA=ON -DTQ_BUILD_TESTS=OFF -DTQ_BUILD_TOOLS=ON \
-  -DTQ_BUILD_BENCH=OFF -DTQ_CUDA_ARCHS=90-real -DCMAKE_CUDA_FLAGS=-lineinfo "-DCMAKE_PREFIX_PATH=$PWD/build/gpu-deps" \
-  >"$OUT/lines_build.log" 2>&1 && cmake --build "$LB" -j 16 --target tq >>"$OUT/lines_build.log" 2>&1 ||
-  { tail -30 "$OUT/lines_build.log"; exit 1; }
+lab_build_lineinfo "$LB" || exit 1
 echo "built $(( $(date +%s) - t0 )) s"
 REP=/tmp/tq-out-append
 rm -f "$REP.ncu-rep"

@@ -126,15 +126,7 @@ __device__ __forceinline__ void outlier_rotate(float (&t)[E], const OutlierElem*
         if (pm[k] & (h << 16)) t[k] = __fmaf_rn(sg, t[k], o);
       }
     }
-#pragma unroll
-    for (int hk = 1; hk < E; hk *= 2) {
-      float u[E];
-#pragma unroll
-      for (int k = 0; k < E; ++k) u[k] = t[k];
-#pragma unroll
-      for (int k = 0; k < E; ++k)
-        if (pm[k] & (32 * hk << 16)) t[k] = (k & hk) ? __fsub_rn(u[k ^ hk], u[k]) : __fadd_rn(u[k], u[k ^ hk]);
-    }
+    register_butterflies(t, [&](int k, int hk) { return (pm[k] & (32 * hk << 16)) != 0; });
 #pragma unroll
     for (int k = 0; k < E; ++k) t[k] = __fmul_rn(t[k], sc[k]);
   };
@@ -269,16 +261,7 @@ __device__ __forceinline__ void outlier_encode_std(float (&x0)[1], float (&x1)[D
           const float o = __shfl_xor_sync(0xffffffffu, x1[k], 1 << j);
           x1[k] = __fmaf_rn(sg[j], x1[k], o);
         }
-#pragma unroll
-    for (int hk = 1; hk < EL; hk *= 2) {
-      float u[EL];
-#pragma unroll
-      for (int k = 0; k < EL; ++k) u[k] = x1[k];
-#pragma unroll
-      for (int k = 0; k < EL; ++k)
-        if (L::block_of(k) >= 0 && 32 * hk < L::block_size(L::block_of(k)))
-          x1[k] = (k & hk) ? __fsub_rn(u[k ^ hk], u[k]) : __fadd_rn(u[k], u[k ^ hk]);
-    }
+    register_butterflies(x1, [](int k, int hk) { return L::block_of(k) >= 0 && 32 * hk < L::block_size(L::block_of(k)); });
 #pragma unroll
     for (int k = 0; k < EL; ++k)
       if (L::block_of(k) >= 0) x1[k] = __fmul_rn(x1[k], r1.block_scale[L::block_of(k)]);

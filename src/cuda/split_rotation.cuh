@@ -128,6 +128,23 @@ __device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n
 }
 
 
+// The Hadamard stages of stride 32 hk (hk = 1, 2, .. < E) between a lane's
+// registers t[k] and t[k ^ hk] (elements i and i ^ 32 hk), in ascending
+// strides, where on(k, hk) (the pair's block is wider than the stride): the
+// lower element keeps a + c, the upper a - c (Rotation::forward's butterfly).
+template <int E, class On>
+__device__ __forceinline__ void register_butterflies(float (&t)[E], On&& on) {
+#pragma unroll
+  for (int hk = 1; hk < E; hk *= 2) {
+    float u[E];
+#pragma unroll
+    for (int k = 0; k < E; ++k) u[k] = t[k];
+#pragma unroll
+    for (int k = 0; k < E; ++k)
+      if (on(k, hk)) t[k] = (k & hk) ? __fsub_rn(u[k ^ hk], u[k]) : __fadd_rn(u[k], u[k ^ hk]);
+  }
+}
+
 // One segment's rotation after its first signs, by one warp, element i =
 // lane + 32 k of the segment in t[k] (i >= n: ignored), in
 // SegmentRotator::forward's order and operations: each Hadamard block's
@@ -168,6 +185,8 @@ __device__ __forceinline__ void warp_rotate_regs(const RotMeta& m, int n, float 
         const float o = __shfl_xor_sync(0xffffffffu, t[k], h);
         if (h < nb[k]) t[k] = (lane & h) ? __fsub_rn(o, t[k]) : __fadd_rn(t[k], o);
       }
+    // (Not register_butterflies: through the lambda nvcc schedules the decode
+    // kernel's query rotation differently; kept as measured.)
 #pragma unroll
     for (int hk = 1; hk < E; hk *= 2) {
       float u[E];
