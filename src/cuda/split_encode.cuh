@@ -126,7 +126,10 @@ __device__ __forceinline__ void outlier_rotate(float (&t)[E], const OutlierElem*
         if (pm[k] & (h << 16)) t[k] = __fmaf_rn(sg, t[k], o);
       }
     }
-    register_butterflies(t, [&](int k, int hk) { return (pm[k] & (32 * hk << 16)) != 0; });
+    int nb[E];  // each register's block size (mask + 1)
+#pragma unroll
+    for (int k = 0; k < E; ++k) nb[k] = (pm[k] >> 16) + 1;
+    register_butterflies(t, nb);
 #pragma unroll
     for (int k = 0; k < E; ++k) t[k] = __fmul_rn(t[k], sc[k]);
   };
@@ -261,7 +264,10 @@ __device__ __forceinline__ void outlier_encode_std(float (&x0)[1], float (&x1)[D
           const float o = __shfl_xor_sync(0xffffffffu, x1[k], 1 << j);
           x1[k] = __fmaf_rn(sg[j], x1[k], o);
         }
-    register_butterflies(x1, [](int k, int hk) { return L::block_of(k) >= 0 && 32 * hk < L::block_size(L::block_of(k)); });
+    int nb[EL];  // each register's block size (0 past the segment): constants
+#pragma unroll
+    for (int k = 0; k < EL; ++k) nb[k] = L::block_of(k) >= 0 ? L::block_size(L::block_of(k)) : 0;
+    register_butterflies(x1, nb);
 #pragma unroll
     for (int k = 0; k < EL; ++k)
       if (L::block_of(k) >= 0) x1[k] = __fmul_rn(x1[k], r1.block_scale[L::block_of(k)]);

@@ -130,18 +130,20 @@ __device__ __forceinline__ void stage_split_rotation(const SplitFormat& f, int n
 
 // The Hadamard stages of stride 32 hk (hk = 1, 2, .. < E) between a lane's
 // registers t[k] and t[k ^ hk] (elements i and i ^ 32 hk), in ascending
-// strides, where on(k, hk) (the pair's block is wider than the stride): the
-// lower element keeps a + c, the upper a - c (Rotation::forward's butterfly).
-template <int E, class On>
-__device__ __forceinline__ void register_butterflies(float (&t)[E], On&& on) {
+// strides, where the pair's block (nb[k] elements) is wider than the stride:
+// the lower element keeps a + c, the upper a - c (Rotation::forward's butterfly).
+template <int E>
+__device__ __forceinline__ void register_butterflies(float (&t)[E], const int (&nb)[E]) {
 #pragma unroll
   for (int hk = 1; hk < E; hk *= 2) {
     float u[E];
 #pragma unroll
     for (int k = 0; k < E; ++k) u[k] = t[k];
 #pragma unroll
-    for (int k = 0; k < E; ++k)
-      if (on(k, hk)) t[k] = (k & hk) ? __fsub_rn(u[k ^ hk], u[k]) : __fadd_rn(u[k], u[k ^ hk]);
+    for (int k = 0; k < E; ++k) {
+      const int pk = k ^ hk;
+      if (pk < E && 32 * hk < nb[k]) t[k] = (k & hk) ? __fsub_rn(u[pk], u[k]) : __fadd_rn(u[k], u[pk]);
+    }
   }
 }
 
@@ -185,19 +187,7 @@ __device__ __forceinline__ void warp_rotate_regs(const RotMeta& m, int n, float 
         const float o = __shfl_xor_sync(0xffffffffu, t[k], h);
         if (h < nb[k]) t[k] = (lane & h) ? __fsub_rn(o, t[k]) : __fadd_rn(t[k], o);
       }
-    // (Not register_butterflies: through the lambda nvcc schedules the decode
-    // kernel's query rotation differently; kept as measured.)
-#pragma unroll
-    for (int hk = 1; hk < E; hk *= 2) {
-      float u[E];
-#pragma unroll
-      for (int k = 0; k < E; ++k) u[k] = t[k];
-#pragma unroll
-      for (int k = 0; k < E; ++k) {
-        const int pk = k ^ hk;
-        if (pk < E && 32 * hk < nb[k]) t[k] = (k & hk) ? __fsub_rn(u[pk], u[k]) : __fadd_rn(u[k], u[pk]);
-      }
-    }
+    register_butterflies(t, nb);
 #pragma unroll
     for (int k = 0; k < E; ++k) t[k] = __fmul_rn(t[k], sc[k]);
   };
