@@ -230,6 +230,48 @@ TEST(CudaPlan, WindowSplitsCoverEveryVisibleToken) {
   EXPECT_EQ(cuda::decode_split_start(1000, 0, 0, 0), 0);
 }
 
+// The split cost model's candidates (host plan and device plan share them):
+// s_min, then every row count above it with at most 5 significant bits, up
+// to the rows of the longest span; the j-th found without walking the list.
+// Host arithmetic: runs without a GPU.
+TEST(CudaPlan, SplitCandidatesAreOrderedAndIndexed) {
+  long prev = 0;
+  for (int j = 0; j < 400; ++j) {
+    const long r = cuda::decode_split_rows(j);
+    ASSERT_GT(r, prev) << "j " << j;
+    long sig = r;
+    while (sig >= 32) {
+      ASSERT_EQ(sig % 2, 0) << "rows " << r << " has more than 5 significant bits";
+      sig /= 2;
+    }
+    if (j > 0) ASSERT_LE(r - prev, std::max(1L, prev / 16)) << "candidates more than 1/16 apart at " << r;
+    prev = r;
+  }
+  for (long r = 1; r < 200000; ++r) {
+    const int j = cuda::decode_split_rows_after(r);
+    ASSERT_GT(cuda::decode_split_rows(j), r);
+    if (j > 0) ASSERT_LE(cuda::decode_split_rows(j - 1), r);
+  }
+  for (const long unit : {256L, 512L})
+    for (const long rows_min : {1L, 7L, 8L, 33L, 100L})
+      for (const long l_max : {0L, 1L, 511L, 512L, 4097L, 131072L, 1000000L}) {
+        SCOPED_TRACE("unit " + std::to_string(unit) + " rows_min " + std::to_string(rows_min) + " l_max " +
+                     std::to_string(l_max));
+        const long rows_max = (l_max + unit - 1) / unit;
+        const int n = cuda::decode_split_candidates(rows_min, l_max, unit);
+        ASSERT_GE(n, 1);
+        EXPECT_EQ(cuda::decode_split_candidate(0, rows_min), rows_min);
+        for (int i = 1; i < n; ++i) {
+          ASSERT_GT(cuda::decode_split_candidate(i, rows_min), cuda::decode_split_candidate(i - 1, rows_min));
+          ASSERT_LE(cuda::decode_split_candidate(i, rows_min), rows_max);
+        }
+        // The list stops at the first candidate past the longest span.
+        if (rows_max > rows_min) EXPECT_GT(cuda::decode_split_candidate(n, rows_min), rows_max);
+      }
+  EXPECT_EQ(cuda::decode_split_cost(264, 132, 1024, 512), 2LL * 1536);
+  EXPECT_EQ(cuda::decode_split_cost(265, 132, 1024, 512), 3LL * 1536);
+}
+
 TEST(Cuda, DeviceQuery) {
   TQ_SKIP_WITHOUT_GPU();
   EXPECT_GT(cuda::cuda_device_count(), 0);
@@ -1835,6 +1877,168 @@ TEST(CudaAttentionTc, DirectOutputIsTheMergedSplit) {
         for (int i = 0; i < hq * d; ++i) ASSERT_EQ(direct.out[i], 0.0f) << "empty sequence 0, elem " << i;
       }
     }
+}
+
+// attend() with the tensor-core kernel's splits planned on the host or on
+// the device (SplitPlanning; split: a pinned split, host planning only), and
+// the device plan's words from the end of the workspace: {splits a sequence,
+// tokens a split} (zeros where the host planned).
+struct PlannedOut {
+  AttnOut r;
+  int n_splits = 0, split = 0;
+};
+PlannedOut attend_planned(const cuda::GpuKvLayer& layer, const cuda::DeviceBuffer& dq, int hq,
+                          const AttentionParams& prm, cuda::SplitPlanning mode, int split = 0) {
+  cuda::set_decode_split_planning(mode);
+  cuda::set_decode_tc_split_override(split);
+  struct Restore {
+    ~Restore() {
+      cuda::set_decode_split_planning(cuda::SplitPlanning::automatic);
+      cuda::set_decode_tc_split_override(0);
+    }
+  } restore;
+  const size_t n = size_t(layer.n_seqs()) * hq * layer.head_dim(), nl = size_t(layer.n_seqs()) * hq;
+  PlannedOut r{{std::vector<float>(n), std::vector<float>(nl)}};
+  cuda::DeviceBuffer dout(n * 4), dlse(nl * 4), ws(layer.workspace_bytes(hq));
+  const std::vector<uint8_t> zeros(ws.size(), 0);
+  ws.upload(zeros.data(), zeros.size());
+  layer.attend(dq.as<float>(), hq, prm, dout.as<float>(), dlse.as<float>(), ws.data(), ws.size(), nullptr);
+  dout.download(r.r.out.data(), n * 4);
+  dlse.download(r.r.lse.data(), nl * 4);
+  std::vector<uint8_t> h(ws.size());
+  ws.download(h.data(), h.size());
+  std::memcpy(&r.n_splits, h.data() + h.size() - cuda::kDevicePlanBytes, 4);
+  std::memcpy(&r.split, h.data() + h.size() - cuda::kDevicePlanBytes + 4, 4);
+  return r;
+}
+
+// The device plan (what a captured attend runs) is the host's plan for the
+// same lengths: the same split, hence the same outputs bit for bit as an
+// attend planned on the host (pinned to the device's split where the host
+// would take the direct output of a window instead). Every kernel family
+// (d 64 / 128 / 256, 3- and 4-bit, split halves, outlier K), GQA 1 / 4 / 8,
+// 16- and 48-token pages, dense tokens, windows, sinks, softcap, an empty
+// sequence, and batches of 1, 5 and 40 sequences (a thread then sums
+// several sequences of a candidate).
+TEST(CudaAttentionTc, DevicePlanIsTheHostPlan) {
+  TQ_SKIP_WITHOUT_GPU();
+  if (const char* why = cuda::decode_tc_unsupported(decode_shape(128, 4, 4, 4, 16)))
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel: " << why;
+  struct Case {
+    const char *k, *v;
+    int d, g, P, dense_window;
+    std::vector<int> lens;
+  };
+  std::vector<int> many;
+  for (int s = 0; s < 40; ++s) many.push_back((s * 977 + 31) % 3000);
+  const Case cases[] = {{"tq-mse:b=4", "tq-mse:b=4", 128, 4, 16, 0, {3000, 0, 33, 700, 1}},
+                        {"tq-mse:b=3", "tq-mse:b=3", 64, 1, 48, 0, {2999}},
+                        {"tq-mse:b=4", "tq-mse:b=3", 256, 8, 16, 0, {1000, 2047, 2048}},
+                        {"tq-mse:b=2.5", "tq-mse:b=2.5", 128, 4, 16, 0, {1500, 97, 257}},
+                        {"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, 4, 48, 0, {2500, 129}},
+                        {"tq-mse:b=4", "tq-mse:b=4", 128, 4, 16, 64, {3000, 70, 0}},
+                        {"tq-mse:b=3", "tq-mse:b=4", 128, 4, 16, 0, many}};
+  const int H = 2;
+  for (const Case& c : cases) {
+    const int hq = H * c.g, d = c.d, n = int(c.lens.size());
+    auto kq = make_quantizer(c.k, d, 91), vq = make_quantizer(c.v, d, 92);
+    cuda::GpuKvLayerConfig cfg = tc_test_config(H, c.P, n, 3000);
+    cfg.dense_window = c.dense_window;
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    ASSERT_EQ(layer.attend_kernel(hq), "tensor_core") << c.k << " / " << c.v << " d " << d;
+    for (int s = 0; s < n; ++s) {
+      layer.add_sequence();
+      const auto k = kv_data(size_t(c.lens[s]) * H, d, 93 + s), v = kv_data(size_t(c.lens[s]) * H, d, 193 + s);
+      layer.append(s, k.data(), v.data(), c.lens[s]);
+    }
+    const auto q = test::random_gaussian(size_t(n) * hq * d, 94);
+    cuda::DeviceBuffer dq(q.size() * 4);
+    dq.upload(q.data(), q.size() * 4);
+    for (const AttentionParams prm : {AttentionParams{}, AttentionParams{0.0f, 30.0f, 0, 0},
+                                      AttentionParams{0.0f, 0.0f, 1000, 0}, AttentionParams{0.0f, 0.0f, 300, 3}}) {
+      SCOPED_TRACE(std::string(c.k) + " / " + c.v + " d " + std::to_string(d) + " g " + std::to_string(c.g) +
+                   " P " + std::to_string(c.P) + " dense " + std::to_string(c.dense_window) + " batch " +
+                   std::to_string(n) + " window " + std::to_string(prm.window) + " sinks " +
+                   std::to_string(prm.n_sinks) + " softcap " + std::to_string(prm.softcap));
+      const PlannedOut dev = attend_planned(layer, dq, hq, prm, cuda::SplitPlanning::device);
+      ASSERT_GT(dev.split, 0) << "the device plan's words were not written";
+      EXPECT_EQ(dev.split % cuda::decode_tc_tile_tokens(d), 0);
+      // Splits cover the longest span (the pages' tokens from the window's start).
+      long l_max = 0;
+      for (int s = 0; s < n; ++s) {
+        const int len = std::max(0, c.lens[s] - c.dense_window);  // tokens in pages (the window's follow)
+        l_max = std::max<long>(l_max, len - cuda::decode_split_start(len, prm.window, c.dense_window, prm.n_sinks));
+      }
+      EXPECT_EQ(dev.n_splits, std::max<long>(1, (l_max + dev.split - 1) / dev.split));
+      const PlannedOut pinned = attend_planned(layer, dq, hq, prm, cuda::SplitPlanning::host, dev.split);
+      EXPECT_EQ(pinned.split, 0) << "a pinned split is planned on the host";
+      expect_same_bits(dev.r, pinned.r);
+      if (prm.window == 0) {  // no direct output: the host's own plan is the device's
+        const PlannedOut host = attend_planned(layer, dq, hq, prm, cuda::SplitPlanning::host);
+        expect_same_bits(dev.r, host.r);
+      }
+    }
+  }
+}
+
+// A graph captured while its sequences are short replans the tensor-core
+// kernel's splits at every replay (SplitPlanning::automatic: a device plan
+// under capture): after they grow, a replay equals an attend planned on the
+// host for the new lengths bit for bit, and takes longer splits than it did
+// at capture (a host plan would have kept the capture's).
+TEST(CudaGraph, CapturedAttendReplansAsSequencesGrow) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 2, g = 4, hq = H * g, d = 128, P = 64, B = 24, cap = 4096;
+  if (cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, P)) != nullptr)
+    GTEST_SKIP() << "this device cannot run the tensor-core kernel";
+  auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
+  cuda::GpuKvLayerConfig cfg;
+  cfg.n_heads_kv = H;
+  cfg.page_tokens = P;
+  cfg.max_seqs = B;
+  cfg.max_pages_per_seq = cap / P;
+  cuda::GpuKvLayer layer(*kq, *vq, cfg);
+  const size_t row = size_t(H) * d;
+  cuda::DeviceBuffer dk(cap * row * 4), dv(cap * row * 4), dq(size_t(B) * hq * d * 4);
+  cuda::bench::fill_normal_f32(dk.as<float>(), cap * row, 31, 0.3f, 1.0f, nullptr);
+  cuda::bench::fill_normal_f32(dv.as<float>(), cap * row, 32, 0.0f, 1.0f, nullptr);
+  cuda::bench::fill_normal_f32(dq.as<float>(), size_t(B) * hq * d, 33, 0.0f, 1.0f, nullptr);
+  for (int s = 0; s < B; ++s) {
+    layer.add_sequence();
+    layer.append_device(s, dk.as<float>(), dv.as<float>(), 1 + s % 3, nullptr);
+  }
+  const size_t n = size_t(B) * hq * d, nl = size_t(B) * hq;
+  cuda::DeviceBuffer gout(n * 4), glse(nl * 4), gws(layer.workspace_bytes(hq));
+  auto replayed = [&](int& split) {
+    AttnOut r{std::vector<float>(n), std::vector<float>(nl)};
+    gout.download(r.out.data(), n * 4);
+    glse.download(r.lse.data(), nl * 4);
+    std::vector<uint8_t> h(gws.size());
+    gws.download(h.data(), h.size());
+    std::memcpy(&split, h.data() + h.size() - cuda::kDevicePlanBytes + 4, 4);
+    return r;
+  };
+  const PlannedOut warm = attend_planned(layer, dq, hq, {}, cuda::SplitPlanning::automatic);  // plans outside the capture first
+  EXPECT_EQ(warm.split, 0) << "not captured: planned on the host";
+  cuda::bench::CapturedGraph graph;
+  graph.begin_capture();
+  layer.attend(dq.as<float>(), hq, {}, gout.as<float>(), glse.as<float>(), gws.data(), gws.size(), graph.stream());
+  graph.end_capture();
+  graph.replay();
+  int split_before = 0, split_after = 0;
+  expect_same_bits(replayed(split_before), warm.r);
+  EXPECT_GT(split_before, 0) << "the captured attend did not plan on the device";
+
+  for (int s = 0; s < B; ++s)  // 1..3 -> 2900..3900 tokens
+    layer.append_device(s, dk.as<float>(), dv.as<float>(), 2900 + (s * 131) % 1000 - layer.n_tokens(s), nullptr);
+  graph.replay();
+  const AttnOut after = replayed(split_after);
+  expect_same_bits(after, attend_planned(layer, dq, hq, {}, cuda::SplitPlanning::host).r);
+  std::printf("captured attend: split %d tokens at capture (1-3 tokens a sequence), %d after growing to 2900-3899\n",
+              split_before, split_after);
+  // With a device of up to ~150 SMs (H100 / H200 132, A100 108) the longer
+  // sequences fill it with fewer, longer splits.
+  if (cuda::bench::device_info().sm_count <= 150) EXPECT_GT(split_after, split_before);
 }
 
 // The shapes at 256-token pages: Llama (Hq 32 / Hkv 8 / d 128) and

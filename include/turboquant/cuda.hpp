@@ -50,6 +50,19 @@ namespace bench {
 class AppendKernels;  // cuda_bench.hpp: times the append kernels alone
 }
 
+// Where GpuKvLayer::attend plans the splits of its tensor-core kernel (how
+// many tokens each block takes). A plan made on the host from the lengths it
+// knows is frozen into a CUDA graph by stream capture: a graph captured while
+// the sequences were short would keep short splits as they grow (Llama-3-8B's
+// layer at 1 x 128K then takes twice the rounds). A device plan is the same
+// cost model run by the kernel itself from the lengths on the device.
+//  - automatic: on the device for a call under stream capture, else on the
+//    host (the default);
+//  - host / device: always there (process-wide; for comparing the two).
+enum class SplitPlanning : int { automatic = 0, host = 1, device = 2 };
+void set_decode_split_planning(SplitPlanning mode);
+SplitPlanning decode_split_planning();
+
 // True when the library was built with CUDA and a device is usable.
 bool cuda_available();
 int cuda_device_count();             // 0 without CUDA or without a device
@@ -277,6 +290,9 @@ class GpuKvLayer {
   // out = 0, lse = -inf. With a window and no sinks the work (and the
   // partials the merge reads) scale with the window, not the context. A
   // sliding_window layer refuses a window of 0 or above it, and sinks.
+  // Captured in a CUDA graph, the tensor-core kernel plans its splits from
+  // the lengths on the device at every replay (SplitPlanning), so a graph
+  // captured at short lengths runs as a fresh call does at any later length.
   void attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
               float* lse, void* workspace, size_t workspace_bytes, Stream stream = nullptr) const;
 

@@ -374,8 +374,10 @@ __global__ void __launch_bounds__(D)
   __shared__ float s_red[D / 32];
   const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
   const int n_heads_q = p.n_heads_kv * p.group;
-  const int n = p.n_splits;
-  const size_t row = (size_t(seq) * n_heads_q + hq) * n;
+  // The partials' stride is p.n_splits; a device plan wrote the first n of
+  // them (its count is read after the wait: the split kernel stored it).
+  const int n = p.device_plan != nullptr ? __ldcg(p.device_plan) : p.n_splits;
+  const size_t row = (size_t(seq) * n_heads_q + hq) * p.n_splits;
 
   // Max over all splits; the first tile's lse is kept for its weights.
   float mx = kNegInf;
@@ -522,6 +524,7 @@ void launch_ref(const DecodeAttentionParams& p, const float* q, float* part_o, f
 }
 
 std::atomic<int> g_kernel_override{static_cast<int>(DecodeKernel::automatic)};
+std::atomic<int> g_split_planning{static_cast<int>(SplitPlanning::automatic)};
 
 int ref_splits(const DecodeAttentionParams& p) {
   return (p.max_pages_per_seq + p.split_pages - 1) / p.split_pages;
@@ -540,6 +543,8 @@ const char* to_string(DecodeKernel k) {
 
 void set_decode_kernel_override(DecodeKernel k) { g_kernel_override = static_cast<int>(k); }
 DecodeKernel decode_kernel_override() { return static_cast<DecodeKernel>(g_kernel_override.load()); }
+void set_decode_split_planning(SplitPlanning mode) { g_split_planning = static_cast<int>(mode); }
+SplitPlanning decode_split_planning() { return static_cast<SplitPlanning>(g_split_planning.load()); }
 
 DecodeShape decode_shape(const DecodeAttentionParams& p) {
   DecodeShape s;
@@ -612,11 +617,18 @@ int decode_max_splits(const DecodeAttentionParams& p) {
 void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths) {
   p.kernel = decode_kernel_for(decode_shape(p));
   if (p.kernel == DecodeKernel::tensor_core) {
-    p.split_tokens = decode_tc_split_tokens(p, host_lengths);
+    // A device plan (the caller's device_plan words) bounds the kernel's
+    // choice: splits of at least the shortest split the host could plan, at
+    // most as many as that leaves (the partials' stride). A pinned split
+    // (set_decode_tc_split_override) is planned here.
+    const int device_min = p.device_plan != nullptr ? decode_tc_device_plan_min_split(p) : 0;
+    if (device_min == 0) p.device_plan = nullptr;
+    p.split_tokens = device_min > 0 ? device_min : decode_tc_split_tokens(p, host_lengths);
     const long span = decode_split_span_cap(p);
     p.n_splits = int((span + p.split_tokens - 1) / p.split_tokens);
     TQ_ASSERT(p.n_splits <= decode_tc_max_splits(p));
   } else {
+    p.device_plan = nullptr;  // (the reference kernel's splits do not depend on the lengths)
     p.split_tokens = p.split_pages * p.page_tokens;
     p.n_splits = ref_splits(p);
   }

@@ -194,7 +194,10 @@ struct Cfg {
   static constexpr int kQOff = kStageOff + kWarps * kStages * kStageBytes;
   static constexpr int kSmallOff = kQOff + kQBytes;
   static constexpr int kBarOff = kSmallOff + kSmallBytes;  // [kWarps][kStages] mbarriers
-  static constexpr int kSmemBytes = kBarOff + kBarBytes;
+  // Device plan (kTcDevicePlan): {tokens per split, items}, read back where
+  // used so that neither holds a register through the tile loop.
+  static constexpr int kPlanOff = kBarOff + kBarBytes;
+  static constexpr int kSmemBytes = kPlanOff + 16;
   static_assert(kBarOff % 8 == 0);
   static_assert(kTileTok * kKRec % 16 == 0 && kTileTok * kVRec % 16 == 0 && kStageBytes % 16 == 0,
                 "bulk copies need 16-byte runs");
@@ -364,7 +367,9 @@ struct Item {
   int seq, hkv, split, t0, t1, win_lo, n_tiles;
 };
 
-__device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) {
+// PLAN: the split is plan_split (the device plan's), not p.split_tokens.
+template <bool PLAN>
+__device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it, int plan_split) {
   Item x;
   x.hkv = it % p.n_heads_kv;
   const int r = it / p.n_heads_kv;
@@ -373,8 +378,8 @@ __device__ __forceinline__ Item item_at(const DecodeAttentionParams& p, int it) 
   const int len = p.lengths[x.seq];
   // Splits start at the window (decode_split_start), so dead splits of a
   // windowed layer are not planned at all.
-  x.t0 = decode_split_start(len, p.window, p.window_tail, p.n_sinks) + x.split * p.split_tokens;
-  x.t1 = min(len, x.t0 + p.split_tokens);
+  x.t0 = decode_split_start(len, p.window, p.window_tail, p.n_sinks) + x.split * (PLAN ? plan_split : p.split_tokens);
+  x.t1 = min(len, x.t0 + (PLAN ? plan_split : p.split_tokens));
   x.n_tiles = x.t1 > x.t0 ? (x.t1 - x.t0 + kTileTok - 1) / kTileTok : 0;
   // The query is at page index len - 1 + window_tail (dense tokens follow the pages).
   x.win_lo = p.window > 0 ? len + p.window_tail - p.window : INT_MIN;
@@ -615,9 +620,22 @@ struct FastDiv {
 // pair early so that its latency is hidden; without a window and with pages
 // of whole pairs, the pages and rows of up to 32 next pairs of an item are
 // read at once, one lane each, and a pair's advance is two shuffles.
+// Word i of the device plan in shared memory (Cfg::kPlanOff; written by
+// plan_splits_on_device), read at each use.
 template <class C>
+__device__ __forceinline__ int plan_word(int i) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  return reinterpret_cast<const volatile int*>(smem + C::kPlanOff)[i];
+}
+
+template <class C, bool PLAN>
 struct Producer {
   int it, k, page, row;  // row: head * page_tokens + slot of the pair's first record
+  // PLAN: the device plan's tokens per split.
+  __device__ __forceinline__ static int split_of() {
+    if constexpr (PLAN) return plan_word<C>(0);
+    return 0;
+  }
   int page2, row2;       // the second tile's, where it starts on the next page
   int n_tok;             // records per run: 16 or 32
   bool done, split;      // split: the second tile is on another page
@@ -644,7 +662,7 @@ struct Producer {
     it = blockIdx.x;
     done = false;
     k = warp - C::kWarps;
-    if (it < n_items) x = item_at(p, it);
+    if (it < n_items) x = item_at<PLAN>(p, it, split_of());
     advance(p, n_items, warp);
   }
   __device__ void advance(const DecodeAttentionParams& p, int n_items, int warp) {
@@ -664,7 +682,7 @@ struct Producer {
         continue;
       }
       it += gridDim.x;
-      if (it < n_items) x = item_at(p, it);
+      if (it < n_items) x = item_at<PLAN>(p, it, split_of());
       k = warp;
     }
     if (p.window <= 0 && p.page_tokens % kPairTok == 0) {  // refill the descriptors from pair k on
@@ -759,15 +777,101 @@ struct Producer {
   }
 };
 
-// DIRECT: the output written here, no merge kernel (DecodeAttentionParams::direct;
-// its own instantiation, so that the other kernels compile as without it).
-template <int D, int KB, int VB, bool SPLIT, int HB, bool DIRECT>
+// What a launch writes and where its splits were planned; each mode is an
+// instantiation of its own, so that the partials kernels compile as without
+// the others.
+//  - kTcPartials: a partial per split for the merge kernel, host plan;
+//  - kTcDirect: the output itself, no merge (DecodeAttentionParams::direct);
+//  - kTcDevicePlan: partials, splits planned by the kernel from the device's
+//    lengths (DecodeAttentionParams::device_plan; captured launches).
+enum TcMode : int { kTcPartials = 0, kTcDirect = 1, kTcDevicePlan = 2 };
+
+// The device plan: decode_tc_best_split's cost model over the lengths on the
+// device, by the whole block (every block finds the same plan). G threads take
+// a candidate split and sum its items over every G-th sequence, so a batch of
+// any size costs a few loads and divisions a thread. Writes {split_tokens,
+// n_items} to s_plan (n_splits = the longest span over split_tokens, at least
+// 1, splits a sequence), and block 0 {n_splits, split_tokens} to
+// p.device_plan for the merge. scratch: 3 words a warp of shared memory.
+template <int NT>
+__device__ void plan_splits_on_device(const DecodeAttentionParams& p, uint32_t* scratch, int* s_plan) {
+  constexpr int W = NT / 32;
+  constexpr long kUnit = long(kPairTok) * W;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  auto span = [&](int s) {
+    const int len = p.lengths[s];
+    return len - decode_split_start(len, p.window, p.window_tail, p.n_sinks);
+  };
+  int l_max = 0;
+  for (int s = lane; s < p.n_seqs; s += 32) l_max = max(l_max, span(s));
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) l_max = max(l_max, __shfl_xor_sync(0xffffffffu, l_max, o));
+  const long rows_min = p.split_tokens / kUnit;
+  const int n_cand = decode_split_candidates(rows_min, l_max, kUnit);
+  int G = 1;  // threads a candidate (a power of two, <= 32)
+  while (G < 32 && n_cand * 2 * G <= NT) G *= 2;
+  long long best_cost = 0x7fffffffffffffffLL;
+  int best_i = -1;
+  for (int base = 0; base < n_cand; base += NT / G) {  // (uniform: the shuffles below need every lane)
+    const int i = base + int(threadIdx.x) / G, sub = int(threadIdx.x) % G;
+    const uint32_t split = i < n_cand ? uint32_t(decode_split_candidate(i, rows_min) * kUnit) : 1u;
+    uint32_t items = 0;
+    if (i < n_cand)
+      for (int s = sub; s < p.n_seqs; s += G) items += (uint32_t(span(s)) + split - 1) / split;
+    for (int o = G / 2; o >= 1; o /= 2) items += __shfl_xor_sync(0xffffffffu, items, o);
+    if (i < n_cand) {
+      const long long c = decode_split_cost(long(items) * p.n_heads_kv, int(gridDim.x), split, kUnit);
+      if (c < best_cost || (c == best_cost && i > best_i)) {
+        best_cost = c;
+        best_i = i;
+      }
+    }
+  }
+  // Least cost, the longer split (higher index) on a tie: the host's choice.
+#pragma unroll
+  for (int o = 16; o >= 1; o /= 2) {
+    const long long oc = __shfl_xor_sync(0xffffffffu, best_cost, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+    if (oc < best_cost || (oc == best_cost && oi > best_i)) {
+      best_cost = oc;
+      best_i = oi;
+    }
+  }
+  if (lane == 0) {
+    scratch[3 * warp] = uint32_t(best_cost);
+    scratch[3 * warp + 1] = uint32_t(best_cost >> 32);
+    scratch[3 * warp + 2] = uint32_t(best_i);
+  }
+  __syncthreads();
+  for (int w = 0; w < W; ++w) {
+    const long long c = (long long)(uint64_t(scratch[3 * w]) | uint64_t(scratch[3 * w + 1]) << 32);
+    const int i = int(scratch[3 * w + 2]);
+    if (c < best_cost || (c == best_cost && i > best_i)) {
+      best_cost = c;
+      best_i = i;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const int split_tokens = int(decode_split_candidate(best_i, rows_min) * kUnit);
+    const int n_splits = max(1, (l_max + split_tokens - 1) / split_tokens);
+    s_plan[0] = split_tokens;
+    s_plan[1] = n_splits * p.n_seqs * p.n_heads_kv;
+    if (blockIdx.x == 0) {
+      p.device_plan[0] = n_splits;
+      p.device_plan[1] = split_tokens;
+    }
+  }
+  __syncthreads();
+}
+
+template <int D, int KB, int VB, bool SPLIT, int HB, int MODE>
 __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     decode_tc_kernel(DecodeAttentionParams p, int n_items, const float* __restrict__ q,
                      float* __restrict__ part_o, float* __restrict__ part_lse,
                      const __grid_constant__ CUtensorMap tmap_k, const __grid_constant__ CUtensorMap tmap_v,
                      int tensor_copy) {
   using C = Cfg<D, KB, VB, SPLIT, HB>;
+  constexpr bool DIRECT = MODE == kTcDirect, PLAN = MODE == kTcDevicePlan;
   constexpr bool OUT = C::kOut;
   constexpr int W = C::kWarps, S = C::kStages;
   constexpr int kHalfSteps = D / 32;  // split: QK k steps (= PV m tiles) of each half
@@ -811,13 +915,19 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #endif
   uint32_t cphase = 0;  // parity of the current use of stage cstage (sm_90)
 
+  // Device plan: the split and the item count come from shared memory at
+  // each use (plan_word; Producer::split_of()). (The count through a lambda
+  // measured as a different schedule of the other kernels: a ternary.)
+  if constexpr (PLAN)
+    plan_splits_on_device<C::kThreads>(p, reinterpret_cast<uint32_t*>(sM), reinterpret_cast<int*>(smem + C::kPlanOff));
+
   // 1. Start the loads, then build the table while they fly.
-  Producer<C> prod(p.page_tokens);
-  prod.init(p, n_items, warp);
+  Producer<C, PLAN> prod(p.page_tokens);
+  prod.init(p, (PLAN ? plan_word<C>(1) : n_items), warp);
   int pstage = 0, cstage = 0;
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
+    prod.issue(p, (PLAN ? plan_word<C>(1) : n_items), warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
     pstage = pstage + 1 == S ? 0 : pstage + 1;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -915,8 +1025,8 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
   }
 
   if constexpr (OUT) __syncthreads();  // the rotation's parameters, before the first item's query
-  for (int it = blockIdx.x; it < n_items; it += gridDim.x) {
-    const Item x = item_at(p, it);
+  for (int it = blockIdx.x; it < (PLAN ? plan_word<C>(1) : n_items); it += gridDim.x) {
+    const Item x = item_at<PLAN>(p, it, Producer<C, PLAN>::split_of());
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
     if (x.n_tiles == 0) {  // past the sequence: a neutral partial (the merge skips its o)
       if constexpr (DIRECT) {  // what the merge writes for it: the rotation of 0, lse -inf
@@ -994,7 +1104,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
       if (lane == 0) sQs[warp] = qs;
     }
     __syncthreads();  // (A) table (first item), sQ; the last item's merge reads are done
-    if (warp < g && it + int(gridDim.x) < n_items) {  // in flight during the tiles
+    if (warp < g && it + int(gridDim.x) < (PLAN ? plan_word<C>(1) : n_items)) {  // in flight during the tiles
       load_q(it + gridDim.x);
       q_item = it + gridDim.x;
     }
@@ -1099,7 +1209,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
       cp_async_wait<S - 2>();
 #endif
       __syncwarp();  // this stage is in (every lane); every lane is done with the previous one
-      prod.issue(p, n_items, warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
+      prod.issue(p, (PLAN ? plan_word<C>(1) : n_items), warp, lane, smem_s + stage_off(pstage), bar_at(pstage), tmk, tmv);
       pstage = pstage + 1 == S ? 0 : pstage + 1;
       const uint32_t pair_kb = stage_off(cstage);
       cstage = cstage + 1 == S ? 0 : cstage + 1;
@@ -1395,10 +1505,10 @@ struct TcKernel {
   int threads = 0, smem = 0, tile_tokens = 0;
 };
 
-template <int D, int KB, int VB, bool SPLIT = false, int HB = 0, bool DIRECT = false>
+template <int D, int KB, int VB, bool SPLIT = false, int HB = 0, int MODE = kTcPartials>
 TcKernel tc_kernel() {
   using C = Cfg<D, KB, VB, SPLIT, HB>;
-  return {decode_tc_kernel<D, KB, VB, SPLIT, HB, DIRECT>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
+  return {decode_tc_kernel<D, KB, VB, SPLIT, HB, MODE>, C::kThreads, C::kSmemBytes, kPairTok * C::kWarps};
 }
 
 // The outlier-K kernels: hi segment at kOutHiBits (the -out presets' hb=6),
@@ -1417,36 +1527,37 @@ TcBits tc_bits(const DecodeShape& s) {
   return {s.k_bits, s.v_bits, s.split_halves, 0};
 }
 
-template <int D, bool DIRECT>
+template <int D, int MODE>
 TcKernel tc_kernel_bits(const TcBits& b) {
-  if constexpr (!DIRECT)  // (split V: no direct output)
-    if (b.split) return b.kb == 3 ? tc_kernel<D, 3, 3, true>() : tc_kernel<D, 4, 4, true>();
+  if constexpr (MODE != kTcDirect)  // (split V: no direct output)
+    if (b.split) return b.kb == 3 ? tc_kernel<D, 3, 3, true, 0, MODE>() : tc_kernel<D, 4, 4, true, 0, MODE>();
   if constexpr (D >= 128)
     if (b.hb > 0)
-      return b.kb == 3 ? tc_kernel<D, 3, 4, false, kOutHiBits, DIRECT>() : tc_kernel<D, 4, 4, false, kOutHiBits, DIRECT>();
-  if (b.kb == 3 && b.vb == 3) return tc_kernel<D, 3, 3, false, 0, DIRECT>();
-  if (b.kb == 3 && b.vb == 4) return tc_kernel<D, 3, 4, false, 0, DIRECT>();
-  if (b.kb == 4 && b.vb == 3) return tc_kernel<D, 4, 3, false, 0, DIRECT>();
-  return tc_kernel<D, 4, 4, false, 0, DIRECT>();
+      return b.kb == 3 ? tc_kernel<D, 3, 4, false, kOutHiBits, MODE>() : tc_kernel<D, 4, 4, false, kOutHiBits, MODE>();
+  if (b.kb == 3 && b.vb == 3) return tc_kernel<D, 3, 3, false, 0, MODE>();
+  if (b.kb == 3 && b.vb == 4) return tc_kernel<D, 3, 4, false, 0, MODE>();
+  if (b.kb == 4 && b.vb == 3) return tc_kernel<D, 4, 3, false, 0, MODE>();
+  return tc_kernel<D, 4, 4, false, 0, MODE>();
 }
 
-// The instantiation for a shape decode_tc_unsupported accepted, and its index
-// among the 22 (direct: its direct-output twin, same resources but registers;
-// never for split halves).
-constexpr int kTcKernels = 22;
-TcKernel tc_kernel_for(int d, const TcBits& b, bool direct = false) {
-  if (direct) {
-    TQ_ASSERT(!b.split);
-    switch (d) {
-      case 64: return tc_kernel_bits<64, true>(b);
-      case 128: return tc_kernel_bits<128, true>(b);
-      default: return tc_kernel_bits<256, true>(b);
-    }
-  }
+template <int MODE>
+TcKernel tc_kernel_dim(int d, const TcBits& b) {
   switch (d) {
-    case 64: return tc_kernel_bits<64, false>(b);
-    case 128: return tc_kernel_bits<128, false>(b);
-    default: return tc_kernel_bits<256, false>(b);
+    case 64: return tc_kernel_bits<64, MODE>(b);
+    case 128: return tc_kernel_bits<128, MODE>(b);
+    default: return tc_kernel_bits<256, MODE>(b);
+  }
+}
+
+// The instantiation for a shape decode_tc_unsupported accepted and a mode
+// (the direct and device-plan twins: same resources but registers; no direct
+// output for split halves), and its index among the 22 of each mode.
+constexpr int kTcKernels = 22;
+TcKernel tc_kernel_for(int d, const TcBits& b, int mode = kTcPartials) {
+  switch (mode) {
+    case kTcDirect: TQ_ASSERT(!b.split); return tc_kernel_dim<kTcDirect>(d, b);
+    case kTcDevicePlan: return tc_kernel_dim<kTcDevicePlan>(d, b);
+    default: return tc_kernel_dim<kTcPartials>(d, b);
   }
 }
 int tc_index(int d, const TcBits& b) {
@@ -1462,10 +1573,10 @@ int tc_slots(const DecodeAttentionParams& p);
 constexpr int kMaxDevices = 64;
 std::atomic<int> g_slots[kMaxDevices][kTcKernels];
 
-// (direct: the kernel's direct-output twin, whose shared-memory opt-in is
-// set here too: plan and launch may run inside a stream capture, after a
-// first plan outside it.)
-int tc_slots(const TcKernel& k, int index, KernelFn direct = nullptr) {
+// (twins: the kernel's direct-output and device-plan twins, whose
+// shared-memory opt-in is set here too: plan and launch may run inside a
+// stream capture, after a first plan outside it.)
+int tc_slots(const TcKernel& k, int index, KernelFn direct, KernelFn device_plan) {
   int dev = 0;
   TQ_CUDA_CHECK(cudaGetDevice(&dev));
   std::atomic<int>* cached = dev < kMaxDevices ? &g_slots[dev][index] : nullptr;
@@ -1474,8 +1585,8 @@ int tc_slots(const TcKernel& k, int index, KernelFn direct = nullptr) {
   int n_sm = 0, per_sm = 0;
   TQ_CUDA_CHECK(cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev));
   TQ_CUDA_CHECK(cudaFuncSetAttribute(k.fn, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
-  if (direct != nullptr)
-    TQ_CUDA_CHECK(cudaFuncSetAttribute(direct, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
+  for (KernelFn twin : {direct, device_plan})
+    if (twin != nullptr) TQ_CUDA_CHECK(cudaFuncSetAttribute(twin, cudaFuncAttributeMaxDynamicSharedMemorySize, k.smem));
   TQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k.fn, k.threads, k.smem));
   TQ_REQUIRE(per_sm >= 1, "GPU decode attention: the tensor-core kernel does not fit on an SM (",
              k.smem, " bytes of shared memory, ", k.threads, " threads)");
@@ -1494,7 +1605,8 @@ int tc_cc_major() {
 int tc_slots(const DecodeAttentionParams& p) {
   const TcBits b = tc_bits(decode_shape(p));
   return tc_slots(tc_kernel_for(p.k.dim, b), tc_index(p.k.dim, b),
-                  b.split ? nullptr : tc_kernel_for(p.k.dim, b, true).fn);
+                  b.split ? nullptr : tc_kernel_for(p.k.dim, b, kTcDirect).fn,
+                  tc_kernel_for(p.k.dim, b, kTcDevicePlan).fn);
 }
 
 std::atomic<int> g_split_override{0};
@@ -1678,13 +1790,10 @@ int decode_tc_max_splits(const DecodeAttentionParams& p) {
   return int((cap + s_min - 1) / s_min);
 }
 
-// Tokens per split: the multiple of the block's tile row (16 tokens per warp)
-// that minimises rounds x (split + one row of overhead), where rounds = items
-// over resident blocks for the current lengths; ties go to the longer split
-// (fewer partials for the merge).
-int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths) {
-  const int slots = tc_slots(p);
-  const long unit = decode_tc_tile_tokens(p.k.dim);
+namespace {
+// The shortest split a plan of p may take: tc_min_split (the workspace's
+// bound), shorter for a window.
+long plan_min_split(const DecodeAttentionParams& p, int slots, long unit) {
   long s_min = tc_min_split(p, slots);
   // A window's splits may be shorter: the workspace holds as many partials
   // as the whole capacity would need at s_min.
@@ -1692,29 +1801,63 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
     const long most = decode_tc_max_splits(p);
     s_min = std::min(s_min, std::max(unit, round_up((span + most - 1) / most, unit)));
   }
-  if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
-    return int(std::max(s_min, round_up(forced, unit)));
+  return s_min;
+}
+
+// The cost model's choice (decode_split_cost over decode_split_candidate),
+// as the device plan computes it; l_max: the longest span.
+long best_split(const DecodeAttentionParams& p, const int* host_lengths, long s_min, int slots, long unit,
+                long& l_max, long long& best_cost) {
   // The tokens the splits of each sequence cover (from its window's start).
   auto span = [&](int s) {
     return long(host_lengths[s]) - decode_split_start(host_lengths[s], p.window, p.window_tail, p.n_sinks);
   };
-  long l_max = 0;
+  l_max = 0;
   for (int s = 0; s < p.n_seqs; ++s) l_max = std::max(l_max, span(s));
+  const long rows_min = s_min / unit;
+  const int n_cand = decode_split_candidates(rows_min, l_max, unit);
   long best = s_min;
-  double best_cost = INFINITY;
-  for (long split = s_min; split <= std::max(s_min, round_up(l_max, unit));) {
+  best_cost = LLONG_MAX;
+  for (int i = 0; i < n_cand; ++i) {
+    const long split = decode_split_candidate(i, rows_min) * unit;
     long items = 0;
     for (int s = 0; s < p.n_seqs; ++s) items += (span(s) + split - 1) / split;
-    items *= p.n_heads_kv;
-    const long rounds = (items + slots - 1) / slots;
-    const double cost = double(rounds) * double(split + unit);
-    if (cost <= best_cost) {
+    const long long cost = decode_split_cost(items * p.n_heads_kv, slots, split, unit);
+    if (cost <= best_cost) {  // ties: the longer split (fewer partials for the merge)
       best_cost = cost;
       best = split;
     }
-    const long k_units = split / unit;  // every step up to 64 rows, then ~1/16 apart
-    split += unit * std::max(1L, k_units / 16);
   }
+  return best;
+}
+}  // namespace
+
+int decode_tc_best_split(const DecodeAttentionParams& p, const int* host_lengths) {
+  const int slots = tc_slots(p);
+  const long unit = decode_tc_tile_tokens(p.k.dim);
+  long l_max = 0;
+  long long cost = 0;
+  return int(best_split(p, host_lengths, plan_min_split(p, slots, unit), slots, unit, l_max, cost));
+}
+
+int decode_tc_device_plan_min_split(const DecodeAttentionParams& p) {
+  if (g_split_override.load(std::memory_order_relaxed) > 0) return 0;  // a pinned split: the host plans
+  return int(plan_min_split(p, tc_slots(p), decode_tc_tile_tokens(p.k.dim)));
+}
+
+// Tokens per split: the cost model's choice for the current lengths
+// (best_split: rounds x (split + one row of overhead), rounds = items over
+// resident blocks), or one split a window with the output written directly
+// where that is no dearer.
+int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths) {
+  const int slots = tc_slots(p);
+  const long unit = decode_tc_tile_tokens(p.k.dim);
+  const long s_min = plan_min_split(p, slots, unit);
+  if (const int forced = g_split_override.load(std::memory_order_relaxed); forced > 0)
+    return int(std::max(s_min, round_up(forced, unit)));
+  long l_max = 0;
+  long long best_cost = 0;
+  const long best = best_split(p, host_lengths, s_min, slots, unit, l_max, best_cost);
   // One split a sequence over the whole window, the output written by the
   // decode kernel (launch_decode_attention_tc): no merge kernel, where that
   // saves more than the longer splits cost.
@@ -1722,7 +1865,7 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
       direct_possible(p) && cap <= kDirectTokensPerWarp * warps_for(p.k.dim)) {
     const long items = long(p.n_seqs) * p.n_heads_kv;
     const double cost = double((items + slots - 1) / slots) * double(round_up(std::max(l_max, 1L), unit) + unit);
-    if (cost <= best_cost + kMergeUnits * double(unit)) return int(round_up(cap, unit));
+    if (cost <= double(best_cost) + kMergeUnits * double(unit)) return int(round_up(cap, unit));
   }
   return int(best);
 }
@@ -1733,7 +1876,11 @@ void launch_decode_attention_tc(const DecodeAttentionParams& plan, const float* 
   TQ_ASSERT(plan.kernel == DecodeKernel::tensor_core && plan.split_tokens > 0 &&
             plan.split_tokens % decode_tc_tile_tokens(plan.k.dim) == 0);
   DecodeAttentionParams p = plan;
-  p.direct = p.n_splits == 1 && p.dense_o == nullptr && direct_possible(p) &&
+  // A device plan's split count is not known here: its launch always ends
+  // with the merge, and its grid is every resident block (the kernel plans
+  // n_items itself).
+  const bool device_plan = p.device_plan != nullptr;
+  p.direct = !device_plan && p.n_splits == 1 && p.dense_o == nullptr && direct_possible(p) &&
                      g_direct_output.load(std::memory_order_relaxed)
                  ? 1
                  : 0;
@@ -1741,9 +1888,9 @@ void launch_decode_attention_tc(const DecodeAttentionParams& plan, const float* 
   p.direct_out = out;
   p.direct_lse = lse;
   const TcBits b = tc_bits(decode_shape(p));
-  const TcKernel k = tc_kernel_for(p.k.dim, b, p.direct != 0);
-  const int n_items = p.n_splits * p.n_seqs * p.n_heads_kv;
-  const int grid = std::min(n_items, tc_slots(p));
+  const TcKernel k = tc_kernel_for(p.k.dim, b, device_plan ? kTcDevicePlan : p.direct ? kTcDirect : kTcPartials);
+  const int n_items = device_plan ? 0 : p.n_splits * p.n_seqs * p.n_heads_kv;
+  const int grid = device_plan ? tc_slots(p) : std::min(n_items, tc_slots(p));
   const bool sm90 = tc_cc_major() == 9;
   CUtensorMap tmk{}, tmv{};
   const bool tensor_copy =

@@ -81,6 +81,20 @@ void DeviceBuffer::download(void* host, size_t bytes) const {
 // ---- GpuKvLayer ----------------------------------------------------------------
 namespace {
 
+// Whether attend on `stream` plans the tensor-core kernel's splits on the
+// device (SplitPlanning): under stream capture by default, since the host's
+// lengths would be frozen into the graph with the capture's plan.
+bool plans_on_device(Stream stream) {
+  switch (decode_split_planning()) {
+    case SplitPlanning::host: return false;
+    case SplitPlanning::device: return true;
+    case SplitPlanning::automatic: break;
+  }
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  TQ_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 // Host copy of what a format needs on the device, validated. A channel
 // split (split = true) has no codes of its own: its two segments and the
 // per-head channel table say everything, bits and code_bytes are 0.
@@ -1592,7 +1606,8 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   // + the dense tokens' splits: [max_seqs, n_heads_q, dense splits] outputs and lse.
   const int parts =
       n_splits + decode_dense_part_splits(m.hk.dim, m.cfg.dense_prefix + m.cfg.dense_window);
-  return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float);
+  // + the device plan's words (DecodeAttentionParams::device_plan) at the end.
+  return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float) + kDevicePlanBytes;
 }
 
 std::string GpuKvLayer::attend_kernel(int n_heads_q) const {
@@ -1635,7 +1650,11 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   }
   // Picks the kernel (tensor cores where supported, else the reference: see
   // kernels.hpp) and its splits (with a window, over the window only); the
-  // partials below use the planned count.
+  // partials below use the planned count. Under stream capture the
+  // tensor-core kernel plans its splits on the device at each replay
+  // (SplitPlanning): the host's lengths are those of the capture.
+  if (plans_on_device(stream))
+    p.device_plan = reinterpret_cast<int*>(static_cast<char*>(workspace) + workspace_bytes(n_heads_q) - kDevicePlanBytes);
   plan_decode_attention(p, m.len.data());
   float* part_o = static_cast<float*>(workspace);
   float* part_lse = part_o + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits * D;

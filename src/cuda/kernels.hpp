@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "turboquant/cuda.hpp"
+
 // Functions of these structs that device code calls too.
 #if defined(__CUDACC__)
 #define TQ_HOST_DEVICE __host__ __device__
@@ -133,7 +135,6 @@ void set_decode_tc_tensor_copies(bool enabled);
 // for bit. decode_tc_direct_launches counts the launches that wrote directly.
 void set_decode_tc_direct_output(bool enabled);
 long decode_tc_direct_launches();
-
 // The shape facts that decide the kernel.
 struct DecodeShape {
   int head_dim = 0;
@@ -237,7 +238,16 @@ struct DecodeAttentionParams {
   int direct = 0;
   float* direct_out = nullptr;  // out of launch_decode_attention
   float* direct_lse = nullptr;  // lse of launch_decode_attention (may be null)
+  // Device plan (SplitPlanning; tensor-core kernel only): non-null, the
+  // kernel plans its splits from the device's lengths and stores
+  // {splits per sequence, tokens per split} here (workspace) for the merge
+  // and for tests; split_tokens is then the shortest split it may choose and
+  // n_splits the most splits it may choose (the partials' stride).
+  int* device_plan = nullptr;
 };
+// GpuKvLayer::attend keeps the device plan's words in the last
+// kDevicePlanBytes of its workspace (workspace_bytes(n_heads_q) - this).
+constexpr size_t kDevicePlanBytes = 16;
 
 DecodeShape decode_shape(const DecodeAttentionParams& p);
 
@@ -304,9 +314,47 @@ void launch_decode_dense_part(const DecodeAttentionParams& p, const float* q, CU
 // Dense-part splits for head_dim and prefix + window slots (0: none).
 int decode_dense_part_splits(int head_dim, int dense_slots);
 
+// ---- The split cost model (host plan, and the device plan of captured runs) --
+// Candidate split lengths, in block rows of tiles (decode_tc_tile_tokens):
+// s_min, then every row count above it with at most 5 significant bits
+// (1..32, 34, 36, .., 64, 68, ..), i.e. 1/32 to 1/16 apart; the j-th is
+// found without walking the list, so the device evaluates them in parallel.
+TQ_HOST_DEVICE inline long decode_split_rows(int j) {
+  return j < 15 ? long(j) + 1 : long(16 + (j - 15) % 16) << ((j - 15) / 16);
+}
+// The index of the first decode_split_rows value above r (r >= 1).
+TQ_HOST_DEVICE inline int decode_split_rows_after(long r) {
+  if (r < 16) return int(r);
+  int e = 0;
+  while ((r >> e) >= 32) ++e;
+  return 15 + 16 * e + int(r >> e) - 16 + 1;
+}
+// The candidates for splits of at least rows_min rows over sequences whose
+// longest span is l_max tokens: rows_min, then decode_split_rows(j) for j
+// from decode_split_rows_after(rows_min) while at most the rows of l_max.
+TQ_HOST_DEVICE inline int decode_split_candidates(long rows_min, long l_max, long unit) {
+  const long rows_max = (l_max + unit - 1) / unit;
+  return rows_max <= rows_min ? 1 : 1 + decode_split_rows_after(rows_max) - decode_split_rows_after(rows_min);
+}
+TQ_HOST_DEVICE inline long decode_split_candidate(int i, long rows_min) {
+  return i == 0 ? rows_min : decode_split_rows(decode_split_rows_after(rows_min) + i - 1);
+}
+// What a plan costs: rounds of items over the resident blocks, each round as
+// long as a split plus one row (a block's fixed cost per item). The plan is
+// the candidate of least cost, the longer split on a tie (fewer partials).
+TQ_HOST_DEVICE inline long long decode_split_cost(long items, int slots, long split_tokens, long unit) {
+  return (long long)((items + slots - 1) / slots) * (long long)(split_tokens + unit);
+}
+
 // Tensor-core kernel internals the planner needs (decode_attention_tc.cu).
 int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 32-token tile pair per warp)
 int decode_tc_max_splits(const DecodeAttentionParams& p);
 int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths);
+// The cost model's split for these lengths without the direct-output rule:
+// what a device plan of p chooses (tests compare the two).
+int decode_tc_best_split(const DecodeAttentionParams& p, const int* host_lengths);
+// The shortest split a device plan of p may choose, or 0 where the host must
+// plan (a split pinned by set_decode_tc_split_override).
+int decode_tc_device_plan_min_split(const DecodeAttentionParams& p);
 
 }  // namespace tq::cuda

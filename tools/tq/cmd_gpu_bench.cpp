@@ -17,7 +17,11 @@
 // bf16 and from f32 input (kernels alone, and the whole append_device call),
 // against one read of the same block in bf16, and one decode step's append
 // (one token for each sequence of a batch, append_batch_device), wall time
-// per call.
+// per call. Each tensor-core attend row also times the attend captured in a
+// CUDA graph before the sequences were filled (graph_ms: splits planned on
+// the device at each replay, the default under capture;
+// graph_frozen_plan_ms: the host's plan frozen at capture) and, outside a
+// graph, with the device plan forced (device_plan_ms: its in-kernel cost).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -74,17 +78,18 @@ struct Args {
 
 double gib(double bytes) { return bytes / double(1ull << 30); }
 
-// Median ms of `runs` launches, each after an L2 flush, after 3 warm-ups.
+// Median ms of `runs` launches on `stream`, each after an L2 flush, after 3
+// warm-ups.
 template <class F>
-double time_median(F&& launch, int runs, cb::L2Flusher& flush) {
+double time_median(F&& launch, int runs, cb::L2Flusher& flush, cuda::Stream stream = nullptr) {
   for (int i = 0; i < 3; ++i) launch();
-  cb::synchronize(nullptr);
+  cb::synchronize(stream);
   cb::EventTimer timer(runs);
   for (int i = 0; i < runs; ++i) {
-    flush.flush(nullptr);
-    timer.start(i, nullptr);
+    flush.flush(stream);
+    timer.start(i, stream);
     launch();
-    timer.stop(i, nullptr);
+    timer.stop(i, stream);
   }
   return timer.median_ms();
 }
@@ -315,13 +320,20 @@ class Bench {
     }
     // A compressed preset the tensor-core kernel cannot run says so.
     const bool ref = r.contains("decode_kernel") && r["decode_kernel"].get<std::string>().rfind("reference", 0) == 0;
+    // Captured attends (graph_ms: splits planned on the device at each
+    // replay; frozen: planned on the host at capture, before the prompt).
+    const std::string graphs =
+        r.contains("graph_ms")
+            ? fmt("  graph %.4f, frozen plan %.4f, device plan %.4f", r["graph_ms"].get<double>(),
+                  r["graph_frozen_plan_ms"].get<double>(), r["device_plan_ms"].get<double>())
+            : std::string();
     if (!a_.json_out)
-      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s %9.4f %7.0f%% %8s%s\n",
+      std::printf("%-6s %5d %7d %-11s %9.4f %8.3f %6.2f %5.0f%% %5.0f%% %8s %8s %9s %9.4f %7.0f%% %8s%s%s\n",
                   r["shape"].get<std::string>().c_str(), r["batch"].get<int>(), r["context"].get<int>(),
                   r["preset"].get<std::string>().c_str(), ms, bytes / 1e9, tb_s,
                   100 * tb_s / ceil_.copy_tb_s, 100 * tb_s / ceil_.read_tb_s, vs_dense.c_str(),
                   vs_sdpa.c_str(), sdpa_ms.c_str(), floor_ms, 100 * floor_ms / ms, max_sdpa.c_str(),
-                  ref ? "  (reference kernel)" : "");
+                  ref ? "  (reference kernel)" : "", graphs.c_str());
     std::fflush(stdout);
   }
 
@@ -430,20 +442,44 @@ class Bench {
         cfg.split_pages = int(std::max(1L, (pages + want - 1) / want));
       }
       cuda::GpuKvLayer layer(*kq, *vq, cfg);
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int b = 0; b < batch; ++b) {
-        const int seq = layer.add_sequence();
-        for (int t = 0; t < context; t += chunk)
-          layer.append_device(seq, kc->as<float>(), vc->as<float>(), std::min(chunk, context - t), nullptr);
-      }
-      const double fill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      for (int b = 0; b < batch; ++b) layer.add_sequence();
       cuda::DeviceBuffer q(q_bytes), out(q_bytes), ws(layer.workspace_bytes(Hq));
       cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
       AttentionParams ap;
       ap.window = a_.window;
-      const double ms = time_median(
-          [&] { layer.attend(q.as<float>(), Hq, ap, out.as<float>(), nullptr, ws.data(), ws.size(), nullptr); },
-          a_.runs, *flush_);
+      auto attend = [&](cuda::Stream st) {
+        layer.attend(q.as<float>(), Hq, ap, out.as<float>(), nullptr, ws.data(), ws.size(), st);
+      };
+      // An engine's decode graph, captured before the prompt is in (empty
+      // sequences): with the splits planned on the device at each replay (the
+      // default under capture), and as a host plan would freeze them.
+      cb::CapturedGraph graph, graph_frozen;
+      const bool decode_tc = layer.attend_kernel(Hq) == "tensor_core";
+      if (decode_tc) {
+        attend(nullptr);  // (the per-device caches, outside the capture)
+        cb::synchronize(nullptr);
+        graph.begin_capture();
+        attend(graph.stream());
+        graph.end_capture();
+        cuda::set_decode_split_planning(cuda::SplitPlanning::host);
+        graph_frozen.begin_capture();
+        attend(graph_frozen.stream());
+        graph_frozen.end_capture();
+        cuda::set_decode_split_planning(cuda::SplitPlanning::automatic);
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int b = 0; b < batch; ++b)
+        for (int t = 0; t < context; t += chunk)
+          layer.append_device(b, kc->as<float>(), vc->as<float>(), std::min(chunk, context - t), nullptr);
+      const double fill_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      const double ms = time_median([&] { attend(nullptr); }, a_.runs, *flush_);
+      if (decode_tc) {
+        r["graph_ms"] = time_median([&] { graph.launch(); }, a_.runs, *flush_, graph.stream());
+        r["graph_frozen_plan_ms"] = time_median([&] { graph_frozen.launch(); }, a_.runs, *flush_, graph_frozen.stream());
+        cuda::set_decode_split_planning(cuda::SplitPlanning::device);
+        r["device_plan_ms"] = time_median([&] { attend(nullptr); }, a_.runs, *flush_);
+        cuda::set_decode_split_planning(cuda::SplitPlanning::automatic);
+      }
       r["split_pages"] = cfg.split_pages;
       r["decode_kernel"] = layer.attend_kernel(Hq);
       r["page_tokens"] = P;
