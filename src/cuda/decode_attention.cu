@@ -375,14 +375,17 @@ __global__ void __launch_bounds__(D)
   const int hq = blockIdx.x, seq = blockIdx.y, i = threadIdx.x;
   const int n_heads_q = p.n_heads_kv * p.group;
   // The partials' stride is p.n_splits; a device plan wrote the first n of
-  // them (its count is read after the wait: the split kernel stored it).
+  // them (its count is read after the wait: the split kernel stored it). The
+  // lse loads below do not wait for that count: every slot up to the stride
+  // is read and those past n count as empty.
   const int n = p.device_plan != nullptr ? __ldcg(p.device_plan) : p.n_splits;
   const size_t row = (size_t(seq) * n_heads_q + hq) * p.n_splits;
 
   // Max over all splits; the first tile's lse is kept for its weights.
   float mx = kNegInf;
-  for (int s = i; s < n; s += D) {
-    const float ls = part_lse[row + s];
+  for (int s = i; s < p.n_splits; s += D) {
+    const float raw = part_lse[row + s];
+    const float ls = s < n ? raw : kNegInf;
     mx = fmaxf(mx, ls);
     if (s < kMergeTile) s_w[s] = ls;
   }

@@ -789,71 +789,55 @@ enum TcMode : int { kTcPartials = 0, kTcDirect = 1, kTcDevicePlan = 2 };
 // The device plan: decode_tc_best_split's cost model over the lengths on the
 // device, by the whole block (every block finds the same plan). G threads take
 // a candidate split and sum its items over every G-th sequence, so a batch of
-// any size costs a few loads and divisions a thread. Writes {split_tokens,
-// n_items} to s_plan (n_splits = the longest span over split_tokens, at least
-// 1, splits a sequence), and block 0 {n_splits, split_tokens} to
-// p.device_plan for the merge. scratch: 3 words a warp of shared memory.
+// any size costs a few loads and divisions a thread; the candidates' costs
+// meet as 64-bit keys (cost in rows << 9 | 511 - index: the least is the
+// cheapest plan, the longer split on a tie, as on the host) in one barrier.
+// Thread 0 then writes {split_tokens, n_items} to s_plan (plan_word; n_splits
+// = the longest span over split_tokens, at least 1, splits a sequence), in
+// block 0 also {n_splits, split_tokens} to p.device_plan for the merge.
+// scratch: 2 words a warp of shared memory. (Per-warp copies of the plan,
+// one barrier fewer, cost the d-128 kernels spills: the warp's offset.)
 template <int NT>
 __device__ void plan_splits_on_device(const DecodeAttentionParams& p, uint32_t* scratch, int* s_plan) {
   constexpr int W = NT / 32;
-  constexpr long kUnit = long(kPairTok) * W;
+  constexpr uint32_t kUnit = kPairTok * W;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   auto span = [&](int s) {
     const int len = p.lengths[s];
-    return len - decode_split_start(len, p.window, p.window_tail, p.n_sinks);
+    return uint32_t(len - decode_split_start(len, p.window, p.window_tail, p.n_sinks));
   };
-  int l_max = 0;
+  uint32_t l_max = 0;
   for (int s = lane; s < p.n_seqs; s += 32) l_max = max(l_max, span(s));
-#pragma unroll
-  for (int o = 16; o >= 1; o /= 2) l_max = max(l_max, __shfl_xor_sync(0xffffffffu, l_max, o));
-  const long rows_min = p.split_tokens / kUnit;
+  l_max = __reduce_max_sync(0xffffffffu, l_max);
+  const uint32_t rows_min = uint32_t(p.split_tokens) / kUnit;
   const int n_cand = decode_split_candidates(rows_min, l_max, kUnit);
   int G = 1;  // threads a candidate (a power of two, <= 32)
   while (G < 32 && n_cand * 2 * G <= NT) G *= 2;
-  long long best_cost = 0x7fffffffffffffffLL;
-  int best_i = -1;
+  const uint32_t slots = gridDim.x, heads = uint32_t(p.n_heads_kv);
+  uint64_t best = ~0ull;
   for (int base = 0; base < n_cand; base += NT / G) {  // (uniform: the shuffles below need every lane)
     const int i = base + int(threadIdx.x) / G, sub = int(threadIdx.x) % G;
-    const uint32_t split = i < n_cand ? uint32_t(decode_split_candidate(i, rows_min) * kUnit) : 1u;
+    const uint32_t rows = i < n_cand ? uint32_t(decode_split_candidate(i, rows_min)) : 1u, split = rows * kUnit;
     uint32_t items = 0;
     if (i < n_cand)
-      for (int s = sub; s < p.n_seqs; s += G) items += (uint32_t(span(s)) + split - 1) / split;
+      for (int s = sub; s < p.n_seqs; s += G) items += (span(s) + split - 1) / split;
     for (int o = G / 2; o >= 1; o /= 2) items += __shfl_xor_sync(0xffffffffu, items, o);
     if (i < n_cand) {
-      const long long c = decode_split_cost(long(items) * p.n_heads_kv, int(gridDim.x), split, kUnit);
-      if (c < best_cost || (c == best_cost && i > best_i)) {
-        best_cost = c;
-        best_i = i;
-      }
+      const uint32_t rounds = (items * heads + slots - 1) / slots;
+      best = min(best, (uint64_t(rounds) * (rows + 1)) << 9 | uint32_t(511 - i));
     }
   }
-  // Least cost, the longer split (higher index) on a tie: the host's choice.
 #pragma unroll
-  for (int o = 16; o >= 1; o /= 2) {
-    const long long oc = __shfl_xor_sync(0xffffffffu, best_cost, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
-    if (oc < best_cost || (oc == best_cost && oi > best_i)) {
-      best_cost = oc;
-      best_i = oi;
-    }
-  }
+  for (int o = 16; o >= 1; o /= 2) best = min(best, __shfl_xor_sync(0xffffffffu, best, o));
   if (lane == 0) {
-    scratch[3 * warp] = uint32_t(best_cost);
-    scratch[3 * warp + 1] = uint32_t(best_cost >> 32);
-    scratch[3 * warp + 2] = uint32_t(best_i);
+    scratch[2 * warp] = uint32_t(best);
+    scratch[2 * warp + 1] = uint32_t(best >> 32);
   }
   __syncthreads();
-  for (int w = 0; w < W; ++w) {
-    const long long c = (long long)(uint64_t(scratch[3 * w]) | uint64_t(scratch[3 * w + 1]) << 32);
-    const int i = int(scratch[3 * w + 2]);
-    if (c < best_cost || (c == best_cost && i > best_i)) {
-      best_cost = c;
-      best_i = i;
-    }
-  }
   if (threadIdx.x == 0) {
-    const int split_tokens = int(decode_split_candidate(best_i, rows_min) * kUnit);
-    const int n_splits = max(1, (l_max + split_tokens - 1) / split_tokens);
+    for (int w = 0; w < W; ++w) best = min(best, uint64_t(scratch[2 * w]) | uint64_t(scratch[2 * w + 1]) << 32);
+    const int split_tokens = int(decode_split_candidate(511 - int(best & 511), rows_min) * kUnit);
+    const int n_splits = max(1, int((l_max + split_tokens - 1) / split_tokens));
     s_plan[0] = split_tokens;
     s_plan[1] = n_splits * p.n_seqs * p.n_heads_kv;
     if (blockIdx.x == 0) {
