@@ -235,29 +235,29 @@ TEST(CudaPlan, WindowSplitsCoverEveryVisibleToken) {
 // to the rows of the longest span; the j-th found without walking the list.
 // Host arithmetic: runs without a GPU.
 TEST(CudaPlan, SplitCandidatesAreOrderedAndIndexed) {
-  long prev = 0;
-  for (int j = 0; j < 400; ++j) {
-    const long r = cuda::decode_split_rows(j);
+  int prev = 0;
+  for (int j = 0; j < 360; ++j) {  // (rows up to 2^26: any split of an int token count)
+    const int r = cuda::decode_split_rows(j);
     ASSERT_GT(r, prev) << "j " << j;
-    long sig = r;
+    int sig = r;
     while (sig >= 32) {
       ASSERT_EQ(sig % 2, 0) << "rows " << r << " has more than 5 significant bits";
       sig /= 2;
     }
-    if (j > 0) ASSERT_LE(r - prev, std::max(1L, prev / 16)) << "candidates more than 1/16 apart at " << r;
+    if (j > 0) ASSERT_LE(r - prev, std::max(1, prev / 16)) << "candidates more than 1/16 apart at " << r;
     prev = r;
   }
-  for (long r = 1; r < 200000; ++r) {
+  for (int r = 1; r < 200000; ++r) {
     const int j = cuda::decode_split_rows_after(r);
     ASSERT_GT(cuda::decode_split_rows(j), r);
     if (j > 0) ASSERT_LE(cuda::decode_split_rows(j - 1), r);
   }
-  for (const long unit : {256L, 512L})
-    for (const long rows_min : {1L, 7L, 8L, 33L, 100L})
-      for (const long l_max : {0L, 1L, 511L, 512L, 4097L, 131072L, 1000000L}) {
+  for (const int unit : {256, 512})
+    for (const int rows_min : {1, 7, 8, 33, 100})
+      for (const int l_max : {0, 1, 511, 512, 4097, 131072, 1000000, 1 << 30}) {
         SCOPED_TRACE("unit " + std::to_string(unit) + " rows_min " + std::to_string(rows_min) + " l_max " +
                      std::to_string(l_max));
-        const long rows_max = (l_max + unit - 1) / unit;
+        const long rows_max = (long(l_max) + unit - 1) / unit;
         const int n = cuda::decode_split_candidates(rows_min, l_max, unit);
         ASSERT_GE(n, 1);
         EXPECT_EQ(cuda::decode_split_candidate(0, rows_min), rows_min);

@@ -807,19 +807,22 @@ __device__ void plan_splits_on_device(const DecodeAttentionParams& p, uint32_t* 
     return uint32_t(len - decode_split_start(len, p.window, p.window_tail, p.n_sinks));
   };
   uint32_t l_max = 0;
+#pragma unroll 1
   for (int s = lane; s < p.n_seqs; s += 32) l_max = max(l_max, span(s));
   l_max = __reduce_max_sync(0xffffffffu, l_max);
-  const uint32_t rows_min = uint32_t(p.split_tokens) / kUnit;
-  const int n_cand = decode_split_candidates(rows_min, l_max, kUnit);
+  const int rows_min = p.split_tokens / int(kUnit);
+  const int n_cand = decode_split_candidates(rows_min, int(l_max), int(kUnit));
   int G = 1;  // threads a candidate (a power of two, <= 32)
   while (G < 32 && n_cand * 2 * G <= NT) G *= 2;
   const uint32_t slots = gridDim.x, heads = uint32_t(p.n_heads_kv);
   uint64_t best = ~0ull;
+#pragma unroll 1
   for (int base = 0; base < n_cand; base += NT / G) {  // (uniform: the shuffles below need every lane)
     const int i = base + int(threadIdx.x) / G, sub = int(threadIdx.x) % G;
     const uint32_t rows = i < n_cand ? uint32_t(decode_split_candidate(i, rows_min)) : 1u, split = rows * kUnit;
     uint32_t items = 0;
     if (i < n_cand)
+#pragma unroll 1
       for (int s = sub; s < p.n_seqs; s += G) items += (span(s) + split - 1) / split;
     for (int o = G / 2; o >= 1; o /= 2) items += __shfl_xor_sync(0xffffffffu, items, o);
     if (i < n_cand) {
@@ -1798,12 +1801,12 @@ long best_split(const DecodeAttentionParams& p, const int* host_lengths, long s_
   };
   l_max = 0;
   for (int s = 0; s < p.n_seqs; ++s) l_max = std::max(l_max, span(s));
-  const long rows_min = s_min / unit;
-  const int n_cand = decode_split_candidates(rows_min, l_max, unit);
+  const int rows_min = int(s_min / unit);
+  const int n_cand = decode_split_candidates(rows_min, int(l_max), int(unit));
   long best = s_min;
   best_cost = LLONG_MAX;
   for (int i = 0; i < n_cand; ++i) {
-    const long split = decode_split_candidate(i, rows_min) * unit;
+    const long split = long(decode_split_candidate(i, rows_min)) * unit;
     long items = 0;
     for (int s = 0; s < p.n_seqs; ++s) items += (span(s) + split - 1) / split;
     const long long cost = decode_split_cost(items * p.n_heads_kv, slots, split, unit);

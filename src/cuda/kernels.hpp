@@ -319,24 +319,25 @@ int decode_dense_part_splits(int head_dim, int dense_slots);
 // s_min, then every row count above it with at most 5 significant bits
 // (1..32, 34, 36, .., 64, 68, ..), i.e. 1/32 to 1/16 apart; the j-th is
 // found without walking the list, so the device evaluates them in parallel.
-TQ_HOST_DEVICE inline long decode_split_rows(int j) {
-  return j < 15 ? long(j) + 1 : long(16 + (j - 15) % 16) << ((j - 15) / 16);
+TQ_HOST_DEVICE inline int decode_split_rows(int j) {
+  return j < 15 ? j + 1 : (16 + (j - 15) % 16) << ((j - 15) / 16);
 }
 // The index of the first decode_split_rows value above r (r >= 1).
-TQ_HOST_DEVICE inline int decode_split_rows_after(long r) {
-  if (r < 16) return int(r);
+TQ_HOST_DEVICE inline int decode_split_rows_after(int r) {
+  if (r < 16) return r;
   int e = 0;
   while ((r >> e) >= 32) ++e;
-  return 15 + 16 * e + int(r >> e) - 16 + 1;
+  return 15 + 16 * e + (r >> e) - 16 + 1;
 }
 // The candidates for splits of at least rows_min rows over sequences whose
 // longest span is l_max tokens: rows_min, then decode_split_rows(j) for j
 // from decode_split_rows_after(rows_min) while at most the rows of l_max.
-TQ_HOST_DEVICE inline int decode_split_candidates(long rows_min, long l_max, long unit) {
-  const long rows_max = (l_max + unit - 1) / unit;
+// (int: spans and splits are token counts of one sequence.)
+TQ_HOST_DEVICE inline int decode_split_candidates(int rows_min, int l_max, int unit) {
+  const int rows_max = l_max > 0 ? (l_max - 1) / unit + 1 : 0;
   return rows_max <= rows_min ? 1 : 1 + decode_split_rows_after(rows_max) - decode_split_rows_after(rows_min);
 }
-TQ_HOST_DEVICE inline long decode_split_candidate(int i, long rows_min) {
+TQ_HOST_DEVICE inline int decode_split_candidate(int i, int rows_min) {
   return i == 0 ? rows_min : decode_split_rows(decode_split_rows_after(rows_min) + i - 1);
 }
 // What a plan costs: rounds of items over the resident blocks, each round as
