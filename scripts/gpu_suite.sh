@@ -165,11 +165,11 @@ SLOG=$OUT/sanitizer.log
 : >"$SLOG"
 if command -v compute-sanitizer >/dev/null; then
   DENSE_SMALL='CudaDense.Bf16QueryExplicitScaleAndOddGroups:CudaDense.PlanAndArgumentChecks'
-  LAYER_SMALL='CudaBench.ReadFloorVariantsTakeAnySizeAndRefuseBadArguments:CudaSplit.AppendInputTypesAgree:CudaAppend.BatchOfDecodeTokensLandsInEachSequence:CudaAppend.AsyncBatchMatchesSyncAndRefusalIsStickyThenRecovered:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAppend.MisalignedDevicePointers:CudaAppend.KernelOnlyRewriteIsIdempotent:CudaAttention.MatchesKvCacheAttend:CudaAttention.RejectsBadShapes:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache:CudaWindow.SlidingWindowFreesPagesAndKeepsAttention:CudaGraph.StepKernelMatchesTileKernels'
+  LAYER_SMALL='CudaBench.ReadFloorVariantsTakeAnySizeAndRefuseBadArguments:CudaSplit.AppendInputTypesAgree:CudaAppend.BatchOfDecodeTokensLandsInEachSequence:CudaAppend.AsyncBatchMatchesSyncAndRefusalIsStickyThenRecovered:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAppend.MisalignedDevicePointers:CudaAppend.KernelOnlyRewriteIsIdempotent:CudaAttention.MatchesKvCacheAttend:CudaAttention.RejectsBadShapes:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache:CudaWindow.SlidingWindowFreesPagesAndKeepsAttention:CudaGraph.StepKernelMatchesTileKernels:CudaAttentionTc.DevicePlanIsTheHostPlan'
   step memcheck_dense 90 "$SLOG" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/tests/test_cuda_dense" --gtest_filter="$DENSE_SMALL"
   step memcheck_layer 90 "$SLOG" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter="$LAYER_SMALL"
   step racecheck_dense 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda_dense" --gtest_filter='CudaDense.Bf16QueryExplicitScaleAndOddGroups'
-  step racecheck_layer 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter='CudaAppend.KernelOnlyRewriteIsIdempotent:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAttention.MatchesKvCacheAttend:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache'
+  step racecheck_layer 90 "$SLOG" compute-sanitizer --tool racecheck --error-exitcode 9 "$B/tests/test_cuda" --gtest_filter='CudaAppend.KernelOnlyRewriteIsIdempotent:CudaSplit.RecordsAndAttentionMatchKvCache:CudaAttention.MatchesKvCacheAttend:CudaAttentionTc.AwkwardNormsAndZeroVectors:CudaWindow.DenseWindowAndPrefixMatchKvCache:CudaGraph.CapturedAttendReplansAsSequencesGrow'
 else
   say "[sanitizers] SKIPPED: compute-sanitizer is not on the PATH"
 fi
