@@ -3000,6 +3000,20 @@ TEST(CudaAttention, RejectsBadShapes) {
     cuda::GpuKvLayer split_layer(*sq, *vq, c);
     EXPECT_EQ(split_layer.k_record_bytes(), sq->bytes_per_vector());
   }
+  {  // a split whose hi channels the first append chooses cannot attend before it
+    auto halves = make_quantizer("tq-mse:b=2.5", 128, 1);
+    for (const bool k_split : {true, false}) {
+      cuda::GpuKvLayer early(k_split ? *sq : *vq, k_split ? *vq : *halves, cfg);
+      early.add_sequence();
+      cuda::DeviceBuffer ews(early.workspace_bytes(4)), eq(4 * 128 * 4), eout(4 * 128 * 4);
+      try {
+        early.attend(eq.as<float>(), 4, {}, eout.as<float>(), nullptr, ews.data(), ews.size());
+        ADD_FAILURE() << "attend before the hi channels are chosen did not throw";
+      } catch (const Error& e) {
+        EXPECT_NE(std::string(e.what()).find("hi channels are not chosen"), std::string::npos) << e.what();
+      }
+    }
+  }
   cuda::GpuKvLayer layer(*kq, *vq, cfg);
   layer.add_sequence();
   cuda::DeviceBuffer ws(layer.workspace_bytes(4));

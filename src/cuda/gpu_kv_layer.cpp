@@ -1636,6 +1636,10 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
              "GPU attend: this layer has sliding_window ", m.cfg.sliding_window,
              " and frees the tokens before it: attend it with 0 < window <= ", m.cfg.sliding_window,
              " and no sinks (got window ", params.window, ", n_sinks ", params.n_sinks, ")");
+  // (The merge reads a split V's channel table, and the kernel a split K's:
+  // neither exists before the first append chooses them.)
+  TQ_REQUIRE(!m.needs_calibration(), "GPU attend: the channel split's hi channels are not chosen yet (the first "
+             "append chooses them from its tokens): append first, or give k_hi_channels / v_hi_channels");
   DecodeAttentionParams p = layer_params(m, m.pool, n_heads_q);
   p.n_seqs = n_seqs();
   p.sm_scale = params.scale > 0 ? params.scale : 1.0f / std::sqrt(static_cast<float>(D));
