@@ -82,8 +82,8 @@ void set_decode_tc_direct_output(bool) {}
 long decode_tc_direct_launches() { return 0; }
 void set_decode_split_planning(SplitPlanning) {}
 SplitPlanning decode_split_planning() { return SplitPlanning::automatic; }
-int decode_tc_best_split(const DecodeAttentionParams&, const int*) { no_cuda(); }
 int decode_tc_device_plan_min_split(const DecodeAttentionParams&) { no_cuda(); }
+int decode_tc_tile_tokens(int) { no_cuda(); }
 const char* decode_tc_unsupported(const DecodeShape&) { return "turboquant was built without CUDA"; }
 DecodeKernel decode_kernel_for(const DecodeShape&) { return DecodeKernel::reference; }
 

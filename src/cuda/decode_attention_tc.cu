@@ -786,8 +786,8 @@ struct Producer {
 //    lengths (DecodeAttentionParams::device_plan; captured launches).
 enum TcMode : int { kTcPartials = 0, kTcDirect = 1, kTcDevicePlan = 2 };
 
-// The device plan: decode_tc_best_split's cost model over the lengths on the
-// device, by the whole block (every block finds the same plan). G threads take
+// The device plan: the host plan's cost model (best_split) over the lengths on
+// the device, by the whole block (every block finds the same plan). G threads take
 // a candidate split and sum its items over every G-th sequence, so a batch of
 // any size costs a few loads and divisions a thread; the candidates' costs
 // meet as 64-bit keys (cost in rows << 9 | 511 - index: the least is the
@@ -826,7 +826,7 @@ __device__ void plan_splits_on_device(const DecodeAttentionParams& p, uint32_t* 
       for (int s = sub; s < p.n_seqs; s += G) items += (span(s) + split - 1) / split;
     for (int o = G / 2; o >= 1; o /= 2) items += __shfl_xor_sync(0xffffffffu, items, o);
     if (i < n_cand) {
-      const uint32_t rounds = (items * heads + slots - 1) / slots;
+      const uint32_t rounds = (items * heads + slots - 1) / slots;  // (items < 2^31: the workspace's partials)
       best = min(best, (uint64_t(rounds) * (rows + 1)) << 9 | uint32_t(511 - i));
     }
   }
@@ -1818,14 +1818,6 @@ long best_split(const DecodeAttentionParams& p, const int* host_lengths, long s_
   return best;
 }
 }  // namespace
-
-int decode_tc_best_split(const DecodeAttentionParams& p, const int* host_lengths) {
-  const int slots = tc_slots(p);
-  const long unit = decode_tc_tile_tokens(p.k.dim);
-  long l_max = 0;
-  long long cost = 0;
-  return int(best_split(p, host_lengths, plan_min_split(p, slots, unit), slots, unit, l_max, cost));
-}
 
 int decode_tc_device_plan_min_split(const DecodeAttentionParams& p) {
   if (g_split_override.load(std::memory_order_relaxed) > 0) return 0;  // a pinned split: the host plans

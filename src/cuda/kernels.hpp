@@ -351,9 +351,6 @@ TQ_HOST_DEVICE inline long long decode_split_cost(long items, int slots, long sp
 int decode_tc_tile_tokens(int head_dim);   // tokens per block row of tiles (one 32-token tile pair per warp)
 int decode_tc_max_splits(const DecodeAttentionParams& p);
 int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengths);
-// The cost model's split for these lengths without the direct-output rule:
-// what a device plan of p chooses (tests compare the two).
-int decode_tc_best_split(const DecodeAttentionParams& p, const int* host_lengths);
 // The shortest split a device plan of p may choose, or 0 where the host must
 // plan (a split pinned by set_decode_tc_split_override).
 int decode_tc_device_plan_min_split(const DecodeAttentionParams& p);
