@@ -353,7 +353,8 @@ class Bench {
     // A compressed preset the tensor-core kernel cannot run says so.
     const bool ref = r.contains("decode_kernel") && r["decode_kernel"].get<std::string>().rfind("reference", 0) == 0;
     // Captured attends (graph_ms: splits planned on the device at each
-    // replay; frozen: planned on the host at capture, before the prompt).
+    // replay; frozen: planned on the host at capture, early in the fill), with
+    // a host-planned call, timed interleaved.
     const std::string graphs =
         r.contains("graph_ms")
             ? fmt("  interleaved: host %.4f, graph %.4f, frozen plan %.4f, device plan %.4f",
