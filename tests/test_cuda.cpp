@@ -1879,6 +1879,103 @@ TEST(CudaAttentionTc, DirectOutputIsTheMergedSplit) {
     }
 }
 
+// attend() with q of type qt (its bytes in dq) and out of type ot: the
+// output's bytes and lse, both poisoned first.
+struct TypedOut {
+  std::vector<uint8_t> out;
+  std::vector<float> lse;
+};
+TypedOut run_attend_typed(const cuda::GpuKvLayer& layer, const cuda::DeviceBuffer& dq, cuda::DType qt, int hq,
+                          const AttentionParams& prm, cuda::DType ot) {
+  const size_t n = size_t(layer.n_seqs()) * hq * layer.head_dim(), nl = size_t(layer.n_seqs()) * hq;
+  TypedOut r{std::vector<uint8_t>(n * cuda::dtype_bytes(ot), 0xff),
+             std::vector<float>(nl, std::numeric_limits<float>::quiet_NaN())};
+  cuda::DeviceBuffer dout(r.out.size()), dlse(nl * 4), ws(layer.workspace_bytes(hq));
+  dout.upload(r.out.data(), r.out.size());
+  dlse.upload(r.lse.data(), nl * 4);
+  layer.attend(dq.data(), qt, hq, prm, dout.data(), ot, dlse.as<float>(), ws.data(), ws.size());
+  dout.download(r.out.data(), r.out.size());
+  dlse.download(r.lse.data(), nl * 4);
+  return r;
+}
+
+// A query and an output in f16 or bf16 (GpuKvLayer::attend with dtypes) give
+// what the f32 call gives for the query's values, its output rounded to
+// nearest even, bit for bit. Both kernels (tensor cores, reference), plain,
+// split-halves and outlier-K formats, the merge's output and the direct
+// output of a window's one split, dense tokens (prefix and window), GQA 1
+// and 4, head_dim 64 / 128, an empty sequence.
+TEST(CudaAttention, HalfPrecisionQueryAndOutput) {
+  TQ_SKIP_WITHOUT_GPU();
+  struct Case {
+    const char *k, *v;
+    int d, dense_window, dense_prefix;
+  };
+  const int H = 2, P = 16;
+  const std::vector<int> lens = {0, 1, 45, 700};
+  const cuda::DType types[] = {cuda::DType::f32, cuda::DType::f16, cuda::DType::bf16};
+  int checked[2] = {0, 0};  // tensor cores, reference
+  for (const Case& c : {Case{"tq-mse:b=4", "tq-mse:b=4", 64, 0, 0}, Case{"tq-mse:b=3", "tq-mse:b=4", 128, 0, 0},
+                        Case{"tq-mse:b=2.5", "tq-mse:b=2.5", 128, 0, 0},
+                        Case{"tq-mse:b=4,hi=12.5%,hb=6", "tq-mse:b=4", 128, 0, 0},
+                        Case{"tq-mse:b=4", "tq-mse:b=4", 128, 8, 4}})
+    for (int g : {1, 4}) {
+      const int hq = H * g, d = c.d;
+      const uint64_t seed = 900 + d + g + c.dense_window;
+      auto kq = make_quantizer(c.k, d, seed), vq = make_quantizer(c.v, d, seed + 1);
+      cuda::GpuKvLayerConfig cfg = tc_test_config(H, P, int(lens.size()), 2000);
+      cfg.dense_window = c.dense_window;
+      cfg.dense_prefix = c.dense_prefix;
+      cuda::GpuKvLayer layer(*kq, *vq, cfg);
+      for (size_t s = 0; s < lens.size(); ++s) {
+        layer.add_sequence();
+        const auto k = kv_data(size_t(lens[s]) * H, d, seed * 10 + s),
+                   v = kv_data(size_t(lens[s]) * H, d, seed * 10 + s + 5);
+        layer.append(int(s), k.data(), v.data(), lens[s]);
+      }
+      const auto q = test::random_gaussian(lens.size() * hq * d, seed + 3);
+      for (cuda::DecodeKernel kern : {cuda::DecodeKernel::tensor_core, cuda::DecodeKernel::reference}) {
+        if (kern == cuda::DecodeKernel::tensor_core && layer.attend_kernel(hq) != "tensor_core") continue;
+        KernelScope scope(kern, 0);
+        for (const AttentionParams prm : {AttentionParams{}, AttentionParams{0.0f, 0.0f, 100, 0},
+                                          AttentionParams{0.0f, 30.0f, 0, 2}})
+          for (cuda::DType qt : types) {
+            const TypedInput tq_in = typed_input(q, qt);
+            cuda::DeviceBuffer dq(tq_in.bytes.size()), dqf(q.size() * 4);
+            dq.upload(tq_in.bytes.data(), tq_in.bytes.size());
+            dqf.upload(tq_in.values.data(), q.size() * 4);
+            const TypedOut ref = run_attend_typed(layer, dqf, cuda::DType::f32, hq, prm, cuda::DType::f32);
+            for (cuda::DType ot : types) {
+              if (qt == cuda::DType::f32 && ot == cuda::DType::f32) continue;
+              SCOPED_TRACE(std::string(c.k) + " / " + c.v + " d " + std::to_string(d) + " g " + std::to_string(g) +
+                           " dense " + std::to_string(c.dense_window) + " kernel " +
+                           (kern == cuda::DecodeKernel::tensor_core ? "tensor_core" : "reference") + " window " +
+                           std::to_string(prm.window) + " sinks " + std::to_string(prm.n_sinks) + " q " +
+                           cuda::to_string(qt) + " out " + cuda::to_string(ot));
+              const TypedOut got = run_attend_typed(layer, dq, qt, hq, prm, ot);
+              EXPECT_EQ(std::memcmp(got.lse.data(), ref.lse.data(), ref.lse.size() * 4), 0) << "lse differ";
+              std::vector<float> want(ref.out.size() / 4);
+              std::memcpy(want.data(), ref.out.data(), ref.out.size());
+              const TypedInput want_t = typed_input(want, ot);
+              int bad = 0;
+              for (size_t i = 0; i < want.size() && bad < 5; ++i) {
+                const size_t b = cuda::dtype_bytes(ot);
+                if (std::memcmp(got.out.data() + i * b, want_t.bytes.data() + i * b, b) != 0) {
+                  ++bad;
+                  ADD_FAILURE() << "out element " << i << ": f32 call " << want[i] << ", rounded "
+                                << want_t.values[i];
+                }
+              }
+              ++checked[kern == cuda::DecodeKernel::tensor_core ? 0 : 1];
+            }
+          }
+      }
+    }
+  std::printf("typed query / output cases: %d on tensor cores, %d on the reference kernel\n", checked[0], checked[1]);
+  EXPECT_GE(checked[0], 160);  // at least 4 of the 5 formats on tensor cores (attend_kernel may decline one)
+  EXPECT_EQ(checked[1], 240);
+}
+
 // attend() with the tensor-core kernel's splits planned on the host or on
 // the device (SplitPlanning; split: a pinned split, host planning only), and
 // the device plan's words from the end of the workspace: {splits a sequence,
@@ -3019,6 +3116,16 @@ TEST(CudaAttention, RejectsBadShapes) {
   cuda::DeviceBuffer ws(layer.workspace_bytes(4));
   EXPECT_THROW(layer.attend(nullptr, 3, {}, nullptr, nullptr, ws.data(), ws.size()), Error);
   EXPECT_THROW(layer.attend(nullptr, 4, {}, nullptr, nullptr, ws.data(), 8), Error);
+  for (const bool bad_q : {true, false}) {  // an element type that is none of f32, f16, bf16
+    const auto bad = static_cast<cuda::DType>(7);
+    try {
+      layer.attend(ws.data(), bad_q ? bad : cuda::DType::bf16, 4, {}, ws.data(), bad_q ? cuda::DType::f32 : bad,
+                   nullptr, ws.data(), ws.size());
+      ADD_FAILURE() << "attend with an unknown element type did not throw";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(bad_q ? "q_dtype 7" : "out_dtype 7"), std::string::npos) << e.what();
+    }
+  }
   EXPECT_THROW(layer.add_sequence(), Error);
 }
 

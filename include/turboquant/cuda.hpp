@@ -23,6 +23,7 @@
 //   layer.append_device(s, k_bf16, v_bf16, n_tokens, tq::cuda::DType::bf16, stream);
 //   tq::cuda::DeviceBuffer ws(layer.workspace_bytes(32));   // plan: once
 //   layer.attend(q_dev, 32, {}, out_dev, nullptr, ws.data(), ws.size());  // run: no allocation
+//   layer.attend(q_bf16, DType::bf16, 32, {}, out_bf16, DType::bf16, nullptr, ws.data(), ws.size());
 #pragma once
 
 #include <cstddef>
@@ -40,8 +41,9 @@ namespace tq::cuda {
 
 using Stream = CUstream_st*;  // nullptr: the legacy default stream
 
-// Element types of appended K/V. f16 and bf16 are raw 16-bit patterns
-// (IEEE binary16, bfloat16), little-endian, as engines hold them.
+// Element types of appended K/V and of attend's query and output. f16 and
+// bf16 are raw 16-bit patterns (IEEE binary16, bfloat16), little-endian, as
+// engines hold them.
 enum class DType { f32, f16, bf16 };
 const char* to_string(DType t);
 size_t dtype_bytes(DType t);  // 4, 2, 2
@@ -295,6 +297,15 @@ class GpuKvLayer {
   // captured at short lengths runs as a fresh call does at any later length.
   void attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
               float* lse, void* workspace, size_t workspace_bytes, Stream stream = nullptr) const;
+  // The same with q of q_dtype and out of out_dtype (f32, f16 or bf16 each;
+  // lse stays f32), so a bf16 engine needs no conversion kernels of its own:
+  // the last kernel writes out in its type (rounded to nearest even), and a
+  // 16-bit q is widened to f32 in the workspace by one small kernel first
+  // (~2 us at batch 1; docs/benchmarks.md). The result is that of the f32
+  // call with q's values, out rounded.
+  void attend(const void* q, DType q_dtype, int n_heads_q, const AttentionParams& params, void* out,
+              DType out_dtype, float* lse, void* workspace, size_t workspace_bytes,
+              Stream stream = nullptr) const;
 
   struct Impl;
 

@@ -64,6 +64,8 @@ size_t GpuKvLayer::workspace_bytes(int) const { no_cuda(); }
 std::string GpuKvLayer::attend_kernel(int) const { no_cuda(); }
 void GpuKvLayer::attend(const float*, int, const AttentionParams&, float*, float*, void*, size_t,
                         Stream) const { no_cuda(); }
+void GpuKvLayer::attend(const void*, DType, int, const AttentionParams&, void*, DType, float*, void*, size_t,
+                        Stream) const { no_cuda(); }
 
 AppendFormat append_format(const MseDeviceFormat&, const std::vector<float>&, const std::vector<float>&) {
   no_cuda();

@@ -26,6 +26,7 @@
 
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
+#include "cuda/io_dtype.cuh"
 #include "cuda/kernels.hpp"
 #include "cuda/launch.cuh"
 #include "cuda/split_rotation.cuh"
@@ -355,7 +356,7 @@ constexpr int kMergeBatch = 32;  // part_o loads in flight per thread
 template <int D, bool SPLIT>
 __global__ void __launch_bounds__(D)
     decode_merge_kernel(DecodeAttentionParams p, const float* part_o, const float* part_lse,
-                        float* __restrict__ out, float* __restrict__ lse) {
+                        void* __restrict__ out, float* __restrict__ lse) {
   static_assert(D % 32 == 0 && kMergeTile % kMergeBatch == 0);
   // The V signs do not come from the split kernel: read before the wait, so
   // their latency overlaps that kernel instead of following it.
@@ -485,13 +486,25 @@ __global__ void __launch_bounds__(D)
       ls = M + logf(sum);
     }
   }
-  out[(size_t(seq) * n_heads_q + hq) * D + i] = val;
+  io_store(out, (size_t(seq) * n_heads_q + hq) * D + i, val, p.out_dtype);
   if (lse != nullptr && i == 0) lse[size_t(seq) * n_heads_q + hq] = ls;
+}
+
+// A 16-bit query widened to f32 (DecodeAttentionParams::q_f32): exact, so
+// the decode kernels see the values of the f16 / bf16 query.
+// The tensor-core kernel launches as its programmatic dependent (sm_90) and
+// waits for it before its first read of q, after its own prologue.
+__global__ void convert_query_kernel(const void* __restrict__ q, int dtype, float* __restrict__ q_f32, size_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  const size_t i = size_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) q_f32[i] = io_load(q, i, dtype);
 }
 
 template <int D>
 void launch_merge(const DecodeAttentionParams& p, const float* part_o, const float* part_lse,
-                  float* out, float* lse, cudaStream_t stream, bool overlap) {
+                  void* out, float* lse, cudaStream_t stream, bool overlap) {
   const dim3 grid(p.n_heads_kv * p.group, p.n_seqs);
   if (p.v_split.n_seg != 0)
     launch_maybe_dependent(decode_merge_kernel<D, true>, grid, dim3(D), stream, overlap, p, part_o, part_lse,
@@ -514,7 +527,7 @@ void launch_split_kernel(const DecodeAttentionParams& p, const float* q, float* 
 
 template <int D>
 void launch_ref(const DecodeAttentionParams& p, const float* q, float* part_o, float* part_lse,
-                float* out, float* lse, cudaStream_t stream) {
+                void* out, float* lse, cudaStream_t stream) {
   const int g = p.group;
   const bool split = p.k_split.n_seg != 0 || p.v_split.n_seg != 0;
   const size_t smem =
@@ -638,7 +651,7 @@ void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths) {
 }
 
 void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
-                         const float* partial_lse, float* out, float* lse, CUstream_st* stream,
+                         const float* partial_lse, void* out, float* lse, CUstream_st* stream,
                          bool overlap) {
   if (p.n_seqs == 0) return;
   switch (p.k.dim) {
@@ -650,7 +663,7 @@ void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
 }
 
 void launch_decode_attention_ref(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                                 float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+                                 float* partial_lse, void* out, float* lse, CUstream_st* stream) {
   if (p.n_seqs == 0) return;
   TQ_ASSERT(p.n_splits == ref_splits(p));
   switch (p.k.dim) {
@@ -661,13 +674,23 @@ void launch_decode_attention_ref(const DecodeAttentionParams& p, const float* q,
   TQ_THROW("GPU decode attention: head_dim ", p.k.dim, " is not 64, 128 or 256");
 }
 
-void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                             float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+void launch_decode_attention(const DecodeAttentionParams& p, const void* q, float* partial_o,
+                             float* partial_lse, void* out, float* lse, CUstream_st* stream) {
+  const float* qf = static_cast<const float*>(q);
+  if (p.q_dtype != int(DType::f32) && p.n_seqs > 0) {
+    TQ_ASSERT(p.q_f32 != nullptr);
+    const size_t n = size_t(p.n_seqs) * p.n_heads_kv * p.group * p.k.dim;
+    constexpr int kThreadsConvert = 256;
+    convert_query_kernel<<<unsigned((n + kThreadsConvert - 1) / kThreadsConvert), kThreadsConvert, 0, stream>>>(
+        q, p.q_dtype, p.q_f32, n);
+    TQ_CUDA_CHECK_LAUNCH();
+    qf = p.q_f32;
+  }
   switch (p.kernel) {
     case DecodeKernel::tensor_core:
-      return launch_decode_attention_tc(p, q, partial_o, partial_lse, out, lse, stream);
+      return launch_decode_attention_tc(p, qf, partial_o, partial_lse, out, lse, stream);
     case DecodeKernel::reference:
-      return launch_decode_attention_ref(p, q, partial_o, partial_lse, out, lse, stream);
+      return launch_decode_attention_ref(p, qf, partial_o, partial_lse, out, lse, stream);
     case DecodeKernel::automatic: break;
   }
   TQ_THROW("GPU decode attention: launch without a plan (call plan_decode_attention first)");

@@ -84,7 +84,9 @@
 #include "cuda/bulk_copy.cuh"
 #include "cuda/cuda_check.hpp"
 #include "cuda/fwht_registers.cuh"
+#include "cuda/io_dtype.cuh"
 #include "cuda/kernels.hpp"
+#include "cuda/launch.cuh"
 #include "cuda/split_rotation.cuh"
 
 namespace tq::cuda {
@@ -1012,6 +1014,12 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
   }
 
   if constexpr (OUT) __syncthreads();  // the rotation's parameters, before the first item's query
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // A 16-bit query was widened by the kernel before this one, as whose
+  // programmatic dependent this one may have started: its q_f32 is complete
+  // after this wait (a no-op for a plain launch).
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
   for (int it = blockIdx.x; it < (PLAN ? plan_word<C>(1) : n_items); it += gridDim.x) {
     const Item x = item_at<PLAN>(p, it, Producer<C, PLAN>::split_of());
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
@@ -1019,7 +1027,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
       if constexpr (DIRECT) {  // what the merge writes for it: the rotation of 0, lse -inf
         const size_t orow = size_t(x.seq) * n_heads_q + size_t(x.hkv) * g;
         for (int idx = threadIdx.x; idx < g * D; idx += C::kThreads)
-          p.direct_out[orow * D + idx] = 0.0f * __ldg(p.v.signs + idx % D);
+          io_store(p.direct_out, orow * D + idx, 0.0f * __ldg(p.v.signs + idx % D), p.out_dtype);
         if (p.direct_lse != nullptr && int(threadIdx.x) < g) p.direct_lse[orow + threadIdx.x] = kNegInf;
       } else if (int(threadIdx.x) < g) {
         part_lse[row0 + size_t(threadIdx.x) * p.n_splits] = kNegInf;
@@ -1456,7 +1464,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
 #endif
         __syncthreads();
         const float post = p.v.post_scale;
-        float* const orow = p.direct_out + (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g + h0) * D;
+        const size_t orow = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g + h0) * D;  // the first output element
 #pragma unroll
         for (int k = 0; k < kIt; ++k) {
           const int idx = threadIdx.x + k * C::kThreads;
@@ -1472,7 +1480,7 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
             for (int b = 1; b < D / 32; b *= 2)
 #pragma unroll
               for (int j = 0; j < D / 32; j += 2 * b) gk[j] = ((i >> 5) & b) ? gk[j + b] : gk[j];
-            orow[idx] = gk[0] * post * __ldg(p.v.signs + i);
+            io_store(p.direct_out, orow + idx, gk[0] * post * __ldg(p.v.signs + i), p.out_dtype);
           }
         }
       }
@@ -1850,7 +1858,7 @@ int decode_tc_split_tokens(const DecodeAttentionParams& p, const int* host_lengt
 }
 
 void launch_decode_attention_tc(const DecodeAttentionParams& plan, const float* q, float* partial_o,
-                                float* partial_lse, float* out, float* lse, CUstream_st* stream) {
+                                float* partial_lse, void* out, float* lse, CUstream_st* stream) {
   if (plan.n_seqs == 0) return;
   TQ_ASSERT(plan.kernel == DecodeKernel::tensor_core && plan.split_tokens > 0 &&
             plan.split_tokens % decode_tc_tile_tokens(plan.k.dim) == 0);
@@ -1874,7 +1882,13 @@ void launch_decode_attention_tc(const DecodeAttentionParams& plan, const float* 
   CUtensorMap tmk{}, tmv{};
   const bool tensor_copy =
       sm90 && g_tensor_copies.load(std::memory_order_relaxed) && pool_tensor_maps(p, tmk, tmv);
-  k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
+  // After the widening of a 16-bit query (launch_decode_attention), as its
+  // programmatic dependent: the prologue overlaps that kernel.
+  if (p.q_dtype != int(DType::f32))
+    launch_maybe_dependent_smem(k.fn, dim3(grid), dim3(k.threads), size_t(k.smem), stream, sm90, p, n_items, q,
+                                partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
+  else
+    k.fn<<<grid, k.threads, k.smem, stream>>>(p, n_items, q, partial_o, partial_lse, tmk, tmv, tensor_copy ? 1 : 0);
   TQ_CUDA_CHECK_LAUNCH();
   // Overlap only on sm_90 and only where the dependent kernels were compiled
   // with their wait (launch_maybe_dependent checks: JIT-compiled compute_80

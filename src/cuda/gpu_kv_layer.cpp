@@ -6,6 +6,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "cuda/cuda_check.hpp"
@@ -1606,8 +1607,10 @@ size_t GpuKvLayer::workspace_bytes(int n_heads_q) const {
   // + the dense tokens' splits: [max_seqs, n_heads_q, dense splits] outputs and lse.
   const int parts =
       n_splits + decode_dense_part_splits(m.hk.dim, m.cfg.dense_prefix + m.cfg.dense_window);
-  // + the device plan's words (DecodeAttentionParams::device_plan) at the end.
-  return size_t(m.cfg.max_seqs) * n_heads_q * parts * (m.hk.dim + 1) * sizeof(float) + kDevicePlanBytes;
+  // + a 16-bit query widened to f32 (DecodeAttentionParams::q_f32), + the
+  // device plan's words (DecodeAttentionParams::device_plan) at the end.
+  return size_t(m.cfg.max_seqs) * n_heads_q * (parts * (m.hk.dim + 1) + m.hk.dim) * sizeof(float) +
+         kDevicePlanBytes;
 }
 
 std::string GpuKvLayer::attend_kernel(int n_heads_q) const {
@@ -1622,7 +1625,15 @@ std::string GpuKvLayer::attend_kernel(int n_heads_q) const {
 
 void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& params, float* out,
                         float* lse, void* workspace, size_t ws_bytes, Stream stream) const {
+  attend(q, DType::f32, n_heads_q, params, out, DType::f32, lse, workspace, ws_bytes, stream);
+}
+
+void GpuKvLayer::attend(const void* q, DType q_dtype, int n_heads_q, const AttentionParams& params, void* out,
+                        DType out_dtype, float* lse, void* workspace, size_t ws_bytes, Stream stream) const {
   const Impl& m = *impl_;
+  for (const auto& [what, t] : {std::pair{"q_dtype", q_dtype}, std::pair{"out_dtype", out_dtype}})
+    TQ_REQUIRE(t == DType::f32 || t == DType::f16 || t == DType::bf16, "GPU attend: ", what, " ", int(t),
+               " is not f32, f16 or bf16");
   const int H = m.cfg.n_heads_kv, D = m.hk.dim;
   TQ_REQUIRE(n_heads_q >= H && n_heads_q % H == 0, "GPU attend: n_heads_q ", n_heads_q,
              " is not a multiple of n_heads_kv ", H);
@@ -1646,6 +1657,8 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
   p.softcap = params.softcap;
   p.window = params.window;
   p.n_sinks = params.n_sinks;
+  p.q_dtype = int(q_dtype);
+  p.out_dtype = int(out_dtype);
   if (m.has_dense()) {  // page indices: the query is window_tail past the pages, the sinks after the prefix
     p.window_tail = m.cfg.dense_window;
     p.n_sinks = std::max(0, params.n_sinks - m.cfg.dense_prefix);
@@ -1678,6 +1691,8 @@ void GpuKvLayer::attend(const float* q, int n_heads_q, const AttentionParams& pa
     p.dense_o = part_lse + size_t(m.cfg.max_seqs) * n_heads_q * p.n_splits;
     p.dense_lse = p.dense_o + size_t(m.cfg.max_seqs) * n_heads_q * p.dense_splits * D;
   }
+  p.q_f32 = reinterpret_cast<float*>(static_cast<char*>(workspace) + workspace_bytes(n_heads_q) - kDevicePlanBytes) -
+            size_t(m.cfg.max_seqs) * n_heads_q * D;
   launch_decode_attention(p, q, part_o, part_lse, out, lse, stream);
 }
 

@@ -236,7 +236,7 @@ struct DecodeAttentionParams {
   // then writes out / lse itself (the inverse rotation of its one partial,
   // what the merge would write bit for bit) and no merge kernel runs.
   int direct = 0;
-  float* direct_out = nullptr;  // out of launch_decode_attention
+  void* direct_out = nullptr;   // out of launch_decode_attention (out_dtype)
   float* direct_lse = nullptr;  // lse of launch_decode_attention (may be null)
   // Device plan (SplitPlanning; tensor-core kernel only): non-null, the
   // kernel plans its splits from the device's lengths and stores
@@ -244,6 +244,14 @@ struct DecodeAttentionParams {
   // and for tests; split_tokens is then the shortest split it may choose and
   // n_splits the most splits it may choose (the partials' stride).
   int* device_plan = nullptr;
+  // Element types (DType) of the query q and of out. The merge (or a direct
+  // output) writes out in its type (io_dtype.cuh); a 16-bit q is converted
+  // to f32 into q_f32 ([n_seqs, n_heads_q, dim], workspace) by one small
+  // kernel first (reading it in the decode kernels themselves measured 1-3 %
+  // slower at f32: their register allocation moved). Partials, lse: f32.
+  int q_dtype = int(DType::f32);
+  int out_dtype = int(DType::f32);
+  float* q_f32 = nullptr;
 };
 // GpuKvLayer::attend keeps the device plan's words in the last
 // kDevicePlanBytes of its workspace (workspace_bytes(n_heads_q) - this).
@@ -284,23 +292,25 @@ int decode_max_splits(const DecodeAttentionParams& p);
 // captured in a CUDA graph stays correct after the sequences grow.
 void plan_decode_attention(DecodeAttentionParams& p, const int* host_lengths);
 
-// q: [n_seqs, n_heads_q, dim]; partial_o: [n_seqs, n_heads_q, n_splits, dim]
-// and partial_lse: [n_seqs, n_heads_q, n_splits] (workspace); out: [n_seqs,
-// n_heads_q, dim], lse: [n_seqs, n_heads_q] or null. Runs p.kernel (planned).
-void launch_decode_attention(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                             float* partial_lse, float* out, float* lse, CUstream_st* stream);
+// q: [n_seqs, n_heads_q, dim] of p.q_dtype; partial_o: [n_seqs, n_heads_q,
+// n_splits, dim] and partial_lse: [n_seqs, n_heads_q, n_splits] (workspace);
+// out: [n_seqs, n_heads_q, dim] of p.out_dtype, lse: [n_seqs, n_heads_q] or
+// null. Runs p.kernel (planned).
+void launch_decode_attention(const DecodeAttentionParams& p, const void* q, float* partial_o,
+                             float* partial_lse, void* out, float* lse, CUstream_st* stream);
 // The two kernels behind it (p planned for that kernel), and the merge of
 // the splits (+ inverse V rotation) that both end with.
+// (q in f32: launch_decode_attention converted a 16-bit one.)
 void launch_decode_attention_ref(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                                 float* partial_lse, float* out, float* lse, CUstream_st* stream);
+                                 float* partial_lse, void* out, float* lse, CUstream_st* stream);
 void launch_decode_attention_tc(const DecodeAttentionParams& p, const float* q, float* partial_o,
-                                float* partial_lse, float* out, float* lse, CUstream_st* stream);
+                                float* partial_lse, void* out, float* lse, CUstream_st* stream);
 // overlap: launch as a programmatic dependent (sm_90) of the kernel before it
 // on the stream, which must trigger it (griddepcontrol.launch_dependents);
 // the merge then waits for that kernel's writes on the device instead of
 // paying a launch gap.
 void launch_decode_merge(const DecodeAttentionParams& p, const float* partial_o,
-                         const float* partial_lse, float* out, float* lse, CUstream_st* stream,
+                         const float* partial_lse, void* out, float* lse, CUstream_st* stream,
                          bool overlap = false);
 
 // The dense tokens' attention (launched by launch_decode_attention when

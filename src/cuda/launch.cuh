@@ -43,12 +43,14 @@ inline bool kernel_waits_on_primary(const void* kernel) {
 // reads what that one writes. The overlap is an optimisation: where the
 // kernel was not compiled with its wait (kernel_waits_on_primary) it is not
 // asked for, and where the runtime refuses it, the launch is retried plainly.
+// (smem: dynamic shared memory bytes.)
 template <class... Params, class... Args>
-void launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
-                            bool overlap, Args&&... args) {
+void launch_maybe_dependent_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                 cudaStream_t stream, bool overlap, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -63,6 +65,11 @@ void launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, cu
     e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
   }
   TQ_CUDA_CHECK(e);
+}
+template <class... Params, class... Args>
+void launch_maybe_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                            bool overlap, Args&&... args) {
+  launch_maybe_dependent_smem(kernel, grid, block, 0, stream, overlap, std::forward<Args>(args)...);
 }
 
 }  // namespace tq::cuda

@@ -43,6 +43,7 @@
 #include "turboquant/cuda.hpp"
 #include "turboquant/cuda_bench.hpp"
 #include "turboquant/error.hpp"
+#include "turboquant/half.hpp"
 #include "turboquant/kv_cache.hpp"
 #include "turboquant/quantizer.hpp"
 
@@ -72,6 +73,7 @@ struct Args {
   int append_runs = 10;
   int dense_window = 0, dense_prefix = 0;  // the layer's dense tokens (GpuKvLayerConfig)
   int window = 0;            // sliding-window attention (AttentionParams::window); 0: none
+  std::string io = "f32";    // element type of the compressed attend's query and output
   bool no_append = false;
   uint64_t seed = 1;
   bool json_out = false;
@@ -477,12 +479,16 @@ class Bench {
       }
       cuda::GpuKvLayer layer(*kq, *vq, cfg);
       for (int b = 0; b < batch; ++b) layer.add_sequence();
-      cuda::DeviceBuffer q(q_bytes), out(q_bytes), ws(layer.workspace_bytes(Hq));
-      cb::fill_normal_f32(q.as<float>(), q_bytes / 4, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+      // The query (and the output) in --io's type: the same values as f32
+      // rounded to it.
+      const cuda::DType io = io_dtype();
+      const size_t io_bytes = q_bytes / 4 * cuda::dtype_bytes(io);
+      cuda::DeviceBuffer q(io_bytes), out(io_bytes), ws(layer.workspace_bytes(Hq));
+      fill_query(q, q_bytes / 4, io);
       AttentionParams ap;
       ap.window = a_.window;
       auto attend = [&](cuda::Stream st) {
-        layer.attend(q.as<float>(), Hq, ap, out.as<float>(), nullptr, ws.data(), ws.size(), st);
+        layer.attend(q.data(), io, Hq, ap, out.data(), io, nullptr, ws.data(), ws.size(), st);
       };
       // An engine's decode graph, captured early: when sequence 0 holds its
       // first chunk and the others nothing (a channel split chooses its hi
@@ -531,7 +537,8 @@ class Bench {
       r["page_tokens"] = P;
       r["record_bytes_per_token_head"] = rec;
       r["fill_s"] = fill_s;
-      r["finite"] = all_finite(out, q_bytes / 4);
+      r["finite"] = all_finite(out, q_bytes / 4, io);
+      r["io"] = cuda::to_string(io);
       r["dense_window"] = a_.dense_window;
       r["dense_prefix"] = a_.dense_prefix;
       // Dense tokens are read as f16 K and V rows (4 * D bytes per token and
@@ -539,15 +546,39 @@ class Bench {
       // outside a window shorter than the context).
       const double n_dense = a_.window > 0 ? std::min(n_vis, a_.dense_window)
                                            : std::min<double>(context, a_.dense_window + a_.dense_prefix);
-      finish_row(r, ms, double(batch) * Hkv * ((n_vis - n_dense) * rec + n_dense * 4.0 * D) + q_bytes);
+      finish_row(r, ms, double(batch) * Hkv * ((n_vis - n_dense) * rec + n_dense * 4.0 * D) + io_bytes);
       rows_.push_back(std::move(r));
     }
   }
 
-  static bool all_finite(const cuda::DeviceBuffer& out, size_t n) {
+  static bool all_finite(const cuda::DeviceBuffer& out, size_t n, cuda::DType t = cuda::DType::f32) {
     std::vector<float> h(n);
-    out.download(h.data(), n * sizeof(float));
+    if (t == cuda::DType::f32) {
+      out.download(h.data(), n * sizeof(float));
+    } else {
+      std::vector<uint16_t> b(n);
+      out.download(b.data(), n * 2);
+      for (size_t i = 0; i < n; ++i) h[i] = t == cuda::DType::f16 ? half_to_float(b[i]) : bf16_to_float(b[i]);
+    }
     return std::all_of(h.begin(), h.end(), [](float x) { return std::isfinite(x); });
+  }
+
+  cuda::DType io_dtype() const {
+    return a_.io == "f16" ? cuda::DType::f16 : a_.io == "bf16" ? cuda::DType::bf16 : cuda::DType::f32;
+  }
+  // n normal query values (sd 0.5, the f32 rows' seed) in type t.
+  void fill_query(cuda::DeviceBuffer& q, size_t n, cuda::DType t) const {
+    if (t == cuda::DType::f32) {
+      cb::fill_normal_f32(q.as<float>(), n, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+      return;
+    }
+    cuda::DeviceBuffer f(n * 4);
+    cb::fill_normal_f32(f.as<float>(), n, a_.seed * 11 + 3, 0.0f, 0.5f, nullptr);
+    std::vector<float> h(n);
+    f.download(h.data(), n * 4);
+    std::vector<uint16_t> b(n);
+    for (size_t i = 0; i < n; ++i) b[i] = t == cuda::DType::f16 ? float_to_half(h[i]) : float_to_bf16(h[i]);
+    q.upload(b.data(), n * 2);
   }
 
   // Quantize-append of one prefill block (one sequence of shape s)
@@ -813,6 +844,9 @@ Runner add_gpu_bench(CLI::App& app) {
                   "First tokens each compressed layer keeps dense (GpuKvLayerConfig::dense_prefix)")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
   sub->add_option("--seed", a->seed, "Seed of the random data and quantizers")->capture_default_str();
+  sub->add_option("--io", a->io, "Element type of the compressed attend's query and output (f32, f16, bf16)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}))
+      ->capture_default_str();
   sub->add_flag("--json", a->json_out, "Print one JSON array of objects (rows of kind device, attend, append_read, append, append_decode)");
   sub->add_option("--json-file", a->json_file, "Also write the JSON array to this file");
   sub->add_option("--window", a->window,
