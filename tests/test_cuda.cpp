@@ -1036,6 +1036,64 @@ TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
   }
 }
 
+// A captured attend with a bf16 query and an f16 output (the query's
+// widening kernel and the tensor-core kernel as its programmatic dependent,
+// both in the graph) replays to what a direct call gives, before and after
+// the sequences grow.
+TEST(CudaGraph, CapturedHalfPrecisionAttend) {
+  TQ_SKIP_WITHOUT_GPU();
+  const int H = 2, g = 4, hq = H * g, d = 128;
+  for (const bool tc : {false, true}) {
+    if (tc && cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, 16)) != nullptr) continue;
+    SCOPED_TRACE(tc ? "tensor-core kernel" : "reference kernel");
+    const KernelScope scope(tc ? cuda::DecodeKernel::tensor_core : cuda::DecodeKernel::reference);
+    auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
+    cuda::GpuKvLayerConfig cfg;
+    cfg.n_heads_kv = H;
+    cfg.page_tokens = 16;
+    cfg.max_seqs = 2;
+    cfg.max_pages_per_seq = 40;
+    cuda::GpuKvLayer layer(*kq, *vq, cfg);
+    const int s0 = layer.add_sequence(), s1 = layer.add_sequence();
+    auto grow = [&](int seq, int n, uint64_t seed) {
+      const std::vector<float> k = kv_data(size_t(n) * H, d, seed), v = kv_data(size_t(n) * H, d, seed + 1);
+      layer.append(seq, k.data(), v.data(), n);
+    };
+    grow(s0, 100, 11);
+    grow(s1, 37, 13);
+    const TypedInput q = typed_input(test::random_gaussian(size_t(2) * hq * d, 17), cuda::DType::bf16);
+    cuda::DeviceBuffer dq(q.bytes.size()), ws(layer.workspace_bytes(hq)), direct(q.values.size() * 2),
+        replayed(q.values.size() * 2);
+    dq.upload(q.bytes.data(), q.bytes.size());
+    auto attend = [&](cuda::DeviceBuffer& out, cuda::Stream stream) {
+      layer.attend(dq.data(), cuda::DType::bf16, hq, {}, out.data(), cuda::DType::f16, nullptr, ws.data(), ws.size(),
+                   stream);
+    };
+    auto host = [&](const cuda::DeviceBuffer& b) {
+      std::vector<uint16_t> h(q.values.size());
+      b.download(h.data(), h.size() * 2);
+      return h;
+    };
+    attend(direct, nullptr);
+    cuda::bench::synchronize(nullptr);
+    cuda::bench::CapturedGraph graph;
+    graph.begin_capture();
+    attend(replayed, graph.stream());
+    graph.end_capture();
+    graph.replay();
+    const std::vector<uint16_t> before = host(direct);
+    EXPECT_EQ(host(replayed), before);
+    grow(s0, 300, 19);
+    grow(s1, 5, 23);
+    attend(direct, nullptr);
+    cuda::bench::synchronize(nullptr);
+    graph.replay();
+    const std::vector<uint16_t> after = host(direct);
+    EXPECT_EQ(host(replayed), after);
+    EXPECT_NE(after, before);  // the new tokens count
+  }
+}
+
 // lse against the CPU: the reference kernel is fp32 throughout (1e-4); the
 // tensor-core kernel's logits carry the fp16 rounding of the query and the
 // centroids, ~2e-4 of |q||k|/sqrt(d) each (a few 1e-4 on the test data).
