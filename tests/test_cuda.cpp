@@ -967,27 +967,42 @@ cuda::DecodeShape decode_shape(int d, int kbits, int vbits, int g, int page_toke
 // also after the sequences grew past the pages they had at capture. The
 // split is pinned (KernelScope) so that direct calls, which plan on the host
 // from the current lengths, run the same kernels as the graph.
-TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
-  TQ_SKIP_WITHOUT_GPU();
-  const int H = 2, g = 4, hq = H * g, d = 128;
-  for (const bool tc : {false, true}) {
-    if (tc && cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, 16)) != nullptr) continue;
-    SCOPED_TRACE(tc ? "tensor-core kernel" : "reference kernel");
-    const KernelScope scope(tc ? cuda::DecodeKernel::tensor_core : cuda::DecodeKernel::reference, 512);
-    auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
+// The captured-attend tests' layer: tq-mse:b=4 K and V at head_dim 128, two
+// KV heads, 16-token pages, two sequences (0 and 1) of up to 640 tokens.
+struct GraphTestLayer {
+  static constexpr int H = 2, d = 128;
+  std::unique_ptr<Quantizer> kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
+  cuda::GpuKvLayer layer{*kq, *vq, config()};
+  GraphTestLayer() {
+    layer.add_sequence();
+    layer.add_sequence();
+  }
+  static cuda::GpuKvLayerConfig config() {
     cuda::GpuKvLayerConfig cfg;
     cfg.n_heads_kv = H;
     cfg.page_tokens = 16;
     cfg.max_seqs = 2;
     cfg.max_pages_per_seq = 40;
-    cuda::GpuKvLayer layer(*kq, *vq, cfg);
-    const int s0 = layer.add_sequence(), s1 = layer.add_sequence();
-    auto grow = [&](int seq, int n, uint64_t seed) {
-      const std::vector<float> k = kv_data(size_t(n) * H, d, seed), v = kv_data(size_t(n) * H, d, seed + 1);
-      layer.append(seq, k.data(), v.data(), n);
-    };
-    grow(s0, 100, 11);
-    grow(s1, 37, 13);
+    return cfg;
+  }
+  // n more random tokens of sequence seq.
+  void grow(int seq, int n, uint64_t seed) {
+    const std::vector<float> k = kv_data(size_t(n) * H, d, seed), v = kv_data(size_t(n) * H, d, seed + 1);
+    layer.append(seq, k.data(), v.data(), n);
+  }
+};
+
+TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
+  TQ_SKIP_WITHOUT_GPU();
+  constexpr int g = 4, hq = GraphTestLayer::H * g, d = GraphTestLayer::d;
+  for (const bool tc : {false, true}) {
+    if (tc && cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, 16)) != nullptr) continue;
+    SCOPED_TRACE(tc ? "tensor-core kernel" : "reference kernel");
+    const KernelScope scope(tc ? cuda::DecodeKernel::tensor_core : cuda::DecodeKernel::reference, 512);
+    GraphTestLayer t;
+    const cuda::GpuKvLayer& layer = t.layer;
+    t.grow(0, 100, 11);
+    t.grow(1, 37, 13);
     const std::vector<float> q = test::random_gaussian(size_t(2) * hq * d, 17);
     cuda::DeviceBuffer dq(q.size() * 4), ws(layer.workspace_bytes(hq));
     dq.upload(q.data(), q.size() * 4);
@@ -1022,8 +1037,8 @@ TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
       EXPECT_EQ(host(replayed[i]), before[i]) << "params " << i;
     }
 
-    grow(s0, 300, 19);  // 100 -> 400 tokens: 19 more pages
-    grow(s1, 5, 23);
+    t.grow(0, 300, 19);  // 100 -> 400 tokens: 19 more pages
+    t.grow(1, 5, 23);
     for (int i = 0; i < 2; ++i) attend(i, direct[i], nullptr);
     cuda::bench::synchronize(nullptr);
     graph.replay();
@@ -1042,25 +1057,15 @@ TEST(CudaGraph, CapturedAttendStaysExactAsSequencesGrow) {
 // the sequences grow.
 TEST(CudaGraph, CapturedHalfPrecisionAttend) {
   TQ_SKIP_WITHOUT_GPU();
-  const int H = 2, g = 4, hq = H * g, d = 128;
+  constexpr int g = 4, hq = GraphTestLayer::H * g, d = GraphTestLayer::d;
   for (const bool tc : {false, true}) {
     if (tc && cuda::decode_tc_unsupported(decode_shape(d, 4, 4, g, 16)) != nullptr) continue;
     SCOPED_TRACE(tc ? "tensor-core kernel" : "reference kernel");
     const KernelScope scope(tc ? cuda::DecodeKernel::tensor_core : cuda::DecodeKernel::reference);
-    auto kq = make_quantizer("tq-mse:b=4", d, 5), vq = make_quantizer("tq-mse:b=4", d, 6);
-    cuda::GpuKvLayerConfig cfg;
-    cfg.n_heads_kv = H;
-    cfg.page_tokens = 16;
-    cfg.max_seqs = 2;
-    cfg.max_pages_per_seq = 40;
-    cuda::GpuKvLayer layer(*kq, *vq, cfg);
-    const int s0 = layer.add_sequence(), s1 = layer.add_sequence();
-    auto grow = [&](int seq, int n, uint64_t seed) {
-      const std::vector<float> k = kv_data(size_t(n) * H, d, seed), v = kv_data(size_t(n) * H, d, seed + 1);
-      layer.append(seq, k.data(), v.data(), n);
-    };
-    grow(s0, 100, 11);
-    grow(s1, 37, 13);
+    GraphTestLayer t;
+    const cuda::GpuKvLayer& layer = t.layer;
+    t.grow(0, 100, 11);
+    t.grow(1, 37, 13);
     const TypedInput q = typed_input(test::random_gaussian(size_t(2) * hq * d, 17), cuda::DType::bf16);
     cuda::DeviceBuffer dq(q.bytes.size()), ws(layer.workspace_bytes(hq)), direct(q.values.size() * 2),
         replayed(q.values.size() * 2);
@@ -1083,8 +1088,8 @@ TEST(CudaGraph, CapturedHalfPrecisionAttend) {
     graph.replay();
     const std::vector<uint16_t> before = host(direct);
     EXPECT_EQ(host(replayed), before);
-    grow(s0, 300, 19);
-    grow(s1, 5, 23);
+    t.grow(0, 300, 19);
+    t.grow(1, 5, 23);
     attend(direct, nullptr);
     cuda::bench::synchronize(nullptr);
     graph.replay();

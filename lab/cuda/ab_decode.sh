@@ -41,23 +41,5 @@ for r in $(seq "$ROUNDS"); do
       >/dev/null 2>/tmp/ab/${v}_${r}b.err || { echo "$v round $r (BENCH_ARGS2) failed"; tail -3 /tmp/ab/${v}_${r}b.err; }
   done
 done
-python3 - "$OUT/ab.json" <<'PY'
-import json, glob, sys, collections
-t = collections.defaultdict(list)
-raw = {}
-for f in sorted(glob.glob("/tmp/ab/*.json")):
-    v = f.split("/")[-1].split("_")[0]
-    rows = json.load(open(f))
-    raw[f.split("/")[-1]] = rows
-    for r in rows:
-        if r.get("kind") == "attend":
-            t[(r["shape"], r["preset"], str(r["batch"]), r["context"], v)].append(r["ms"])
-        elif r.get("kind") == "append" and r.get("kernel_ms") is not None:
-            t[(r["shape"], r["preset"] + "/" + r["input"], "append", r["tokens"], v)].append(r["kernel_ms"])
-json.dump(raw, open(sys.argv[1], "w"))
-print("shape  preset      batch context    A ms      B ms    B/A   (append rows: kernels, batch = 'append', context = tokens)")
-for k in sorted({k[:4] for k in t}):
-    a, b = min(t.get(k + ("A",), [float("nan")])), min(t.get(k + ("B",), [float("nan")]))
-    print(f"{k[0]:6s} {k[1]:10s} {k[2]!s:>5} {k[3]:7d}  {a:8.4f}  {b:8.4f}  {b / a:5.3f}")
-PY
+python3 lab/cuda/variant_table.py /tmp/ab "$OUT/ab.json" A B
 echo "total $(( $(date +%s) - t0 )) s"

@@ -39,29 +39,7 @@ for r in $(seq "$ROUNDS"); do
       >/dev/null 2>/tmp/abn/${v}_${r}b.err || { echo "$v round $r (BENCH_ARGS2) failed"; tail -3 /tmp/abn/${v}_${r}b.err; }
   done
 done
-python3 - "$OUT/abn.json" "${names[@]}" <<'PY'
-import json, glob, sys, collections
-names = sys.argv[2:]
-t = collections.defaultdict(list)
-raw = {}
-for f in sorted(glob.glob("/tmp/abn/*.json")):
-    base = f.split("/")[-1]
-    v = base.rsplit("_", 1)[0]
-    rows = json.load(open(f))
-    raw[base] = rows
-    for r in rows:
-        if r.get("kind") == "attend":
-            t[(r["shape"], r["preset"], str(r["batch"]), r["context"], v)].append(r["ms"])
-        elif r.get("kind") == "append" and r.get("kernel_ms") is not None:
-            t[(r["shape"], r["preset"] + "/" + r["input"], "append", r["tokens"], v)].append(r["kernel_ms"])
-json.dump(raw, open(sys.argv[1], "w"))
-print("shape  preset      batch context  " + "  ".join(f"{n:>9s}" for n in names) + "  " +
-      "  ".join(f"{n + '/base':>10s}" for n in names[1:]))
-for k in sorted({k[:4] for k in t}):
-    ms = [min(t.get(k + (n,), [float("nan")])) for n in names]
-    print(f"{k[0]:6s} {k[1]:11s} {k[2]:>6s} {k[3]:>7d}  " + "  ".join(f"{m:9.4f}" for m in ms) + "  " +
-          "  ".join(f"{m / ms[0]:10.3f}" for m in ms[1:]))
-PY
+python3 lab/cuda/variant_table.py /tmp/abn "$OUT/abn.json" "${names[@]}"
 if [[ -n ${NCU:-} ]]; then
   metrics=smsp__inst_executed.sum,gpu__time_duration.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,launch__registers_per_thread,launch__grid_size
   metrics+=",regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio"
