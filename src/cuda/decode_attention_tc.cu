@@ -920,6 +920,11 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
     pstage = pstage + 1 == S ? 0 : pstage + 1;
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // A 16-bit query was widened by the kernel before this one, as whose
+  // programmatic dependent this one may have started: q_f32 is complete after
+  // this wait (a no-op for a plain launch). Before the trigger below, so that
+  // the dense part, which reads q at its start, launches only after it.
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
   // The merge kernel may launch once every block got here (all of them are
   // resident: one wave); it waits on the device for this grid's writes.
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -1014,12 +1019,6 @@ __global__ void __launch_bounds__(Cfg<D, KB, VB, SPLIT, HB>::kThreads, 1)
   }
 
   if constexpr (OUT) __syncthreads();  // the rotation's parameters, before the first item's query
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // A 16-bit query was widened by the kernel before this one, as whose
-  // programmatic dependent this one may have started: its q_f32 is complete
-  // after this wait (a no-op for a plain launch).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   for (int it = blockIdx.x; it < (PLAN ? plan_word<C>(1) : n_items); it += gridDim.x) {
     const Item x = item_at<PLAN>(p, it, Producer<C, PLAN>::split_of());
     const size_t row0 = (size_t(x.seq) * n_heads_q + size_t(x.hkv) * g) * p.n_splits + x.split;
