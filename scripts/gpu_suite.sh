@@ -159,6 +159,11 @@ step gpu_bench 240 "$OUT/gpu_bench.log" "$B/tools/tq/tq" gpu-bench "${BENCH_ARGS
 # JSON file: the device returns at most 8 files).
 step gpu_bench_window 90 "$OUT/gpu_bench.log" "$B/tools/tq/tq" gpu-bench --shape gemma,llama --batch 1,8 \
   --context 131072 --preset turbo4,paper_mse --window 1024 --no-append
+# A bf16 engine's calls: bf16 query and output (the query widened by one
+# small kernel before the decode kernel); compare with the f32 rows above.
+IO_ARGS=(--shape llama,gemma --batch 1,8 --context 32768,131072 --preset turbo4 --io bf16 --no-append)
+[[ -s $OUT/sdpa.json ]] && IO_ARGS+=(--sdpa "$OUT/sdpa.json")
+step gpu_bench_bf16_io 90 "$OUT/gpu_bench.log" "$B/tools/tq/tq" gpu-bench "${IO_ARGS[@]}"
 
 # ---- compute-sanitizer (last: the slowest and least predictable) ---------------
 SLOG=$OUT/sanitizer.log
